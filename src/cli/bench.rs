@@ -1,0 +1,231 @@
+//! `chathub bench`: prefill and decode speed, time to first token, memory, and the roofline.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use chathub::{ChatRequest, Engine};
+use clap::Args;
+use rayon::prelude::*;
+use serde::Serialize;
+
+use super::ModelArgs;
+
+/// Flags of `chathub bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+
+    /// Prompt length in tokens (approximate: whole words are added until it is reached).
+    #[arg(long, default_value_t = 32)]
+    prompt_tokens: usize,
+
+    /// Tokens to generate (stop tokens are ignored so every run is the same length).
+    #[arg(long, default_value_t = 64)]
+    gen_tokens: usize,
+
+    /// Measured runs; the best is reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+
+    /// Where the synthetic model is written (once) when no --model is given.
+    #[arg(long, env = "CHATHUB_BENCH_DIR")]
+    work_dir: Option<PathBuf>,
+
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct BenchReport {
+    model: String,
+    device: String,
+    dtype: String,
+    threads: usize,
+    parameters: usize,
+    load_s: f64,
+    prompt_tokens: usize,
+    gen_tokens: usize,
+    prefill_tokens_per_s: f64,
+    decode_tokens_per_s: f64,
+    ttft_ms: f64,
+    peak_rss_bytes: u64,
+    load_peak_rss_bytes: u64,
+    weight_bytes_per_token: usize,
+    decode_read_gb_per_s: f64,
+    machine_read_gb_per_s: f64,
+    roofline_tokens_per_s: f64,
+    roofline_ratio: f64,
+}
+
+/// Runs the benchmark and prints the report.
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let model_args = ModelArgs {
+        model: match &args.model.model {
+            Some(dir) => Some(dir.clone()),
+            None if args.model.demo => Some(chathub::demo_model_dir()?),
+            None => Some(synthetic_dir(args.work_dir.clone())?),
+        },
+        demo: false,
+        family: args.model.family,
+        dtype: args.model.dtype,
+        cuda: args.model.cuda,
+    };
+    let started = Instant::now();
+    let engine = model_args.load()?;
+    let load_s = started.elapsed().as_secs_f64();
+    let load_peak_rss_bytes = peak_rss_bytes();
+
+    let request = ChatRequest {
+        ignore_stop: true,
+        ..ChatRequest::new(prompt_of_length(&engine, args.prompt_tokens)?)
+            .max_new_tokens(args.gen_tokens)
+            .greedy()
+    };
+    // Warm-up: touches every weight page and the allocator's pools.
+    engine.chat(&ChatRequest {
+        max_new_tokens: Some(2),
+        ..request.clone()
+    })?;
+    let mut best: Option<chathub::ChatOutcome> = None;
+    for run in 0..args.runs.max(1) {
+        let outcome = engine.chat(&request)?;
+        tracing::info!(
+            run,
+            decode_tokens_per_s = outcome.timings.decode_tokens_per_s,
+            prefill_tokens_per_s = outcome.timings.prefill_tokens_per_s,
+            "bench run"
+        );
+        if best
+            .as_ref()
+            .is_none_or(|b| outcome.timings.decode_tokens_per_s > b.timings.decode_tokens_per_s)
+        {
+            best = Some(outcome);
+        }
+    }
+    let best = best.context("no run")?;
+    let bandwidth = read_bandwidth_gb_per_s();
+    let bytes = engine.weight_bytes_per_token();
+    let roofline = bandwidth * 1e9 / bytes as f64;
+    let report = BenchReport {
+        model: engine.dir().display().to_string(),
+        device: if args.model.cuda { "cuda" } else { "cpu" }.into(),
+        dtype: format!("{:?}", args.model.dtype).to_lowercase(),
+        threads: rayon::current_num_threads(),
+        parameters: engine.config().parameter_count(),
+        load_s,
+        prompt_tokens: best.usage.prompt_tokens,
+        gen_tokens: best.usage.completion_tokens,
+        prefill_tokens_per_s: best.timings.prefill_tokens_per_s,
+        decode_tokens_per_s: best.timings.decode_tokens_per_s,
+        ttft_ms: best.timings.ttft_ms,
+        peak_rss_bytes: peak_rss_bytes(),
+        load_peak_rss_bytes,
+        weight_bytes_per_token: bytes,
+        decode_read_gb_per_s: best.timings.decode_tokens_per_s * bytes as f64 / 1e9,
+        machine_read_gb_per_s: bandwidth,
+        roofline_tokens_per_s: roofline,
+        roofline_ratio: best.timings.decode_tokens_per_s / roofline,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        let r = &report;
+        println!(
+            "model            {} ({} parameters, {} threads)",
+            r.model, r.parameters, r.threads
+        );
+        println!(
+            "load             {:.2} s, peak RSS {:.2} GB",
+            r.load_s,
+            r.load_peak_rss_bytes as f64 / 1e9
+        );
+        println!(
+            "prefill          {:.1} tokens/s ({} tokens)",
+            r.prefill_tokens_per_s, r.prompt_tokens
+        );
+        println!("time to 1st tok  {:.1} ms", r.ttft_ms);
+        println!(
+            "decode           {:.2} tokens/s ({} tokens)",
+            r.decode_tokens_per_s, r.gen_tokens
+        );
+        println!(
+            "roofline         {:.2} tokens/s at {:.1} GB/s read, {:.2} GB/token: {:.0}% reached",
+            r.roofline_tokens_per_s,
+            r.machine_read_gb_per_s,
+            r.weight_bytes_per_token as f64 / 1e9,
+            100.0 * r.roofline_ratio
+        );
+        println!("peak RSS         {:.2} GB", r.peak_rss_bytes as f64 / 1e9);
+    }
+    Ok(())
+}
+
+/// Writes the synthetic mid-size model once and returns its directory.
+fn synthetic_dir(work_dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let dir = work_dir.unwrap_or_else(|| std::env::temp_dir().join("chathub-bench-785m-v1"));
+    if !dir.join("complete").is_file() {
+        eprintln!(
+            "chathub: writing the synthetic 785M-parameter ChatGLM3 to {} (once)",
+            dir.display()
+        );
+        let tokenizer = std::fs::read(chathub::demo_model_dir()?.join("tokenizer.model"))?;
+        chathub::write_model_dir(&dir, &chathub::bench_config(), &tokenizer, 7, 1 << 30)?;
+    }
+    Ok(dir)
+}
+
+/// A user message whose chat prompt has at least `tokens` tokens.
+fn prompt_of_length(engine: &Engine, tokens: usize) -> anyhow::Result<String> {
+    const WORDS: [&str; 8] = [
+        "the", "quick", "brown", "fox", "jumps", "over", "lazy", "dogs",
+    ];
+    let mut text = String::from("hello");
+    let mut i = 0;
+    while engine.prompt_ids(&text, &[])?.len() < tokens {
+        text.push(' ');
+        text.push_str(WORDS[i % WORDS.len()]);
+        i += 1;
+    }
+    Ok(text)
+}
+
+/// The process's peak resident set (VmHWM), 0 where /proc is unavailable.
+fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Read bandwidth of main memory with every rayon thread summing its own part of a 512 MiB
+/// buffer: the denominator of the decode roofline. Best of five passes.
+fn read_bandwidth_gb_per_s() -> f64 {
+    let buffer = vec![1.0f32; 128 << 20];
+    let bytes = (buffer.len() * 4) as f64;
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let started = Instant::now();
+        let sum: f32 = buffer
+            .par_chunks(1 << 16)
+            .map(|c| {
+                let mut acc = [0f32; 16];
+                for block in c.chunks_exact(16) {
+                    for i in 0..16 {
+                        acc[i] += block[i];
+                    }
+                }
+                acc.iter().sum::<f32>()
+            })
+            .sum();
+        std::hint::black_box(sum);
+        best = best.max(bytes / started.elapsed().as_secs_f64() / 1e9);
+    }
+    best
+}

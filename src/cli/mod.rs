@@ -1,0 +1,123 @@
+//! Subcommands of the `chathub` binary, and the flags they share.
+
+pub mod bench;
+pub mod chat;
+pub mod generate;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use chathub::candle_core::{DType, Device};
+use chathub::{ChatRequest, Engine, ModelFamily, ModelOptions};
+use clap::Args;
+
+/// Which model to load and how.
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// A model directory as downloaded from Hugging Face (e.g. THUDM/chatglm3-6b).
+    #[arg(long, env = "CHATHUB_MODEL", conflicts_with = "demo")]
+    pub model: Option<PathBuf>,
+
+    /// Use the built-in tiny demo model (random weights: its text is meaningless).
+    #[arg(long)]
+    pub demo: bool,
+
+    /// Chat format, when detection from the files guesses wrong: chatglm2 or chatglm3.
+    #[arg(long)]
+    pub family: Option<ModelFamily>,
+
+    /// Compute dtype: f32 (default on CPU), f16 or bf16.
+    #[arg(long, default_value = "f32", value_parser = parse_dtype)]
+    pub dtype: DType,
+
+    /// Run on the first CUDA GPU (needs a build with `--features cuda`).
+    #[arg(long)]
+    pub cuda: bool,
+}
+
+fn parse_dtype(s: &str) -> Result<DType, String> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        _ => Err(format!("unknown dtype {s:?}: expected f32, f16 or bf16")),
+    }
+}
+
+impl ModelArgs {
+    /// Loads the model (the demo when no directory is given), saying so on stderr.
+    pub fn load(&self) -> anyhow::Result<Engine> {
+        let dir = match &self.model {
+            Some(dir) => dir.clone(),
+            None => {
+                eprintln!(
+                    "chathub: no --model given: using the built-in demo model (random weights, \
+                     its replies are meaningless; pass --model DIR for a real ChatGLM)"
+                );
+                chathub::demo_model_dir()?
+            }
+        };
+        let device = if self.cuda {
+            Device::new_cuda(0).context("opening CUDA device 0")?
+        } else {
+            Device::Cpu
+        };
+        let mut options = ModelOptions::default().device(device).dtype(self.dtype);
+        if let Some(family) = self.family {
+            options = options.family(family);
+        }
+        Engine::load_with(&dir, &options)
+            .with_context(|| format!("loading model from {}", dir.display()))
+    }
+}
+
+/// Sampling flags; unset ones leave the model's defaults in place.
+#[derive(Debug, Args)]
+pub struct SamplingArgs {
+    /// Softmax temperature (> 0). Default: the model's (0.8 for ChatGLM).
+    #[arg(long)]
+    pub temperature: Option<f64>,
+
+    /// Nucleus sampling threshold in (0, 1]. Default: the model's (0.8 for ChatGLM).
+    #[arg(long)]
+    pub top_p: Option<f64>,
+
+    /// Sample only among the k most likely tokens.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+
+    /// Repetition penalty (1.0 = off).
+    #[arg(long)]
+    pub repetition_penalty: Option<f64>,
+
+    /// Prompt plus reply tokens. Default: the model's (8192 for ChatGLM).
+    #[arg(long)]
+    pub max_length: Option<usize>,
+
+    /// At most this many reply tokens.
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+
+    /// Seed for sampling, to reproduce a reply.
+    #[arg(long)]
+    pub seed: Option<u64>,
+
+    /// Always pick the most likely token (deterministic).
+    #[arg(long)]
+    pub greedy: bool,
+}
+
+impl SamplingArgs {
+    /// Fills the request's unset fields from the flags.
+    pub fn apply(&self, mut request: ChatRequest) -> ChatRequest {
+        request.temperature = request.temperature.or(self.temperature);
+        request.top_p = request.top_p.or(self.top_p);
+        request.top_k = request.top_k.or(self.top_k);
+        request.repetition_penalty = request.repetition_penalty.or(self.repetition_penalty);
+        request.max_length = request.max_length.or(self.max_length);
+        request.max_new_tokens = request.max_new_tokens.or(self.max_new_tokens);
+        request.seed = request.seed.or(self.seed);
+        request.greedy |= self.greedy;
+        request
+    }
+}

@@ -1,0 +1,272 @@
+//! `config.json` and `generation_config.json` as THUDM ships them.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The architecture hyper-parameters of a ChatGLM2/ChatGLM3 checkpoint, read from `config.json`.
+///
+/// Field names are the JSON keys. Keys that older checkpoints lack have the defaults the official
+/// `configuration_chatglm.py` uses.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct ModelConfig {
+    /// Number of transformer blocks.
+    pub num_layers: usize,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Number of query heads.
+    pub num_attention_heads: usize,
+    /// Size of one attention head (`hidden_size / num_attention_heads` when absent).
+    #[serde(default)]
+    pub kv_channels: Option<usize>,
+    /// Whether keys and values use fewer heads than queries.
+    #[serde(default)]
+    pub multi_query_attention: bool,
+    /// Number of key/value heads when `multi_query_attention` is set.
+    #[serde(default = "default_one")]
+    pub multi_query_group_num: usize,
+    /// Inner width of the SwiGLU MLP.
+    pub ffn_hidden_size: usize,
+    /// Rows of the embedding and output matrices (may exceed the tokenizer's id count).
+    pub padded_vocab_size: usize,
+    /// The context length the model was trained for.
+    #[serde(default = "default_seq_length")]
+    pub seq_length: usize,
+    /// Epsilon of the RMSNorm layers.
+    #[serde(default = "default_eps")]
+    pub layernorm_epsilon: f64,
+    /// RMSNorm (true for every ChatGLM2/3 checkpoint) or LayerNorm.
+    #[serde(default = "default_true")]
+    pub rmsnorm: bool,
+    /// Whether the query/key/value projection has a bias.
+    #[serde(default)]
+    pub add_qkv_bias: bool,
+    /// Whether the other linear layers have biases.
+    #[serde(default)]
+    pub add_bias_linear: bool,
+    /// Whether residuals branch after the layer norm instead of before.
+    #[serde(default)]
+    pub apply_residual_connection_post_layernorm: bool,
+    /// Whether the final layer norm exists.
+    #[serde(default = "default_true")]
+    pub post_layer_norm: bool,
+    /// Scales the RoPE base (ChatGLM3-6B-32k and GLM-4 set it).
+    #[serde(default = "default_rope_ratio")]
+    pub rope_ratio: f64,
+    /// The name the checkpoint was published under (used to tell model families apart).
+    #[serde(default, rename = "_name_or_path")]
+    pub name_or_path: Option<String>,
+    /// End-of-sequence token id(s).
+    #[serde(default)]
+    pub eos_token_id: Option<TokenIds>,
+}
+
+/// A JSON field that holds either one token id or a list of them (`eos_token_id`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum TokenIds {
+    /// A single id.
+    One(u32),
+    /// Several ids.
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    /// The ids as a list.
+    pub fn to_vec(&self) -> Vec<u32> {
+        match self {
+            TokenIds::One(id) => vec![*id],
+            TokenIds::Many(ids) => ids.clone(),
+        }
+    }
+}
+
+fn default_one() -> usize {
+    1
+}
+fn default_seq_length() -> usize {
+    2048
+}
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_true() -> bool {
+    true
+}
+fn default_rope_ratio() -> f64 {
+    1.0
+}
+
+impl ModelConfig {
+    /// Reads and checks `config.json`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] when the file cannot be read, [`Error::Json`] when it is not a ChatGLM config,
+    /// [`Error::InvalidConfig`] when sizes are zero or inconsistent.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let config: ModelConfig = read_json(path)?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<()> {
+        let bad = |field, value: usize, reason| Error::InvalidConfig {
+            path: path.to_path_buf(),
+            field,
+            value: value.to_string(),
+            reason,
+        };
+        for (field, value) in [
+            ("num_layers", self.num_layers),
+            ("hidden_size", self.hidden_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("ffn_hidden_size", self.ffn_hidden_size),
+            ("padded_vocab_size", self.padded_vocab_size),
+            ("seq_length", self.seq_length),
+            ("multi_query_group_num", self.multi_query_group_num),
+        ] {
+            if value == 0 {
+                return Err(bad(field, value, "must be positive"));
+            }
+        }
+        if self.kv_channels.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+            return Err(bad(
+                "hidden_size",
+                self.hidden_size,
+                "must be a multiple of num_attention_heads when kv_channels is absent",
+            ));
+        }
+        if self.head_dim() % 4 != 0 {
+            return Err(bad(
+                "kv_channels",
+                self.head_dim(),
+                "must be a multiple of 4 (half of each head is rotated in pairs)",
+            ));
+        }
+        if self.num_attention_heads % self.kv_heads() != 0 {
+            return Err(bad(
+                "multi_query_group_num",
+                self.kv_heads(),
+                "must divide num_attention_heads",
+            ));
+        }
+        if !self.rmsnorm {
+            return Err(bad(
+                "rmsnorm",
+                0,
+                "only RMSNorm checkpoints (every ChatGLM2/3 release) are supported",
+            ));
+        }
+        if !(self.rope_ratio.is_finite() && self.rope_ratio > 0.0) {
+            return Err(Error::InvalidConfig {
+                path: path.to_path_buf(),
+                field: "rope_ratio",
+                value: self.rope_ratio.to_string(),
+                reason: "must be a positive number",
+            });
+        }
+        Ok(())
+    }
+
+    /// Size of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.kv_channels
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    /// Number of key/value heads (groups).
+    pub fn kv_heads(&self) -> usize {
+        if self.multi_query_attention {
+            self.multi_query_group_num
+        } else {
+            self.num_attention_heads
+        }
+    }
+
+    /// Number of parameters, counted from the shapes the config implies.
+    pub fn parameter_count(&self) -> usize {
+        let h = self.hidden_size;
+        let q = self.num_attention_heads * self.head_dim();
+        let kv = 2 * self.kv_heads() * self.head_dim();
+        let per_layer = 2 * h
+            + (q + kv) * h
+            + if self.add_qkv_bias { q + kv } else { 0 }
+            + q * h
+            + 2 * self.ffn_hidden_size * h
+            + self.ffn_hidden_size * h;
+        2 * self.padded_vocab_size * h + self.num_layers * per_layer + h
+    }
+}
+
+/// Sampling defaults from `generation_config.json` (ChatGLM's `model.chat` defaults when absent).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct GenerationDefaults {
+    /// Prompt plus generated tokens.
+    #[serde(default = "default_max_length")]
+    pub max_length: usize,
+    /// Nucleus sampling threshold.
+    #[serde(default = "default_sampling")]
+    pub top_p: f64,
+    /// Softmax temperature.
+    #[serde(default = "default_sampling")]
+    pub temperature: f64,
+    /// End-of-sequence ids, when the file lists them.
+    #[serde(default)]
+    pub eos_token_id: Option<TokenIds>,
+}
+
+fn default_max_length() -> usize {
+    8192
+}
+fn default_sampling() -> f64 {
+    0.8
+}
+
+impl Default for GenerationDefaults {
+    fn default() -> Self {
+        GenerationDefaults {
+            max_length: default_max_length(),
+            top_p: default_sampling(),
+            temperature: default_sampling(),
+            eos_token_id: None,
+        }
+    }
+}
+
+impl GenerationDefaults {
+    /// Reads `generation_config.json` if the directory has one; ChatGLM's defaults otherwise.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("generation_config.json");
+        if !path.exists() {
+            return Ok(Self::default());
+        }
+        let defaults: GenerationDefaults = read_json(&path)?;
+        if defaults.max_length == 0
+            || !(defaults.top_p > 0.0 && defaults.top_p <= 1.0)
+            || !(defaults.temperature > 0.0 && defaults.temperature.is_finite())
+        {
+            return Err(Error::InvalidConfig {
+                path,
+                field: "max_length/top_p/temperature",
+                value: format!(
+                    "{}/{}/{}",
+                    defaults.max_length, defaults.top_p, defaults.temperature
+                ),
+                reason: "must be positive, with top_p at most 1",
+            });
+        }
+        Ok(defaults)
+    }
+}
+
+/// Reads a JSON file into `T`, naming the file in every error.
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_slice(&bytes).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })
+}

@@ -1,0 +1,392 @@
+//! A loaded chat model and the generation loop every adapter drives.
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+
+use crate::config::{GenerationDefaults, ModelConfig};
+use crate::error::{Error, Result};
+use crate::models::chatglm::ChatGlmModel;
+use crate::prompt::{ModelFamily, PromptBuilder};
+use crate::request::{ChatOutcome, ChatRequest, FinishReason, Timings, Usage};
+use crate::sampling::Sampler;
+use crate::tokenizer::Tokenizer;
+use crate::weights::Weights;
+
+/// Prompt tokens run through the model at once; bounds the attention scratch memory.
+const PREFILL_CHUNK: usize = 256;
+
+/// How to load a model.
+///
+/// # Examples
+///
+/// ```
+/// use chathub::{ModelFamily, ModelOptions};
+/// let options = ModelOptions::default().family(ModelFamily::ChatGlm2);
+/// assert_eq!(options.family, Some(ModelFamily::ChatGlm2));
+/// ```
+#[derive(Debug, Clone)]
+pub struct ModelOptions {
+    /// Chat format; detected from the files when `None`.
+    pub family: Option<ModelFamily>,
+    /// Where to compute.
+    pub device: Device,
+    /// What to compute in; f32 when `None` (checkpoints are f16, upcast on load as the
+    /// reference does on CPU).
+    pub dtype: Option<DType>,
+}
+
+impl Default for ModelOptions {
+    fn default() -> Self {
+        ModelOptions {
+            family: None,
+            device: Device::Cpu,
+            dtype: None,
+        }
+    }
+}
+
+impl ModelOptions {
+    /// Forces the chat format instead of detecting it.
+    ///
+    /// ```
+    /// let o = chathub::ModelOptions::default().family(chathub::ModelFamily::ChatGlm3);
+    /// assert!(o.family.is_some());
+    /// ```
+    #[must_use]
+    pub fn family(mut self, family: ModelFamily) -> Self {
+        self.family = Some(family);
+        self
+    }
+
+    /// Computes on `device` (a CUDA device needs the `cuda` feature).
+    ///
+    /// ```
+    /// let o = chathub::ModelOptions::default().device(candle_core::Device::Cpu);
+    /// assert!(o.device.is_cpu());
+    /// ```
+    #[must_use]
+    pub fn device(mut self, device: Device) -> Self {
+        self.device = device;
+        self
+    }
+
+    /// Computes in `dtype` (f32, f16 or bf16).
+    ///
+    /// ```
+    /// let o = chathub::ModelOptions::default().dtype(candle_core::DType::F16);
+    /// assert_eq!(o.dtype, Some(candle_core::DType::F16));
+    /// ```
+    #[must_use]
+    pub fn dtype(mut self, dtype: DType) -> Self {
+        self.dtype = Some(dtype);
+        self
+    }
+}
+
+/// A chat model loaded from a Hugging Face directory, ready to serve requests.
+///
+/// `Engine` is `Send + Sync`: share one behind an `Arc` and call it from many threads at once.
+/// Each call owns its key/value cache, freed when the call returns; the weights are shared.
+///
+/// # Examples
+///
+/// ```no_run
+/// # fn main() -> chathub::Result<()> {
+/// use chathub::{ChatRequest, Engine, Message};
+///
+/// let engine = Engine::load("THUDM/chatglm3-6b")?;
+/// let request = ChatRequest::new("What is the capital of France?")
+///     .history(vec![Message::system("Answer in one word.")]);
+/// let outcome = engine.chat_stream(&request, |delta| {
+///     print!("{delta}");
+///     std::ops::ControlFlow::Continue(())
+/// })?;
+/// println!("\n{:?}, {:.1} tokens/s", outcome.finish_reason, outcome.timings.decode_tokens_per_s);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct Engine {
+    model: ChatGlmModel,
+    tokenizer: Tokenizer,
+    family: ModelFamily,
+    defaults: GenerationDefaults,
+    stop_ids: Vec<u32>,
+    dir: PathBuf,
+}
+
+impl Engine {
+    /// Loads a model directory as THUDM publishes it, with default options.
+    ///
+    /// # Errors
+    ///
+    /// See [`Engine::load_with`].
+    pub fn load(dir: impl AsRef<Path>) -> Result<Self> {
+        Self::load_with(dir, &ModelOptions::default())
+    }
+
+    /// Loads a model directory: `config.json`, the weights (sharded or single safetensors or
+    /// PyTorch `.bin`), `tokenizer.model`, and `generation_config.json` when present.
+    ///
+    /// Blocks while reading the weights (seconds for a 6B model from a warm page cache).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`]/[`Error::MissingFile`] for a missing directory or file,
+    /// [`Error::Json`]/[`Error::InvalidConfig`] for a bad config, [`Error::Weights`] for a
+    /// truncated or corrupt weight file, [`Error::MissingTensor`]/[`Error::ShapeMismatch`] when
+    /// the weights do not match the config, [`Error::Tokenizer`] for a bad tokenizer.
+    pub fn load_with(dir: impl AsRef<Path>, options: &ModelOptions) -> Result<Self> {
+        let dir = dir.as_ref();
+        let started = Instant::now();
+        let meta = std::fs::metadata(dir).map_err(|e| Error::io(dir, e))?;
+        if !meta.is_dir() {
+            return Err(Error::io(
+                dir,
+                std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a model directory"),
+            ));
+        }
+        for (file, what) in [
+            ("config.json", "config.json"),
+            ("tokenizer.model", "tokenizer.model"),
+        ] {
+            if !dir.join(file).is_file() {
+                return Err(Error::MissingFile {
+                    dir: dir.to_path_buf(),
+                    what,
+                    looked_for: file.to_string(),
+                });
+            }
+        }
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let defaults = GenerationDefaults::from_dir(dir)?;
+        let family = options
+            .family
+            .unwrap_or_else(|| ModelFamily::detect(dir, &config, &defaults));
+        let tokenizer =
+            Tokenizer::from_file(&dir.join("tokenizer.model"), family.special_token_count())?;
+        if tokenizer.vocab_size() > config.padded_vocab_size {
+            return Err(Error::InvalidConfig {
+                path: dir.join("config.json"),
+                field: "padded_vocab_size",
+                value: config.padded_vocab_size.to_string(),
+                reason: "smaller than the tokenizer's vocabulary",
+            });
+        }
+        let dtype = options.dtype.unwrap_or(DType::F32);
+        let weights = Weights::open(dir, dtype, &options.device)?;
+        tracing::info!(
+            dir = %dir.display(),
+            %family,
+            layers = config.num_layers,
+            parameters = config.parameter_count(),
+            file_bytes = weights.file_bytes(),
+            "loading model"
+        );
+        let model = ChatGlmModel::load(&config, &weights, dtype, &options.device)?;
+        drop(weights);
+        let builder = PromptBuilder {
+            family,
+            tokenizer: &tokenizer,
+        };
+        let mut stop_ids = builder.stop_ids();
+        for id in defaults
+            .eos_token_id
+            .iter()
+            .chain(config.eos_token_id.iter())
+            .flat_map(|ids| ids.to_vec())
+        {
+            if !stop_ids.contains(&id) {
+                stop_ids.push(id);
+            }
+        }
+        tracing::info!(seconds = started.elapsed().as_secs_f64(), "model loaded");
+        Ok(Engine {
+            model,
+            tokenizer,
+            family,
+            defaults,
+            stop_ids,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// The chat format in use.
+    pub fn family(&self) -> ModelFamily {
+        self.family
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The architecture as read from `config.json`.
+    pub fn config(&self) -> &ModelConfig {
+        self.model.config()
+    }
+
+    /// Sampling defaults used for fields a request leaves unset.
+    pub fn defaults(&self) -> &GenerationDefaults {
+        &self.defaults
+    }
+
+    /// Token ids that end a reply.
+    pub fn stop_ids(&self) -> &[u32] {
+        &self.stop_ids
+    }
+
+    /// The directory the model was loaded from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Bytes of weights one decode step reads: the numerator of the memory-bandwidth roofline.
+    pub fn weight_bytes_per_token(&self) -> usize {
+        self.model.weight_bytes_per_token()
+    }
+
+    /// The prompt ids a request produces (exactly the official builder's, history included).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] for an empty prompt.
+    pub fn prompt_ids(&self, prompt: &str, history: &[crate::Message]) -> Result<Vec<u32>> {
+        if prompt.is_empty() {
+            return Err(Error::invalid("prompt", "\"\"", "must not be empty"));
+        }
+        Ok(self.builder().build(prompt, history))
+    }
+
+    fn builder(&self) -> PromptBuilder<'_> {
+        PromptBuilder {
+            family: self.family,
+            tokenizer: &self.tokenizer,
+        }
+    }
+
+    /// Generates a whole reply.
+    ///
+    /// # Errors
+    ///
+    /// See [`Engine::chat_stream`].
+    pub fn chat(&self, request: &ChatRequest) -> Result<ChatOutcome> {
+        self.chat_stream(request, |_| ControlFlow::Continue(()))
+    }
+
+    /// Generates a reply, calling `on_delta` with each new piece of text as soon as it is whole
+    /// UTF-8. Returning `ControlFlow::Break(())` stops generation before the next token; the
+    /// outcome then says [`FinishReason::Cancelled`].
+    ///
+    /// Runs on the calling thread and blocks until the reply ends; `on_delta` runs on that
+    /// thread too. A token step in progress is not interrupted: cancellation takes effect
+    /// within one token.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] for out-of-range parameters or an empty prompt,
+    /// [`Error::PromptTooLong`] when even the prompt without history leaves no room to reply,
+    /// [`Error::Compute`] when the backend fails.
+    pub fn chat_stream<F>(&self, request: &ChatRequest, mut on_delta: F) -> Result<ChatOutcome>
+    where
+        F: FnMut(&str) -> ControlFlow<()>,
+    {
+        let started = Instant::now();
+        let params = request.resolve(&self.defaults)?;
+        let limit = params.max_length.min(self.config().seq_length);
+        let prompt = self
+            .builder()
+            .build_within(&request.prompt, &request.history, limit)?;
+        if prompt.dropped_messages > 0 {
+            tracing::info!(
+                dropped = prompt.dropped_messages,
+                limit,
+                "history trimmed to fit the context"
+            );
+        }
+        let prompt_len = prompt.ids.len();
+        let room = limit - prompt_len;
+        let max_new = params.max_new_tokens.map_or(room, |n| n.min(room));
+        let mut cache = self.model.new_cache(prompt_len + max_new);
+
+        let prefill_started = Instant::now();
+        let mut logits = Vec::new();
+        for chunk in prompt.ids.chunks(PREFILL_CHUNK) {
+            logits = self.model.forward(chunk, &mut cache)?;
+        }
+        let prefill = prefill_started.elapsed();
+
+        let mut sampler = Sampler::new(params.sampling, params.repetition_penalty, params.seed);
+        let mut context = prompt.ids.clone();
+        let mut completion = Vec::new();
+        let mut decoder = self.tokenizer.decoder();
+        let mut text = String::new();
+        let mut delta = String::new();
+        let mut ttft = None;
+        let decode_started = Instant::now();
+        let finish_reason = loop {
+            let token = sampler.next(&mut logits, &context);
+            ttft.get_or_insert_with(|| started.elapsed());
+            if !request.ignore_stop && self.stop_ids.contains(&token) {
+                break FinishReason::Stop;
+            }
+            completion.push(token);
+            context.push(token);
+            delta.clear();
+            decoder.push(token, &mut delta);
+            if !delta.is_empty() {
+                text.push_str(&delta);
+                if on_delta(&delta).is_break() {
+                    break FinishReason::Cancelled;
+                }
+            }
+            if completion.len() >= max_new {
+                break FinishReason::Length;
+            }
+            logits = self.model.forward(&[token], &mut cache)?;
+        };
+        delta.clear();
+        decoder.finish(&mut delta);
+        if !delta.is_empty() {
+            text.push_str(&delta);
+            if finish_reason != FinishReason::Cancelled {
+                // The caller asked to stop: it gets no more callbacks.
+                let _ = on_delta(&delta);
+            }
+        }
+        let decode = decode_started.elapsed();
+        let decode_steps = completion.len().saturating_sub(1);
+        let per_s = |n: usize, secs: f64| if secs > 0.0 { n as f64 / secs } else { 0.0 };
+        let timings = Timings {
+            ttft_ms: ttft.unwrap_or_default().as_secs_f64() * 1e3,
+            prefill_ms: prefill.as_secs_f64() * 1e3,
+            prefill_tokens_per_s: per_s(prompt_len, prefill.as_secs_f64()),
+            decode_ms: decode.as_secs_f64() * 1e3,
+            decode_tokens_per_s: per_s(decode_steps, decode.as_secs_f64()),
+            total_ms: started.elapsed().as_secs_f64() * 1e3,
+        };
+        tracing::debug!(
+            prompt_tokens = prompt_len,
+            completion_tokens = completion.len(),
+            ?finish_reason,
+            ttft_ms = timings.ttft_ms,
+            decode_tokens_per_s = timings.decode_tokens_per_s,
+            "chat finished"
+        );
+        Ok(ChatOutcome {
+            text,
+            finish_reason,
+            usage: Usage {
+                prompt_tokens: prompt_len,
+                completion_tokens: completion.len(),
+            },
+            prompt_token_ids: prompt.ids,
+            completion_token_ids: completion,
+            dropped_history_messages: prompt.dropped_messages,
+            timings,
+        })
+    }
+}

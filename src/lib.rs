@@ -1,0 +1,60 @@
+//! Run ChatGLM-family chat models (ChatGLM2-6B, ChatGLM3-6B) in-process on [candle].
+//!
+//! `chathub` loads a model directory exactly as THUDM publishes it on Hugging Face
+//! (`config.json`, sharded safetensors or PyTorch weights, the sentencepiece `tokenizer.model`),
+//! turns OpenAI-style chat history into the prompt each model expects, token for token as the
+//! official Python code builds it, and generates replies with streaming, cancellation and
+//! per-request key/value caches, so one loaded [`Engine`] serves many threads at once.
+//!
+//! [candle]: https://github.com/huggingface/candle
+//!
+//! # Examples
+//!
+//! The built-in demo model needs no download (its replies are meaningless noise):
+//!
+//! ```
+//! # fn main() -> chathub::Result<()> {
+//! use chathub::{ChatRequest, Engine, FinishReason, Message};
+//!
+//! let engine = Engine::load(chathub::demo_model_dir()?)?;
+//! let request = ChatRequest::new("你好")
+//!     .history(vec![Message::system("You are a helpful assistant.")])
+//!     .max_new_tokens(8)
+//!     .greedy();
+//! let outcome = engine.chat(&request)?;
+//! assert!(outcome.completion_token_ids.len() <= 8);
+//! assert!(matches!(outcome.finish_reason, FinishReason::Length | FinishReason::Stop));
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Feature Flags
+//!
+//! - `cuda` (off by default): run on an NVIDIA GPU through candle's CUDA backend; pass a CUDA
+//!   [`candle_core::Device`] in [`ModelOptions`]. Needs the CUDA toolkit at build time.
+#![deny(missing_docs)]
+
+mod config;
+mod engine;
+mod error;
+mod message;
+mod models;
+mod prompt;
+mod request;
+mod sampling;
+mod synthetic;
+mod tokenizer;
+mod weights;
+
+pub use crate::config::{GenerationDefaults, ModelConfig, TokenIds};
+pub use crate::engine::{Engine, ModelOptions};
+pub use crate::error::{Error, ErrorKind, Result};
+pub use crate::message::{messages_to_tuple_history, parse_history, Message, Role};
+pub use crate::prompt::ModelFamily;
+pub use crate::request::{ChatOutcome, ChatRequest, FinishReason, Timings, Usage};
+pub use crate::sampling::Sampling;
+pub use crate::synthetic::{bench_config, demo_config, demo_model_dir, write_model_dir};
+pub use crate::tokenizer::{SpecialToken, TextDecoder, Tokenizer};
+
+/// The candle crate this library computes with, for building a [`candle_core::Device`].
+pub use candle_core;

@@ -1,0 +1,52 @@
+//! The `chathub` command line: chat, run one request, benchmark.
+
+mod cli;
+
+use clap::{Parser, Subcommand};
+
+/// Run ChatGLM-family chat models (ChatGLM2-6B, ChatGLM3-6B) locally on the CPU.
+#[derive(Debug, Parser)]
+#[command(name = "chathub", version, about)]
+struct Cli {
+    /// Log filter for stderr (tracing's EnvFilter syntax), e.g. `debug` or `chathub=trace`.
+    #[arg(
+        long,
+        global = true,
+        env = "CHATHUB_LOG",
+        default_value = "chathub=info"
+    )]
+    log: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Chat in the terminal: type a message, get a streamed reply; history is kept.
+    ///
+    /// Reads piped stdin too, one user message per line. `/reset` clears the history,
+    /// `/exit` quits. Without `--model`, chats with the built-in demo model (meaningless text).
+    Chat(cli::chat::ChatArgs),
+    /// Run one request from a JSON file and print the reply (or everything, with `--json`).
+    #[command(arg_required_else_help = true)]
+    Generate(cli::generate::GenerateArgs),
+    /// Measure prefill and decode speed, time to first token and peak memory.
+    ///
+    /// Without `--model`, writes (once) and loads a synthetic 785M-parameter ChatGLM3 with random
+    /// weights.
+    Bench(cli::bench::BenchArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log)?)
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Chat(args) => cli::chat::run(args),
+        Command::Generate(args) => cli::generate::run(args),
+        Command::Bench(args) => cli::bench::run(args),
+    }
+}

@@ -1,0 +1,498 @@
+//! The ChatGLM2 / ChatGLM3 transformer.
+//!
+//! Follows THUDM's `modeling_chatglm.py` (chatglm2-6b and chatglm3-6b revisions): RMSNorm,
+//! grouped multi-query attention with a fused query/key/value projection, rotary embeddings
+//! applied to interleaved pairs of the first half of each head, and a SwiGLU MLP. Tensor names
+//! are the checkpoint's.
+//!
+//! Unlike candle-transformers' `chatglm`/`glm4`, the key/value cache belongs to the request
+//! ([`KvCache`]), not to the model, so one loaded model serves concurrent conversations; the
+//! position offset is explicit, so several new tokens can extend a non-empty cache; and K/V are
+//! never expanded to all heads: each group's queries attend to the group's keys in one matmul.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Module, Tensor};
+
+use super::linear::Linear;
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::weights::Weights;
+
+/// cos/sin tables for every position, shared by all layers.
+///
+/// Pairs beyond the rotated half of a head get cos = 1 and sin = 0, so one interleaved rotary
+/// kernel covers the whole head and the second half passes through unchanged.
+#[derive(Debug)]
+struct RotaryTables {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl RotaryTables {
+    fn new(cfg: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
+        let head_dim = cfg.head_dim();
+        let rotated_pairs = head_dim / 4;
+        let base = 10_000f64 * cfg.rope_ratio;
+        let positions = cfg.seq_length;
+        let half = head_dim / 2;
+        let mut cos = vec![1f32; positions * half];
+        let mut sin = vec![0f32; positions * half];
+        for i in 0..rotated_pairs {
+            // theta_i = base^(-2i / n_elem) with n_elem = head_dim / 2, computed in f32 like the
+            // reference, and the angle pos * theta_i in f32 too.
+            let exponent = (2 * i) as f32 / half as f32;
+            let theta = 1f32 / (base as f32).powf(exponent);
+            for pos in 0..positions {
+                let angle = pos as f32 * theta;
+                cos[pos * half + i] = angle.cos();
+                sin[pos * half + i] = angle.sin();
+            }
+        }
+        let cos = Tensor::from_vec(cos, (positions, half), device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, (positions, half), device)?.to_dtype(dtype)?;
+        Ok(RotaryTables { cos, sin })
+    }
+
+    /// Rotates `x: [tokens, heads, head_dim]` for positions `start..start + tokens`.
+    fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
+        let (tokens, heads, head_dim) = x.dims3()?;
+        let cos = self.cos.narrow(0, start, tokens)?.unsqueeze(1)?;
+        let sin = self.sin.narrow(0, start, tokens)?.unsqueeze(1)?;
+        let x = x.contiguous()?.reshape((tokens, heads, 1, head_dim))?;
+        let y = candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?;
+        Ok(y.reshape((tokens, heads, head_dim))?)
+    }
+}
+
+#[derive(Debug)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn new(cfg: &ModelConfig, weights: &Weights, name: &str) -> Result<Self> {
+        Ok(RmsNorm {
+            weight: weights.get(&format!("{name}.weight"), &[cfg.hidden_size])?,
+            eps: cfg.layernorm_epsilon as f32,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps)?)
+    }
+}
+
+fn linear(
+    weights: &Weights,
+    name: &str,
+    out_features: usize,
+    in_features: usize,
+    bias: bool,
+) -> Result<Linear> {
+    let weight = weights.get(&format!("{name}.weight"), &[out_features, in_features])?;
+    let bias = if bias {
+        Some(weights.get(&format!("{name}.bias"), &[out_features])?)
+    } else {
+        None
+    };
+    Ok(Linear::new(weight, bias))
+}
+
+#[derive(Debug)]
+struct SelfAttention {
+    query_key_value: Linear,
+    dense: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    rotary: Arc<RotaryTables>,
+    span: tracing::Span,
+}
+
+impl SelfAttention {
+    fn new(
+        cfg: &ModelConfig,
+        weights: &Weights,
+        name: &str,
+        rotary: Arc<RotaryTables>,
+    ) -> Result<Self> {
+        let head_dim = cfg.head_dim();
+        let q_size = cfg.num_attention_heads * head_dim;
+        let qkv_size = q_size + 2 * cfg.kv_heads() * head_dim;
+        Ok(SelfAttention {
+            query_key_value: linear(
+                weights,
+                &format!("{name}.query_key_value"),
+                qkv_size,
+                cfg.hidden_size,
+                cfg.add_qkv_bias || cfg.add_bias_linear,
+            )?,
+            dense: linear(
+                weights,
+                &format!("{name}.dense"),
+                cfg.hidden_size,
+                q_size,
+                cfg.add_bias_linear,
+            )?,
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.kv_heads(),
+            head_dim,
+            rotary,
+            span: tracing::span!(tracing::Level::TRACE, "attn"),
+        })
+    }
+
+    /// `x: [tokens, hidden]` at positions `cache.len()..`; appends this layer's keys and values.
+    fn forward(&self, x: &Tensor, cache: &mut LayerCache, start: usize) -> Result<Tensor> {
+        let _enter = self.span.enter();
+        let tokens = x.dim(0)?;
+        let (hd, q_size, kv_size) = (
+            self.head_dim,
+            self.heads * self.head_dim,
+            self.kv_heads * self.head_dim,
+        );
+        let qkv = self.query_key_value.forward(x)?;
+        let q = qkv
+            .narrow(1, 0, q_size)?
+            .reshape((tokens, self.heads, hd))?;
+        let k = qkv
+            .narrow(1, q_size, kv_size)?
+            .reshape((tokens, self.kv_heads, hd))?;
+        let v = qkv
+            .narrow(1, q_size + kv_size, kv_size)?
+            .reshape((tokens, self.kv_heads, hd))?;
+        let q = self.rotary.apply(&q, start)?;
+        let k = self.rotary.apply(&k, start)?;
+        let (k, v) = cache.append(&k, &v.contiguous()?, start)?;
+        let context = k.dim(0)?;
+
+        // Queries of one group are contiguous heads: [groups, heads_per_group * tokens, hd].
+        let per_group = self.heads / self.kv_heads;
+        let q =
+            q.transpose(0, 1)?
+                .contiguous()?
+                .reshape((self.kv_heads, per_group * tokens, hd))?;
+        let k = k.transpose(0, 1)?; // [groups, context, hd], strided view of the cache
+        let v = v.transpose(0, 1)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut scores = (q.matmul(&k.t()?)? * scale)?;
+        if tokens > 1 {
+            let mask = causal_mask(tokens, start, x.device())?;
+            scores = scores
+                .reshape((self.kv_heads, per_group, tokens, context))?
+                .broadcast_add(&mask)?
+                .reshape((self.kv_heads, per_group * tokens, context))?;
+        }
+        let probs =
+            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+        let out = probs
+            .matmul(&v)?
+            .reshape((self.heads, tokens, hd))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((tokens, q_size))?;
+        Ok(self.dense.forward(&out)?)
+    }
+}
+
+/// Additive mask for `tokens` queries at positions `start..` over `start + tokens` keys:
+/// 0 where a query may look (keys at or before its own position), -inf elsewhere.
+fn causal_mask(tokens: usize, start: usize, device: &Device) -> Result<Tensor> {
+    let context = start + tokens;
+    let mask: Vec<f32> = (0..tokens)
+        .flat_map(|i| {
+            (0..context).map(move |j| {
+                if j > start + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Ok(Tensor::from_vec(mask, (tokens, context), device)?)
+}
+
+#[derive(Debug)]
+struct Mlp {
+    dense_h_to_4h: Linear,
+    dense_4h_to_h: Linear,
+    ffn: usize,
+    span: tracing::Span,
+}
+
+impl Mlp {
+    fn new(cfg: &ModelConfig, weights: &Weights, name: &str) -> Result<Self> {
+        Ok(Mlp {
+            dense_h_to_4h: linear(
+                weights,
+                &format!("{name}.dense_h_to_4h"),
+                2 * cfg.ffn_hidden_size,
+                cfg.hidden_size,
+                cfg.add_bias_linear,
+            )?,
+            dense_4h_to_h: linear(
+                weights,
+                &format!("{name}.dense_4h_to_h"),
+                cfg.hidden_size,
+                cfg.ffn_hidden_size,
+                cfg.add_bias_linear,
+            )?,
+            ffn: cfg.ffn_hidden_size,
+            span: tracing::span!(tracing::Level::TRACE, "mlp"),
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _enter = self.span.enter();
+        let h = self.dense_h_to_4h.forward(x)?;
+        let gate = candle_nn::ops::silu(&h.narrow(1, 0, self.ffn)?)?;
+        let up = h.narrow(1, self.ffn, self.ffn)?;
+        Ok(self.dense_4h_to_h.forward(&(gate * up)?)?)
+    }
+}
+
+#[derive(Debug)]
+struct Block {
+    input_layernorm: RmsNorm,
+    self_attention: SelfAttention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+    residual_post_norm: bool,
+}
+
+impl Block {
+    fn new(
+        cfg: &ModelConfig,
+        weights: &Weights,
+        name: &str,
+        rotary: Arc<RotaryTables>,
+    ) -> Result<Self> {
+        Ok(Block {
+            input_layernorm: RmsNorm::new(cfg, weights, &format!("{name}.input_layernorm"))?,
+            self_attention: SelfAttention::new(
+                cfg,
+                weights,
+                &format!("{name}.self_attention"),
+                rotary,
+            )?,
+            post_attention_layernorm: RmsNorm::new(
+                cfg,
+                weights,
+                &format!("{name}.post_attention_layernorm"),
+            )?,
+            mlp: Mlp::new(cfg, weights, &format!("{name}.mlp"))?,
+            residual_post_norm: cfg.apply_residual_connection_post_layernorm,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, cache: &mut LayerCache, start: usize) -> Result<Tensor> {
+        let normed = self.input_layernorm.forward(x)?;
+        let attn = self.self_attention.forward(&normed, cache, start)?;
+        let residual = if self.residual_post_norm { &normed } else { x };
+        let x = (residual + attn)?;
+        let normed = self.post_attention_layernorm.forward(&x)?;
+        let mlp = self.mlp.forward(&normed)?;
+        let residual = if self.residual_post_norm { &normed } else { &x };
+        Ok((residual + mlp)?)
+    }
+}
+
+/// A loaded ChatGLM2/ChatGLM3 model. Immutable: share it behind an `Arc` across threads.
+#[derive(Debug)]
+pub(crate) struct ChatGlmModel {
+    word_embeddings: Tensor,
+    layers: Vec<Block>,
+    final_layernorm: Option<RmsNorm>,
+    output_layer: Linear,
+    config: ModelConfig,
+    device: Device,
+    dtype: DType,
+}
+
+impl ChatGlmModel {
+    /// Builds the model from checkpoint tensors, checking every shape against `cfg`.
+    pub(crate) fn load(
+        cfg: &ModelConfig,
+        weights: &Weights,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let rotary = Arc::new(RotaryTables::new(cfg, dtype, device)?);
+        let word_embeddings = weights.get(
+            "transformer.embedding.word_embeddings.weight",
+            &[cfg.padded_vocab_size, cfg.hidden_size],
+        )?;
+        let layers = (0..cfg.num_layers)
+            .map(|i| {
+                let block = Block::new(
+                    cfg,
+                    weights,
+                    &format!("transformer.encoder.layers.{i}"),
+                    rotary.clone(),
+                );
+                tracing::debug!(layer = i + 1, of = cfg.num_layers, "loaded layer");
+                block
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let final_layernorm = if cfg.post_layer_norm {
+            Some(RmsNorm::new(
+                cfg,
+                weights,
+                "transformer.encoder.final_layernorm",
+            )?)
+        } else {
+            None
+        };
+        let output_layer = linear(
+            weights,
+            "transformer.output_layer",
+            cfg.padded_vocab_size,
+            cfg.hidden_size,
+            false,
+        )?;
+        Ok(ChatGlmModel {
+            word_embeddings,
+            layers,
+            final_layernorm,
+            output_layer,
+            config: cfg.clone(),
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    pub(crate) fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Bytes of weights read to produce one token (every matrix once; embeddings one row).
+    pub(crate) fn weight_bytes_per_token(&self) -> usize {
+        let norms =
+            self.config.hidden_size * (2 * self.layers.len() + 1) * self.dtype.size_in_bytes();
+        self.layers
+            .iter()
+            .map(|b| {
+                b.self_attention.query_key_value.weight_bytes()
+                    + b.self_attention.dense.weight_bytes()
+                    + b.mlp.dense_h_to_4h.weight_bytes()
+                    + b.mlp.dense_4h_to_h.weight_bytes()
+            })
+            .sum::<usize>()
+            + self.output_layer.weight_bytes()
+            + norms
+    }
+
+    /// An empty cache for one conversation, with room for `capacity` tokens before it grows.
+    pub(crate) fn new_cache(&self, capacity: usize) -> KvCache {
+        KvCache {
+            layers: (0..self.layers.len())
+                .map(|_| LayerCache::default())
+                .collect(),
+            len: 0,
+            capacity_hint: capacity.clamp(16, self.config.seq_length),
+        }
+    }
+
+    /// Runs `ids` at positions `cache.len()..` and returns the logits of the last one as an f32
+    /// vector of `padded_vocab_size` entries.
+    ///
+    /// Any number of ids may extend any cache (prefill in chunks, or continue a conversation).
+    pub(crate) fn forward(&self, ids: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        let start = cache.len;
+        let tokens = ids.len();
+        if tokens == 0 {
+            return Err(crate::Error::invalid(
+                "ids",
+                0,
+                "at least one token is needed",
+            ));
+        }
+        if start + tokens > self.config.seq_length {
+            return Err(crate::Error::PromptTooLong {
+                prompt_tokens: start + tokens,
+                limit: self.config.seq_length,
+            });
+        }
+        let ids_tensor = Tensor::new(ids, &self.device)?;
+        let mut x = self.word_embeddings.index_select(&ids_tensor, 0)?;
+        let wanted = (start + tokens).max(cache.capacity_hint);
+        for (block, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            layer_cache.reserve(wanted, &self.config, self.dtype, &self.device)?;
+            x = block.forward(&x, layer_cache, start)?;
+        }
+        cache.len = start + tokens;
+        let last = x.narrow(0, tokens - 1, 1)?;
+        let last = match &self.final_layernorm {
+            Some(norm) => norm.forward(&last)?,
+            None => last,
+        };
+        let logits = self.output_layer.forward(&last)?;
+        Ok(logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+    }
+}
+
+/// The keys and values of one conversation: owned by the request, freed when it is dropped.
+#[derive(Debug)]
+pub(crate) struct KvCache {
+    layers: Vec<LayerCache>,
+    len: usize,
+    capacity_hint: usize,
+}
+
+/// One layer's keys and values, `[capacity, kv_heads, head_dim]`, the first positions filled.
+///
+/// Storage is preallocated and doubled when full, so appending a token copies only that token.
+#[derive(Debug, Default)]
+struct LayerCache {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+}
+
+impl LayerCache {
+    fn capacity(&self) -> usize {
+        self.k.as_ref().map_or(0, |k| k.dim(0).unwrap_or(0))
+    }
+
+    fn reserve(
+        &mut self,
+        needed: usize,
+        cfg: &ModelConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<()> {
+        let capacity = self.capacity();
+        if needed <= capacity {
+            return Ok(());
+        }
+        let new_capacity = needed.max(capacity * 2).min(cfg.seq_length).max(needed);
+        let shape = (new_capacity, cfg.kv_heads(), cfg.head_dim());
+        let k = Tensor::zeros(shape, dtype, device)?;
+        let v = Tensor::zeros(shape, dtype, device)?;
+        if let (Some(old_k), Some(old_v)) = (&self.k, &self.v) {
+            k.slice_set(old_k, 0, 0)?;
+            v.slice_set(old_v, 0, 0)?;
+        }
+        self.k = Some(k);
+        self.v = Some(v);
+        Ok(())
+    }
+
+    /// Writes `k`, `v` (`[tokens, kv_heads, head_dim]`) at `start` and returns views of all
+    /// positions up to the new end.
+    fn append(&mut self, k: &Tensor, v: &Tensor, start: usize) -> Result<(Tensor, Tensor)> {
+        let (Some(cache_k), Some(cache_v)) = (&self.k, &self.v) else {
+            return Err(crate::Error::invalid(
+                "cache",
+                "empty",
+                "reserve before append",
+            ));
+        };
+        cache_k.slice_set(&k.contiguous()?, 0, start)?;
+        cache_v.slice_set(v, 0, start)?;
+        let end = start + k.dim(0)?;
+        Ok((cache_k.narrow(0, 0, end)?, cache_v.narrow(0, 0, end)?))
+    }
+}

@@ -1,0 +1,4 @@
+//! Model architectures, one family per file.
+
+pub(crate) mod chatglm;
+mod linear;
