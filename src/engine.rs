@@ -330,7 +330,8 @@ impl Engine {
         let finish_reason = loop {
             let token = sampler.next(&mut logits, &context);
             ttft.get_or_insert_with(|| started.elapsed());
-            if !request.ignore_stop && self.stop_ids.contains(&token) {
+            let is_stop = self.stop_ids.contains(&token) || request.stop_token_ids.contains(&token);
+            if is_stop && !request.ignore_stop {
                 break FinishReason::Stop;
             }
             completion.push(token);

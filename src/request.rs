@@ -55,6 +55,9 @@ pub struct ChatRequest {
     /// Pick the most likely token every step, ignoring temperature and top_p.
     #[serde(default)]
     pub greedy: bool,
+    /// Extra token ids that end the reply, besides the model's own stop tokens.
+    #[serde(default)]
+    pub stop_token_ids: Vec<u32>,
     /// Keep generating past stop tokens until the length limit (benchmarks; like llama.cpp's
     /// `ignore_eos`).
     #[serde(default)]

@@ -173,16 +173,17 @@ pub fn write_model_dir(
         )?;
     }
     write("complete", b"")?;
-    let _ = std::fs::remove_dir_all(dir);
-    match std::fs::rename(&staging, dir) {
-        Ok(()) => Ok(()),
-        // Another process finished first: its copy is identical.
-        Err(_) if dir.join("complete").is_file() => {
-            let _ = std::fs::remove_dir_all(&staging);
-            Ok(())
+    // Directories appear only through this rename, so an existing one is complete (another
+    // process got there first) and may be in use: keep it.
+    if !dir.join("complete").is_file() {
+        if let Err(e) = std::fs::rename(&staging, dir) {
+            if !dir.join("complete").is_file() {
+                return Err(Error::io(dir, e));
+            }
         }
-        Err(e) => Err(Error::io(dir, e)),
     }
+    let _ = std::fs::remove_dir_all(&staging);
+    Ok(())
 }
 
 /// How a tensor is initialised (the fixture generator's scheme).

@@ -66,7 +66,18 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         model: match &args.model.model {
             Some(dir) => Some(dir.clone()),
             None if args.model.demo => Some(chathub::demo_model_dir()?),
-            None => Some(synthetic_dir(args.work_dir.clone())?),
+            None => {
+                let (dir, written) = synthetic_dir(args.work_dir.clone())?;
+                if written {
+                    // Writing held the random weights in memory; measure in a fresh process so
+                    // peak RSS is the loader's alone.
+                    let status = std::process::Command::new(std::env::current_exe()?)
+                        .args(std::env::args_os().skip(1))
+                        .status()?;
+                    std::process::exit(status.code().unwrap_or(1));
+                }
+                Some(dir)
+            }
         },
         demo: false,
         family: args.model.family,
@@ -163,8 +174,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes the synthetic mid-size model once and returns its directory.
-fn synthetic_dir(work_dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+/// Writes the synthetic mid-size model once and returns its directory, and whether it was
+/// written just now.
+fn synthetic_dir(work_dir: Option<PathBuf>) -> anyhow::Result<(PathBuf, bool)> {
     let dir = work_dir.unwrap_or_else(|| std::env::temp_dir().join("chathub-bench-785m-v1"));
     if !dir.join("complete").is_file() {
         eprintln!(
@@ -173,8 +185,9 @@ fn synthetic_dir(work_dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {
         );
         let tokenizer = std::fs::read(chathub::demo_model_dir()?.join("tokenizer.model"))?;
         chathub::write_model_dir(&dir, &chathub::bench_config(), &tokenizer, 7, 1 << 30)?;
+        return Ok((dir, true));
     }
-    Ok(dir)
+    Ok((dir, false))
 }
 
 /// A user message whose chat prompt has at least `tokens` tokens.

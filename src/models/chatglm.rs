@@ -333,7 +333,7 @@ impl ChatGlmModel {
                     &format!("transformer.encoder.layers.{i}"),
                     rotary.clone(),
                 );
-                tracing::debug!(layer = i + 1, of = cfg.num_layers, "loaded layer");
+                tracing::info!(layer = i + 1, of = cfg.num_layers, "loaded layer");
                 block
             })
             .collect::<Result<Vec<_>>>()?;

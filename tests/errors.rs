@@ -1,0 +1,267 @@
+//! Bad models and bad requests give typed errors that name the culprit, never a panic.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use chathub::{ChatRequest, Engine, Error, ErrorKind, Message};
+
+/// A writable copy of a fixture model.
+fn copy_fixture(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join(name);
+    std::fs::create_dir(&dir).expect("mkdir");
+    for entry in std::fs::read_dir(common::model_dir(name)).expect("fixture") {
+        let entry = entry.expect("entry");
+        let target = dir.join(entry.file_name());
+        std::fs::copy(entry.path(), &target).expect("copy");
+        let mut perms = std::fs::metadata(&target).expect("meta").permissions();
+        #[allow(clippy::permissions_set_readonly_false)]
+        perms.set_readonly(false);
+        std::fs::set_permissions(&target, perms).expect("chmod");
+    }
+    (tmp, dir)
+}
+
+fn load_err(dir: &Path) -> Error {
+    Engine::load(dir).expect_err("loading must fail")
+}
+
+fn truncate(path: &Path, keep: u64) {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open");
+    file.set_len(keep).expect("truncate");
+}
+
+#[test]
+fn missing_directory() {
+    let err = load_err(Path::new("/no/such/model/dir"));
+    assert!(matches!(err, Error::Io { .. }), "{err:?}");
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+    assert!(err.to_string().contains("/no/such/model/dir"), "{err}");
+}
+
+#[test]
+fn missing_config_and_tokenizer() {
+    let (_tmp, dir) = copy_fixture("chatglm3-tiny");
+    std::fs::remove_file(dir.join("tokenizer.model")).expect("rm");
+    let err = load_err(&dir);
+    assert!(
+        matches!(
+            err,
+            Error::MissingFile {
+                what: "tokenizer.model",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    std::fs::remove_file(dir.join("config.json")).expect("rm");
+    let err = load_err(&dir);
+    assert!(err.to_string().contains("config.json"), "{err}");
+}
+
+#[test]
+fn missing_shard_is_named() {
+    let (_tmp, dir) = copy_fixture("chatglm3-tiny");
+    std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).expect("rm");
+    let err = load_err(&dir);
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+    assert!(
+        err.to_string().contains("model-00002-of-00002.safetensors"),
+        "{err}"
+    );
+}
+
+#[test]
+fn no_weights_at_all() {
+    let (_tmp, dir) = copy_fixture("chatglm3-tiny");
+    for f in [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+    ] {
+        std::fs::remove_file(dir.join(f)).expect("rm");
+    }
+    let err = load_err(&dir);
+    assert!(
+        matches!(
+            err,
+            Error::MissingFile {
+                what: "weights",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("pytorch_model.bin"),
+        "lists what it looked for: {err}"
+    );
+}
+
+#[test]
+fn truncated_safetensors_names_the_file() {
+    let (_tmp, dir) = copy_fixture("chatglm3-tiny");
+    let shard = dir.join("model-00001-of-00002.safetensors");
+    let len = std::fs::metadata(&shard).expect("meta").len();
+    truncate(&shard, len / 2);
+    let err = load_err(&dir);
+    assert!(matches!(err, Error::Weights { .. }), "{err:?}");
+    assert_eq!(err.kind(), ErrorKind::InvalidModel);
+    assert_eq!(err.path(), Some(shard.as_path()));
+}
+
+#[test]
+fn truncated_pytorch_shard_names_the_file() {
+    let (_tmp, dir) = copy_fixture("chatglm2-tiny");
+    let shard = dir.join("pytorch_model-00002-of-00002.bin");
+    let len = std::fs::metadata(&shard).expect("meta").len();
+    truncate(&shard, len / 3);
+    let err = load_err(&dir);
+    assert_eq!(err.kind(), ErrorKind::InvalidModel, "{err:?}");
+    assert!(
+        err.to_string().contains("pytorch_model-00002-of-00002.bin"),
+        "{err}"
+    );
+}
+
+#[test]
+fn config_that_disagrees_with_the_weights() {
+    let (_tmp, dir) = copy_fixture("chatglm3-tiny");
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).expect("read");
+    std::fs::write(
+        &path,
+        text.replace("\"ffn_hidden_size\": 128", "\"ffn_hidden_size\": 96"),
+    )
+    .expect("write");
+    let err = load_err(&dir);
+    match &err {
+        Error::ShapeMismatch {
+            name,
+            expected,
+            found,
+            path,
+        } => {
+            assert!(name.contains("dense_h_to_4h"), "{name}");
+            assert_eq!(expected, &vec![192, 64]);
+            assert_eq!(found, &vec![256, 64]);
+            assert!(path.to_string_lossy().ends_with(".safetensors"));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn invalid_json_config_names_the_file() {
+    let (_tmp, dir) = copy_fixture("chatglm2-tiny");
+    let path = dir.join("config.json");
+    std::fs::write(&path, "{\"num_layers\": 2,").expect("write");
+    let err = load_err(&dir);
+    assert!(matches!(err, Error::Json { .. }), "{err:?}");
+    assert_eq!(err.path(), Some(path.as_path()));
+}
+
+#[test]
+fn nonsense_config_values() {
+    let (_tmp, dir) = copy_fixture("chatglm3-tiny");
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).expect("read");
+    std::fs::write(
+        &path,
+        text.replace("\"num_attention_heads\": 4", "\"num_attention_heads\": 3"),
+    )
+    .expect("write");
+    let err = load_err(&dir);
+    assert!(matches!(err, Error::InvalidConfig { .. }), "{err:?}");
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let (_tmp, dir) = copy_fixture("chatglm3-tiny");
+    let path = dir.join("model.safetensors.index.json");
+    let text = std::fs::read_to_string(&path).expect("read");
+    let text = text.replace(
+        "\"transformer.output_layer.weight\": \"model-00002-of-00002.safetensors\",",
+        "",
+    );
+    std::fs::write(&path, text).expect("write");
+    let err = load_err(&dir);
+    match &err {
+        Error::MissingTensor { name, .. } => assert_eq!(name, "transformer.output_layer.weight"),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn garbage_tokenizer() {
+    let (_tmp, dir) = copy_fixture("chatglm3-tiny");
+    std::fs::write(dir.join("tokenizer.model"), b"\x0a\xff\xff\xff not a model").expect("write");
+    let err = load_err(&dir);
+    assert!(matches!(err, Error::Tokenizer { .. }), "{err:?}");
+}
+
+#[test]
+fn out_of_range_parameters_name_the_field() {
+    let engine = common::load("chatglm3-tiny");
+    let base = ChatRequest::new("hi").max_new_tokens(2);
+    let cases: Vec<(&str, ChatRequest)> = vec![
+        ("temperature", base.clone().temperature(f64::NAN)),
+        ("temperature", base.clone().temperature(-0.5)),
+        ("temperature", base.clone().temperature(0.0)),
+        ("top_p", base.clone().top_p(1.5)),
+        ("top_p", base.clone().top_p(0.0)),
+        ("top_p", base.clone().top_p(f64::NAN)),
+        (
+            "top_k",
+            ChatRequest {
+                top_k: Some(0),
+                ..base.clone()
+            },
+        ),
+        (
+            "repetition_penalty",
+            ChatRequest {
+                repetition_penalty: Some(-1.0),
+                ..base.clone()
+            },
+        ),
+        ("max_new_tokens", base.clone().max_new_tokens(0)),
+        ("prompt", ChatRequest::new("")),
+    ];
+    for (field, request) in cases {
+        let err = engine.chat(&request).expect_err(field);
+        match &err {
+            Error::InvalidArgument { field: f, .. } => assert_eq!(*f, field, "{err}"),
+            other => panic!("{field}: unexpected {other:?}"),
+        }
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+        assert!(err.to_string().contains(field), "{err}");
+    }
+    // After all that, the model still works.
+    assert!(engine.chat(&base).is_ok());
+}
+
+#[test]
+fn prompt_that_cannot_fit() {
+    let engine = common::load("chatglm3-tiny");
+    let err = engine
+        .chat(&ChatRequest::new("a long enough prompt for sure").max_length(5))
+        .expect_err("too long");
+    assert!(
+        matches!(err, Error::PromptTooLong { limit: 5, .. }),
+        "{err:?}"
+    );
+    assert_eq!(err.kind(), ErrorKind::PromptTooLong);
+}
+
+#[test]
+fn unknown_role_in_a_request_file_is_rejected() {
+    let json = r#"{"prompt": "hi", "history": [{"role": "wizard", "content": "x"}]}"#;
+    let err = serde_json::from_str::<ChatRequest>(json).expect_err("bad role");
+    assert!(err.to_string().contains("wizard"), "{err}");
+    assert!(Message::new("tool", "x").is_err());
+}
