@@ -34,6 +34,8 @@
 //!   [`candle_core::Device`] in [`ModelOptions`]. Needs the CUDA toolkit at build time.
 #![deny(missing_docs)]
 
+pub mod ffi;
+
 mod config;
 mod engine;
 mod error;

@@ -1,0 +1,391 @@
+//! The C ABI: load a model, chat, stream, free.
+//!
+//! Conventions, for every function here:
+//!
+//! - Functions return a status code (`CHATHUB_OK` = 0 on success) and write results through
+//!   out-pointers. On failure, `chathub_last_error_message()` describes what went wrong; the
+//!   message is per thread, so read it on the thread that made the failing call.
+//! - No panic crosses the boundary: a bug inside the library returns `CHATHUB_ERR_PANIC`.
+//! - Strings passed in are NUL-terminated UTF-8 and only borrowed for the call. Strings handed
+//!   out are owned by the caller and freed with `chathub_string_free`.
+//! - A `ChathubModel` may be used from any number of threads at once; it must be freed exactly
+//!   once, after every call using it has returned.
+//!
+//! The C header `bindings/c/chathub.h` and the C# `bindings/dotnet/NativeMethods.g.cs` are
+//! generated from this file by `build.rs`.
+
+mod support;
+
+use std::ffi::{c_char, c_void};
+use std::ops::ControlFlow;
+
+use support::{guard, request_from, str_arg, FfiError};
+
+use crate::{Engine, ModelFamily, ModelOptions};
+
+/// Version of this C ABI. It changes whenever a function or struct changes incompatibly;
+/// bindings check it at start-up.
+pub const CHATHUB_ABI_VERSION: u32 = 1;
+
+/// Success.
+pub const CHATHUB_OK: i32 = 0;
+/// An argument is invalid: NULL, not UTF-8, an unknown role, a number out of range, an empty
+/// prompt.
+pub const CHATHUB_ERR_INVALID_ARGUMENT: i32 = 2;
+/// A model file or directory does not exist or cannot be read.
+pub const CHATHUB_ERR_NOT_FOUND: i32 = 3;
+/// The model files are malformed or disagree with each other.
+pub const CHATHUB_ERR_INVALID_MODEL: i32 = 4;
+/// The prompt does not fit in the context even without history.
+pub const CHATHUB_ERR_PROMPT_TOO_LONG: i32 = 5;
+/// The computation failed.
+pub const CHATHUB_ERR_INTERNAL: i32 = 6;
+/// A bug inside the library was caught at the boundary.
+pub const CHATHUB_ERR_PANIC: i32 = 7;
+
+/// Detect the model family from the files.
+pub const CHATHUB_FAMILY_AUTO: i32 = 0;
+/// ChatGLM2: `[Round N]` text prompts from (query, response) pairs.
+pub const CHATHUB_FAMILY_CHATGLM2: i32 = 2;
+/// ChatGLM3: role tokens, system prompts.
+pub const CHATHUB_FAMILY_CHATGLM3: i32 = 3;
+
+/// The model produced a stop token.
+pub const CHATHUB_FINISH_STOP: i32 = 0;
+/// `max_length` or `max_new_tokens` was reached.
+pub const CHATHUB_FINISH_LENGTH: i32 = 1;
+/// The stream callback returned false.
+pub const CHATHUB_FINISH_CANCELLED: i32 = 2;
+
+/// A loaded chat model. Opaque; safe to use from several threads at once.
+pub struct ChathubModel {
+    engine: Engine,
+}
+
+/// One history message. Both strings are NUL-terminated UTF-8, borrowed for the call.
+#[repr(C)]
+pub struct ChathubMessage {
+    /// "system", "user", "assistant" or "observation".
+    pub role: *const c_char,
+    /// The message text.
+    pub content: *const c_char,
+}
+
+/// Generation parameters. Zero in any field means "the model's default", as in AIHub's proto;
+/// negative counts and out-of-range numbers are rejected with `CHATHUB_ERR_INVALID_ARGUMENT`.
+#[repr(C)]
+pub struct ChathubParams {
+    /// Prompt plus reply tokens (ChatGLM default 8192).
+    pub max_length: i32,
+    /// Nucleus sampling threshold in (0, 1] (ChatGLM default 0.8).
+    pub top_p: f32,
+    /// Softmax temperature > 0 (ChatGLM default 0.8).
+    pub temperature: f32,
+    /// Sample among the k most likely tokens only (0: no limit).
+    pub top_k: i32,
+    /// Repetition penalty (0: off).
+    pub repetition_penalty: f32,
+    /// At most this many reply tokens (0: limited by max_length only).
+    pub max_new_tokens: i32,
+    /// Sampling seed, used when `has_seed` is true.
+    pub seed: u64,
+    /// Whether `seed` is set (otherwise a random seed is drawn).
+    pub has_seed: bool,
+    /// Always pick the most likely token (deterministic).
+    pub greedy: bool,
+}
+
+/// What a chat call did.
+#[repr(C)]
+pub struct ChathubStats {
+    /// `CHATHUB_FINISH_STOP`, `CHATHUB_FINISH_LENGTH` or `CHATHUB_FINISH_CANCELLED`.
+    pub finish_reason: i32,
+    /// Prompt tokens run (after trimming old history).
+    pub prompt_tokens: u32,
+    /// Reply tokens generated.
+    pub completion_tokens: u32,
+    /// History messages left out to fit the context.
+    pub dropped_history_messages: u32,
+    /// Milliseconds until the first reply token.
+    pub ttft_ms: f64,
+    /// Prompt tokens per second.
+    pub prefill_tokens_per_s: f64,
+    /// Reply tokens per second after the first.
+    pub decode_tokens_per_s: f64,
+    /// Milliseconds for the whole call.
+    pub total_ms: f64,
+}
+
+/// Receives each new piece of reply text: `len` bytes of whole UTF-8 characters at `utf8`
+/// (not NUL-terminated, valid only during the call). Return true to continue, false to stop
+/// generation. Called on the thread that called `chathub_chat_stream`; it must not free the
+/// model it is streaming from.
+pub type ChathubStreamCallback =
+    Option<unsafe extern "C" fn(user_data: *mut c_void, utf8: *const u8, len: usize) -> bool>;
+
+/// The ABI version this library implements (`CHATHUB_ABI_VERSION`). Any thread.
+#[no_mangle]
+pub extern "C" fn chathub_abi_version() -> u32 {
+    CHATHUB_ABI_VERSION
+}
+
+/// The library's version as a static NUL-terminated string (never freed). Any thread.
+#[no_mangle]
+pub extern "C" fn chathub_version() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr() as *const c_char
+}
+
+/// The status code of the last failed call on this thread, `CHATHUB_OK` if none failed yet.
+#[no_mangle]
+pub extern "C" fn chathub_last_error_code() -> i32 {
+    support::last_error_code()
+}
+
+/// The message of the last failed call on this thread, or NULL if none failed yet.
+///
+/// The string is owned by the library and stays valid until the next failing call on the same
+/// thread; copy it to keep it.
+#[no_mangle]
+pub extern "C" fn chathub_last_error_message() -> *const c_char {
+    support::last_error_message()
+}
+
+/// Fills `*out_params` with zeros: every parameter at the model's default.
+///
+/// # Safety
+///
+/// `out_params` is NULL (an error) or points to writable memory for one `ChathubParams`.
+#[no_mangle]
+pub unsafe extern "C" fn chathub_params_default(out_params: *mut ChathubParams) -> i32 {
+    guard(|| {
+        if out_params.is_null() {
+            return Err(FfiError::invalid("out_params is NULL"));
+        }
+        let params = ChathubParams {
+            max_length: 0,
+            top_p: 0.0,
+            temperature: 0.0,
+            top_k: 0,
+            repetition_penalty: 0.0,
+            max_new_tokens: 0,
+            seed: 0,
+            has_seed: false,
+            greedy: false,
+        };
+        // SAFETY: non-null and writable, as the caller promises.
+        unsafe { out_params.write(params) };
+        Ok(())
+    })
+}
+
+/// Loads a model directory as THUDM publishes it (config.json, weights, tokenizer.model).
+///
+/// `family` is `CHATHUB_FAMILY_AUTO`, `CHATHUB_FAMILY_CHATGLM2` or `CHATHUB_FAMILY_CHATGLM3`.
+/// On success `*out_model` owns the new model: free it once with `chathub_model_free`. On
+/// failure `*out_model` is set to NULL. Blocks while the weights load. Any thread.
+///
+/// # Safety
+///
+/// `model_dir` is NULL (an error) or NUL-terminated; `out_model` is NULL (an error) or writable.
+#[no_mangle]
+pub unsafe extern "C" fn chathub_model_load(
+    model_dir: *const c_char,
+    family: i32,
+    out_model: *mut *mut ChathubModel,
+) -> i32 {
+    guard(|| {
+        if out_model.is_null() {
+            return Err(FfiError::invalid("out_model is NULL"));
+        }
+        // SAFETY: non-null and writable.
+        unsafe { out_model.write(std::ptr::null_mut()) };
+        // SAFETY: the caller promises NUL termination.
+        let dir = unsafe { str_arg(model_dir, "model_dir") }?;
+        let family = match family {
+            CHATHUB_FAMILY_AUTO => None,
+            CHATHUB_FAMILY_CHATGLM2 => Some(ModelFamily::ChatGlm2),
+            CHATHUB_FAMILY_CHATGLM3 => Some(ModelFamily::ChatGlm3),
+            other => {
+                return Err(FfiError::invalid(format!(
+                    "invalid family {other}: expected 0 (auto), 2 (chatglm2) or 3 (chatglm3)"
+                )))
+            }
+        };
+        let options = ModelOptions {
+            family,
+            ..ModelOptions::default()
+        };
+        let engine = Engine::load_with(dir, &options)?;
+        let model = Box::into_raw(Box::new(ChathubModel { engine }));
+        // SAFETY: non-null and writable.
+        unsafe { out_model.write(model) };
+        Ok(())
+    })
+}
+
+/// Loads the built-in demo model (random weights: its replies are meaningless), written to the
+/// system's temporary directory on first use. Same ownership as `chathub_model_load`.
+///
+/// # Safety
+///
+/// `out_model` is NULL (an error) or writable.
+#[no_mangle]
+pub unsafe extern "C" fn chathub_model_load_demo(out_model: *mut *mut ChathubModel) -> i32 {
+    guard(|| {
+        let dir = crate::demo_model_dir()?;
+        let dir = std::ffi::CString::new(dir.to_string_lossy().as_bytes())
+            .map_err(|_| FfiError::invalid("temporary directory path contains NUL"))?;
+        // SAFETY: `dir` is NUL-terminated; `out_model` is as the caller promised.
+        match unsafe { chathub_model_load(dir.as_ptr(), CHATHUB_FAMILY_AUTO, out_model) } {
+            CHATHUB_OK => Ok(()),
+            code => Err(FfiError::from_last(code)),
+        }
+    })
+}
+
+/// Frees a model. NULL is ignored. Call once, after every call using the model returned.
+///
+/// # Safety
+///
+/// `model` is NULL or came from `chathub_model_load*` and was not freed before.
+#[no_mangle]
+pub unsafe extern "C" fn chathub_model_free(model: *mut ChathubModel) {
+    guard(|| {
+        if !model.is_null() {
+            // SAFETY: the caller passes ownership of a model from chathub_model_load.
+            drop(unsafe { Box::from_raw(model) });
+        }
+        Ok(())
+    });
+}
+
+/// Generates a whole reply to `prompt` given `history`.
+///
+/// `history` points to `history_len` messages (NULL when `history_len` is 0). `params` may be
+/// NULL for all defaults. On success `*out_reply` is a NUL-terminated UTF-8 string owned by the
+/// caller (free it with `chathub_string_free`; if the reply itself contains NUL bytes, use
+/// `*out_reply_len`), and `*out_stats` (when not NULL) is filled. On failure `*out_reply` is
+/// NULL. Blocks until the reply ends. Any thread, concurrently on one model.
+///
+/// # Safety
+///
+/// Pointers are NULL where allowed above or valid for the call; strings are NUL-terminated.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)] // a C signature: one argument per input and output
+pub unsafe extern "C" fn chathub_chat(
+    model: *const ChathubModel,
+    prompt: *const c_char,
+    history: *const ChathubMessage,
+    history_len: usize,
+    params: *const ChathubParams,
+    out_reply: *mut *mut c_char,
+    out_reply_len: *mut usize,
+    out_stats: *mut ChathubStats,
+) -> i32 {
+    guard(|| {
+        if out_reply.is_null() {
+            return Err(FfiError::invalid("out_reply is NULL"));
+        }
+        // SAFETY: non-null and writable.
+        unsafe { out_reply.write(std::ptr::null_mut()) };
+        // SAFETY: the caller promises valid pointers.
+        let (engine, request) = unsafe { read_call(model, prompt, history, history_len, params) }?;
+        let outcome = engine.chat(&request)?;
+        if !out_reply_len.is_null() {
+            // SAFETY: non-null and writable.
+            unsafe { out_reply_len.write(outcome.text.len()) };
+        }
+        if !out_stats.is_null() {
+            // SAFETY: non-null and writable.
+            unsafe { out_stats.write(support::stats_from(&outcome)) };
+        }
+        // SAFETY: non-null and writable.
+        unsafe { out_reply.write(support::string_to_c(&outcome.text)) };
+        Ok(())
+    })
+}
+
+/// Generates a reply, calling `callback(user_data, utf8, len)` with each new piece of text as
+/// soon as it forms whole UTF-8 characters. When the callback returns false, generation stops
+/// before the next token and the call returns `CHATHUB_OK` with finish reason
+/// `CHATHUB_FINISH_CANCELLED`.
+///
+/// Arguments as for `chathub_chat`. The callback runs on the calling thread, which this call
+/// blocks until the reply ends. `*out_stats` (when not NULL) is filled on success.
+///
+/// # Safety
+///
+/// As for `chathub_chat`; `callback` is a valid function (NULL is an error) and `user_data` is
+/// passed to it untouched.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)] // a C signature: one argument per input and output
+pub unsafe extern "C" fn chathub_chat_stream(
+    model: *const ChathubModel,
+    prompt: *const c_char,
+    history: *const ChathubMessage,
+    history_len: usize,
+    params: *const ChathubParams,
+    callback: ChathubStreamCallback,
+    user_data: *mut c_void,
+    out_stats: *mut ChathubStats,
+) -> i32 {
+    guard(|| {
+        let Some(callback) = callback else {
+            return Err(FfiError::invalid("callback is NULL"));
+        };
+        // SAFETY: the caller promises valid pointers.
+        let (engine, request) = unsafe { read_call(model, prompt, history, history_len, params) }?;
+        let outcome = engine.chat_stream(&request, |delta| {
+            // SAFETY: the caller promises a valid callback; the bytes live for the call.
+            if unsafe { callback(user_data, delta.as_ptr(), delta.len()) } {
+                ControlFlow::Continue(())
+            } else {
+                ControlFlow::Break(())
+            }
+        })?;
+        if !out_stats.is_null() {
+            // SAFETY: non-null and writable.
+            unsafe { out_stats.write(support::stats_from(&outcome)) };
+        }
+        Ok(())
+    })
+}
+
+/// Frees a string returned by this library. NULL is ignored.
+///
+/// # Safety
+///
+/// `text` is NULL or a string from this library that was not freed before.
+#[no_mangle]
+pub unsafe extern "C" fn chathub_string_free(text: *mut c_char) {
+    guard(|| {
+        // SAFETY: as the caller promises.
+        unsafe { support::free_c_string(text) };
+        Ok(())
+    });
+}
+
+/// Reads the arguments every chat call shares.
+///
+/// # Safety
+///
+/// As documented on `chathub_chat`.
+unsafe fn read_call<'a>(
+    model: *const ChathubModel,
+    prompt: *const c_char,
+    history: *const ChathubMessage,
+    history_len: usize,
+    params: *const ChathubParams,
+) -> Result<(&'a Engine, crate::ChatRequest), FfiError> {
+    if model.is_null() {
+        return Err(FfiError::invalid("model is NULL"));
+    }
+    // SAFETY: non-null; the caller promises a live model.
+    let engine = unsafe { &(*model).engine };
+    // SAFETY: the caller promises NUL-terminated strings and `history_len` messages.
+    let prompt = unsafe { str_arg(prompt, "prompt") }?;
+    let history = unsafe { support::history_arg(history, history_len) }?;
+    // SAFETY: NULL or a valid struct, as the caller promises.
+    let params = unsafe { params.as_ref() };
+    Ok((engine, request_from(prompt, history, params)?))
+}

@@ -1,0 +1,241 @@
+//! The plumbing behind the C ABI: panic guards, the per-thread last error, string conversion,
+//! and translating the C structs into the core's request.
+
+use std::cell::RefCell;
+use std::ffi::{c_char, CStr, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use super::{
+    ChathubMessage, ChathubParams, ChathubStats, CHATHUB_ERR_INVALID_ARGUMENT, CHATHUB_ERR_PANIC,
+    CHATHUB_OK,
+};
+use crate::{ChatOutcome, ChatRequest, Error, FinishReason, Message};
+
+/// A failure on its way to C: a status code and a message.
+pub(super) struct FfiError {
+    code: i32,
+    message: String,
+}
+
+impl FfiError {
+    pub(super) fn invalid(message: impl Into<String>) -> Self {
+        FfiError {
+            code: CHATHUB_ERR_INVALID_ARGUMENT,
+            message: message.into(),
+        }
+    }
+}
+
+impl FfiError {
+    /// The failure a nested call on this thread has just recorded.
+    pub(super) fn from_last(code: i32) -> Self {
+        let message = LAST_ERROR.with(|e| {
+            e.borrow()
+                .as_ref()
+                .map(|(_, m)| m.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        });
+        FfiError { code, message }
+    }
+}
+
+impl From<Error> for FfiError {
+    fn from(err: Error) -> Self {
+        FfiError {
+            code: err.kind() as i32,
+            message: err.to_string(),
+        }
+    }
+}
+
+thread_local! {
+    static LAST_ERROR: RefCell<Option<(i32, CString)>> = const { RefCell::new(None) };
+}
+
+fn set_last_error(code: i32, message: &str) {
+    let message = CString::new(message.replace('\0', "\\0")).unwrap_or_default();
+    LAST_ERROR.with(|e| *e.borrow_mut() = Some((code, message)));
+}
+
+/// The last failure's code on this thread (`CHATHUB_OK` when none).
+pub(super) fn last_error_code() -> i32 {
+    LAST_ERROR.with(|e| e.borrow().as_ref().map_or(CHATHUB_OK, |(c, _)| *c))
+}
+
+/// The last failure's message on this thread, valid until the next failure on this thread.
+pub(super) fn last_error_message() -> *const c_char {
+    LAST_ERROR.with(|e| {
+        e.borrow()
+            .as_ref()
+            .map_or(std::ptr::null(), |(_, m)| m.as_ptr())
+    })
+}
+
+/// Runs an FFI body: every `Err` and every panic becomes a status code plus a stored message.
+/// This is the single funnel from Rust results to C status codes.
+pub(super) fn guard(body: impl FnOnce() -> Result<(), FfiError>) -> i32 {
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(Ok(())) => CHATHUB_OK,
+        Ok(Err(err)) => {
+            set_last_error(err.code, &err.message);
+            err.code
+        }
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            set_last_error(
+                CHATHUB_ERR_PANIC,
+                &format!("internal error (a bug in chathub, please report it): {what}"),
+            );
+            CHATHUB_ERR_PANIC
+        }
+    }
+}
+
+/// Borrows a NUL-terminated UTF-8 string from C.
+///
+/// # Safety
+///
+/// `ptr` is NULL or points to a NUL-terminated string that outlives the returned borrow.
+pub(super) unsafe fn str_arg<'a>(ptr: *const c_char, name: &str) -> Result<&'a str, FfiError> {
+    if ptr.is_null() {
+        return Err(FfiError::invalid(format!("{name} is NULL")));
+    }
+    // SAFETY: non-null, and the caller promises NUL termination and lifetime.
+    let bytes = unsafe { CStr::from_ptr(ptr) }.to_bytes();
+    std::str::from_utf8(bytes).map_err(|e| {
+        FfiError::invalid(format!(
+            "{name} is not valid UTF-8 (bad byte at offset {})",
+            e.valid_up_to()
+        ))
+    })
+}
+
+/// Reads the history array.
+///
+/// # Safety
+///
+/// `history` is NULL (then `len` must be 0) or points to `len` messages whose strings are valid
+/// for the call.
+pub(super) unsafe fn history_arg(
+    history: *const ChathubMessage,
+    len: usize,
+) -> Result<Vec<Message>, FfiError> {
+    if len == 0 {
+        return Ok(Vec::new());
+    }
+    if history.is_null() {
+        return Err(FfiError::invalid(format!(
+            "history is NULL but history_len is {len}"
+        )));
+    }
+    // SAFETY: non-null, and the caller promises `len` readable messages.
+    let messages = unsafe { std::slice::from_raw_parts(history, len) };
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            // SAFETY: the caller promises each string is NULL or NUL-terminated.
+            let role = unsafe { str_arg(m.role, &format!("history[{i}].role")) }?;
+            let content = unsafe { str_arg(m.content, &format!("history[{i}].content")) }?;
+            let role = role.parse().map_err(|_| {
+                FfiError::from(Error::UnknownRole {
+                    index: i,
+                    role: role.to_string(),
+                })
+            })?;
+            Ok(Message {
+                role,
+                content: content.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// Builds the core's request: zero fields mean "model default", as in the proto.
+pub(super) fn request_from(
+    prompt: &str,
+    history: Vec<Message>,
+    params: Option<&ChathubParams>,
+) -> Result<ChatRequest, FfiError> {
+    let mut request = ChatRequest::new(prompt).history(history);
+    let Some(p) = params else {
+        return Ok(request);
+    };
+    let count = |value: i32, name: &str| -> Result<Option<usize>, FfiError> {
+        match value {
+            0 => Ok(None),
+            v if v < 0 => Err(FfiError::invalid(format!(
+                "invalid {name} {v}: must not be negative (0 means the model default)"
+            ))),
+            v => Ok(Some(v as usize)),
+        }
+    };
+    let real = |value: f32| (value != 0.0).then_some(value as f64);
+    request.max_length = count(p.max_length, "max_length")?;
+    request.max_new_tokens = count(p.max_new_tokens, "max_new_tokens")?;
+    request.top_k = count(p.top_k, "top_k")?;
+    request.top_p = real(p.top_p);
+    request.temperature = real(p.temperature);
+    request.repetition_penalty = real(p.repetition_penalty);
+    request.seed = p.has_seed.then_some(p.seed);
+    request.greedy = p.greedy;
+    Ok(request)
+}
+
+/// Fills the C stats struct.
+pub(super) fn stats_from(outcome: &ChatOutcome) -> ChathubStats {
+    let saturate = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    ChathubStats {
+        finish_reason: match outcome.finish_reason {
+            FinishReason::Stop => super::CHATHUB_FINISH_STOP,
+            FinishReason::Length => super::CHATHUB_FINISH_LENGTH,
+            FinishReason::Cancelled => super::CHATHUB_FINISH_CANCELLED,
+        },
+        prompt_tokens: saturate(outcome.usage.prompt_tokens),
+        completion_tokens: saturate(outcome.usage.completion_tokens),
+        dropped_history_messages: saturate(outcome.dropped_history_messages),
+        ttft_ms: outcome.timings.ttft_ms,
+        prefill_tokens_per_s: outcome.timings.prefill_tokens_per_s,
+        decode_tokens_per_s: outcome.timings.decode_tokens_per_s,
+        total_ms: outcome.timings.total_ms,
+    }
+}
+
+/// Size of the length header in front of every string handed to C.
+const HEADER: usize = std::mem::size_of::<usize>();
+
+/// Copies `text` into a NUL-terminated buffer owned by C until `chathub_string_free`.
+///
+/// The buffer carries its length in a header, so text with NUL bytes in it is still freed
+/// correctly.
+pub(super) fn string_to_c(text: &str) -> *mut c_char {
+    let mut buffer = Vec::with_capacity(HEADER + text.len() + 1);
+    buffer.extend_from_slice(&text.len().to_ne_bytes());
+    buffer.extend_from_slice(text.as_bytes());
+    buffer.push(0);
+    let raw = Box::into_raw(buffer.into_boxed_slice()) as *mut u8;
+    // SAFETY: the allocation is HEADER + len + 1 bytes long.
+    unsafe { raw.add(HEADER) as *mut c_char }
+}
+
+/// Frees a buffer from [`string_to_c`].
+///
+/// # Safety
+///
+/// `ptr` is NULL or came from [`string_to_c`] and was not freed before.
+pub(super) unsafe fn free_c_string(ptr: *mut c_char) {
+    if ptr.is_null() {
+        return;
+    }
+    // SAFETY: the caller promises `ptr` came from string_to_c, which put a header before it.
+    unsafe {
+        let start = (ptr as *mut u8).sub(HEADER);
+        let len = usize::from_ne_bytes(std::ptr::read_unaligned(start as *const [u8; HEADER]));
+        let slice = std::ptr::slice_from_raw_parts_mut(start, HEADER + len + 1);
+        drop(Box::from_raw(slice));
+    }
+}

@@ -1,0 +1,219 @@
+/* The C ABI exercised from C against the generated header.
+ *
+ * Usage: test_chathub MODEL_DIR EXPECTED_GREEDY_TEXT
+ * MODEL_DIR is the chatglm3-tiny fixture; EXPECTED_GREEDY_TEXT is what the official code decodes
+ * for the chatglm3_conv1_en case. Prints "N passed, M failed" and exits non-zero on failure. */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "chathub.h"
+
+static int passed = 0, failed = 0;
+
+#define CHECK(cond, ...)                                                   \
+  do {                                                                     \
+    if (cond) {                                                            \
+      passed++;                                                            \
+    } else {                                                               \
+      failed++;                                                            \
+      fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);     \
+      fprintf(stderr, __VA_ARGS__);                                        \
+      fprintf(stderr, "\n");                                               \
+    }                                                                      \
+  } while (0)
+
+static const char *last_message(void) {
+  const char *m = chathub_last_error_message();
+  return m ? m : "(null)";
+}
+
+static const ChathubMessage HISTORY[] = {
+    {"system", "You are a helpful assistant."},
+    {"user", "Hello! How are you today?"},
+    {"assistant", "I am fine, thank you. What can I do for you?"},
+};
+static const char *PROMPT = "What is the capital of France?";
+
+static ChathubParams greedy_params(int max_new_tokens) {
+  ChathubParams p;
+  chathub_params_default(&p);
+  p.greedy = true;
+  p.max_new_tokens = max_new_tokens;
+  return p;
+}
+
+struct collector {
+  char text[4096];
+  size_t len;
+  int calls;
+  int stop_after;
+};
+
+static bool collect(void *user_data, const uint8_t *utf8, size_t len) {
+  struct collector *c = user_data;
+  if (c->len + len < sizeof c->text) {
+    memcpy(c->text + c->len, utf8, len);
+    c->len += len;
+    c->text[c->len] = 0;
+  }
+  c->calls++;
+  return c->stop_after == 0 || c->calls < c->stop_after;
+}
+
+struct thread_arg {
+  const ChathubModel *model;
+  char *reply;
+  int status;
+};
+
+static void *chat_thread(void *p) {
+  struct thread_arg *arg = p;
+  ChathubParams params = greedy_params(20);
+  arg->status = chathub_chat(arg->model, PROMPT, HISTORY, 3, &params, &arg->reply, NULL, NULL);
+  return NULL;
+}
+
+static void *error_thread(void *p) {
+  (void)p;
+  /* A failure on another thread does not touch this thread's last error. */
+  const char *before = chathub_last_error_message();
+  CHECK(before == NULL, "fresh thread has no error, got %s", before);
+  return NULL;
+}
+
+int main(int argc, char **argv) {
+  if (argc != 3) {
+    fprintf(stderr, "usage: %s MODEL_DIR EXPECTED_TEXT\n", argv[0]);
+    return 2;
+  }
+  const char *dir = argv[1], *expected = argv[2];
+
+  CHECK(chathub_abi_version() == CHATHUB_ABI_VERSION, "abi %u", chathub_abi_version());
+  CHECK(chathub_version() && strlen(chathub_version()) > 0, "version");
+
+  /* Loading errors. */
+  ChathubModel *model = (ChathubModel *)1;
+  CHECK(chathub_model_load(NULL, CHATHUB_FAMILY_AUTO, &model) == CHATHUB_ERR_INVALID_ARGUMENT,
+        "NULL dir");
+  CHECK(model == NULL, "out_model cleared on failure");
+  CHECK(strstr(last_message(), "model_dir") != NULL, "%s", last_message());
+  CHECK(chathub_last_error_code() == CHATHUB_ERR_INVALID_ARGUMENT, "code");
+  CHECK(chathub_model_load("/no/such/model", CHATHUB_FAMILY_AUTO, &model) == CHATHUB_ERR_NOT_FOUND,
+        "missing dir");
+  CHECK(strstr(last_message(), "/no/such/model") != NULL, "%s", last_message());
+  CHECK(chathub_model_load(dir, 9, &model) == CHATHUB_ERR_INVALID_ARGUMENT, "bad family");
+  CHECK(chathub_model_load(dir, CHATHUB_FAMILY_AUTO, NULL) == CHATHUB_ERR_INVALID_ARGUMENT,
+        "NULL out");
+  CHECK(chathub_model_load("\xff\xfe", CHATHUB_FAMILY_AUTO, &model) == CHATHUB_ERR_INVALID_ARGUMENT,
+        "bad UTF-8 path");
+  CHECK(strstr(last_message(), "UTF-8") != NULL, "%s", last_message());
+
+  CHECK(chathub_model_load(dir, CHATHUB_FAMILY_AUTO, &model) == CHATHUB_OK, "%s", last_message());
+  if (!model) {
+    printf("%d passed, %d failed\n", passed, failed + 1);
+    return 1;
+  }
+
+  /* A whole reply, equal to the official greedy decode. */
+  ChathubParams params = greedy_params(20);
+  char *reply = NULL;
+  size_t reply_len = 0;
+  ChathubStats stats;
+  int rc = chathub_chat(model, PROMPT, HISTORY, 3, &params, &reply, &reply_len, &stats);
+  CHECK(rc == CHATHUB_OK, "%s", last_message());
+  CHECK(reply && strcmp(reply, expected) == 0, "reply %s", reply ? reply : "(null)");
+  CHECK(reply_len == strlen(expected), "len %zu", reply_len);
+  CHECK(stats.completion_tokens == 20 && stats.prompt_tokens == 60, "tokens %u %u",
+        stats.prompt_tokens, stats.completion_tokens);
+  CHECK(stats.finish_reason == CHATHUB_FINISH_LENGTH, "finish %d", stats.finish_reason);
+  CHECK(stats.ttft_ms > 0, "ttft");
+
+  /* Streaming adds up to the same text. */
+  struct collector c = {{0}, 0, 0, 0};
+  rc = chathub_chat_stream(model, PROMPT, HISTORY, 3, &params, collect, &c, &stats);
+  CHECK(rc == CHATHUB_OK, "%s", last_message());
+  CHECK(strcmp(c.text, expected) == 0, "streamed %s", c.text);
+  CHECK(c.calls > 1, "calls %d", c.calls);
+
+  /* Returning false stops within one token. */
+  struct collector stop = {{0}, 0, 0, 2};
+  rc = chathub_chat_stream(model, PROMPT, HISTORY, 3, &params, collect, &stop, &stats);
+  CHECK(rc == CHATHUB_OK, "%s", last_message());
+  CHECK(stop.calls == 2, "calls after false: %d", stop.calls);
+  CHECK(stats.finish_reason == CHATHUB_FINISH_CANCELLED, "finish %d", stats.finish_reason);
+  CHECK(stats.completion_tokens < 20, "stopped early: %u", stats.completion_tokens);
+
+  /* Bad requests: a status and a message, the model still usable. */
+  char *none = (char *)1;
+  CHECK(chathub_chat(NULL, PROMPT, NULL, 0, NULL, &none, NULL, NULL) == CHATHUB_ERR_INVALID_ARGUMENT,
+        "NULL model");
+  CHECK(none == NULL, "out_reply cleared");
+  CHECK(chathub_chat(model, "\xc3\x28", NULL, 0, &params, &none, NULL, NULL) ==
+            CHATHUB_ERR_INVALID_ARGUMENT,
+        "bad UTF-8 prompt");
+  CHECK(strstr(last_message(), "prompt is not valid UTF-8") != NULL, "%s", last_message());
+  CHECK(chathub_chat(model, "", NULL, 0, &params, &none, NULL, NULL) == CHATHUB_ERR_INVALID_ARGUMENT,
+        "empty prompt");
+  ChathubMessage bad_role[] = {{"wizard", "hi"}};
+  CHECK(chathub_chat(model, PROMPT, bad_role, 1, &params, &none, NULL, NULL) ==
+            CHATHUB_ERR_INVALID_ARGUMENT,
+        "unknown role");
+  CHECK(strstr(last_message(), "wizard") != NULL, "%s", last_message());
+  ChathubMessage null_content[] = {{"user", NULL}};
+  CHECK(chathub_chat(model, PROMPT, null_content, 1, &params, &none, NULL, NULL) ==
+            CHATHUB_ERR_INVALID_ARGUMENT,
+        "NULL content");
+  CHECK(strstr(last_message(), "history[0].content") != NULL, "%s", last_message());
+  CHECK(chathub_chat(model, PROMPT, NULL, 2, &params, &none, NULL, NULL) ==
+            CHATHUB_ERR_INVALID_ARGUMENT,
+        "NULL history with a length");
+  ChathubParams negative = greedy_params(5);
+  negative.max_length = -1;
+  CHECK(chathub_chat(model, PROMPT, NULL, 0, &negative, &none, NULL, NULL) ==
+            CHATHUB_ERR_INVALID_ARGUMENT,
+        "negative max_length");
+  CHECK(strstr(last_message(), "max_length") != NULL, "%s", last_message());
+  ChathubParams top_p = greedy_params(5);
+  top_p.top_p = 1.5f;
+  CHECK(chathub_chat(model, PROMPT, NULL, 0, &top_p, &none, NULL, NULL) ==
+            CHATHUB_ERR_INVALID_ARGUMENT,
+        "top_p > 1");
+  CHECK(strstr(last_message(), "top_p") != NULL, "%s", last_message());
+  ChathubParams tiny = greedy_params(5);
+  tiny.max_length = 4;
+  CHECK(chathub_chat(model, PROMPT, NULL, 0, &tiny, &none, NULL, NULL) == CHATHUB_ERR_PROMPT_TOO_LONG,
+        "prompt too long");
+  CHECK(chathub_chat_stream(model, PROMPT, NULL, 0, &params, NULL, NULL, NULL) ==
+            CHATHUB_ERR_INVALID_ARGUMENT,
+        "NULL callback");
+  CHECK(chathub_params_default(NULL) == CHATHUB_ERR_INVALID_ARGUMENT, "NULL params out");
+
+  pthread_t other;
+  pthread_create(&other, NULL, error_thread, NULL);
+  pthread_join(other, NULL);
+
+  /* Four threads on one model give the single-threaded reply. */
+  struct thread_arg args[4];
+  pthread_t threads[4];
+  for (int i = 0; i < 4; i++) {
+    args[i].model = model;
+    args[i].reply = NULL;
+    pthread_create(&threads[i], NULL, chat_thread, &args[i]);
+  }
+  for (int i = 0; i < 4; i++) {
+    pthread_join(threads[i], NULL);
+    CHECK(args[i].status == CHATHUB_OK && args[i].reply && strcmp(args[i].reply, reply) == 0,
+          "thread %d", i);
+    chathub_string_free(args[i].reply);
+  }
+
+  chathub_string_free(reply);
+  chathub_string_free(NULL);
+  chathub_model_free(model);
+  chathub_model_free(NULL);
+
+  printf("%d passed, %d failed\n", passed, failed);
+  return failed == 0 ? 0 : 1;
+}

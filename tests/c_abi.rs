@@ -1,0 +1,61 @@
+//! Compiles `tests/c/test_chathub.c` against the generated header and the cdylib, and runs it.
+//!
+//! `.ci/run` runs the same binary under valgrind as well.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn target_dir() -> PathBuf {
+    // The test binary lives in target/<profile>/deps; the cdylib one level up.
+    let exe = std::env::current_exe().expect("test exe path");
+    exe.parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>")
+        .to_path_buf()
+}
+
+#[test]
+fn c_program_passes_against_the_cdylib() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let lib_dir = target_dir();
+    assert!(
+        lib_dir.join("libchathub.so").is_file(),
+        "cdylib missing in {}",
+        lib_dir.display()
+    );
+    let exe = lib_dir.join("test_chathub_c");
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let status = Command::new(cc)
+        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-pthread", "-o"])
+        .arg(&exe)
+        .arg(root.join("tests/c/test_chathub.c"))
+        .arg("-I")
+        .arg(root.join("bindings/c"))
+        .arg("-L")
+        .arg(&lib_dir)
+        .arg(format!("-Wl,-rpath,{}", lib_dir.display()))
+        .arg("-lchathub")
+        .status()
+        .expect("a C compiler (cc) is installed");
+    assert!(status.success(), "C test failed to compile");
+
+    let case = common::cases()
+        .into_iter()
+        .find(|c| c.id == "chatglm3_conv1_en")
+        .expect("case");
+    let expected: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(common::fixtures().join("expected/chatglm3_conv1_en.json")).expect("read"),
+    )
+    .expect("json");
+    let out = Command::new(&exe)
+        .arg(common::model_dir(&case.model))
+        .arg(expected["greedy_text_until_stop"].as_str().expect("text"))
+        .output()
+        .expect("runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
+}
