@@ -16,10 +16,26 @@ fn target_dir() -> PathBuf {
         .to_path_buf()
 }
 
+/// `cargo test` builds the library as an rlib only: build the cdylib the way a C user would.
+fn build_cdylib(root: &std::path::Path) {
+    let profile = if cfg!(debug_assertions) {
+        "dev"
+    } else {
+        "release"
+    };
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--lib", "--profile", profile, "--manifest-path"])
+        .arg(root.join("Cargo.toml"))
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "cargo build --lib failed");
+}
+
 #[test]
 fn c_program_passes_against_the_cdylib() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let lib_dir = target_dir();
+    build_cdylib(&root);
     assert!(
         lib_dir.join("libchathub.so").is_file(),
         "cdylib missing in {}",

@@ -113,8 +113,10 @@ fn special_ids_follow_the_sentencepiece_vocabulary() {
     .expect("loads");
     assert_eq!(chatglm2.special_id(SpecialToken::Eop), Some(1004));
     assert_eq!(chatglm2.special_id(SpecialToken::User), None);
-    // Special ids decode to their text, as the official tokenizer renders them.
-    assert_eq!(tokenizer.decode(&[1006, 716, 13]), "<|user|>\n");
+    // Special ids decode to their text, as the official tokenizer renders them; only the very
+    // first piece loses its dummy-prefix space.
+    assert_eq!(tokenizer.decode(&[1006, 716, 13]), "<|user|> \n");
+    assert_eq!(tokenizer.decode(&[716, 13, 1006]), "\n<|user|>");
 }
 
 #[test]

@@ -115,17 +115,19 @@ typedef struct ChathubParams {
    */
   int32_t max_new_tokens;
   /**
-   * Sampling seed, used when `has_seed` is true.
+   * Sampling seed, used when `has_seed` is nonzero.
    */
   uint64_t seed;
   /**
-   * Whether `seed` is set (otherwise a random seed is drawn).
+   * Nonzero when `seed` is set (otherwise a random seed is drawn). A byte rather than a
+   * `bool` keeps the struct blittable for .NET, whose CoreCLR refuses pointers to structs
+   * with marshalled `bool` fields.
    */
-  bool has_seed;
+  uint8_t has_seed;
   /**
-   * Always pick the most likely token (deterministic).
+   * Nonzero to always pick the most likely token (deterministic).
    */
-  bool greedy;
+  uint8_t greedy;
 } ChathubParams;
 
 /**

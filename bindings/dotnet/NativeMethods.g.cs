@@ -253,17 +253,19 @@ namespace ChatHub.Native
         /// </summary>
         public int max_new_tokens;
         /// <summary>
-        ///  Sampling seed, used when `has_seed` is true.
+        ///  Sampling seed, used when `has_seed` is nonzero.
         /// </summary>
         public ulong seed;
         /// <summary>
-        ///  Whether `seed` is set (otherwise a random seed is drawn).
+        ///  Nonzero when `seed` is set (otherwise a random seed is drawn). A byte rather than a
+        ///  `bool` keeps the struct blittable for .NET, whose CoreCLR refuses pointers to structs
+        ///  with marshalled `bool` fields.
         /// </summary>
-        [MarshalAs(UnmanagedType.U1)] public bool has_seed;
+        public byte has_seed;
         /// <summary>
-        ///  Always pick the most likely token (deterministic).
+        ///  Nonzero to always pick the most likely token (deterministic).
         /// </summary>
-        [MarshalAs(UnmanagedType.U1)] public bool greedy;
+        public byte greedy;
     }
 
     /// <summary>

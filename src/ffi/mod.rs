@@ -87,12 +87,14 @@ pub struct ChathubParams {
     pub repetition_penalty: f32,
     /// At most this many reply tokens (0: limited by max_length only).
     pub max_new_tokens: i32,
-    /// Sampling seed, used when `has_seed` is true.
+    /// Sampling seed, used when `has_seed` is nonzero.
     pub seed: u64,
-    /// Whether `seed` is set (otherwise a random seed is drawn).
-    pub has_seed: bool,
-    /// Always pick the most likely token (deterministic).
-    pub greedy: bool,
+    /// Nonzero when `seed` is set (otherwise a random seed is drawn). A byte rather than a
+    /// `bool` keeps the struct blittable for .NET, whose CoreCLR refuses pointers to structs
+    /// with marshalled `bool` fields.
+    pub has_seed: u8,
+    /// Nonzero to always pick the most likely token (deterministic).
+    pub greedy: u8,
 }
 
 /// What a chat call did.
@@ -169,8 +171,8 @@ pub unsafe extern "C" fn chathub_params_default(out_params: *mut ChathubParams) 
             repetition_penalty: 0.0,
             max_new_tokens: 0,
             seed: 0,
-            has_seed: false,
-            greedy: false,
+            has_seed: 0,
+            greedy: 0,
         };
         // SAFETY: non-null and writable, as the caller promises.
         unsafe { out_params.write(params) };

@@ -181,8 +181,8 @@ pub(super) fn request_from(
     request.top_p = real(p.top_p);
     request.temperature = real(p.temperature);
     request.repetition_penalty = real(p.repetition_penalty);
-    request.seed = p.has_seed.then_some(p.seed);
-    request.greedy = p.greedy;
+    request.seed = (p.has_seed != 0).then_some(p.seed);
+    request.greedy = p.greedy != 0;
     Ok(request)
 }
 

@@ -164,13 +164,14 @@ impl TextDecoder<'_> {
         let sp = &self.tokenizer.sp;
         let sp_size = sp.vocab_size();
         if (id as usize) >= sp_size {
-            // A special token: the official decoder flushes its sentencepiece buffer, writes the
-            // token's text and starts a new buffer (whose first piece loses its dummy prefix).
+            // A special token: the official tokenizer hands its text to sentencepiece's
+            // DecodePieces along with the ordinary pieces, where it comes out verbatim and ends
+            // any run of byte pieces.
             self.finish(out);
             if let Some(text) = SPECIAL_TOKENS.get(id as usize - sp_size) {
                 out.push_str(text);
             }
-            self.at_start = true;
+            self.at_start = false;
             return;
         }
         match sp.piece_bytes(id) {

@@ -39,7 +39,7 @@ static const char *PROMPT = "What is the capital of France?";
 static ChathubParams greedy_params(int max_new_tokens) {
   ChathubParams p;
   chathub_params_default(&p);
-  p.greedy = true;
+  p.greedy = 1;
   p.max_new_tokens = max_new_tokens;
   return p;
 }

@@ -30,7 +30,7 @@ pub struct Case {
     pub prompt_token_ids: Vec<u32>,
     pub greedy_token_ids_until_stop: Vec<u32>,
     pub stop_ids: Vec<u32>,
-    pub last_logits_top5: Vec<(u32, f32)>,
+    pub greedy_text_until_stop: String,
     #[serde(default)]
     pub history_tuples: Option<Vec<(String, String)>>,
 }

@@ -1,0 +1,178 @@
+// Small value types of the ChatHub API: messages, options, results, errors.
+// C# 7.2 so that Mono's mcs compiles it (see DESIGN.md): no nullable annotations, records,
+// async iterators or local functions.
+using System;
+
+namespace ChatHub
+{
+    /// <summary>One chat message, OpenAI-style. Immutable.</summary>
+    public sealed class Message
+    {
+        /// <summary>"system", "user", "assistant" or "observation".</summary>
+        public string Role { get; }
+
+        /// <summary>The text.</summary>
+        public string Content { get; }
+
+        /// <summary>A message with a role given as text (checked by the native library).</summary>
+        public Message(string role, string content)
+        {
+            if (role == null) throw new ArgumentNullException(nameof(role));
+            if (content == null) throw new ArgumentNullException(nameof(content));
+            Role = role;
+            Content = content;
+        }
+
+        /// <summary>A user message.</summary>
+        public static Message User(string content) { return new Message("user", content); }
+
+        /// <summary>An assistant (model) message.</summary>
+        public static Message Assistant(string content) { return new Message("assistant", content); }
+
+        /// <summary>A system prompt (honoured by ChatGLM3).</summary>
+        public static Message System(string content) { return new Message("system", content); }
+
+        /// <summary>A tool result (ChatGLM3 tool calling).</summary>
+        public static Message Observation(string content) { return new Message("observation", content); }
+
+        /// <inheritdoc/>
+        public override string ToString() { return Role + ": " + Content; }
+    }
+
+    /// <summary>
+    /// Generation parameters. Zero (the default) in any number means "the model's default",
+    /// exactly as in AIHub's gRPC ChatRequest: MaxLength 8192, TopP 0.8, Temperature 0.8 for ChatGLM.
+    /// </summary>
+    public sealed class GenerationOptions
+    {
+        /// <summary>Prompt plus reply tokens (0: model default).</summary>
+        public int MaxLength { get; set; }
+
+        /// <summary>Nucleus sampling threshold in (0, 1] (0: model default).</summary>
+        public float TopP { get; set; }
+
+        /// <summary>Softmax temperature &gt; 0 (0: model default).</summary>
+        public float Temperature { get; set; }
+
+        /// <summary>Sample among the k most likely tokens only (0: no limit).</summary>
+        public int TopK { get; set; }
+
+        /// <summary>Repetition penalty (0: off).</summary>
+        public float RepetitionPenalty { get; set; }
+
+        /// <summary>At most this many reply tokens (0: limited by MaxLength only).</summary>
+        public int MaxNewTokens { get; set; }
+
+        /// <summary>Sampling seed, for reproducible replies (null: random).</summary>
+        public ulong? Seed { get; set; }
+
+        /// <summary>Always pick the most likely token (deterministic).</summary>
+        public bool Greedy { get; set; }
+    }
+
+    /// <summary>Which chat format a model uses.</summary>
+    public enum ModelFamily
+    {
+        /// <summary>Detect it from the model's files.</summary>
+        Auto = 0,
+        /// <summary>THUDM/chatglm2-6b.</summary>
+        ChatGlm2 = 2,
+        /// <summary>THUDM/chatglm3-6b.</summary>
+        ChatGlm3 = 3,
+    }
+
+    /// <summary>Why a reply ended.</summary>
+    public enum FinishReason
+    {
+        /// <summary>The model said it was done.</summary>
+        Stop = 0,
+        /// <summary>MaxLength or MaxNewTokens was reached.</summary>
+        Length = 1,
+        /// <summary>The caller cancelled.</summary>
+        Cancelled = 2,
+    }
+
+    /// <summary>What one chat call did.</summary>
+    public sealed class ChatStats
+    {
+        internal ChatStats(ChatHub.Native.ChathubStats s)
+        {
+            FinishReason = (FinishReason)s.finish_reason;
+            PromptTokens = (int)s.prompt_tokens;
+            CompletionTokens = (int)s.completion_tokens;
+            DroppedHistoryMessages = (int)s.dropped_history_messages;
+            TimeToFirstTokenMs = s.ttft_ms;
+            PrefillTokensPerSecond = s.prefill_tokens_per_s;
+            DecodeTokensPerSecond = s.decode_tokens_per_s;
+            TotalMs = s.total_ms;
+        }
+
+        /// <summary>Why the reply ended.</summary>
+        public FinishReason FinishReason { get; }
+        /// <summary>Prompt tokens run (after trimming old history).</summary>
+        public int PromptTokens { get; }
+        /// <summary>Reply tokens generated.</summary>
+        public int CompletionTokens { get; }
+        /// <summary>History messages left out to fit the context.</summary>
+        public int DroppedHistoryMessages { get; }
+        /// <summary>Milliseconds until the first reply token.</summary>
+        public double TimeToFirstTokenMs { get; }
+        /// <summary>Prompt tokens per second.</summary>
+        public double PrefillTokensPerSecond { get; }
+        /// <summary>Reply tokens per second after the first.</summary>
+        public double DecodeTokensPerSecond { get; }
+        /// <summary>Milliseconds for the whole call.</summary>
+        public double TotalMs { get; }
+    }
+
+    /// <summary>A reply and what it took.</summary>
+    public sealed class ChatResult
+    {
+        internal ChatResult(string text, ChatStats stats) { Text = text; Stats = stats; }
+
+        /// <summary>The reply.</summary>
+        public string Text { get; }
+        /// <summary>Token counts, finish reason and timings.</summary>
+        public ChatStats Stats { get; }
+    }
+
+    /// <summary>Status codes of the native library (CHATHUB_ERR_* in chathub.h).</summary>
+    public enum ChatHubStatus
+    {
+        /// <summary>Success.</summary>
+        Ok = 0,
+        /// <summary>An argument is invalid (bad number, unknown role, empty prompt, bad UTF-8).</summary>
+        InvalidArgument = 2,
+        /// <summary>A model file or directory is missing.</summary>
+        NotFound = 3,
+        /// <summary>The model files are malformed or inconsistent.</summary>
+        InvalidModel = 4,
+        /// <summary>The prompt does not fit in the context.</summary>
+        PromptTooLong = 5,
+        /// <summary>The computation failed.</summary>
+        Internal = 6,
+        /// <summary>A bug in the native library was caught at the boundary.</summary>
+        Panic = 7,
+    }
+
+    /// <summary>A failure reported by the native library.</summary>
+    public sealed class ChatHubException : Exception
+    {
+        /// <summary>Creates the exception.</summary>
+        public ChatHubException(ChatHubStatus status, string message)
+            : base(message)
+        {
+            Status = status;
+        }
+
+        /// <summary>Creates the exception with a cause.</summary>
+        public ChatHubException(ChatHubStatus status, string message, Exception inner)
+            : base(message, inner)
+        {
+            Status = status;
+        }
+
+        /// <summary>The native status code.</summary>
+        public ChatHubStatus Status { get; }
+    }
+}
