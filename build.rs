@@ -13,6 +13,8 @@ const CSHARP: &str = "bindings/dotnet/NativeMethods.g.cs";
 fn main() {
     println!("cargo:rerun-if-changed={FFI_SOURCE}");
     println!("cargo:rerun-if-changed=build.rs");
+    #[cfg(feature = "grpc")]
+    compile_proto().expect("compiling proto/chat.proto");
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));
     // A read-only checkout (a dependency from a registry) keeps the shipped bindings.
     if !root.join("bindings").is_dir() {
@@ -21,6 +23,26 @@ fn main() {
     if let Err(e) = generate(&root) {
         println!("cargo:warning=could not regenerate bindings: {e}");
     }
+}
+
+/// Generates the tonic server and client for `proto/chat.proto` with protox, a protobuf compiler
+/// written in Rust, so the build needs no system `protoc`. The encoded descriptors go to OUT_DIR
+/// for gRPC server reflection.
+#[cfg(feature = "grpc")]
+fn compile_proto() -> Result<(), Box<dyn std::error::Error>> {
+    use prost::Message;
+    println!("cargo:rerun-if-changed=proto/chat.proto");
+    let descriptors = protox::compile(["proto/chat.proto"], ["proto"])?;
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out.join("aihub_descriptor.bin"),
+        descriptors.encode_to_vec(),
+    )?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(descriptors)?;
+    Ok(())
 }
 
 fn generate(root: &Path) -> Result<(), Box<dyn std::error::Error>> {

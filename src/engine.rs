@@ -9,8 +9,8 @@ use candle_core::{DType, Device};
 use crate::config::{GenerationDefaults, ModelConfig};
 use crate::error::{Error, Result};
 use crate::models::chatglm::ChatGlmModel;
-use crate::prompt::{ModelFamily, PromptBuilder};
-use crate::request::{ChatOutcome, ChatRequest, FinishReason, Timings, Usage};
+use crate::prompt::{ModelFamily, Prompt, PromptBuilder};
+use crate::request::{ChatOutcome, ChatRequest, FinishReason, ResolvedParams, Timings, Usage};
 use crate::sampling::Sampler;
 use crate::tokenizer::Tokenizer;
 use crate::weights::Weights;
@@ -268,6 +268,26 @@ impl Engine {
         }
     }
 
+    /// Checks a request the way [`Engine::chat_stream`] does before generating (parameters,
+    /// roles, prompt length), without generating: lets a server reject bad requests before it
+    /// starts streaming.
+    ///
+    /// # Errors
+    ///
+    /// As [`Engine::chat_stream`]'s argument errors.
+    pub fn validate(&self, request: &ChatRequest) -> Result<()> {
+        self.prepare(request).map(|_| ())
+    }
+
+    fn prepare(&self, request: &ChatRequest) -> Result<(ResolvedParams, Prompt, usize)> {
+        let params = request.resolve(&self.defaults)?;
+        let limit = params.max_length.min(self.config().seq_length);
+        let prompt = self
+            .builder()
+            .build_within(&request.prompt, &request.history, limit)?;
+        Ok((params, prompt, limit))
+    }
+
     /// Generates a whole reply.
     ///
     /// # Errors
@@ -295,11 +315,7 @@ impl Engine {
         F: FnMut(&str) -> ControlFlow<()>,
     {
         let started = Instant::now();
-        let params = request.resolve(&self.defaults)?;
-        let limit = params.max_length.min(self.config().seq_length);
-        let prompt = self
-            .builder()
-            .build_within(&request.prompt, &request.history, limit)?;
+        let (params, prompt, limit) = self.prepare(request)?;
         if prompt.dropped_messages > 0 {
             tracing::info!(
                 dropped = prompt.dropped_messages,

