@@ -64,7 +64,7 @@ impl ModelOptions {
     /// Computes on `device` (a CUDA device needs the `cuda` feature).
     ///
     /// ```
-    /// let o = chathub::ModelOptions::default().device(candle_core::Device::Cpu);
+    /// let o = chathub::ModelOptions::default().device(chathub::candle_core::Device::Cpu);
     /// assert!(o.device.is_cpu());
     /// ```
     #[must_use]
@@ -76,8 +76,8 @@ impl ModelOptions {
     /// Computes in `dtype` (f32, f16 or bf16).
     ///
     /// ```
-    /// let o = chathub::ModelOptions::default().dtype(candle_core::DType::F16);
-    /// assert_eq!(o.dtype, Some(candle_core::DType::F16));
+    /// let o = chathub::ModelOptions::default().dtype(chathub::candle_core::DType::F16);
+    /// assert_eq!(o.dtype, Some(chathub::candle_core::DType::F16));
     /// ```
     #[must_use]
     pub fn dtype(mut self, dtype: DType) -> Self {

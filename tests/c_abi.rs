@@ -23,11 +23,16 @@ fn build_cdylib(root: &std::path::Path) {
     } else {
         "release"
     };
-    let status = Command::new(env!("CARGO"))
+    // The same features as this test build, so the rebuilt library does not replace the one the
+    // other tests and doctests link against with a differently configured one.
+    let mut cargo = Command::new(env!("CARGO"));
+    cargo
         .args(["build", "--lib", "--profile", profile, "--manifest-path"])
-        .arg(root.join("Cargo.toml"))
-        .status()
-        .expect("cargo runs");
+        .arg(root.join("Cargo.toml"));
+    if cfg!(feature = "grpc") {
+        cargo.arg("--features=grpc");
+    }
+    let status = cargo.status().expect("cargo runs");
     assert!(status.success(), "cargo build --lib failed");
 }
 
