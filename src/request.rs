@@ -34,10 +34,10 @@ pub struct ChatRequest {
     /// Prompt plus reply tokens, as in ChatGLM's `model.chat`. `None` or 0: model default.
     #[serde(default)]
     pub max_length: Option<usize>,
-    /// Nucleus sampling threshold in (0, 1].
+    /// Nucleus sampling threshold in (0, 1]. `None` or 0: model default.
     #[serde(default)]
     pub top_p: Option<f64>,
-    /// Softmax temperature, > 0.
+    /// Softmax temperature, > 0. `None` or 0: model default.
     #[serde(default)]
     pub temperature: Option<f64>,
     /// Sample only among this many most likely tokens.
@@ -160,19 +160,29 @@ impl ChatRequest {
             None | Some(0) => defaults.max_length,
             Some(n) => n,
         };
+        // Zero is proto3's "unset", so it means the default here too (never "greedy").
         let top_p = match self.top_p {
             None => defaults.top_p,
+            Some(p) if p == 0.0 => defaults.top_p,
             Some(p) if p > 0.0 && p <= 1.0 => p,
-            Some(p) => return Err(Error::invalid("top_p", p, "must be in (0, 1]")),
+            Some(p) => {
+                return Err(Error::invalid(
+                    "top_p",
+                    p,
+                    "must be in (0, 1] (0 means the model default)",
+                ))
+            }
         };
         let temperature = match self.temperature {
             None => defaults.temperature,
+            Some(t) if t == 0.0 => defaults.temperature,
             Some(t) if t > 0.0 && t.is_finite() => t,
             Some(t) => {
                 return Err(Error::invalid(
                     "temperature",
                     t,
-                    "must be a finite number > 0 (ask for greedy decoding instead of 0)",
+                    "must be a finite number > 0 (0 means the model default; ask for greedy \
+                     decoding to always take the most likely token)",
                 ))
             }
         };

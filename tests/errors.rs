@@ -211,9 +211,9 @@ fn out_of_range_parameters_name_the_field() {
     let cases: Vec<(&str, ChatRequest)> = vec![
         ("temperature", base.clone().temperature(f64::NAN)),
         ("temperature", base.clone().temperature(-0.5)),
-        ("temperature", base.clone().temperature(0.0)),
+        ("temperature", base.clone().temperature(f64::INFINITY)),
         ("top_p", base.clone().top_p(1.5)),
-        ("top_p", base.clone().top_p(0.0)),
+        ("top_p", base.clone().top_p(-0.1)),
         ("top_p", base.clone().top_p(f64::NAN)),
         (
             "top_k",
@@ -241,8 +241,11 @@ fn out_of_range_parameters_name_the_field() {
         assert_eq!(err.kind(), ErrorKind::InvalidArgument);
         assert!(err.to_string().contains(field), "{err}");
     }
-    // After all that, the model still works.
+    // After all that, the model still works; zeros mean "model default", as in the proto.
     assert!(engine.chat(&base).is_ok());
+    assert!(engine
+        .chat(&base.clone().temperature(0.0).top_p(0.0).max_length(0))
+        .is_ok());
 }
 
 #[test]
