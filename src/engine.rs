@@ -10,6 +10,7 @@ use crate::config::{GenerationDefaults, ModelConfig};
 use crate::error::{Error, Result};
 use crate::models::chatglm::ChatGlmModel;
 use crate::prompt::{ModelFamily, Prompt, PromptBuilder};
+use crate::quantization::Quantization;
 use crate::request::{ChatOutcome, ChatRequest, FinishReason, ResolvedParams, Timings, Usage};
 use crate::sampling::Sampler;
 use crate::tokenizer::Tokenizer;
@@ -36,6 +37,8 @@ pub struct ModelOptions {
     /// What to compute in; f32 when `None` (checkpoints are f16, upcast on load as the
     /// reference does on CPU).
     pub dtype: Option<DType>,
+    /// Quantize every linear layer's weights at load (`None`: keep them dense).
+    pub quantization: Option<Quantization>,
 }
 
 impl Default for ModelOptions {
@@ -44,6 +47,7 @@ impl Default for ModelOptions {
             family: None,
             device: Device::Cpu,
             dtype: None,
+            quantization: None,
         }
     }
 }
@@ -70,6 +74,18 @@ impl ModelOptions {
     #[must_use]
     pub fn device(mut self, device: Device) -> Self {
         self.device = device;
+        self
+    }
+
+    /// Quantizes the weights at load.
+    ///
+    /// ```
+    /// let o = chathub::ModelOptions::default().quantization(chathub::Quantization::Q8_0);
+    /// assert_eq!(o.quantization, Some(chathub::Quantization::Q8_0));
+    /// ```
+    #[must_use]
+    pub fn quantization(mut self, quantization: Quantization) -> Self {
+        self.quantization = Some(quantization);
         self
     }
 
@@ -116,6 +132,7 @@ pub struct Engine {
     defaults: GenerationDefaults,
     stop_ids: Vec<u32>,
     dir: PathBuf,
+    quantization: Option<Quantization>,
 }
 
 impl Engine {
@@ -186,7 +203,13 @@ impl Engine {
             file_bytes = weights.file_bytes(),
             "loading model"
         );
-        let model = ChatGlmModel::load(&config, &weights, dtype, &options.device)?;
+        let model = ChatGlmModel::load(
+            &config,
+            &weights,
+            dtype,
+            &options.device,
+            options.quantization,
+        )?;
         drop(weights);
         let builder = PromptBuilder {
             family,
@@ -211,6 +234,7 @@ impl Engine {
             defaults,
             stop_ids,
             dir: dir.to_path_buf(),
+            quantization: options.quantization,
         })
     }
 
@@ -237,6 +261,11 @@ impl Engine {
     /// Token ids that end a reply.
     pub fn stop_ids(&self) -> &[u32] {
         &self.stop_ids
+    }
+
+    /// The weight format chosen at load, if the weights were quantized.
+    pub fn quantization(&self) -> Option<Quantization> {
+        self.quantization
     }
 
     /// The directory the model was loaded from.
@@ -266,6 +295,35 @@ impl Engine {
             family: self.family,
             tokenizer: &self.tokenizer,
         }
+    }
+
+    /// The logits (`padded_vocab_size` scores) for the token after `ids`, from a fresh cache.
+    ///
+    /// For evaluation and debugging: compare formats, check a checkpoint against reference
+    /// logits, or score a continuation token by token.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] for no ids or an id outside the vocabulary,
+    /// [`Error::PromptTooLong`] beyond the model's context.
+    pub fn next_token_logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let vocab = self.config().padded_vocab_size;
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::invalid(
+                "ids",
+                bad,
+                "token id outside the vocabulary",
+            ));
+        }
+        if ids.is_empty() {
+            return Err(Error::invalid("ids", "[]", "at least one token is needed"));
+        }
+        let mut cache = self.model.new_cache(ids.len());
+        let mut logits = Vec::new();
+        for chunk in ids.chunks(PREFILL_CHUNK) {
+            logits = self.model.forward(chunk, &mut cache)?;
+        }
+        Ok(logits)
     }
 
     /// Checks a request the way [`Engine::chat_stream`] does before generating (parameters,

@@ -163,7 +163,7 @@ impl ChatRequest {
         // Zero is proto3's "unset", so it means the default here too (never "greedy").
         let top_p = match self.top_p {
             None => defaults.top_p,
-            Some(p) if p == 0.0 => defaults.top_p,
+            Some(0.0) => defaults.top_p,
             Some(p) if p > 0.0 && p <= 1.0 => p,
             Some(p) => {
                 return Err(Error::invalid(
@@ -175,7 +175,7 @@ impl ChatRequest {
         };
         let temperature = match self.temperature {
             None => defaults.temperature,
-            Some(t) if t == 0.0 => defaults.temperature,
+            Some(0.0) => defaults.temperature,
             Some(t) if t > 0.0 && t.is_finite() => t,
             Some(t) => {
                 return Err(Error::invalid(

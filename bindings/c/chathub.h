@@ -66,6 +66,26 @@
 #define CHATHUB_FAMILY_CHATGLM3 3
 
 /**
+ * Keep the weights dense.
+ */
+#define CHATHUB_QUANT_NONE 0
+
+/**
+ * 8-bit blocks (q8_0): nearly lossless, a quarter of f32's memory.
+ */
+#define CHATHUB_QUANT_Q8_0 1
+
+/**
+ * 4-bit blocks (q4_0).
+ */
+#define CHATHUB_QUANT_Q4_0 2
+
+/**
+ * 4-bit k-quant (q4k), falling back to q4_0 for rows it cannot take.
+ */
+#define CHATHUB_QUANT_Q4K 3
+
+/**
  * The model produced a stop token.
  */
 #define CHATHUB_FINISH_STOP 0
@@ -129,6 +149,21 @@ typedef struct ChathubParams {
    */
   uint8_t greedy;
 } ChathubParams;
+
+/**
+ * How to load a model. Zeros (from `chathub_load_options_default`) mean: detect the family,
+ * keep the weights dense.
+ */
+typedef struct ChathubLoadOptions {
+  /**
+   * `CHATHUB_FAMILY_AUTO`, `CHATHUB_FAMILY_CHATGLM2` or `CHATHUB_FAMILY_CHATGLM3`.
+   */
+  int32_t family;
+  /**
+   * `CHATHUB_QUANT_NONE`, `CHATHUB_QUANT_Q8_0`, `CHATHUB_QUANT_Q4_0` or `CHATHUB_QUANT_Q4K`.
+   */
+  int32_t quantization;
+} ChathubLoadOptions;
 
 /**
  * One history message. Both strings are NUL-terminated UTF-8, borrowed for the call.
@@ -238,6 +273,27 @@ int32_t chathub_params_default(struct ChathubParams *out_params);
  * `model_dir` is NULL (an error) or NUL-terminated; `out_model` is NULL (an error) or writable.
  */
 int32_t chathub_model_load(const char *model_dir, int32_t family, struct ChathubModel **out_model);
+
+/**
+ * Fills `*out_options` with zeros: detect the family, keep the weights dense.
+ *
+ * # Safety
+ *
+ * `out_options` is NULL (an error) or writable.
+ */
+int32_t chathub_load_options_default(struct ChathubLoadOptions *out_options);
+
+/**
+ * Loads a model directory with options (family, quantized weights); `options` may be NULL for
+ * the defaults. Ownership as for `chathub_model_load`. Quantizing blocks a while longer.
+ *
+ * # Safety
+ *
+ * As for `chathub_model_load`; `options` is NULL or points to a valid struct.
+ */
+int32_t chathub_model_load_with(const char *model_dir,
+                                const struct ChathubLoadOptions *options,
+                                struct ChathubModel **out_model);
 
 /**
  * Loads the built-in demo model (random weights: its replies are meaningless), written to the

@@ -30,7 +30,8 @@ namespace ChatHub
         /// </summary>
         /// <exception cref="DirectoryNotFoundException">The directory does not exist.</exception>
         /// <exception cref="ChatHubException">The files are missing, malformed or inconsistent.</exception>
-        public static ChatModel Load(string modelDir, ModelFamily family = ModelFamily.Auto)
+        public static ChatModel Load(string modelDir, ModelFamily family = ModelFamily.Auto,
+            Quantization quantization = Quantization.None)
         {
             if (modelDir == null) throw new ArgumentNullException(nameof(modelDir));
             if (!Directory.Exists(modelDir))
@@ -40,9 +41,10 @@ namespace ChatHub
             ChathubModel* model = null;
             var dir = Interop.ToUtf8Z(modelDir);
             int status;
+            var options = new ChathubLoadOptions { family = (int)family, quantization = (int)quantization };
             fixed (byte* d = dir)
             {
-                status = NativeMethods.chathub_model_load(d, (int)family, &model);
+                status = NativeMethods.chathub_model_load_with(d, &options, &model);
             }
             Interop.Check(status);
             h.Set(model);

@@ -81,6 +81,19 @@ namespace ChatHub
         ChatGlm3 = 3,
     }
 
+    /// <summary>Weight format chosen at load: smaller and faster on a CPU, slightly less exact.</summary>
+    public enum Quantization
+    {
+        /// <summary>Dense weights (f32 on the CPU).</summary>
+        None = 0,
+        /// <summary>8-bit blocks: nearly lossless, a quarter of f32's memory.</summary>
+        Q8_0 = 1,
+        /// <summary>4-bit blocks.</summary>
+        Q4_0 = 2,
+        /// <summary>4-bit k-quant (falls back to Q4_0 for rows it cannot take).</summary>
+        Q4K = 3,
+    }
+
     /// <summary>Why a reply ended.</summary>
     public enum FinishReason
     {

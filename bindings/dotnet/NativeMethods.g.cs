@@ -61,6 +61,22 @@ namespace ChatHub.Native
         /// </summary>
         internal const int CHATHUB_FAMILY_CHATGLM3 = 3;
         /// <summary>
+        ///  Keep the weights dense.
+        /// </summary>
+        internal const int CHATHUB_QUANT_NONE = 0;
+        /// <summary>
+        ///  8-bit blocks (q8_0): nearly lossless, a quarter of f32's memory.
+        /// </summary>
+        internal const int CHATHUB_QUANT_Q8_0 = 1;
+        /// <summary>
+        ///  4-bit blocks (q4_0).
+        /// </summary>
+        internal const int CHATHUB_QUANT_Q4_0 = 2;
+        /// <summary>
+        ///  4-bit k-quant (q4k), falling back to q4_0 for rows it cannot take.
+        /// </summary>
+        internal const int CHATHUB_QUANT_Q4K = 3;
+        /// <summary>
         ///  The model produced a stop token.
         /// </summary>
         internal const int CHATHUB_FINISH_STOP = 0;
@@ -129,6 +145,27 @@ namespace ChatHub.Native
         /// </summary>
         [DllImport(__DllName, EntryPoint = "chathub_model_load", CallingConvention = CallingConvention.Cdecl, ExactSpelling = true)]
         internal static extern int chathub_model_load(byte* model_dir, int family, ChathubModel** out_model);
+
+        /// <summary>
+        ///  Fills `*out_options` with zeros: detect the family, keep the weights dense.
+        ///
+        ///  # Safety
+        ///
+        ///  `out_options` is NULL (an error) or writable.
+        /// </summary>
+        [DllImport(__DllName, EntryPoint = "chathub_load_options_default", CallingConvention = CallingConvention.Cdecl, ExactSpelling = true)]
+        internal static extern int chathub_load_options_default(ChathubLoadOptions* out_options);
+
+        /// <summary>
+        ///  Loads a model directory with options (family, quantized weights); `options` may be NULL for
+        ///  the defaults. Ownership as for `chathub_model_load`. Quantizing blocks a while longer.
+        ///
+        ///  # Safety
+        ///
+        ///  As for `chathub_model_load`; `options` is NULL or points to a valid struct.
+        /// </summary>
+        [DllImport(__DllName, EntryPoint = "chathub_model_load_with", CallingConvention = CallingConvention.Cdecl, ExactSpelling = true)]
+        internal static extern int chathub_model_load_with(byte* model_dir, ChathubLoadOptions* options, ChathubModel** out_model);
 
         /// <summary>
         ///  Loads the built-in demo model (random weights: its replies are meaningless), written to the
@@ -203,6 +240,23 @@ namespace ChatHub.Native
     [StructLayout(LayoutKind.Sequential)]
     internal unsafe partial struct ChathubModel
     {
+    }
+
+    /// <summary>
+    ///  How to load a model. Zeros (from `chathub_load_options_default`) mean: detect the family,
+    ///  keep the weights dense.
+    /// </summary>
+    [StructLayout(LayoutKind.Sequential)]
+    internal unsafe partial struct ChathubLoadOptions
+    {
+        /// <summary>
+        ///  `CHATHUB_FAMILY_AUTO`, `CHATHUB_FAMILY_CHATGLM2` or `CHATHUB_FAMILY_CHATGLM3`.
+        /// </summary>
+        public int family;
+        /// <summary>
+        ///  `CHATHUB_QUANT_NONE`, `CHATHUB_QUANT_Q8_0`, `CHATHUB_QUANT_Q4_0` or `CHATHUB_QUANT_Q4K`.
+        /// </summary>
+        public int quantization;
     }
 
     /// <summary>

@@ -43,6 +43,7 @@ struct BenchReport {
     model: String,
     device: String,
     dtype: String,
+    quant: Option<String>,
     threads: usize,
     parameters: usize,
     load_s: f64,
@@ -82,6 +83,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         demo: false,
         family: args.model.family,
         dtype: args.model.dtype,
+        quant: args.model.quant,
         cuda: args.model.cuda,
     };
     let started = Instant::now();
@@ -124,6 +126,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         model: engine.dir().display().to_string(),
         device: if args.model.cuda { "cuda" } else { "cpu" }.into(),
         dtype: format!("{:?}", args.model.dtype).to_lowercase(),
+        quant: engine.quantization().map(|q| q.to_string()),
         threads: rayon::current_num_threads(),
         parameters: engine.config().parameter_count(),
         load_s,

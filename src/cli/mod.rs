@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use chathub::candle_core::{DType, Device};
-use chathub::{ChatRequest, Engine, ModelFamily, ModelOptions};
+use chathub::{ChatRequest, Engine, ModelFamily, ModelOptions, Quantization};
 use clap::Args;
 
 /// Which model to load and how.
@@ -31,6 +31,10 @@ pub struct ModelArgs {
     /// Compute dtype: f32 (default on CPU), f16 or bf16.
     #[arg(long, default_value = "f32", value_parser = parse_dtype)]
     pub dtype: DType,
+
+    /// Quantize the weights at load: q8_0, q4_0 or q4k (smaller and faster on a CPU).
+    #[arg(long, env = "CHATHUB_QUANT")]
+    pub quant: Option<Quantization>,
 
     /// Run on the first CUDA GPU (needs a build with `--features cuda`).
     #[arg(long)]
@@ -67,6 +71,9 @@ impl ModelArgs {
         let mut options = ModelOptions::default().device(device).dtype(self.dtype);
         if let Some(family) = self.family {
             options = options.family(family);
+        }
+        if let Some(quantization) = self.quant {
+            options = options.quantization(quantization);
         }
         Engine::load_with(&dir, &options)
             .with_context(|| format!("loading model from {}", dir.display()))

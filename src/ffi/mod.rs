@@ -21,7 +21,7 @@ use std::ops::ControlFlow;
 
 use support::{guard, request_from, str_arg, FfiError};
 
-use crate::{Engine, ModelFamily, ModelOptions};
+use crate::{Engine, ModelFamily, ModelOptions, Quantization};
 
 /// Version of this C ABI. It changes whenever a function or struct changes incompatibly;
 /// bindings check it at start-up.
@@ -50,6 +50,15 @@ pub const CHATHUB_FAMILY_CHATGLM2: i32 = 2;
 /// ChatGLM3: role tokens, system prompts.
 pub const CHATHUB_FAMILY_CHATGLM3: i32 = 3;
 
+/// Keep the weights dense.
+pub const CHATHUB_QUANT_NONE: i32 = 0;
+/// 8-bit blocks (q8_0): nearly lossless, a quarter of f32's memory.
+pub const CHATHUB_QUANT_Q8_0: i32 = 1;
+/// 4-bit blocks (q4_0).
+pub const CHATHUB_QUANT_Q4_0: i32 = 2;
+/// 4-bit k-quant (q4k), falling back to q4_0 for rows it cannot take.
+pub const CHATHUB_QUANT_Q4K: i32 = 3;
+
 /// The model produced a stop token.
 pub const CHATHUB_FINISH_STOP: i32 = 0;
 /// `max_length` or `max_new_tokens` was reached.
@@ -60,6 +69,16 @@ pub const CHATHUB_FINISH_CANCELLED: i32 = 2;
 /// A loaded chat model. Opaque; safe to use from several threads at once.
 pub struct ChathubModel {
     engine: Engine,
+}
+
+/// How to load a model. Zeros (from `chathub_load_options_default`) mean: detect the family,
+/// keep the weights dense.
+#[repr(C)]
+pub struct ChathubLoadOptions {
+    /// `CHATHUB_FAMILY_AUTO`, `CHATHUB_FAMILY_CHATGLM2` or `CHATHUB_FAMILY_CHATGLM3`.
+    pub family: i32,
+    /// `CHATHUB_QUANT_NONE`, `CHATHUB_QUANT_Q8_0`, `CHATHUB_QUANT_Q4_0` or `CHATHUB_QUANT_Q4K`.
+    pub quantization: i32,
 }
 
 /// One history message. Both strings are NUL-terminated UTF-8, borrowed for the call.
@@ -195,6 +214,48 @@ pub unsafe extern "C" fn chathub_model_load(
     family: i32,
     out_model: *mut *mut ChathubModel,
 ) -> i32 {
+    let options = ChathubLoadOptions {
+        family,
+        quantization: CHATHUB_QUANT_NONE,
+    };
+    // SAFETY: forwarded as the caller promised; `options` lives for the call.
+    unsafe { chathub_model_load_with(model_dir, &options, out_model) }
+}
+
+/// Fills `*out_options` with zeros: detect the family, keep the weights dense.
+///
+/// # Safety
+///
+/// `out_options` is NULL (an error) or writable.
+#[no_mangle]
+pub unsafe extern "C" fn chathub_load_options_default(out_options: *mut ChathubLoadOptions) -> i32 {
+    guard(|| {
+        if out_options.is_null() {
+            return Err(FfiError::invalid("out_options is NULL"));
+        }
+        // SAFETY: non-null and writable, as the caller promises.
+        unsafe {
+            out_options.write(ChathubLoadOptions {
+                family: CHATHUB_FAMILY_AUTO,
+                quantization: CHATHUB_QUANT_NONE,
+            })
+        };
+        Ok(())
+    })
+}
+
+/// Loads a model directory with options (family, quantized weights); `options` may be NULL for
+/// the defaults. Ownership as for `chathub_model_load`. Quantizing blocks a while longer.
+///
+/// # Safety
+///
+/// As for `chathub_model_load`; `options` is NULL or points to a valid struct.
+#[no_mangle]
+pub unsafe extern "C" fn chathub_model_load_with(
+    model_dir: *const c_char,
+    options: *const ChathubLoadOptions,
+    out_model: *mut *mut ChathubModel,
+) -> i32 {
     guard(|| {
         if out_model.is_null() {
             return Err(FfiError::invalid("out_model is NULL"));
@@ -203,6 +264,11 @@ pub unsafe extern "C" fn chathub_model_load(
         unsafe { out_model.write(std::ptr::null_mut()) };
         // SAFETY: the caller promises NUL termination.
         let dir = unsafe { str_arg(model_dir, "model_dir") }?;
+        // SAFETY: NULL or valid, as the caller promises.
+        let (family, quantization) = match unsafe { options.as_ref() } {
+            Some(o) => (o.family, o.quantization),
+            None => (CHATHUB_FAMILY_AUTO, CHATHUB_QUANT_NONE),
+        };
         let family = match family {
             CHATHUB_FAMILY_AUTO => None,
             CHATHUB_FAMILY_CHATGLM2 => Some(ModelFamily::ChatGlm2),
@@ -213,8 +279,20 @@ pub unsafe extern "C" fn chathub_model_load(
                 )))
             }
         };
+        let quantization = match quantization {
+            CHATHUB_QUANT_NONE => None,
+            CHATHUB_QUANT_Q8_0 => Some(Quantization::Q8_0),
+            CHATHUB_QUANT_Q4_0 => Some(Quantization::Q4_0),
+            CHATHUB_QUANT_Q4K => Some(Quantization::Q4K),
+            other => {
+                return Err(FfiError::invalid(format!(
+                    "invalid quantization {other}: expected 0 (none), 1 (q8_0), 2 (q4_0) or 3 (q4k)"
+                )))
+            }
+        };
         let options = ModelOptions {
             family,
+            quantization,
             ..ModelOptions::default()
         };
         let engine = Engine::load_with(dir, &options)?;

@@ -18,6 +18,7 @@ use super::linear::Linear;
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::weights::Weights;
+use crate::Quantization;
 
 /// cos/sin tables for every position, shared by all layers.
 ///
@@ -98,6 +99,26 @@ fn linear(
         None
     };
     Ok(Linear::new(weight, bias))
+}
+
+/// Quantizes one layer, saying so when its shape forces another format than the one asked for.
+fn quantize_linear(layer: &mut Linear, name: &str, quantization: Quantization) -> Result<()> {
+    let wanted = quantization.candidates()[0];
+    match layer.quantize(quantization)? {
+        Some(used) if used == wanted => {}
+        Some(used) => tracing::info!(
+            layer = name,
+            ?wanted,
+            ?used,
+            "row width is not a multiple of the block size: using another format"
+        ),
+        None => tracing::warn!(
+            layer = name,
+            ?wanted,
+            "no quantized format fits this matrix's rows: it stays dense"
+        ),
+    }
+    Ok(())
 }
 
 #[derive(Debug)]
@@ -288,6 +309,23 @@ impl Block {
         })
     }
 
+    fn quantize(&mut self, quantization: Quantization, name: &str) -> Result<()> {
+        let attention = &mut self.self_attention;
+        let mlp = &mut self.mlp;
+        for (layer, part) in [
+            (
+                &mut attention.query_key_value,
+                "self_attention.query_key_value",
+            ),
+            (&mut attention.dense, "self_attention.dense"),
+            (&mut mlp.dense_h_to_4h, "mlp.dense_h_to_4h"),
+            (&mut mlp.dense_4h_to_h, "mlp.dense_4h_to_h"),
+        ] {
+            quantize_linear(layer, &format!("{name}.{part}"), quantization)?;
+        }
+        Ok(())
+    }
+
     fn forward(&self, x: &Tensor, cache: &mut LayerCache, start: usize) -> Result<Tensor> {
         let normed = self.input_layernorm.forward(x)?;
         let attn = self.self_attention.forward(&normed, cache, start)?;
@@ -319,6 +357,7 @@ impl ChatGlmModel {
         weights: &Weights,
         dtype: DType,
         device: &Device,
+        quantization: Option<Quantization>,
     ) -> Result<Self> {
         let rotary = Arc::new(RotaryTables::new(cfg, dtype, device)?);
         let word_embeddings = weights.get(
@@ -327,14 +366,14 @@ impl ChatGlmModel {
         )?;
         let layers = (0..cfg.num_layers)
             .map(|i| {
-                let block = Block::new(
-                    cfg,
-                    weights,
-                    &format!("transformer.encoder.layers.{i}"),
-                    rotary.clone(),
-                );
+                let name = format!("transformer.encoder.layers.{i}");
+                let mut block = Block::new(cfg, weights, &name, rotary.clone())?;
+                // Quantizing each block as it arrives keeps one dense block in memory at most.
+                if let Some(q) = quantization {
+                    block.quantize(q, &name)?;
+                }
                 tracing::info!(layer = i + 1, of = cfg.num_layers, "loaded layer");
-                block
+                Ok(block)
             })
             .collect::<Result<Vec<_>>>()?;
         let final_layernorm = if cfg.post_layer_norm {
@@ -346,13 +385,21 @@ impl ChatGlmModel {
         } else {
             None
         };
-        let output_layer = linear(
+        let mut output_layer = linear(
             weights,
             "transformer.output_layer",
             cfg.padded_vocab_size,
             cfg.hidden_size,
             false,
         )?;
+        if quantization.is_some() {
+            // The output layer's errors land on the logits directly: it keeps 8 bits.
+            quantize_linear(
+                &mut output_layer,
+                "transformer.output_layer",
+                Quantization::Q8_0,
+            )?;
+        }
         Ok(ChatGlmModel {
             word_embeddings,
             layers,

@@ -1,54 +1,95 @@
-//! A linear layer whose single-token product uses every core.
+//! A linear layer whose single-token product uses every core, dense or quantized.
 //!
 //! Decoding multiplies one activation row by every weight matrix: a matrix-vector product that
 //! is bound by memory bandwidth. candle's CPU matmul runs that shape on one thread, so for one
 //! row of f32 on the CPU this layer splits the weight rows across rayon's pool instead. Everything
-//! else (prefill, other dtypes, GPUs) goes through candle's matmul.
+//! else (prefill, other dtypes, GPUs) goes through candle's matmul. Quantized weights (ggml block
+//! formats) go through candle's `QMatMul`, whose CPU kernels are multi-threaded already.
 
 use std::sync::LazyLock;
 
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use rayon::prelude::*;
+
+use crate::Quantization;
 
 /// `y = x W^T + b` with `W` stored `[out_features, in_features]` as in PyTorch checkpoints.
 #[derive(Debug, Clone)]
 pub(crate) struct Linear {
-    weight: Tensor,
+    weight: Weight,
     bias: Option<Tensor>,
     span: tracing::Span,
+}
+
+#[derive(Debug, Clone)]
+enum Weight {
+    Dense(Tensor),
+    Quantized { matmul: QMatMul, bytes: usize },
 }
 
 impl Linear {
     pub(crate) fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
         Linear {
-            weight,
+            weight: Weight::Dense(weight),
             bias,
             span: tracing::span!(tracing::Level::TRACE, "linear"),
         }
     }
 
+    /// Re-encodes the weight in `quantization`'s block format, or the closest one the matrix
+    /// shape allows (k-quants need rows that are a multiple of 256 wide, the others of 32).
+    /// Returns the format used; a matrix no format fits stays dense (`None`).
+    pub(crate) fn quantize(
+        &mut self,
+        quantization: Quantization,
+    ) -> candle_core::Result<Option<GgmlDType>> {
+        let Weight::Dense(weight) = &self.weight else {
+            return Ok(None);
+        };
+        let in_features = weight.dim(1)?;
+        let Some(dtype) = quantization
+            .candidates()
+            .iter()
+            .copied()
+            .find(|d| in_features % d.block_size() == 0)
+        else {
+            return Ok(None);
+        };
+        let qtensor = QTensor::quantize(&weight.to_dtype(DType::F32)?, dtype)?;
+        let bytes = qtensor.storage_size_in_bytes();
+        self.weight = Weight::Quantized {
+            matmul: QMatMul::from_qtensor(qtensor)?,
+            bytes,
+        };
+        Ok(Some(dtype))
+    }
+
     /// Bytes of weight this layer reads per token.
     pub(crate) fn weight_bytes(&self) -> usize {
-        let mut n = self.weight.elem_count() * self.weight.dtype().size_in_bytes();
+        let mut n = match &self.weight {
+            Weight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            Weight::Quantized { bytes, .. } => *bytes,
+        };
         if let Some(b) = &self.bias {
             n += b.elem_count() * b.dtype().size_in_bytes();
         }
         n
     }
 
-    fn matvec(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn matvec(&self, weight: &Tensor, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
         if !matches!(x.device(), Device::Cpu)
             || x.dtype() != DType::F32
-            || self.weight.dtype() != DType::F32
+            || weight.dtype() != DType::F32
             || x.dims().len() != 2
             || x.dim(0)? != 1
-            || !self.weight.is_contiguous()
+            || !weight.is_contiguous()
         {
             return Ok(None);
         }
         let x = x.contiguous()?;
-        let (out_features, in_features) = self.weight.dims2()?;
-        let (w_storage, w_layout) = self.weight.storage_and_layout();
+        let (out_features, in_features) = weight.dims2()?;
+        let (w_storage, w_layout) = weight.storage_and_layout();
         let (x_storage, x_layout) = x.storage_and_layout();
         let (candle_core::Storage::Cpu(w), candle_core::Storage::Cpu(xs)) =
             (&*w_storage, &*x_storage)
@@ -76,9 +117,12 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let _enter = self.span.enter();
-        let y = match self.matvec(x)? {
-            Some(y) => y,
-            None => x.matmul(&self.weight.t()?)?,
+        let y = match &self.weight {
+            Weight::Dense(w) => match self.matvec(w, x)? {
+                Some(y) => y,
+                None => x.matmul(&w.t()?)?,
+            },
+            Weight::Quantized { matmul, .. } => matmul.forward(x)?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),

@@ -110,6 +110,18 @@ int main(int argc, char **argv) {
         "bad UTF-8 path");
   CHECK(strstr(last_message(), "UTF-8") != NULL, "%s", last_message());
 
+  /* Quantized weights through the options struct. */
+  ChathubLoadOptions load_options;
+  CHECK(chathub_load_options_default(&load_options) == CHATHUB_OK, "defaults");
+  load_options.quantization = CHATHUB_QUANT_Q8_0;
+  ChathubModel *quantized = NULL;
+  CHECK(chathub_model_load_with(dir, &load_options, &quantized) == CHATHUB_OK, "%s", last_message());
+  chathub_model_free(quantized);
+  load_options.quantization = 42;
+  CHECK(chathub_model_load_with(dir, &load_options, &quantized) == CHATHUB_ERR_INVALID_ARGUMENT,
+        "bad quantization");
+  CHECK(strstr(last_message(), "quantization") != NULL, "%s", last_message());
+
   CHECK(chathub_model_load(dir, CHATHUB_FAMILY_AUTO, &model) == CHATHUB_OK, "%s", last_message());
   if (!model) {
     printf("%d passed, %d failed\n", passed, failed + 1);

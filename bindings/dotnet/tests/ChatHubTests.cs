@@ -197,6 +197,18 @@ static class ChatHubTests
         }
     }
 
+    static void QuantizedModelsLoad()
+    {
+        using (var q8 = ChatModel.Load(Path.Combine(fixtures, "chatglm3-tiny"), ModelFamily.Auto, Quantization.Q8_0))
+        {
+            var result = q8.ChatWithStats(Conv1Prompt, Conv1History, Greedy(5));
+            Equal(60, result.Stats.PromptTokens, "prompt tokens");
+            Equal(5, result.Stats.CompletionTokens, "completion tokens");
+        }
+        var bad = Throws<ChatHubException>(() => ChatModel.Load(Path.Combine(fixtures, "chatglm3-tiny"), ModelFamily.Auto, (Quantization)9), "bad quantization");
+        Equal(ChatHubStatus.InvalidArgument, bad.Status, "status");
+    }
+
     static void BadInputGivesClearErrors()
     {
         Throws<DirectoryNotFoundException>(() => ChatModel.Load("/no/such/model"), "missing directory");
@@ -297,6 +309,7 @@ static class ChatHubTests
             new KeyValuePair<string, Action>("BreakingOutOfTheLoopStopsGeneration", BreakingOutOfTheLoopStopsGeneration),
             new KeyValuePair<string, Action>("CancellingTheTokenStopsGeneration", CancellingTheTokenStopsGeneration),
             new KeyValuePair<string, Action>("ChatGlm2HistoryRule", ChatGlm2HistoryRule),
+            new KeyValuePair<string, Action>("QuantizedModelsLoad", QuantizedModelsLoad),
             new KeyValuePair<string, Action>("BadInputGivesClearErrors", BadInputGivesClearErrors),
             new KeyValuePair<string, Action>("ManyThreadsShareOneModel", ManyThreadsShareOneModel),
             new KeyValuePair<string, Action>("SoakKeepsMemoryFlat", SoakKeepsMemoryFlat),

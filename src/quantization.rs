@@ -1,0 +1,68 @@
+//! Quantized weight formats selectable at load time.
+
+use std::fmt;
+use std::str::FromStr;
+
+use candle_core::quantized::GgmlDType;
+
+use crate::error::Error;
+
+/// A block format for the weights of every linear layer, chosen when a model is loaded.
+///
+/// These are ggml's formats (the ones llama.cpp and chatglm.cpp use): weights are stored in
+/// blocks with a scale each, and multiplied without widening them back to f32 first. The
+/// embedding table stays f32; the output layer uses q8_0 whatever is chosen, since its errors
+/// land directly on the logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Quantization {
+    /// 8-bit, blocks of 32 (8.5 bits per weight): nearly lossless.
+    Q8_0,
+    /// 4-bit, blocks of 32 (4.5 bits per weight).
+    Q4_0,
+    /// 4-bit k-quant, super-blocks of 256 (4.5 bits per weight), more accurate than q4_0. Rows
+    /// whose width is not a multiple of 256 fall back to q4_0.
+    Q4K,
+}
+
+impl Quantization {
+    /// The name used on the command line (`q8_0`, `q4_0`, `q4k`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Quantization::Q8_0 => "q8_0",
+            Quantization::Q4_0 => "q4_0",
+            Quantization::Q4K => "q4k",
+        }
+    }
+
+    /// Formats to try, best first: later ones take narrower rows.
+    pub(crate) fn candidates(self) -> &'static [GgmlDType] {
+        match self {
+            Quantization::Q8_0 => &[GgmlDType::Q8_0],
+            Quantization::Q4_0 => &[GgmlDType::Q4_0],
+            Quantization::Q4K => &[GgmlDType::Q4K, GgmlDType::Q4_0],
+        }
+    }
+}
+
+impl fmt::Display for Quantization {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Quantization {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s.to_ascii_lowercase().as_str() {
+            "q8_0" | "q8" => Ok(Quantization::Q8_0),
+            "q4_0" => Ok(Quantization::Q4_0),
+            "q4k" | "q4_k" | "q4_k_m" => Ok(Quantization::Q4K),
+            _ => Err(Error::invalid(
+                "quantization",
+                s,
+                "expected q8_0, q4_0 or q4k",
+            )),
+        }
+    }
+}
