@@ -9,6 +9,7 @@ use candle_core::{DType, Device};
 use crate::config::{GenerationDefaults, ModelConfig};
 use crate::error::{Error, Result};
 use crate::models::chatglm::ChatGlmModel;
+use crate::prefix_cache::PrefixCache;
 use crate::prompt::{ModelFamily, Prompt, PromptBuilder};
 use crate::quantization::Quantization;
 use crate::request::{ChatOutcome, ChatRequest, FinishReason, ResolvedParams, Timings, Usage};
@@ -39,6 +40,9 @@ pub struct ModelOptions {
     pub dtype: Option<DType>,
     /// Quantize every linear layer's weights at load (`None`: keep them dense).
     pub quantization: Option<Quantization>,
+    /// Bytes of key/value caches kept from finished requests, so a prompt that repeats an
+    /// earlier conversation only runs its new tokens (0 turns reuse off). Default 512 MiB.
+    pub prefix_cache_bytes: usize,
 }
 
 impl Default for ModelOptions {
@@ -48,6 +52,7 @@ impl Default for ModelOptions {
             device: Device::Cpu,
             dtype: None,
             quantization: None,
+            prefix_cache_bytes: 512 << 20,
         }
     }
 }
@@ -133,6 +138,7 @@ pub struct Engine {
     stop_ids: Vec<u32>,
     dir: PathBuf,
     quantization: Option<Quantization>,
+    prefix_cache: PrefixCache,
 }
 
 impl Engine {
@@ -235,6 +241,7 @@ impl Engine {
             stop_ids,
             dir: dir.to_path_buf(),
             quantization: options.quantization,
+            prefix_cache: PrefixCache::new(options.prefix_cache_bytes),
         })
     }
 
@@ -384,11 +391,14 @@ impl Engine {
         let prompt_len = prompt.ids.len();
         let room = limit - prompt_len;
         let max_new = params.max_new_tokens.map_or(room, |n| n.min(room));
-        let mut cache = self.model.new_cache(prompt_len + max_new);
+        let (mut cache, cached) = match self.prefix_cache.take(&prompt.ids) {
+            Some(reused) => reused,
+            None => (self.model.new_cache(prompt_len + max_new), 0),
+        };
 
         let prefill_started = Instant::now();
         let mut logits = Vec::new();
-        for chunk in prompt.ids.chunks(PREFILL_CHUNK) {
+        for chunk in prompt.ids[cached..].chunks(PREFILL_CHUNK) {
             logits = self.model.forward(chunk, &mut cache)?;
         }
         let prefill = prefill_started.elapsed();
@@ -433,12 +443,14 @@ impl Engine {
             }
         }
         let decode = decode_started.elapsed();
+        self.prefix_cache
+            .put(context[..cache.len()].to_vec(), cache);
         let decode_steps = completion.len().saturating_sub(1);
         let per_s = |n: usize, secs: f64| if secs > 0.0 { n as f64 / secs } else { 0.0 };
         let timings = Timings {
             ttft_ms: ttft.unwrap_or_default().as_secs_f64() * 1e3,
             prefill_ms: prefill.as_secs_f64() * 1e3,
-            prefill_tokens_per_s: per_s(prompt_len, prefill.as_secs_f64()),
+            prefill_tokens_per_s: per_s(prompt_len - cached, prefill.as_secs_f64()),
             decode_ms: decode.as_secs_f64() * 1e3,
             decode_tokens_per_s: per_s(decode_steps, decode.as_secs_f64()),
             total_ms: started.elapsed().as_secs_f64() * 1e3,
@@ -456,6 +468,7 @@ impl Engine {
             finish_reason,
             usage: Usage {
                 prompt_tokens: prompt_len,
+                cached_prompt_tokens: cached,
                 completion_tokens: completion.len(),
             },
             prompt_token_ids: prompt.ids,

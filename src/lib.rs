@@ -46,6 +46,7 @@ mod engine;
 mod error;
 mod message;
 mod models;
+mod prefix_cache;
 mod prompt;
 mod quantization;
 mod request;

@@ -252,8 +252,11 @@ pub enum FinishReason {
 /// Token counts of one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Usage {
-    /// Tokens in the prompt actually run (after any history trimming).
+    /// Tokens in the prompt (after any history trimming).
     pub prompt_tokens: usize,
+    /// Prompt tokens whose keys and values came from an earlier request's cache instead of
+    /// being computed again.
+    pub cached_prompt_tokens: usize,
     /// Tokens generated (stop token excluded).
     pub completion_tokens: usize,
 }
@@ -265,7 +268,7 @@ pub struct Timings {
     pub ttft_ms: f64,
     /// Running the prompt through the model.
     pub prefill_ms: f64,
-    /// Prompt tokens per second during prefill.
+    /// Prompt tokens computed per second during prefill (cached ones excluded).
     pub prefill_tokens_per_s: f64,
     /// Time spent on the forward passes after the first token.
     pub decode_ms: f64,

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use chathub::{ChatRequest, Engine};
+use chathub::{ChatRequest, Engine, Message};
 use clap::Args;
 use rayon::prelude::*;
 use serde::Serialize;
@@ -17,9 +17,15 @@ pub struct BenchArgs {
     #[command(flatten)]
     model: ModelArgs,
 
-    /// Prompt length in tokens (approximate: whole words are added until it is reached).
-    #[arg(long, default_value_t = 32)]
+    /// Prompt length in tokens, i.e. the context decoding starts from (approximate: whole words
+    /// are added until it is reached).
+    #[arg(long, visible_alias = "context", default_value_t = 32)]
     prompt_tokens: usize,
+
+    /// Also time the first token of the last turn of a chat this many turns long, with the
+    /// earlier turns' caches reused and without (0 skips it).
+    #[arg(long, default_value_t = 5)]
+    turns: usize,
 
     /// Tokens to generate (stop tokens are ignored so every run is the same length).
     #[arg(long, default_value_t = 64)]
@@ -59,6 +65,9 @@ struct BenchReport {
     machine_read_gb_per_s: f64,
     roofline_tokens_per_s: f64,
     roofline_ratio: f64,
+    last_turn_ttft_ms_reused: Option<f64>,
+    last_turn_ttft_ms_cold: Option<f64>,
+    last_turn_prompt_tokens: Option<usize>,
 }
 
 /// Runs the benchmark and prints the report.
@@ -119,6 +128,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     let best = best.context("no run")?;
+    let turns = (args.turns > 1)
+        .then(|| last_turn_ttft(&engine, args.turns))
+        .transpose()?;
     let bandwidth = read_bandwidth_gb_per_s();
     let bytes = engine.weight_bytes_per_token();
     let roofline = bandwidth * 1e9 / bytes as f64;
@@ -142,6 +154,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         machine_read_gb_per_s: bandwidth,
         roofline_tokens_per_s: roofline,
         roofline_ratio: best.timings.decode_tokens_per_s / roofline,
+        last_turn_ttft_ms_reused: turns.map(|t| t.reused_ms),
+        last_turn_ttft_ms_cold: turns.map(|t| t.cold_ms),
+        last_turn_prompt_tokens: turns.map(|t| t.prompt_tokens),
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -173,8 +188,56 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             100.0 * r.roofline_ratio
         );
         println!("peak RSS         {:.2} GB", r.peak_rss_bytes as f64 / 1e9);
+        if let (Some(reused), Some(cold), Some(n)) = (
+            r.last_turn_ttft_ms_reused,
+            r.last_turn_ttft_ms_cold,
+            r.last_turn_prompt_tokens,
+        ) {
+            println!(
+                "turn {} TTFT     {reused:.1} ms with earlier turns reused, {cold:.1} ms cold ({n} prompt tokens)",
+                args.turns
+            );
+        }
     }
     Ok(())
+}
+
+#[derive(Debug, Clone, Copy)]
+struct LastTurn {
+    reused_ms: f64,
+    cold_ms: f64,
+    prompt_tokens: usize,
+}
+
+/// Plays a chat of `turns` turns (history resent each turn, as AIHub does) and times the first
+/// token of the last one; then the same last request with a different system prompt, which no
+/// cached prefix matches.
+fn last_turn_ttft(engine: &Engine, turns: usize) -> anyhow::Result<LastTurn> {
+    let question = prompt_of_length(engine, 40)?;
+    let mut history = vec![Message::system("You are a benchmark.")];
+    let ask = |history: &[Message]| ChatRequest {
+        ignore_stop: true,
+        ..ChatRequest::new(question.clone())
+            .history(history.to_vec())
+            .max_new_tokens(16)
+            .greedy()
+    };
+    let mut last = None;
+    for _ in 0..turns {
+        let outcome = engine.chat(&ask(&history))?;
+        history.push(Message::user(question.clone()));
+        history.push(Message::assistant(outcome.text.clone()));
+        last = Some(outcome);
+    }
+    let last = last.context("no turn")?;
+    history.truncate(history.len() - 2);
+    history[0] = Message::system("You are a benchmark, run cold.");
+    let cold = engine.chat(&ask(&history))?;
+    Ok(LastTurn {
+        reused_ms: last.timings.ttft_ms,
+        cold_ms: cold.timings.ttft_ms,
+        prompt_tokens: last.usage.prompt_tokens,
+    })
 }
 
 /// Writes the synthetic mid-size model once and returns its directory, and whether it was

@@ -489,6 +489,28 @@ pub(crate) struct KvCache {
     capacity_hint: usize,
 }
 
+impl KvCache {
+    /// Number of positions computed.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Forgets the positions from `len` on; the next forward continues from there.
+    pub(crate) fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Memory held by the cache (its allocated capacity, not just the filled part).
+    pub(crate) fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.k, &l.v])
+            .flatten()
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
+    }
+}
+
 /// One layer's keys and values, `[capacity, kv_heads, head_dim]`, the first positions filled.
 ///
 /// Storage is preallocated and doubled when full, so appending a token copies only that token.

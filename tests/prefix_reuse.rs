@@ -1,0 +1,118 @@
+//! Multi-turn reuse of earlier requests' key/value caches: faster, and invisible in results.
+
+mod common;
+
+use chathub::{ChatRequest, Engine, Message, ModelOptions};
+
+fn engines(model: &str) -> (Engine, Engine) {
+    let dir = common::model_dir(model);
+    let with_reuse = Engine::load(&dir).expect("loads");
+    let without = Engine::load_with(
+        &dir,
+        &ModelOptions {
+            prefix_cache_bytes: 0,
+            ..ModelOptions::default()
+        },
+    )
+    .expect("loads");
+    (with_reuse, without)
+}
+
+/// Plays an AIHub-style conversation (the whole history sent every turn) on both engines.
+fn conversation(model: &str) {
+    let (with_reuse, without) = engines(model);
+    let questions = [
+        "Hello! How are you today?",
+        "What is the capital of France?",
+        "晚上睡不着应该怎么办？",
+        "Tell me about numbers 12345 and emoji 👋",
+        "And one more question, please.",
+    ];
+    let mut history = vec![Message::system("You are a helpful assistant.")];
+    let mut computed = Vec::new();
+    for (turn, question) in questions.iter().enumerate() {
+        let request = ChatRequest::new(*question)
+            .history(history.clone())
+            .max_new_tokens(12)
+            .greedy();
+        let reused = with_reuse.chat(&request).expect("chat");
+        let fresh = without.chat(&request).expect("chat");
+        assert_eq!(
+            reused.prompt_token_ids, fresh.prompt_token_ids,
+            "{model} turn {turn}"
+        );
+        assert_eq!(
+            reused.completion_token_ids, fresh.completion_token_ids,
+            "{model} turn {turn}: reuse changed the reply"
+        );
+        assert_eq!(fresh.usage.cached_prompt_tokens, 0);
+        if turn > 0 {
+            assert!(
+                reused.usage.cached_prompt_tokens > 0,
+                "{model} turn {turn} reused nothing"
+            );
+        }
+        computed.push(reused.usage.prompt_tokens - reused.usage.cached_prompt_tokens);
+        history.push(Message::user(*question));
+        history.push(Message::assistant(reused.text));
+    }
+    // Work per turn is about one exchange, not the whole history: turn 5 computes no more than
+    // the biggest earlier turn, though its prompt is the longest.
+    let first = computed[0];
+    assert!(
+        computed[1..].iter().all(|&c| c <= first + 40),
+        "{model}: {computed:?}"
+    );
+}
+
+#[test]
+fn chatglm3_conversation_reuses_its_prefix_without_changing_replies() {
+    conversation("chatglm3-tiny");
+}
+
+#[test]
+fn chatglm2_conversation_reuses_its_prefix_without_changing_replies() {
+    conversation("chatglm2-tiny");
+}
+
+#[test]
+fn concurrent_requests_sharing_a_prefix_agree() {
+    let (with_reuse, without) = engines("chatglm3-tiny");
+    let with_reuse = std::sync::Arc::new(with_reuse);
+    let history = vec![
+        Message::system("You are a helpful assistant."),
+        Message::user("Hello! How are you today?"),
+        Message::assistant("I am fine, thank you. What can I do for you?"),
+    ];
+    let prompts = [
+        "What is the capital of France?",
+        "And of Germany?",
+        "And of Italy?",
+    ];
+    let expected: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let r = ChatRequest::new(*p)
+                .history(history.clone())
+                .max_new_tokens(10)
+                .greedy();
+            without.chat(&r).expect("chat").completion_token_ids
+        })
+        .collect();
+    let handles: Vec<_> = (0..9)
+        .map(|i| {
+            let engine = with_reuse.clone();
+            let request = ChatRequest::new(prompts[i % 3])
+                .history(history.clone())
+                .max_new_tokens(10)
+                .greedy();
+            std::thread::spawn(move || {
+                (i, engine.chat(&request).expect("chat").completion_token_ids)
+            })
+        })
+        .collect();
+    for h in handles {
+        let (i, ids) = h.join().expect("thread");
+        assert_eq!(ids, expected[i % 3], "thread {i}");
+    }
+}
