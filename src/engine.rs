@@ -391,10 +391,13 @@ impl Engine {
         let prompt_len = prompt.ids.len();
         let room = limit - prompt_len;
         let max_new = params.max_new_tokens.map_or(room, |n| n.min(room));
-        let (mut cache, cached) = match self.prefix_cache.take(&prompt.ids) {
-            Some(reused) => reused,
-            None => (self.model.new_cache(prompt_len + max_new), 0),
+        let reused = if request.skip_prefix_cache {
+            None
+        } else {
+            self.prefix_cache.take(&prompt.ids)
         };
+        let (mut cache, cached) =
+            reused.unwrap_or_else(|| (self.model.new_cache(prompt_len + max_new), 0));
 
         let prefill_started = Instant::now();
         let mut logits = Vec::new();

@@ -58,6 +58,10 @@ pub struct ChatRequest {
     /// Extra token ids that end the reply, besides the model's own stop tokens.
     #[serde(default)]
     pub stop_token_ids: Vec<u32>,
+    /// Compute the whole prompt even when an earlier request's cache covers part of it
+    /// (benchmarks of cold prefill; like llama.cpp's `cache_prompt: false`).
+    #[serde(default)]
+    pub skip_prefix_cache: bool,
     /// Keep generating past stop tokens until the length limit (benchmarks; like llama.cpp's
     /// `ignore_eos`).
     #[serde(default)]

@@ -215,6 +215,10 @@ typedef struct ChathubStats {
    * Milliseconds for the whole call.
    */
   double total_ms;
+  /**
+   * Prompt tokens taken from an earlier request's cache instead of being computed.
+   */
+  uint32_t cached_prompt_tokens;
 } ChathubStats;
 
 /**

@@ -118,6 +118,7 @@ namespace ChatHub
             PrefillTokensPerSecond = s.prefill_tokens_per_s;
             DecodeTokensPerSecond = s.decode_tokens_per_s;
             TotalMs = s.total_ms;
+            CachedPromptTokens = (int)s.cached_prompt_tokens;
         }
 
         /// <summary>Why the reply ended.</summary>
@@ -136,6 +137,8 @@ namespace ChatHub
         public double DecodeTokensPerSecond { get; }
         /// <summary>Milliseconds for the whole call.</summary>
         public double TotalMs { get; }
+        /// <summary>Prompt tokens taken from an earlier call's cache (multi-turn reuse).</summary>
+        public int CachedPromptTokens { get; }
     }
 
     /// <summary>A reply and what it took.</summary>

@@ -360,6 +360,10 @@ namespace ChatHub.Native
         ///  Milliseconds for the whole call.
         /// </summary>
         public double total_ms;
+        /// <summary>
+        ///  Prompt tokens taken from an earlier request's cache instead of being computed.
+        /// </summary>
+        public uint cached_prompt_tokens;
     }
 
 

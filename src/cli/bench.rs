@@ -102,6 +102,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     let request = ChatRequest {
         ignore_stop: true,
+        skip_prefix_cache: true,
         ..ChatRequest::new(prompt_of_length(&engine, args.prompt_tokens)?)
             .max_new_tokens(args.gen_tokens)
             .greedy()
@@ -210,8 +211,7 @@ struct LastTurn {
 }
 
 /// Plays a chat of `turns` turns (history resent each turn, as AIHub does) and times the first
-/// token of the last one; then the same last request with a different system prompt, which no
-/// cached prefix matches.
+/// token of the last one; then the same last request again with the prefix cache bypassed.
 fn last_turn_ttft(engine: &Engine, turns: usize) -> anyhow::Result<LastTurn> {
     let question = prompt_of_length(engine, 40)?;
     let mut history = vec![Message::system("You are a benchmark.")];
@@ -231,8 +231,10 @@ fn last_turn_ttft(engine: &Engine, turns: usize) -> anyhow::Result<LastTurn> {
     }
     let last = last.context("no turn")?;
     history.truncate(history.len() - 2);
-    history[0] = Message::system("You are a benchmark, run cold.");
-    let cold = engine.chat(&ask(&history))?;
+    let cold = engine.chat(&ChatRequest {
+        skip_prefix_cache: true,
+        ..ask(&history)
+    })?;
     Ok(LastTurn {
         reused_ms: last.timings.ttft_ms,
         cold_ms: cold.timings.ttft_ms,

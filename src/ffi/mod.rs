@@ -135,6 +135,8 @@ pub struct ChathubStats {
     pub decode_tokens_per_s: f64,
     /// Milliseconds for the whole call.
     pub total_ms: f64,
+    /// Prompt tokens taken from an earlier request's cache instead of being computed.
+    pub cached_prompt_tokens: u32,
 }
 
 /// Receives each new piece of reply text: `len` bytes of whole UTF-8 characters at `utf8`

@@ -202,6 +202,7 @@ pub(super) fn stats_from(outcome: &ChatOutcome) -> ChathubStats {
         prefill_tokens_per_s: outcome.timings.prefill_tokens_per_s,
         decode_tokens_per_s: outcome.timings.decode_tokens_per_s,
         total_ms: outcome.timings.total_ms,
+        cached_prompt_tokens: saturate(outcome.usage.cached_prompt_tokens),
     }
 }
 

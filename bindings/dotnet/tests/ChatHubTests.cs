@@ -108,7 +108,9 @@ static class ChatHubTests
         Equal(60, result.Stats.PromptTokens, "prompt tokens");
         Equal(20, result.Stats.CompletionTokens, "completion tokens");
         Equal(FinishReason.Length, result.Stats.FinishReason, "finish reason");
-        Equal(conv1Text, glm3.Chat(Conv1Prompt, Conv1History, Greedy(20)), "Chat");
+        var again = glm3.ChatWithStats(Conv1Prompt, Conv1History, Greedy(20));
+        Equal(conv1Text, again.Text, "repeated chat");
+        Assert(again.Stats.CachedPromptTokens > 0, "the repeated prompt reuses the cached prefix");
     }
 
     static void ChineseAndEmojiRoundTrip()
