@@ -132,6 +132,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let turns = (args.turns > 1)
         .then(|| last_turn_ttft(&engine, args.turns))
         .transpose()?;
+    // Before the bandwidth probe, whose buffer would count in the peak.
+    let peak_rss = peak_rss_bytes();
     let bandwidth = read_bandwidth_gb_per_s();
     let bytes = engine.weight_bytes_per_token();
     let roofline = bandwidth * 1e9 / bytes as f64;
@@ -148,7 +150,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         prefill_tokens_per_s: best.timings.prefill_tokens_per_s,
         decode_tokens_per_s: best.timings.decode_tokens_per_s,
         ttft_ms: best.timings.ttft_ms,
-        peak_rss_bytes: peak_rss_bytes(),
+        peak_rss_bytes: peak_rss,
         load_peak_rss_bytes,
         weight_bytes_per_token: bytes,
         decode_read_gb_per_s: best.timings.decode_tokens_per_s * bytes as f64 / 1e9,
