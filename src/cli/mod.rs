@@ -21,15 +21,15 @@ pub struct ModelArgs {
     pub model: Option<PathBuf>,
 
     /// Use the built-in tiny demo model (random weights: its text is meaningless).
-    #[arg(long)]
+    #[arg(long, env = "CHATHUB_DEMO")]
     pub demo: bool,
 
     /// Chat format, when detection from the files guesses wrong: chatglm2 or chatglm3.
-    #[arg(long)]
+    #[arg(long, env = "CHATHUB_FAMILY")]
     pub family: Option<ModelFamily>,
 
     /// Compute dtype: f32 (default on CPU), f16 or bf16.
-    #[arg(long, default_value = "f32", value_parser = parse_dtype)]
+    #[arg(long, env = "CHATHUB_DTYPE", default_value = "f32", value_parser = parse_dtype)]
     pub dtype: DType,
 
     /// Quantize the weights at load: q8_0, q4_0 or q4k (smaller and faster on a CPU).
@@ -37,7 +37,7 @@ pub struct ModelArgs {
     pub quant: Option<Quantization>,
 
     /// Run on the first CUDA GPU (needs a build with `--features cuda`).
-    #[arg(long)]
+    #[arg(long, env = "CHATHUB_CUDA")]
     pub cuda: bool,
 }
 
