@@ -56,7 +56,7 @@ impl Linear {
         else {
             return Ok(None);
         };
-        let qtensor = QTensor::quantize(&weight.to_dtype(DType::F32)?, dtype)?;
+        let qtensor = quantize_rows_in_parallel(&weight.to_dtype(DType::F32)?, dtype)?;
         let bytes = qtensor.storage_size_in_bytes();
         self.weight = Weight::Quantized {
             matmul: QMatMul::from_qtensor(qtensor)?,
@@ -131,6 +131,39 @@ impl Module for Linear {
     }
 }
 
+/// Quantizes `weight` (`[rows, cols]`, f32) with every core: blocks never straddle rows, so
+/// bands of rows quantize independently and their bytes concatenate into the whole tensor.
+fn quantize_rows_in_parallel(weight: &Tensor, dtype: GgmlDType) -> candle_core::Result<QTensor> {
+    let (rows, cols) = weight.dims2()?;
+    let threads = rayon::current_num_threads().max(1);
+    let band = rows.div_ceil(threads * 4).max(1);
+    let parts = (0..rows)
+        .step_by(band)
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .map(|start| {
+            // Fresh storage, not a view: candle's quantizer reads the whole underlying storage
+            // and ignores a view's offset and length.
+            let n = band.min(rows - start);
+            let values = weight
+                .narrow(0, start, n)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let part = Tensor::from_vec(values, (n, cols), &Device::Cpu)?;
+            QTensor::quantize(&part, dtype)?
+                .data()
+                .map(|d| d.into_owned())
+        })
+        .collect::<candle_core::Result<Vec<Vec<u8>>>>()?;
+    let bytes = parts.concat();
+    candle_core::quantized::ggml_file::qtensor_from_ggml(
+        dtype,
+        &bytes,
+        vec![rows, cols],
+        weight.device(),
+    )
+}
+
 static HAS_AVX2: LazyLock<bool> = LazyLock::new(|| {
     #[cfg(target_arch = "x86_64")]
     {
@@ -180,6 +213,21 @@ fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parallel_quantization_is_byte_identical() -> candle_core::Result<()> {
+        let w = Tensor::arange(0f32, 67.0 * 256.0, &Device::Cpu)?
+            .reshape((67, 256))?
+            .affine(0.0003, -2.0)?
+            .sin()?;
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4K] {
+            let whole = QTensor::quantize(&w, dtype)?;
+            let banded = quantize_rows_in_parallel(&w, dtype)?;
+            assert_eq!(whole.data()?, banded.data()?, "{dtype:?}");
+            assert_eq!(whole.shape(), banded.shape());
+        }
+        Ok(())
+    }
 
     #[test]
     fn matvec_matches_matmul() -> candle_core::Result<()> {
