@@ -30,6 +30,8 @@ pub(crate) struct Weights {
     /// Where a missing tensor was looked for (the index file, or the single weight file).
     catalogue: PathBuf,
     dtype: DType,
+    /// What linear layers' weight matrices are stored in (may be narrower than `dtype`).
+    matrix_dtype: DType,
     device: Device,
 }
 
@@ -194,8 +196,14 @@ const LAYOUTS: [(&str, bool); 4] = [
 ];
 
 impl Weights {
-    /// Opens the weights of `dir`, to be read as `dtype` on `device`.
-    pub(crate) fn open(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+    /// Opens the weights of `dir`, to be read as `dtype` on `device`, with weight matrices of
+    /// linear layers kept as `matrix_dtype`.
+    pub(crate) fn open(
+        dir: &Path,
+        dtype: DType,
+        matrix_dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let Some((name, is_index)) = LAYOUTS
             .iter()
             .copied()
@@ -243,6 +251,7 @@ impl Weights {
             routing,
             catalogue,
             dtype,
+            matrix_dtype,
             device: device.clone(),
         })
     }
@@ -256,8 +265,17 @@ impl Weights {
             .sum()
     }
 
+    /// Reads a linear layer's weight matrix, in the matrix dtype.
+    pub(crate) fn get_matrix(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.get_as(name, shape, self.matrix_dtype)
+    }
+
     /// Reads one tensor, checks its shape against `shape` and converts it to the compute dtype.
     pub(crate) fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.get_as(name, shape, self.dtype)
+    }
+
+    fn get_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let Some(&index) = self.routing.get(name) else {
             return Err(Error::MissingTensor {
                 name: name.to_string(),
@@ -288,7 +306,7 @@ impl Weights {
         }
         .ok_or_else(missing)?;
         tensor
-            .to_dtype(self.dtype)
+            .to_dtype(dtype)
             .and_then(|t| t.to_device(&self.device))
             .map_err(weights_error)
     }

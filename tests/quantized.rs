@@ -1,9 +1,9 @@
-//! Quantized weights against the f32 reference, with a stated tolerance (exact equality is not
-//! expected).
+//! Quantized and 16-bit weights against the f32 reference, with a stated tolerance (exact
+//! equality is not expected).
 //!
 //! Teacher-forced over the reference: at each of the 100 greedy steps of the five cases, the
 //! quantized model scores the official prefix and we check where it ranks the official next
-//! token. Tolerances: q8_0 picks it (top-1) at 90% of the steps or more; q4_0 and q4k keep it in
+//! token. Tolerances: q8_0, f16 and bf16 pick it (top-1) at 90% of the steps or more; q4_0 and q4k keep it in
 //! their top 5 at 90% or more. The tiny fixtures are random and only 64 wide, a harsh setting for
 //! 4-bit blocks; real checkpoints fare better.
 
@@ -23,16 +23,19 @@ fn rank_of(logits: &[f32], id: u32) -> usize {
 }
 
 fn teacher_forced(quantization: Option<Quantization>) -> Agreement {
+    teacher_forced_with(ModelOptions {
+        quantization,
+        ..ModelOptions::default()
+    })
+}
+
+fn teacher_forced_with(options: ModelOptions) -> Agreement {
     let mut result = Agreement {
         top1: 0,
         top5: 0,
         steps: 0,
     };
     for case in common::cases() {
-        let options = ModelOptions {
-            quantization,
-            ..ModelOptions::default()
-        };
         let engine = Engine::load_with(common::model_dir(&case.model), &options).expect("loads");
         let mut ids = case.prompt_token_ids.clone();
         for &expected in &case.greedy_token_ids_until_stop {
@@ -51,6 +54,24 @@ fn teacher_forced(quantization: Option<Quantization>) -> Agreement {
 fn dense_f32_is_exact_under_teacher_forcing() {
     let a = teacher_forced(None);
     assert_eq!((a.top1, a.steps), (100, 100));
+}
+
+#[test]
+fn half_precision_weights_pick_the_reference_token() {
+    use chathub::candle_core::DType;
+    for dtype in [DType::F16, DType::BF16] {
+        let a = teacher_forced_with(ModelOptions::default().dtype(dtype));
+        println!(
+            "{dtype:?}: top-1 {}/{}, top-5 {}/{}",
+            a.top1, a.steps, a.top5, a.steps
+        );
+        assert!(
+            a.top1 * 10 >= a.steps * 9,
+            "{dtype:?} top-1 {}/{}",
+            a.top1,
+            a.steps
+        );
+    }
 }
 
 #[test]

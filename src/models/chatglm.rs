@@ -92,7 +92,7 @@ fn linear(
     in_features: usize,
     bias: bool,
 ) -> Result<Linear> {
-    let weight = weights.get(&format!("{name}.weight"), &[out_features, in_features])?;
+    let weight = weights.get_matrix(&format!("{name}.weight"), &[out_features, in_features])?;
     let bias = if bias {
         Some(weights.get(&format!("{name}.bias"), &[out_features])?)
     } else {
@@ -203,7 +203,7 @@ impl SelfAttention {
             let mask = causal_mask(tokens, start, x.device())?;
             scores = scores
                 .reshape((self.kv_heads, per_group, tokens, context))?
-                .broadcast_add(&mask)?
+                .broadcast_add(&mask.to_dtype(scores.dtype())?)?
                 .reshape((self.kv_heads, per_group * tokens, context))?;
         }
         let probs =

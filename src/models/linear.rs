@@ -10,6 +10,8 @@ use std::sync::LazyLock;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::Quantization;
@@ -80,7 +82,6 @@ impl Linear {
     fn matvec(&self, weight: &Tensor, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
         if !matches!(x.device(), Device::Cpu)
             || x.dtype() != DType::F32
-            || weight.dtype() != DType::F32
             || x.dims().len() != 2
             || x.dim(0)? != 1
             || !weight.is_contiguous()
@@ -96,23 +97,213 @@ impl Linear {
         else {
             return Ok(None);
         };
-        let w = &w.as_slice::<f32>()?[w_layout.start_offset()..];
         let xs = &xs.as_slice::<f32>()?[x_layout.start_offset()..][..in_features];
-        let mut out = vec![0f32; out_features];
-        let rows_per_task = (out_features / (rayon::current_num_threads() * 8)).max(16);
-        out.par_chunks_mut(rows_per_task)
-            .enumerate()
-            .for_each(|(chunk, out)| {
-                let first = chunk * rows_per_task;
-                for (i, o) in out.iter_mut().enumerate() {
-                    let row = &w[(first + i) * in_features..][..in_features];
-                    *o = dot(row, xs);
-                }
-            });
+        let start = w_layout.start_offset();
+        let out = match weight.dtype() {
+            DType::F32 => rows_dot(&w.as_slice::<f32>()?[start..], xs, out_features, dot),
+            DType::F16 => rows_dot(&w.as_slice::<f16>()?[start..], xs, out_features, f16::dot),
+            DType::BF16 => rows_dot(&w.as_slice::<bf16>()?[start..], xs, out_features, bf16::dot),
+            _ => return Ok(None),
+        };
         drop(w_storage);
         Tensor::from_vec(out, (1, out_features), &Device::Cpu).map(Some)
     }
 }
+
+/// `out[r] = dot(w[r], x)` for every row of `w`, rows split across rayon's pool.
+fn rows_dot<T: Sync>(
+    w: &[T],
+    x: &[f32],
+    rows: usize,
+    dot: impl Fn(&[T], &[f32]) -> f32 + Sync,
+) -> Vec<f32> {
+    let cols = x.len();
+    let mut out = vec![0f32; rows];
+    let rows_per_task = (rows / (rayon::current_num_threads() * 8)).max(16);
+    out.par_chunks_mut(rows_per_task)
+        .enumerate()
+        .for_each(|(chunk, out)| {
+            let first = chunk * rows_per_task;
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = dot(&w[(first + i) * cols..][..cols], x);
+            }
+        });
+    out
+}
+
+/// A 16-bit float format that weight matrices may be stored in.
+trait HalfWeight: Copy + Send + Sync + 'static {
+    /// Widens `src` into `dst` (same length).
+    fn widen(src: &[Self], dst: &mut [f32]);
+    /// Dot product with f32 activations, widening on the fly.
+    fn dot(a: &[Self], b: &[f32]) -> f32;
+}
+
+impl HalfWeight for f16 {
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if *HAS_F16C {
+            // SAFETY: the CPU has AVX2, FMA and F16C, checked at run time.
+            return unsafe { simd::widen_f16(src, dst) };
+        }
+        src.convert_to_f32_slice(dst);
+    }
+
+    fn dot(a: &[Self], b: &[f32]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if *HAS_F16C {
+            // SAFETY: the CPU has AVX2, FMA and F16C, checked at run time.
+            return unsafe { simd::dot_f16(a, b) };
+        }
+        dot_widened(a, b)
+    }
+}
+
+impl HalfWeight for bf16 {
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if *HAS_F16C {
+            // SAFETY: the CPU has AVX2 and FMA, checked at run time.
+            return unsafe { simd::widen_bf16(src, dst) };
+        }
+        src.convert_to_f32_slice(dst);
+    }
+
+    fn dot(a: &[Self], b: &[f32]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if *HAS_F16C {
+            // SAFETY: the CPU has AVX2 and FMA, checked at run time.
+            return unsafe { simd::dot_bf16(a, b) };
+        }
+        dot_widened(a, b)
+    }
+}
+
+/// Portable fallback: widen a block at a time, then an f32 dot product.
+fn dot_widened<T: HalfWeight>(a: &[T], b: &[f32]) -> f32 {
+    const BLOCK: usize = 256;
+    let mut wide = [0f32; BLOCK];
+    let mut sum = 0f32;
+    for (a, b) in a.chunks(BLOCK).zip(b.chunks(BLOCK)) {
+        let wide = &mut wide[..a.len()];
+        T::widen(a, wide);
+        sum += dot(wide, b);
+    }
+    sum
+}
+
+/// A 16-bit weight matrix widened to f32 on every core, for prefill's matmul (the matrix is
+/// read once per prompt chunk, where the math dominates).
+fn widen_matrix<T: HalfWeight + candle_core::WithDType>(w: &Tensor) -> candle_core::Result<Tensor> {
+    let (rows, cols) = w.dims2()?;
+    let w = w.contiguous()?;
+    let (storage, layout) = w.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        drop(storage);
+        return w.to_dtype(DType::F32);
+    };
+    let src = &cpu.as_slice::<T>()?[layout.start_offset()..][..rows * cols];
+    let mut out = vec![0f32; rows * cols];
+    out.par_chunks_mut(cols * 64)
+        .zip(src.par_chunks(cols * 64))
+        .for_each(|(dst, src)| T::widen(src, dst));
+    drop(storage);
+    Tensor::from_vec(out, (rows, cols), &Device::Cpu)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::*;
+
+    use half::{bf16, f16};
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn sum8(v: __m256) -> f32 {
+        let hi = _mm256_extractf128_ps(v, 1);
+        let lo = _mm256_castps256_ps128(v);
+        let s = _mm_add_ps(hi, lo);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    /// Eight f16 from `p`, widened.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load_f16(p: *const f16) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+
+    /// Eight bf16 from `p`, widened (a bf16 is the top half of an f32).
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load_bf16(p: *const bf16) -> __m256 {
+        let halves = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
+        _mm256_castsi256_ps(_mm256_slli_epi32(halves, 16))
+    }
+
+    macro_rules! dot_impl {
+        ($name:ident, $t:ty, $load:ident, $features:literal) => {
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $name(a: &[$t], b: &[f32]) -> f32 {
+                let n = a.len().min(b.len());
+                let main = n - n % 32;
+                let (pa, pb) = (a.as_ptr(), b.as_ptr());
+                let mut acc = [_mm256_setzero_ps(); 4];
+                let mut i = 0;
+                while i < main {
+                    for (j, acc) in acc.iter_mut().enumerate() {
+                        let w = $load(pa.add(i + 8 * j));
+                        let x = _mm256_loadu_ps(pb.add(i + 8 * j));
+                        *acc = _mm256_fmadd_ps(w, x, *acc);
+                    }
+                    i += 32;
+                }
+                let total =
+                    _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+                let mut sum = sum8(total);
+                for k in main..n {
+                    sum += a[k].to_f32() * b[k];
+                }
+                sum
+            }
+        };
+    }
+
+    macro_rules! widen_impl {
+        ($name:ident, $t:ty, $load:ident, $features:literal) => {
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $name(src: &[$t], dst: &mut [f32]) {
+                let n = src.len().min(dst.len());
+                let main = n - n % 8;
+                let mut i = 0;
+                while i < main {
+                    _mm256_storeu_ps(dst.as_mut_ptr().add(i), $load(src.as_ptr().add(i)));
+                    i += 8;
+                }
+                for k in main..n {
+                    dst[k] = src[k].to_f32();
+                }
+            }
+        };
+    }
+
+    dot_impl!(dot_f16, f16, load_f16, "avx2,fma,f16c");
+    dot_impl!(dot_bf16, bf16, load_bf16, "avx2,fma");
+    widen_impl!(widen_f16, f16, load_f16, "avx2,fma,f16c");
+    widen_impl!(widen_bf16, bf16, load_bf16, "avx2,fma");
+}
+
+static HAS_F16C: LazyLock<bool> = LazyLock::new(|| {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+});
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -120,6 +311,13 @@ impl Module for Linear {
         let y = match &self.weight {
             Weight::Dense(w) => match self.matvec(w, x)? {
                 Some(y) => y,
+                // 16-bit weights under f32 activations (the CPU setup): widen for the matmul.
+                None if w.dtype() == DType::F16 && x.dtype() == DType::F32 => {
+                    x.matmul(&widen_matrix::<f16>(w)?.t()?)?
+                }
+                None if w.dtype() == DType::BF16 && x.dtype() == DType::F32 => {
+                    x.matmul(&widen_matrix::<bf16>(w)?.t()?)?
+                }
                 None => x.matmul(&w.t()?)?,
             },
             Weight::Quantized { matmul, .. } => matmul.forward(x)?,
@@ -213,6 +411,34 @@ fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn half_weights_match_their_f32_widening() -> candle_core::Result<()> {
+        let w = Tensor::arange(0f32, 45.0 * 77.0, &Device::Cpu)?
+            .reshape((45, 77))?
+            .affine(0.0011, -1.5)?
+            .sin()?;
+        let x1 = Tensor::arange(0f32, 77.0, &Device::Cpu)?
+            .reshape((1, 77))?
+            .affine(0.01, -0.3)?;
+        let x3 = Tensor::cat(&[&x1, &x1.affine(-1.0, 0.2)?, &x1.sqr()?], 0)?;
+        for dtype in [DType::F16, DType::BF16] {
+            let half = w.to_dtype(dtype)?;
+            let exact = half.to_dtype(DType::F32)?;
+            let layer = Linear::new(half, None);
+            for x in [&x1, &x3] {
+                let fast = layer.forward(x)?;
+                let slow = x.matmul(&exact.t()?)?;
+                let diff = (fast - slow)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(
+                    diff < 1e-4,
+                    "{dtype:?} rows {}: max difference {diff}",
+                    x.dim(0)?
+                );
+            }
+        }
+        Ok(())
+    }
 
     #[test]
     fn parallel_quantization_is_byte_identical() -> candle_core::Result<()> {
