@@ -112,7 +112,7 @@ impl ModelConfig {
         Ok(config)
     }
 
-    fn validate(&self, path: &Path) -> Result<()> {
+    pub(crate) fn validate(&self, path: &Path) -> Result<()> {
         let bad = |field, value: usize, reason| Error::InvalidConfig {
             path: path.to_path_buf(),
             field,

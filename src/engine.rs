@@ -20,6 +20,32 @@ use crate::weights::Weights;
 /// Prompt tokens run through the model at once; bounds the attention scratch memory.
 const PREFILL_CHUNK: usize = 256;
 
+/// What a model is assembled from, wherever it was read.
+struct Parts<'a> {
+    path: &'a Path,
+    config: ModelConfig,
+    defaults: GenerationDefaults,
+    family: ModelFamily,
+    tokenizer_model: Vec<u8>,
+    tokenizer_path: PathBuf,
+    weights: Weights,
+    quantization: Option<Quantization>,
+    started: Instant,
+}
+
+/// The compute dtype and the weight-matrix dtype. On the CPU, a 16-bit dtype narrows only the
+/// weight matrices (half the bytes read per token); activations, norms and caches stay f32,
+/// where candle's CPU kernels are fast and exact. On a GPU the whole model runs in it.
+fn dtypes(options: &ModelOptions) -> (DType, DType) {
+    let matrix_dtype = options.dtype.unwrap_or(DType::F32);
+    let dtype = if options.device.is_cpu() {
+        DType::F32
+    } else {
+        matrix_dtype
+    };
+    (dtype, matrix_dtype)
+}
+
 /// How to load a model.
 ///
 /// # Examples
@@ -134,6 +160,8 @@ impl ModelOptions {
 pub struct Engine {
     model: ChatGlmModel,
     tokenizer: Tokenizer,
+    /// The sentencepiece model as read, for [`Engine::save_gguf`].
+    tokenizer_model: Vec<u8>,
     family: ModelFamily,
     defaults: GenerationDefaults,
     stop_ids: Vec<u32>,
@@ -166,11 +194,17 @@ impl Engine {
     pub fn load_with(dir: impl AsRef<Path>, options: &ModelOptions) -> Result<Self> {
         let dir = dir.as_ref();
         let started = Instant::now();
+        if crate::gguf::is_gguf(dir) {
+            return Self::load_gguf(dir, options, started);
+        }
         let meta = std::fs::metadata(dir).map_err(|e| Error::io(dir, e))?;
         if !meta.is_dir() {
             return Err(Error::io(
                 dir,
-                std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a model directory"),
+                std::io::Error::new(
+                    std::io::ErrorKind::NotADirectory,
+                    "not a model directory (nor a .gguf file from chathub convert)",
+                ),
             ));
         }
         for (file, what) in [
@@ -190,41 +224,91 @@ impl Engine {
         let family = options
             .family
             .unwrap_or_else(|| ModelFamily::detect(dir, &config, &defaults));
-        let tokenizer =
-            Tokenizer::from_file(&dir.join("tokenizer.model"), family.special_token_count())?;
+        let tokenizer_path = dir.join("tokenizer.model");
+        let tokenizer_model =
+            std::fs::read(&tokenizer_path).map_err(|e| Error::io(&tokenizer_path, e))?;
+        let (dtype, matrix_dtype) = dtypes(options);
+        let weights = Weights::open(dir, dtype, matrix_dtype, &options.device)?;
+        Self::assemble(
+            Parts {
+                path: dir,
+                config,
+                defaults,
+                family,
+                tokenizer_model,
+                tokenizer_path,
+                weights,
+                quantization: options.quantization,
+                started,
+            },
+            options,
+        )
+    }
+
+    fn load_gguf(path: &Path, options: &ModelOptions, started: Instant) -> Result<Self> {
+        let stored = crate::gguf::read(path)?;
+        let (dtype, matrix_dtype) = dtypes(options);
+        // Quantizing again on load would stack errors: a quantized file keeps its format.
+        let quantization = stored.quantization.or(options.quantization);
+        let weights = Weights::open_gguf(
+            path,
+            stored.content,
+            stored.file,
+            dtype,
+            matrix_dtype,
+            &options.device,
+        );
+        Self::assemble(
+            Parts {
+                path,
+                config: stored.config,
+                defaults: stored.defaults,
+                family: options.family.unwrap_or(stored.family),
+                tokenizer_model: stored.tokenizer_model,
+                tokenizer_path: path.to_path_buf(),
+                weights,
+                quantization,
+                started,
+            },
+            options,
+        )
+    }
+
+    fn assemble(parts: Parts<'_>, options: &ModelOptions) -> Result<Self> {
+        let Parts {
+            path,
+            config,
+            defaults,
+            family,
+            tokenizer_model,
+            tokenizer_path,
+            weights,
+            quantization,
+            started,
+        } = parts;
+        let tokenizer = Tokenizer::from_model_bytes(
+            &tokenizer_model,
+            family.special_token_count(),
+            &tokenizer_path,
+        )?;
         if tokenizer.vocab_size() > config.padded_vocab_size {
             return Err(Error::InvalidConfig {
-                path: dir.join("config.json"),
+                path: path.join("config.json"),
                 field: "padded_vocab_size",
                 value: config.padded_vocab_size.to_string(),
                 reason: "smaller than the tokenizer's vocabulary",
             });
         }
-        // On the CPU, a 16-bit dtype narrows only the weight matrices (half the bytes read per
-        // token); activations, norms and caches stay f32, where candle's CPU kernels are fast
-        // and exact. On a GPU the whole model runs in the requested dtype.
-        let matrix_dtype = options.dtype.unwrap_or(DType::F32);
-        let dtype = if options.device.is_cpu() {
-            DType::F32
-        } else {
-            matrix_dtype
-        };
-        let weights = Weights::open(dir, dtype, matrix_dtype, &options.device)?;
         tracing::info!(
-            dir = %dir.display(),
+            path = %path.display(),
             %family,
             layers = config.num_layers,
             parameters = config.parameter_count(),
             file_bytes = weights.file_bytes(),
             "loading model"
         );
-        let model = ChatGlmModel::load(
-            &config,
-            &weights,
-            dtype,
-            &options.device,
-            options.quantization,
-        )?;
+        let (dtype, _) = dtypes(options);
+        let model = ChatGlmModel::load(&config, &weights, dtype, &options.device, quantization)?;
         drop(weights);
         let builder = PromptBuilder {
             family,
@@ -245,13 +329,32 @@ impl Engine {
         Ok(Engine {
             model,
             tokenizer,
+            tokenizer_model,
             family,
             defaults,
             stop_ids,
-            dir: dir.to_path_buf(),
-            quantization: options.quantization,
+            dir: path.to_path_buf(),
+            quantization,
             prefix_cache: PrefixCache::new(options.prefix_cache_bytes),
         })
+    }
+
+    /// Writes the loaded model (weights as they are in memory, quantized or not, plus config,
+    /// sampling defaults, family and tokenizer) to one GGUF file that [`Engine::load`] reads
+    /// back in seconds, with no quantizing.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] when the file cannot be written.
+    pub fn save_gguf(&self, path: impl AsRef<Path>) -> Result<()> {
+        crate::gguf::write(
+            path.as_ref(),
+            &self.model,
+            &self.defaults,
+            self.family,
+            self.quantization,
+            &self.tokenizer_model,
+        )
     }
 
     /// The chat format in use.

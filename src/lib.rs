@@ -44,6 +44,7 @@ pub mod grpc;
 mod config;
 mod engine;
 mod error;
+mod gguf;
 mod message;
 mod models;
 mod prefix_cache;

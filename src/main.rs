@@ -36,6 +36,10 @@ enum Command {
     /// Without `--model`, writes (once) and loads a synthetic 785M-parameter ChatGLM3 with random
     /// weights.
     Bench(cli::bench::BenchArgs),
+    /// Load a model (quantizing it with `--quant`) and save it as one GGUF file that loads in
+    /// seconds: `--model FILE.gguf` then works everywhere a model directory does.
+    #[command(arg_required_else_help = true)]
+    Convert(cli::convert::ConvertArgs),
     /// Serve AIHub's `aihub.ChatHub` gRPC protocol (with health and reflection services).
     #[cfg(feature = "grpc")]
     Serve(cli::serve::ServeArgs),
@@ -51,6 +55,7 @@ fn main() -> anyhow::Result<()> {
         Command::Chat(args) => cli::chat::run(args),
         Command::Generate(args) => cli::generate::run(args),
         Command::Bench(args) => cli::bench::run(args),
+        Command::Convert(args) => cli::convert::run(args),
         #[cfg(feature = "grpc")]
         Command::Serve(args) => cli::serve::run(args),
     }

@@ -15,6 +15,9 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+use std::sync::Mutex;
+
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{pickle::PthTensors, DType, Device, Tensor};
 use rayon::prelude::*;
 use serde::Deserialize;
@@ -43,6 +46,16 @@ struct Shard {
 enum ShardData {
     Safetensors(SafetensorsFile),
     Pickle(PthTensors),
+    Gguf {
+        content: gguf_file::Content,
+        file: Mutex<File>,
+    },
+}
+
+/// A linear layer's weight matrix as stored: dense, or already quantized (GGUF files).
+pub(crate) enum Matrix {
+    Dense(Tensor),
+    Quantized(QTensor),
 }
 
 /// A safetensors file: its header parsed and checked against the file's length.
@@ -265,9 +278,81 @@ impl Weights {
             .sum()
     }
 
-    /// Reads a linear layer's weight matrix, in the matrix dtype.
-    pub(crate) fn get_matrix(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+    /// Opens a GGUF file written by [`crate::Engine::save_gguf`], whose header was read into
+    /// `content`.
+    pub(crate) fn open_gguf(
+        path: &Path,
+        content: gguf_file::Content,
+        file: File,
+        dtype: DType,
+        matrix_dtype: DType,
+        device: &Device,
+    ) -> Self {
+        let routing = content
+            .tensor_infos
+            .keys()
+            .map(|name| (name.clone(), 0))
+            .collect();
+        Weights {
+            shards: vec![Shard {
+                path: path.to_path_buf(),
+                data: ShardData::Gguf {
+                    content,
+                    file: Mutex::new(file),
+                },
+            }],
+            routing,
+            catalogue: path.to_path_buf(),
+            dtype,
+            matrix_dtype,
+            device: device.clone(),
+        }
+    }
+
+    /// Reads a linear layer's weight matrix: quantized blocks stay quantized, dense matrices
+    /// come in the matrix dtype.
+    pub(crate) fn get_matrix(&self, name: &str, shape: &[usize]) -> Result<Matrix> {
+        if let Some(&index) = self.routing.get(name) {
+            let shard = &self.shards[index];
+            if let ShardData::Gguf { content, file } = &shard.data {
+                let quantized = content.tensor_infos.get(name).is_some_and(|info| {
+                    !matches!(
+                        info.ggml_dtype,
+                        GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+                    )
+                });
+                if quantized {
+                    self.check_shape(shard, name, shape)?;
+                    let mut file = file.lock().unwrap_or_else(|e| e.into_inner());
+                    let qtensor =
+                        content
+                            .tensor(&mut *file, name, &self.device)
+                            .map_err(|source| Error::Weights {
+                                path: shard.path.clone(),
+                                source,
+                            })?;
+                    return Ok(Matrix::Quantized(qtensor));
+                }
+            }
+        }
         self.get_as(name, shape, self.matrix_dtype)
+            .map(Matrix::Dense)
+    }
+
+    fn check_shape(&self, shard: &Shard, name: &str, shape: &[usize]) -> Result<()> {
+        let found = shard.shape(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            path: shard.path.clone(),
+        })?;
+        if found != shape {
+            return Err(Error::ShapeMismatch {
+                name: name.to_string(),
+                path: shard.path.clone(),
+                expected: shape.to_vec(),
+                found,
+            });
+        }
+        Ok(())
     }
 
     /// Reads one tensor, checks its shape against `shape` and converts it to the compute dtype.
@@ -291,18 +376,19 @@ impl Weights {
             name: name.to_string(),
             path: shard.path.clone(),
         };
-        let found = shard.shape(name).ok_or_else(missing)?;
-        if found != shape {
-            return Err(Error::ShapeMismatch {
-                name: name.to_string(),
-                path: shard.path.clone(),
-                expected: shape.to_vec(),
-                found,
-            });
-        }
+        self.check_shape(shard, name, shape)?;
         let tensor = match &shard.data {
             ShardData::Safetensors(st) => st.load_f32(name).map_err(weights_error)?,
             ShardData::Pickle(pth) => pth.get(name).map_err(weights_error)?,
+            ShardData::Gguf { content, file } => {
+                let mut file = file.lock().unwrap_or_else(|e| e.into_inner());
+                Some(
+                    content
+                        .tensor(&mut *file, name, &Device::Cpu)
+                        .and_then(|q| q.dequantize(&Device::Cpu))
+                        .map_err(weights_error)?,
+                )
+            }
         }
         .ok_or_else(missing)?;
         tensor
@@ -331,6 +417,7 @@ impl Shard {
         match &self.data {
             ShardData::Safetensors(st) => st.tensors.keys().cloned().collect(),
             ShardData::Pickle(pth) => pth.tensor_infos().keys().cloned().collect(),
+            ShardData::Gguf { content, .. } => content.tensor_infos.keys().cloned().collect(),
         }
     }
 
@@ -341,6 +428,10 @@ impl Shard {
                 .tensor_infos()
                 .get(name)
                 .map(|info| info.layout.shape().dims().to_vec()),
+            ShardData::Gguf { content, .. } => content
+                .tensor_infos
+                .get(name)
+                .map(|info| info.shape.dims().to_vec()),
         }
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod chat;
+pub mod convert;
 pub mod generate;
 #[cfg(feature = "grpc")]
 pub mod serve;
@@ -16,7 +17,8 @@ use clap::Args;
 /// Which model to load and how.
 #[derive(Debug, Args)]
 pub struct ModelArgs {
-    /// A model directory as downloaded from Hugging Face (e.g. THUDM/chatglm3-6b).
+    /// A model directory as downloaded from Hugging Face (e.g. THUDM/chatglm3-6b), or a .gguf
+    /// file written by `chathub convert`.
     #[arg(long, env = "CHATHUB_MODEL", conflicts_with = "demo")]
     pub model: Option<PathBuf>,
 

@@ -14,10 +14,12 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor};
 
-use super::linear::Linear;
+use candle_core::quantized::QTensor;
+
+use super::linear::{export_dense, Linear};
 use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::weights::Weights;
+use crate::weights::{Matrix, Weights};
 use crate::Quantization;
 
 /// cos/sin tables for every position, shared by all layers.
@@ -92,13 +94,16 @@ fn linear(
     in_features: usize,
     bias: bool,
 ) -> Result<Linear> {
-    let weight = weights.get_matrix(&format!("{name}.weight"), &[out_features, in_features])?;
     let bias = if bias {
         Some(weights.get(&format!("{name}.bias"), &[out_features])?)
     } else {
         None
     };
-    Ok(Linear::new(weight, bias))
+    let weight_name = format!("{name}.weight");
+    match weights.get_matrix(&weight_name, &[out_features, in_features])? {
+        Matrix::Dense(weight) => Ok(Linear::new(weight, bias)),
+        Matrix::Quantized(qtensor) => Ok(Linear::from_quantized(qtensor, bias)?),
+    }
 }
 
 /// Quantizes one layer, saying so when its shape forces another format than the one asked for.
@@ -409,6 +414,53 @@ impl ChatGlmModel {
             device: device.clone(),
             dtype,
         })
+    }
+
+    /// Every tensor under its checkpoint name, as a GGUF file stores it.
+    pub(crate) fn export(&self) -> Result<Vec<(String, Arc<QTensor>)>> {
+        let mut out = vec![(
+            "transformer.embedding.word_embeddings.weight".to_string(),
+            export_dense(&self.word_embeddings)?,
+        )];
+        let mut linear = |name: String, layer: &Linear| -> Result<()> {
+            out.push((format!("{name}.weight"), layer.export_weight()?));
+            if let Some(bias) = layer.bias() {
+                out.push((format!("{name}.bias"), export_dense(bias)?));
+            }
+            Ok(())
+        };
+        for (i, block) in self.layers.iter().enumerate() {
+            let p = format!("transformer.encoder.layers.{i}");
+            linear(
+                format!("{p}.self_attention.query_key_value"),
+                &block.self_attention.query_key_value,
+            )?;
+            linear(
+                format!("{p}.self_attention.dense"),
+                &block.self_attention.dense,
+            )?;
+            linear(format!("{p}.mlp.dense_h_to_4h"), &block.mlp.dense_h_to_4h)?;
+            linear(format!("{p}.mlp.dense_4h_to_h"), &block.mlp.dense_4h_to_h)?;
+        }
+        linear("transformer.output_layer".into(), &self.output_layer)?;
+        for (i, block) in self.layers.iter().enumerate() {
+            let p = format!("transformer.encoder.layers.{i}");
+            out.push((
+                format!("{p}.input_layernorm.weight"),
+                export_dense(&block.input_layernorm.weight)?,
+            ));
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                export_dense(&block.post_attention_layernorm.weight)?,
+            ));
+        }
+        if let Some(norm) = &self.final_layernorm {
+            out.push((
+                "transformer.encoder.final_layernorm.weight".into(),
+                export_dense(&norm.weight)?,
+            ));
+        }
+        Ok(out)
     }
 
     pub(crate) fn config(&self) -> &ModelConfig {

@@ -6,7 +6,7 @@
 //! else (prefill, other dtypes, GPUs) goes through candle's matmul. Quantized weights (ggml block
 //! formats) go through candle's `QMatMul`, whose CPU kernels are multi-threaded already.
 
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
@@ -27,7 +27,10 @@ pub(crate) struct Linear {
 #[derive(Debug, Clone)]
 enum Weight {
     Dense(Tensor),
-    Quantized { matmul: QMatMul, bytes: usize },
+    Quantized {
+        matmul: QMatMul,
+        qtensor: Arc<QTensor>,
+    },
 }
 
 impl Linear {
@@ -39,15 +42,48 @@ impl Linear {
         }
     }
 
+    /// A layer over weights that are already quantized (read from a GGUF file).
+    pub(crate) fn from_quantized(
+        qtensor: QTensor,
+        bias: Option<Tensor>,
+    ) -> candle_core::Result<Self> {
+        let qtensor = Arc::new(qtensor);
+        Ok(Linear {
+            weight: Weight::Quantized {
+                matmul: QMatMul::from_arc(qtensor.clone())?,
+                qtensor,
+            },
+            bias,
+            span: tracing::span!(tracing::Level::TRACE, "linear"),
+        })
+    }
+
+    /// The weight in a form a GGUF file stores: quantized blocks, or the dense matrix encoded
+    /// in its own dtype.
+    pub(crate) fn export_weight(&self) -> candle_core::Result<Arc<QTensor>> {
+        match &self.weight {
+            Weight::Quantized { qtensor, .. } => Ok(qtensor.clone()),
+            Weight::Dense(w) => export_dense(w),
+        }
+    }
+
+    /// The bias, if the layer has one.
+    pub(crate) fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
     /// Re-encodes the weight in `quantization`'s block format, or the closest one the matrix
     /// shape allows (k-quants need rows that are a multiple of 256 wide, the others of 32).
-    /// Returns the format used; a matrix no format fits stays dense (`None`).
+    /// Returns the format used; a matrix no format fits stays dense (`None`). Weights that are
+    /// quantized already keep their format.
     pub(crate) fn quantize(
         &mut self,
         quantization: Quantization,
     ) -> candle_core::Result<Option<GgmlDType>> {
-        let Weight::Dense(weight) = &self.weight else {
-            return Ok(None);
+        let weight = match &self.weight {
+            Weight::Dense(weight) => weight,
+            // Already quantized (read from a GGUF file): keep the stored format.
+            Weight::Quantized { qtensor, .. } => return Ok(Some(qtensor.dtype())),
         };
         let in_features = weight.dim(1)?;
         let Some(dtype) = quantization
@@ -58,11 +94,13 @@ impl Linear {
         else {
             return Ok(None);
         };
-        let qtensor = quantize_rows_in_parallel(&weight.to_dtype(DType::F32)?, dtype)?;
-        let bytes = qtensor.storage_size_in_bytes();
+        let qtensor = Arc::new(quantize_rows_in_parallel(
+            &weight.to_dtype(DType::F32)?,
+            dtype,
+        )?);
         self.weight = Weight::Quantized {
-            matmul: QMatMul::from_qtensor(qtensor)?,
-            bytes,
+            matmul: QMatMul::from_arc(qtensor.clone())?,
+            qtensor,
         };
         Ok(Some(dtype))
     }
@@ -71,7 +109,7 @@ impl Linear {
     pub(crate) fn weight_bytes(&self) -> usize {
         let mut n = match &self.weight {
             Weight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
-            Weight::Quantized { bytes, .. } => *bytes,
+            Weight::Quantized { qtensor, .. } => qtensor.storage_size_in_bytes(),
         };
         if let Some(b) = &self.bias {
             n += b.elem_count() * b.dtype().size_in_bytes();
@@ -108,6 +146,22 @@ impl Linear {
         drop(w_storage);
         Tensor::from_vec(out, (1, out_features), &Device::Cpu).map(Some)
     }
+}
+
+/// A dense tensor as a GGUF tensor of the same dtype (f32, f16 or bf16).
+pub(crate) fn export_dense(t: &Tensor) -> candle_core::Result<Arc<QTensor>> {
+    let dtype = match t.dtype() {
+        DType::F16 => GgmlDType::F16,
+        DType::BF16 => GgmlDType::BF16,
+        _ => GgmlDType::F32,
+    };
+    let t = t.to_device(&Device::Cpu)?;
+    let t = if dtype == GgmlDType::F32 {
+        t.to_dtype(DType::F32)?
+    } else {
+        t
+    };
+    QTensor::quantize(&t, dtype).map(Arc::new)
 }
 
 /// `out[r] = dot(w[r], x)` for every row of `w`, rows split across rayon's pool.

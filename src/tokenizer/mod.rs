@@ -86,6 +86,22 @@ impl Tokenizer {
         })
     }
 
+    /// Parses a `tokenizer.model` already in memory; `path` names it in errors.
+    pub(crate) fn from_model_bytes(
+        bytes: &[u8],
+        special_count: usize,
+        path: &Path,
+    ) -> Result<Self> {
+        let sp = SentencePiece::from_bytes(bytes).map_err(|reason| crate::Error::Tokenizer {
+            path: path.to_path_buf(),
+            reason,
+        })?;
+        Ok(Tokenizer {
+            sp,
+            special_count: special_count.min(SPECIAL_TOKENS.len()),
+        })
+    }
+
     /// Number of sentencepiece pieces; special ids start here.
     pub fn sentencepiece_size(&self) -> usize {
         self.sp.vocab_size()
