@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use chathub::grpc::proto::chat_hub_client::ChatHubClient;
 use chathub::grpc::proto::ChatRequest as ProtoRequest;
 use chathub::grpc::{serve_service, ChatHubService, ServeOptions};
-use chathub::{ChatRequest, Engine};
+use chathub::{ChatRequest, Engine, ModelOptions};
 
 const REPLY_TOKENS: usize = 64;
 const RUNS: usize = 5;
@@ -43,6 +43,15 @@ fn core_request(p: &ProtoRequest) -> ChatRequest {
         .top_p(p.top_p as f64)
 }
 
+/// Prefix reuse off: every request pays its whole prompt, as a first turn does.
+fn load(dir: &std::path::Path) -> Engine {
+    let options = ModelOptions {
+        prefix_cache_bytes: 0,
+        ..ModelOptions::default()
+    };
+    Engine::load_with(dir, &options).expect("model loads")
+}
+
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -54,7 +63,7 @@ fn main() {
 
 async fn run() {
     let dir = model_dir();
-    let engine = Engine::load(&dir).expect("model loads");
+    let engine = load(&dir);
     let request = proto_request(&engine, "Tell me a long story about the sea");
 
     // In-process: the core's own timings.
@@ -80,7 +89,7 @@ async fn run() {
     let server = tokio::spawn(serve_service(
         listener,
         service.clone(),
-        move || Engine::load(load_dir),
+        move || Ok(load(&load_dir)),
         options.grace_period,
         async move {
             let _ = stopped.await;

@@ -30,6 +30,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt;
 
 pub use service::{ChatHubService, MetricsSnapshot};
 
@@ -175,12 +176,19 @@ where
         }
     });
 
+    // Replies stream one small message per token: without TCP_NODELAY, Nagle's algorithm holds
+    // each one back waiting for an acknowledgement.
+    let incoming = TcpListenerStream::new(listener).map(|stream| {
+        let stream = stream?;
+        stream.set_nodelay(true)?;
+        Ok::<_, std::io::Error>(stream)
+    });
     let mut transport_stop = stop_rx.clone();
     let server = tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)
         .add_service(ChatHubServer::new(service))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(incoming, async move {
             let _ = transport_stop.wait_for(|stop| *stop).await;
         });
     let grace_timer = async move {
