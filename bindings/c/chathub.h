@@ -81,7 +81,7 @@
 #define CHATHUB_QUANT_Q4_0 2
 
 /**
- * 4-bit k-quant (q4k), falling back to q4_0 for rows it cannot take.
+ * 4-bit k-quant (q4k), falling back to q8_0 for rows it cannot take.
  */
 #define CHATHUB_QUANT_Q4K 3
 

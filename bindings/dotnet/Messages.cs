@@ -90,7 +90,7 @@ namespace ChatHub
         Q8_0 = 1,
         /// <summary>4-bit blocks.</summary>
         Q4_0 = 2,
-        /// <summary>4-bit k-quant (falls back to Q4_0 for rows it cannot take).</summary>
+        /// <summary>4-bit k-quant (falls back to Q8_0 for rows it cannot take).</summary>
         Q4K = 3,
     }
 

@@ -73,7 +73,7 @@ namespace ChatHub.Native
         /// </summary>
         internal const int CHATHUB_QUANT_Q4_0 = 2;
         /// <summary>
-        ///  4-bit k-quant (q4k), falling back to q4_0 for rows it cannot take.
+        ///  4-bit k-quant (q4k), falling back to q8_0 for rows it cannot take.
         /// </summary>
         internal const int CHATHUB_QUANT_Q4K = 3;
         /// <summary>

@@ -56,7 +56,7 @@ pub const CHATHUB_QUANT_NONE: i32 = 0;
 pub const CHATHUB_QUANT_Q8_0: i32 = 1;
 /// 4-bit blocks (q4_0).
 pub const CHATHUB_QUANT_Q4_0: i32 = 2;
-/// 4-bit k-quant (q4k), falling back to q4_0 for rows it cannot take.
+/// 4-bit k-quant (q4k), falling back to q8_0 for rows it cannot take.
 pub const CHATHUB_QUANT_Q4K: i32 = 3;
 
 /// The model produced a stop token.
