@@ -14,6 +14,7 @@ use crate::prompt::{ModelFamily, Prompt, PromptBuilder};
 use crate::quantization::Quantization;
 use crate::request::{ChatOutcome, ChatRequest, FinishReason, ResolvedParams, Timings, Usage};
 use crate::sampling::Sampler;
+use crate::stop::StopGate;
 use crate::tokenizer::Tokenizer;
 use crate::weights::Weights;
 
@@ -522,11 +523,11 @@ impl Engine {
         let mut context = prompt.ids.clone();
         let mut completion = Vec::new();
         let mut decoder = self.tokenizer.decoder();
-        let mut text = String::new();
+        let mut gate = StopGate::new(&request.stop);
         let mut delta = String::new();
         let mut ttft = None;
         let decode_started = Instant::now();
-        let finish_reason = loop {
+        let mut finish_reason = loop {
             let token = sampler.next(&mut logits, &context);
             ttft.get_or_insert_with(|| started.elapsed());
             let is_stop = self.stop_ids.contains(&token) || request.stop_token_ids.contains(&token);
@@ -538,9 +539,12 @@ impl Engine {
             delta.clear();
             decoder.push(token, &mut delta);
             if !delta.is_empty() {
-                text.push_str(&delta);
-                if on_delta(&delta).is_break() {
+                let (shown, hit) = gate.push(&delta);
+                if !shown.is_empty() && on_delta(&gate.text()[shown]).is_break() {
                     break FinishReason::Cancelled;
+                }
+                if hit {
+                    break FinishReason::Stop;
                 }
             }
             if completion.len() >= max_new {
@@ -548,15 +552,23 @@ impl Engine {
             }
             logits = self.model.forward(&[token], &mut cache)?;
         };
-        delta.clear();
-        decoder.finish(&mut delta);
-        if !delta.is_empty() {
-            text.push_str(&delta);
-            if finish_reason != FinishReason::Cancelled {
-                // The caller asked to stop: it gets no more callbacks.
-                let _ = on_delta(&delta);
+        if finish_reason != FinishReason::Cancelled {
+            // Bytes of an unfinished character, then whatever a stop string held back. The
+            // caller who cancelled gets no more callbacks.
+            delta.clear();
+            decoder.finish(&mut delta);
+            let (shown, hit) = gate.push(&delta);
+            let rest = if hit {
+                finish_reason = FinishReason::Stop;
+                shown
+            } else {
+                shown.start..gate.finish().end
+            };
+            if !rest.is_empty() {
+                let _ = on_delta(&gate.text()[rest]);
             }
         }
+        let text = gate.into_text();
         let decode = decode_started.elapsed();
         self.prefix_cache
             .put(context[..cache.len()].to_vec(), cache);

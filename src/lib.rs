@@ -52,6 +52,7 @@ mod prompt;
 mod quantization;
 mod request;
 mod sampling;
+mod stop;
 mod synthetic;
 mod tokenizer;
 mod weights;

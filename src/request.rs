@@ -55,6 +55,10 @@ pub struct ChatRequest {
     /// Pick the most likely token every step, ignoring temperature and top_p.
     #[serde(default)]
     pub greedy: bool,
+    /// Text that ends the reply when generated (not included in the reply; the token that
+    /// completes it is in `completion_token_ids`).
+    #[serde(default)]
+    pub stop: Vec<String>,
     /// Extra token ids that end the reply, besides the model's own stop tokens.
     #[serde(default)]
     pub stop_token_ids: Vec<u32>,
@@ -204,6 +208,13 @@ impl ChatRequest {
                 ))
             }
         };
+        if self.stop.iter().any(String::is_empty) {
+            return Err(Error::invalid(
+                "stop",
+                "\"\"",
+                "stop strings must not be empty",
+            ));
+        }
         if let Some(0) = self.max_new_tokens {
             return Err(Error::invalid("max_new_tokens", 0, "must be at least 1"));
         }

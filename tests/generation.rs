@@ -254,3 +254,46 @@ fn demo_model_runs_the_whole_pipeline() {
         "deterministic"
     );
 }
+
+#[test]
+fn stop_strings_cut_the_reply_even_across_tokens() {
+    let engine = common::load("chatglm3-tiny");
+    let case = conv1();
+    let full = &case.greedy_text_until_stop;
+    let stop = "apit十";
+    let at = full.find(stop).expect("the reference text contains it");
+    let request = ChatRequest {
+        stop: vec![stop.to_string(), "never appears".to_string()],
+        ..case.request()
+    };
+    let mut streamed = String::new();
+    let outcome = engine
+        .chat_stream(&request, |delta| {
+            streamed.push_str(delta);
+            ControlFlow::Continue(())
+        })
+        .expect("chat");
+    assert_eq!(outcome.finish_reason, FinishReason::Stop);
+    assert_eq!(outcome.text, full[..at]);
+    assert_eq!(
+        streamed, outcome.text,
+        "nothing of the stop string was streamed"
+    );
+    assert!(outcome.completion_token_ids.len() < 20);
+    // A stop string that never comes changes nothing.
+    let untouched = engine
+        .chat(&ChatRequest {
+            stop: vec!["never appears".to_string()],
+            ..case.request()
+        })
+        .expect("chat");
+    assert_eq!(untouched.text, *full);
+    assert_eq!(untouched.finish_reason, FinishReason::Length);
+    let err = engine
+        .chat(&ChatRequest {
+            stop: vec![String::new()],
+            ..case.request()
+        })
+        .expect_err("empty stop string");
+    assert!(err.is_invalid_argument());
+}

@@ -116,6 +116,10 @@ pub struct SamplingArgs {
     /// Always pick the most likely token (deterministic).
     #[arg(long)]
     pub greedy: bool,
+
+    /// Text that ends the reply (not shown); repeat for several.
+    #[arg(long)]
+    pub stop: Vec<String>,
 }
 
 impl SamplingArgs {
@@ -129,6 +133,7 @@ impl SamplingArgs {
         request.max_new_tokens = request.max_new_tokens.or(self.max_new_tokens);
         request.seed = request.seed.or(self.seed);
         request.greedy |= self.greedy;
+        request.stop.extend(self.stop.iter().cloned());
         request
     }
 }
