@@ -182,7 +182,8 @@ impl Engine {
     }
 
     /// Loads a model directory: `config.json`, the weights (sharded or single safetensors or
-    /// PyTorch `.bin`), `tokenizer.model`, and `generation_config.json` when present.
+    /// PyTorch `.bin`), `tokenizer.model`, and `generation_config.json` when present; or a
+    /// `.gguf` file written by [`Engine::save_gguf`] (`chathub convert`).
     ///
     /// Blocks while reading the weights (seconds for a 6B model from a warm page cache).
     ///

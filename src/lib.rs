@@ -30,7 +30,7 @@
 //!
 //! # Feature Flags
 //!
-//! - `grpc` (off by default): the gRPC server in [`grpc`] and `chathub serve`, speaking AIHub's
+//! - `grpc` (off by default): the gRPC server in the `grpc` module and `chathub serve`, speaking AIHub's
 //!   `aihub.ChatHub` protocol, with health and reflection services. Built without a system
 //!   `protoc`.
 //! - `cuda` (off by default): run on an NVIDIA GPU through candle's CUDA backend; pass a CUDA
