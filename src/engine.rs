@@ -24,6 +24,8 @@ const PREFILL_CHUNK: usize = 256;
 /// What a model is assembled from, wherever it was read.
 struct Parts<'a> {
     path: &'a Path,
+    /// Where the config came from, for errors about it.
+    config_path: PathBuf,
     config: ModelConfig,
     defaults: GenerationDefaults,
     family: ModelFamily,
@@ -234,6 +236,7 @@ impl Engine {
         Self::assemble(
             Parts {
                 path: dir,
+                config_path: dir.join("config.json"),
                 config,
                 defaults,
                 family,
@@ -263,6 +266,7 @@ impl Engine {
         Self::assemble(
             Parts {
                 path,
+                config_path: path.to_path_buf(),
                 config: stored.config,
                 defaults: stored.defaults,
                 family: options.family.unwrap_or(stored.family),
@@ -279,6 +283,7 @@ impl Engine {
     fn assemble(parts: Parts<'_>, options: &ModelOptions) -> Result<Self> {
         let Parts {
             path,
+            config_path,
             config,
             defaults,
             family,
@@ -295,7 +300,7 @@ impl Engine {
         )?;
         if tokenizer.vocab_size() > config.padded_vocab_size {
             return Err(Error::InvalidConfig {
-                path: path.join("config.json"),
+                path: config_path,
                 field: "padded_vocab_size",
                 value: config.padded_vocab_size.to_string(),
                 reason: "smaller than the tokenizer's vocabulary",
