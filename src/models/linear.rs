@@ -14,6 +14,7 @@ use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use super::block_matmul::BlockMatrix;
 use crate::Quantization;
 
 /// `y = x W^T + b` with `W` stored `[out_features, in_features]` as in PyTorch checkpoints.
@@ -27,10 +28,28 @@ pub(crate) struct Linear {
 #[derive(Debug, Clone)]
 enum Weight {
     Dense(Tensor),
+    /// q8_0 / q4_0 blocks on the CPU, multiplied by this crate's kernels.
+    Blocks(Arc<BlockMatrix>),
+    /// Other block formats, or another device: candle's kernels.
     Quantized {
         matmul: QMatMul,
         qtensor: Arc<QTensor>,
     },
+}
+
+impl Weight {
+    /// Blocks this crate's kernels run when they can, candle's `QMatMul` otherwise.
+    fn from_qtensor(qtensor: Arc<QTensor>) -> candle_core::Result<Self> {
+        if qtensor.device().is_cpu() {
+            if let Some(blocks) = BlockMatrix::from_qtensor(&qtensor)? {
+                return Ok(Weight::Blocks(Arc::new(blocks)));
+            }
+        }
+        Ok(Weight::Quantized {
+            matmul: QMatMul::from_arc(qtensor.clone())?,
+            qtensor,
+        })
+    }
 }
 
 impl Linear {
@@ -47,12 +66,8 @@ impl Linear {
         qtensor: QTensor,
         bias: Option<Tensor>,
     ) -> candle_core::Result<Self> {
-        let qtensor = Arc::new(qtensor);
         Ok(Linear {
-            weight: Weight::Quantized {
-                matmul: QMatMul::from_arc(qtensor.clone())?,
-                qtensor,
-            },
+            weight: Weight::from_qtensor(Arc::new(qtensor))?,
             bias,
             span: tracing::span!(tracing::Level::TRACE, "linear"),
         })
@@ -63,6 +78,7 @@ impl Linear {
     pub(crate) fn export_weight(&self) -> candle_core::Result<Arc<QTensor>> {
         match &self.weight {
             Weight::Quantized { qtensor, .. } => Ok(qtensor.clone()),
+            Weight::Blocks(blocks) => blocks.to_qtensor().map(Arc::new),
             Weight::Dense(w) => export_dense(w),
         }
     }
@@ -84,6 +100,7 @@ impl Linear {
             Weight::Dense(weight) => weight,
             // Already quantized (read from a GGUF file): keep the stored format.
             Weight::Quantized { qtensor, .. } => return Ok(Some(qtensor.dtype())),
+            Weight::Blocks(blocks) => return Ok(Some(blocks.ggml_dtype())),
         };
         let in_features = weight.dim(1)?;
         let Some(dtype) = quantization
@@ -98,10 +115,7 @@ impl Linear {
             &weight.to_dtype(DType::F32)?,
             dtype,
         )?);
-        self.weight = Weight::Quantized {
-            matmul: QMatMul::from_arc(qtensor.clone())?,
-            qtensor,
-        };
+        self.weight = Weight::from_qtensor(qtensor)?;
         Ok(Some(dtype))
     }
 
@@ -110,6 +124,7 @@ impl Linear {
         let mut n = match &self.weight {
             Weight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
             Weight::Quantized { qtensor, .. } => qtensor.storage_size_in_bytes(),
+            Weight::Blocks(blocks) => blocks.storage_bytes(),
         };
         if let Some(b) = &self.bias {
             n += b.elem_count() * b.dtype().size_in_bytes();
@@ -375,12 +390,35 @@ impl Module for Linear {
                 None => x.matmul(&w.t()?)?,
             },
             Weight::Quantized { matmul, .. } => matmul.forward(x)?,
+            Weight::Blocks(blocks) => blocks_forward(blocks, x)?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
     }
+}
+
+/// `x W^T` over q8_0 / q4_0 blocks for `x: [.., cols]` (f32 on the CPU).
+fn blocks_forward(blocks: &BlockMatrix, x: &Tensor) -> candle_core::Result<Tensor> {
+    let (rows, cols) = blocks.dims();
+    let mut out_dims = x.dims().to_vec();
+    match out_dims.last_mut() {
+        Some(last) if *last == cols => *last = rows,
+        _ => candle_core::bail!("activations {:?} do not have {cols} columns", x.dims()),
+    }
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    let tokens = x.elem_count() / cols;
+    let mut out = vec![0f32; tokens * rows];
+    {
+        let (storage, layout) = x.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("q8_0 / q4_0 blocks multiply CPU activations only");
+        };
+        let xs = &cpu.as_slice::<f32>()?[layout.start_offset()..][..tokens * cols];
+        blocks.matmul(xs, &mut out);
+    }
+    Tensor::from_vec(out, out_dims, &Device::Cpu)
 }
 
 /// Quantizes `weight` (`[rows, cols]`, f32) with every core: blocks never straddle rows, so

@@ -1,4 +1,5 @@
 //! Model architectures, one family per file.
 
 pub(crate) mod chatglm;
+mod block_matmul;
 mod linear;
