@@ -1,17 +1,22 @@
-//! Products of f32 activations with q8_0 / q4_0 weight matrices, by kernels made for them.
+//! Products of f32 activations with q8_0 / q4_0 / q4_K weight matrices, by kernels made for
+//! them.
 //!
-//! candle's CPU kernels for these formats reach about 0.6 (q8_0) and 0.3 (q4_0) of the memory
-//! bandwidth when decoding on a 2-core AVX-512 machine, and its q4_0 prefill runs at about 30
-//! tokens/s. The blocks here hold ggml's values (32 weights and one f16 scale per block, so a
-//! GGUF file round-trips byte for byte), but quants and scales live in separate arrays: one
-//! 64-byte load then covers two q8_0 blocks or four q4_0 blocks, which AVX-512 VNNI
-//! (`vpdpbusd`) multiplies by the activations in one instruction. The activations are quantized
-//! to 8 bits once per product, as ggml does. AVX2 machines get a `vpmaddubsw` path and other
-//! CPUs a portable one; the three compute the same integer sums.
+//! candle's CPU kernels for these formats reach about 0.6 (q8_0), 0.3 (q4_0) and 0.45 (q4_K) of
+//! the memory bandwidth when decoding on a 2-core AVX-512 machine, and its q4_0 prefill runs at
+//! about 30 tokens/s. The blocks here hold ggml's values (so a GGUF file round-trips byte for
+//! byte), but quants and scales live in separate arrays: one 64-byte load then covers two 8-bit
+//! or four 4-bit blocks of 32, which AVX-512 VNNI (`vpdpbusd`) multiplies by the activations in
+//! one instruction. The activations are quantized to 8 bits once per product, as ggml does.
+//! AVX2 machines get a `vpmaddubsw` path and other CPUs a portable one; the three compute the
+//! same integer sums.
 //!
 //! The unsigned-by-signed VNNI instruction wants unsigned weights: q8_0 quants are flipped to
-//! `w + 128` in a register and q4_0 nibbles are `w + 8` already, and the offset times the sum
-//! of each activation block is taken off afterwards.
+//! `w + 128` in a register, q4_0 nibbles are `w + 8` already, and the offset times the sum of
+//! each activation block is taken off afterwards. q4_K is the same product with a minimum per
+//! block of 32 in place of q4_0's fixed offset: its nibbles are reordered at load to q4_0's
+//! order, and its 6-bit scales and minimums expanded to one f16 pair per block of 32 (5 bits per
+//! weight read instead of 4.5, for one kernel and no unpacking while decoding). The super-block
+//! headers are kept aside so the original bytes can be written back.
 
 use std::sync::LazyLock;
 
@@ -35,6 +40,9 @@ pub(crate) enum BlockFormat {
     /// 32 4-bit quants per block, stored `w + 8`: element `i < 16` in the low nibble of byte
     /// `i`, element `i + 16` in its high nibble.
     Q4_0,
+    /// ggml's q4_K super-blocks of 256: an f16 scale and minimum, 6-bit scales and minimums
+    /// for each block of 32, and 4-bit quants `q` with weight `scale * q - minimum`.
+    Q4K,
 }
 
 impl BlockFormat {
@@ -43,6 +51,7 @@ impl BlockFormat {
         match dtype {
             GgmlDType::Q8_0 => Some(BlockFormat::Q8_0),
             GgmlDType::Q4_0 => Some(BlockFormat::Q4_0),
+            GgmlDType::Q4K => Some(BlockFormat::Q4K),
             _ => None,
         }
     }
@@ -51,14 +60,20 @@ impl BlockFormat {
         match self {
             BlockFormat::Q8_0 => GgmlDType::Q8_0,
             BlockFormat::Q4_0 => GgmlDType::Q4_0,
+            BlockFormat::Q4K => GgmlDType::Q4K,
         }
     }
 
     fn quant_bytes_per_block(self) -> usize {
         match self {
             BlockFormat::Q8_0 => BLOCK,
-            BlockFormat::Q4_0 => BLOCK / 2,
+            BlockFormat::Q4_0 | BlockFormat::Q4K => BLOCK / 2,
         }
+    }
+
+    /// Whether the quants are nibbles in q4_0's order (low nibble element `i`, high `i + 16`).
+    fn is_four_bit(self) -> bool {
+        matches!(self, BlockFormat::Q4_0 | BlockFormat::Q4K)
     }
 }
 
@@ -108,7 +123,15 @@ static DETECTED: LazyLock<KernelPath> = LazyLock::new(|| {
     KernelPath::Portable
 });
 
-/// A `[rows, cols]` weight matrix in q8_0 or q4_0 blocks, quants and scales apart.
+/// Bytes of a q4_K super-block: f16 scale, f16 minimum, 12 bytes of 6-bit scales and
+/// minimums, 128 bytes of quants.
+const Q4K_BYTES: usize = 144;
+/// Bytes of a q4_K super-block before its quants.
+const Q4K_HEADER: usize = 16;
+/// Weights per q4_K super-block.
+const SUPER_BLOCK: usize = 256;
+
+/// A `[rows, cols]` weight matrix in q8_0, q4_0 or q4_K blocks, quants and scales apart.
 #[derive(Debug, Clone)]
 pub(crate) struct BlockMatrix {
     format: BlockFormat,
@@ -116,8 +139,12 @@ pub(crate) struct BlockMatrix {
     cols: usize,
     /// Row after row, `quant_bytes_per_block` per block, then [`QUANT_PADDING`] zero bytes.
     quants: Vec<u8>,
-    /// One scale per block, row after row.
+    /// One scale per block of 32, row after row.
     scales: Vec<f16>,
+    /// q4_K: one minimum per block of 32 (weight = scale * q - minimum); empty otherwise.
+    minimums: Vec<f16>,
+    /// q4_K: each super-block's first 16 bytes as stored, to write the original back.
+    headers: Vec<[u8; Q4K_HEADER]>,
 }
 
 impl BlockMatrix {
@@ -131,40 +158,111 @@ impl BlockMatrix {
             return Ok(None);
         }
         let data = qtensor.data()?;
-        let quant_bytes = format.quant_bytes_per_block();
-        let block_bytes = 2 + quant_bytes;
-        let blocks = rows * cols / BLOCK;
-        if data.len() != blocks * block_bytes {
+        let (block_bytes, block_weights) = match format {
+            BlockFormat::Q4K => (Q4K_BYTES, SUPER_BLOCK),
+            _ => (2 + format.quant_bytes_per_block(), BLOCK),
+        };
+        if cols % block_weights != 0 {
+            return Ok(None);
+        }
+        let expected = rows * cols / block_weights * block_bytes;
+        if data.len() != expected {
             candle_core::bail!(
-                "{:?} tensor of {rows}x{cols} holds {} bytes, expected {}",
+                "{:?} tensor of {rows}x{cols} holds {} bytes, expected {expected}",
                 qtensor.dtype(),
                 data.len(),
-                blocks * block_bytes
             );
         }
-        let mut quants = Vec::with_capacity(blocks * quant_bytes + QUANT_PADDING);
-        let mut scales = Vec::with_capacity(blocks);
-        for block in data.chunks_exact(block_bytes) {
-            scales.push(f16::from_le_bytes([block[0], block[1]]));
-            quants.extend_from_slice(&block[2..]);
-        }
-        quants.resize(quants.len() + QUANT_PADDING, 0);
-        Ok(Some(BlockMatrix {
+        let blocks = rows * cols / BLOCK;
+        let mut matrix = BlockMatrix {
             format,
             rows,
             cols,
-            quants,
-            scales,
-        }))
+            quants: Vec::with_capacity(blocks * format.quant_bytes_per_block() + QUANT_PADDING),
+            scales: Vec::with_capacity(blocks),
+            minimums: Vec::new(),
+            headers: Vec::new(),
+        };
+        for block in data.chunks_exact(block_bytes) {
+            match format {
+                BlockFormat::Q4K => matrix.push_q4k(block),
+                _ => {
+                    matrix.scales.push(f16::from_le_bytes([block[0], block[1]]));
+                    matrix.quants.extend_from_slice(&block[2..]);
+                }
+            }
+        }
+        matrix.quants.resize(matrix.quants.len() + QUANT_PADDING, 0);
+        Ok(Some(matrix))
+    }
+
+    /// Unpacks one q4_K super-block: eight blocks of 32 with an f16 scale and minimum each,
+    /// nibbles reordered so each block's 16 bytes read like a q4_0 block's.
+    fn push_q4k(&mut self, block: &[u8]) {
+        let header: [u8; Q4K_HEADER] = block[..Q4K_HEADER].try_into().expect("16 bytes");
+        let scale = f16::from_le_bytes([header[0], header[1]]).to_f32();
+        let minimum = f16::from_le_bytes([header[2], header[3]]).to_f32();
+        let packed = &header[4..];
+        for sub in 0..SUPER_BLOCK / BLOCK {
+            // ggml's get_scale_min_k4: the first four pairs are plain 6-bit fields, the last
+            // four keep their top two bits in the spare bits of the first eight bytes.
+            let (sc, m) = if sub < 4 {
+                (packed[sub] & 63, packed[sub + 4] & 63)
+            } else {
+                (
+                    (packed[sub + 4] & 0x0F) | ((packed[sub - 4] >> 6) << 4),
+                    (packed[sub + 4] >> 4) | ((packed[sub] >> 6) << 4),
+                )
+            };
+            self.scales.push(f16::from_f32(scale * sc as f32));
+            self.minimums.push(f16::from_f32(minimum * m as f32));
+            // Quants come in 32-byte runs for a pair of blocks: the first block in the low
+            // nibbles, the second in the high ones.
+            let run = &block[Q4K_HEADER + (sub / 2) * 32..][..32];
+            let nibble = |i: usize| {
+                if sub % 2 == 0 {
+                    run[i] & 0x0F
+                } else {
+                    run[i] >> 4
+                }
+            };
+            for i in 0..16 {
+                self.quants.push(nibble(i) | (nibble(i + 16) << 4));
+            }
+        }
+        self.headers.push(header);
     }
 
     /// The same blocks as a candle `QTensor` (for GGUF files).
     pub(crate) fn to_qtensor(&self) -> candle_core::Result<QTensor> {
         let quant_bytes = self.format.quant_bytes_per_block();
         let mut bytes = Vec::with_capacity(self.storage_bytes());
-        for (scale, quants) in self.scales.iter().zip(self.quants.chunks_exact(quant_bytes)) {
-            bytes.extend_from_slice(&scale.to_le_bytes());
-            bytes.extend_from_slice(quants);
+        let quants = self.quants[..self.scales.len() * quant_bytes].chunks_exact(quant_bytes);
+        if self.format == BlockFormat::Q4K {
+            let per_super = SUPER_BLOCK / BLOCK;
+            let blocks: Vec<&[u8]> = quants.collect();
+            for (header, blocks) in self.headers.iter().zip(blocks.chunks_exact(per_super)) {
+                bytes.extend_from_slice(header);
+                for pair in blocks.chunks_exact(2) {
+                    // Back to ggml's runs: element i of the pair's first block in the low
+                    // nibble of byte i, of the second block in its high nibble.
+                    let element = |b: &[u8], i: usize| {
+                        if i < 16 {
+                            b[i] & 0x0F
+                        } else {
+                            b[i - 16] >> 4
+                        }
+                    };
+                    for i in 0..BLOCK {
+                        bytes.push(element(pair[0], i) | (element(pair[1], i) << 4));
+                    }
+                }
+            }
+        } else {
+            for (scale, quants) in self.scales.iter().zip(quants) {
+                bytes.extend_from_slice(&scale.to_le_bytes());
+                bytes.extend_from_slice(quants);
+            }
         }
         candle_core::quantized::ggml_file::qtensor_from_ggml(
             self.format.ggml(),
@@ -186,7 +284,15 @@ impl BlockMatrix {
 
     /// Bytes of the blocks as ggml stores them (what a token reads).
     pub(crate) fn storage_bytes(&self) -> usize {
-        self.scales.len() * (2 + self.format.quant_bytes_per_block())
+        match self.format {
+            BlockFormat::Q4K => self.headers.len() * Q4K_BYTES,
+            _ => self.scales.len() * (2 + self.format.quant_bytes_per_block()),
+        }
+    }
+
+    /// Bytes a token reads from this matrix in memory (q4_K's expanded scales included).
+    pub(crate) fn bytes_read_per_token(&self) -> usize {
+        self.scales.len() * (2 + self.format.quant_bytes_per_block()) + self.minimums.len() * 2
     }
 
     /// `out = x W^T` for `x: [tokens, cols]`, `out: [tokens, rows]`, row-major, on every core.
@@ -198,7 +304,7 @@ impl BlockMatrix {
         assert_eq!(x.len() % self.cols, 0, "activations are not whole rows");
         let tokens = x.len() / self.cols;
         assert_eq!(out.len(), tokens * self.rows, "output has the wrong size");
-        let order = if path == KernelPath::Vnni && self.format == BlockFormat::Q4_0 {
+        let order = if path == KernelPath::Vnni && self.format.is_four_bit() {
             QuantOrder::NibbleHalves
         } else {
             QuantOrder::Natural
@@ -246,8 +352,11 @@ impl BlockMatrix {
         while t < acts.len() {
             match acts.len() - t {
                 1 => out[t] = self.dot_rows::<1>(path, row, [&acts[t]])[0],
-                2 => out[t..t + 2]
-                    .copy_from_slice(&self.dot_rows::<2>(path, row, [&acts[t], &acts[t + 1]])),
+                2 => out[t..t + 2].copy_from_slice(&self.dot_rows::<2>(
+                    path,
+                    row,
+                    [&acts[t], &acts[t + 1]],
+                )),
                 3 => out[t..t + 3].copy_from_slice(&self.dot_rows::<3>(
                     path,
                     row,
@@ -274,6 +383,10 @@ impl BlockMatrix {
         let quant_bytes = self.format.quant_bytes_per_block();
         let quants = &self.quants[row * blocks * quant_bytes..];
         let scales = &self.scales[row * blocks..][..blocks];
+        let minimums = match self.format {
+            BlockFormat::Q4K => Some(&self.minimums[row * blocks..][..blocks]),
+            _ => None,
+        };
         #[cfg(target_arch = "x86_64")]
         match path {
             // SAFETY: the path was detected on this CPU (or is a test's choice among detected
@@ -283,7 +396,9 @@ impl BlockMatrix {
                 return unsafe {
                     match self.format {
                         BlockFormat::Q8_0 => x86::q8_0_vnni(quants, scales, acts),
-                        BlockFormat::Q4_0 => x86::q4_0_vnni(quants, scales, acts),
+                        BlockFormat::Q4_0 | BlockFormat::Q4K => {
+                            x86::q4_vnni(quants, scales, minimums, acts)
+                        }
                     }
                 }
             }
@@ -292,14 +407,16 @@ impl BlockMatrix {
                 return unsafe {
                     match self.format {
                         BlockFormat::Q8_0 => x86::q8_0_avx2(quants, scales, acts),
-                        BlockFormat::Q4_0 => x86::q4_0_avx2(quants, scales, acts),
+                        BlockFormat::Q4_0 | BlockFormat::Q4K => {
+                            x86::q4_avx2(quants, scales, minimums, acts)
+                        }
                     }
                 }
             }
             KernelPath::Portable => {}
         }
         let _ = path;
-        portable(self.format, quants, scales, acts)
+        portable(self.format, quants, scales, minimums, acts)
     }
 }
 
@@ -363,6 +480,7 @@ fn portable<const T: usize>(
     format: BlockFormat,
     quants: &[u8],
     scales: &[f16],
+    minimums: Option<&[f16]>,
     acts: [&Activations; T],
 ) -> [f32; T] {
     let mut out = [0f32; T];
@@ -376,18 +494,25 @@ fn portable<const T: usize>(
                     *w = *q as i8 as i32;
                 }
             }
-            BlockFormat::Q4_0 => {
+            BlockFormat::Q4_0 | BlockFormat::Q4K => {
                 for (i, byte) in q.iter().enumerate() {
-                    weights[i] = (byte & 0x0F) as i32 - 8;
-                    weights[i + 16] = (byte >> 4) as i32 - 8;
+                    weights[i] = (byte & 0x0F) as i32;
+                    weights[i + 16] = (byte >> 4) as i32;
                 }
             }
         }
         let scale = scale.to_f32();
+        // What the nibbles' offset contributes per unit of `scale * sum(x)`: q4_0's fixed 8,
+        // q4_K's own minimum.
+        let offset = match (format, minimums) {
+            (BlockFormat::Q4_0, _) => 8.0 * scale,
+            (_, Some(minimums)) => minimums[b].to_f32(),
+            _ => 0.0,
+        };
         for (o, act) in out.iter_mut().zip(acts) {
             let x = &act.quants[b * BLOCK..][..BLOCK];
             let dot: i32 = weights.iter().zip(x).map(|(w, x)| w * *x as i32).sum();
-            *o += scale * act.scales[b] * dot as f32;
+            *o += scale * act.scales[b] * dot as f32 - offset * act.sums[b];
         }
     }
     out
@@ -473,12 +598,14 @@ mod x86 {
         out
     }
 
-    /// q4_0 × q8 activations in nibble-halves order: a 64-byte load is four blocks; its low
-    /// nibbles meet the first 64 activation bytes of the group, its high nibbles the next 64.
+    /// 4-bit blocks × q8 activations in nibble-halves order: a 64-byte load is four blocks; its
+    /// low nibbles meet the first 64 activation bytes of the group, its high nibbles the next
+    /// 64. `minimums` are q4_K's; without them the nibbles are q4_0's `w + 8`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
-    pub(super) unsafe fn q4_0_vnni<const T: usize>(
+    pub(super) unsafe fn q4_vnni<const T: usize>(
         quants: &[u8],
         scales: &[f16],
+        minimums: Option<&[f16]>,
         acts: [&Activations; T],
     ) -> [f32; T] {
         let blocks = scales.len();
@@ -490,12 +617,16 @@ mod x86 {
         while group < blocks {
             let count = (blocks - group).min(SCALE_GROUP);
             let weight_scales = load_scales(scales.as_ptr().add(group), count);
+            let weight_offsets = match minimums {
+                Some(m) => load_scales(m.as_ptr().add(group), count),
+                None => _mm512_mul_ps(weight_scales, _mm512_set1_ps(8.0)),
+            };
             let mut combined = [_mm512_setzero_ps(); T];
             for t in 0..T {
                 let x_scales = _mm512_loadu_ps(acts[t].scales.as_ptr().add(group));
                 combined[t] = _mm512_mul_ps(weight_scales, x_scales);
                 let sums = _mm512_loadu_ps(acts[t].sums.as_ptr().add(group));
-                offsets[t] = _mm512_fmadd_ps(weight_scales, sums, offsets[t]);
+                offsets[t] = _mm512_fmadd_ps(weight_offsets, sums, offsets[t]);
             }
             let mut quad = 0;
             while quad * 4 < count {
@@ -519,7 +650,7 @@ mod x86 {
         }
         let mut out = [0f32; T];
         for t in 0..T {
-            out[t] = _mm512_reduce_add_ps(acc[t]) - 8.0 * _mm512_reduce_add_ps(offsets[t]);
+            out[t] = _mm512_reduce_add_ps(acc[t]) - _mm512_reduce_add_ps(offsets[t]);
         }
         out
     }
@@ -538,7 +669,8 @@ mod x86 {
             let magnitude = _mm256_sign_epi8(w, w);
             let scale = scale.to_f32();
             for t in 0..T {
-                let x = _mm256_loadu_si256(acts[t].quants.as_ptr().add(b * BLOCK) as *const __m256i);
+                let x =
+                    _mm256_loadu_si256(acts[t].quants.as_ptr().add(b * BLOCK) as *const __m256i);
                 let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x, w));
                 let dot = _mm256_madd_epi16(pairs, ones);
                 let s = _mm256_set1_ps(scale * acts[t].scales[b]);
@@ -552,12 +684,13 @@ mod x86 {
         out
     }
 
-    /// q4_0 × q8 activations, one block per 256-bit register: nibbles `w + 8` times x, the
-    /// offset taken off per block.
+    /// 4-bit blocks × q8 activations, one block per 256-bit register: nibbles times x, the
+    /// offset (q4_0's 8, q4_K's minimum) taken off per block.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn q4_0_avx2<const T: usize>(
+    pub(super) unsafe fn q4_avx2<const T: usize>(
         quants: &[u8],
         scales: &[f16],
+        minimums: Option<&[f16]>,
         acts: [&Activations; T],
     ) -> [f32; T] {
         let ones = _mm256_set1_epi16(1);
@@ -570,17 +703,22 @@ mod x86 {
             let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), low);
             let w = _mm256_set_m128i(hi, lo);
             let scale = scale.to_f32();
+            let offset = match minimums {
+                Some(m) => m[b].to_f32(),
+                None => 8.0 * scale,
+            };
             for t in 0..T {
-                let x = _mm256_loadu_si256(acts[t].quants.as_ptr().add(b * BLOCK) as *const __m256i);
+                let x =
+                    _mm256_loadu_si256(acts[t].quants.as_ptr().add(b * BLOCK) as *const __m256i);
                 let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);
                 let s = _mm256_set1_ps(scale * acts[t].scales[b]);
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[t]);
-                offsets[t] += scale * acts[t].sums[b];
+                offsets[t] += offset * acts[t].sums[b];
             }
         }
         let mut out = [0f32; T];
         for t in 0..T {
-            out[t] = sum8(acc[t]) - 8.0 * offsets[t];
+            out[t] = sum8(acc[t]) - offsets[t];
         }
         out
     }
@@ -591,6 +729,8 @@ mod tests {
     use candle_core::Tensor;
 
     use super::*;
+
+    const ALL: [BlockFormat; 3] = [BlockFormat::Q8_0, BlockFormat::Q4_0, BlockFormat::Q4K];
 
     fn matrix(rows: usize, cols: usize, seed: f64) -> candle_core::Result<Tensor> {
         Tensor::arange(0f32, (rows * cols) as f32, &Device::Cpu)?
@@ -603,8 +743,12 @@ mod tests {
     /// odd block counts, partial scale groups and token counts that are not multiples of four.
     #[test]
     fn kernels_match_the_dequantized_product() -> candle_core::Result<()> {
-        for (rows, cols) in [(3, 32), (17, 96), (40, 544), (9, 1056)] {
-            for format in [BlockFormat::Q8_0, BlockFormat::Q4_0] {
+        let shapes = |format| match format {
+            BlockFormat::Q4K => [(3, 256), (17, 768), (40, 1280), (9, 2304)],
+            _ => [(3, 32), (17, 96), (40, 544), (9, 1056)],
+        };
+        for format in ALL {
+            for (rows, cols) in shapes(format) {
                 let w = matrix(rows, cols, 1.3)?;
                 let q = QTensor::quantize(&w, format.ggml())?;
                 let exact_w = q.dequantize(&Device::Cpu)?;
@@ -634,8 +778,15 @@ mod tests {
     /// The fast paths compute the portable path's integer sums: they agree to f32 rounding.
     #[test]
     fn paths_agree_with_the_portable_one() -> candle_core::Result<()> {
-        let (rows, cols) = (33, 1376);
-        for format in [BlockFormat::Q8_0, BlockFormat::Q4_0] {
+        for format in ALL {
+            let (rows, cols) = (
+                33,
+                if format == BlockFormat::Q4K {
+                    1280
+                } else {
+                    1376
+                },
+            );
             let q = QTensor::quantize(&matrix(rows, cols, 2.1)?, format.ggml())?;
             let blocks = BlockMatrix::from_qtensor(&q)?.expect("format is supported");
             let x = matrix(3, cols, 0.3)?.flatten_all()?.to_vec1::<f32>()?;
@@ -657,11 +808,43 @@ mod tests {
 
     #[test]
     fn blocks_round_trip_to_the_same_ggml_bytes() -> candle_core::Result<()> {
-        for format in [BlockFormat::Q8_0, BlockFormat::Q4_0] {
-            let q = QTensor::quantize(&matrix(5, 64, 0.9)?, format.ggml())?;
+        for format in ALL {
+            let q = QTensor::quantize(&matrix(5, 512, 0.9)?, format.ggml())?;
             let blocks = BlockMatrix::from_qtensor(&q)?.expect("format is supported");
             assert_eq!(blocks.to_qtensor()?.data()?, q.data()?);
             assert_eq!(blocks.storage_bytes(), q.storage_size_in_bytes());
+        }
+        Ok(())
+    }
+}
+#[cfg(test)]
+mod timing_probe {
+    use super::*;
+    use candle_core::Tensor;
+    #[test]
+    #[ignore]
+    fn probe() -> candle_core::Result<()> {
+        let (rows, cols) = (11008, 2048);
+        let w = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu)?;
+        let x = Tensor::randn(0f32, 1.0, (1, cols), &Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        for f in [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4K] {
+            let q = QTensor::quantize(&w, f)?;
+            let b = BlockMatrix::from_qtensor(&q)?.unwrap();
+            let mut out = vec![0f32; rows];
+            for path in [KernelPath::Vnni, KernelPath::Avx2] {
+                let t = std::time::Instant::now();
+                for _ in 0..50 {
+                    b.matmul_on(path, &x, &mut out);
+                }
+                let dt = t.elapsed().as_secs_f64() / 50.0;
+                println!(
+                    "{f:?} {path:?} {:.3} ms {:.1} GB/s",
+                    dt * 1e3,
+                    b.bytes_read_per_token() as f64 / dt / 1e9
+                );
+            }
         }
         Ok(())
     }

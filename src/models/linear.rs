@@ -15,6 +15,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::block_matmul::BlockMatrix;
+use super::dense_matmul;
 use crate::Quantization;
 
 /// `y = x W^T + b` with `W` stored `[out_features, in_features]` as in PyTorch checkpoints.
@@ -124,7 +125,7 @@ impl Linear {
         let mut n = match &self.weight {
             Weight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
             Weight::Quantized { qtensor, .. } => qtensor.storage_size_in_bytes(),
-            Weight::Blocks(blocks) => blocks.storage_bytes(),
+            Weight::Blocks(blocks) => blocks.bytes_read_per_token(),
         };
         if let Some(b) = &self.bias {
             n += b.elem_count() * b.dtype().size_in_bytes();
@@ -380,6 +381,12 @@ impl Module for Linear {
         let y = match &self.weight {
             Weight::Dense(w) => match self.matvec(w, x)? {
                 Some(y) => y,
+                None if dense_matmul::available() && x.dtype() == DType::F32 => {
+                    match dense_prefill(w, x)? {
+                        Some(y) => y,
+                        None => x.matmul(&w.t()?)?,
+                    }
+                }
                 // 16-bit weights under f32 activations (the CPU setup): widen for the matmul.
                 None if w.dtype() == DType::F16 && x.dtype() == DType::F32 => {
                     x.matmul(&widen_matrix::<f16>(w)?.t()?)?
@@ -397,6 +404,56 @@ impl Module for Linear {
             None => Ok(y),
         }
     }
+}
+
+/// `x W^T` by the AVX-512 prefill kernel, for f32 activations and f32/f16/bf16 weights on the
+/// CPU; `None` for other setups.
+fn dense_prefill(w: &Tensor, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    let (rows, cols) = w.dims2()?;
+    let mut out_dims = x.dims().to_vec();
+    match out_dims.last_mut() {
+        Some(last) if *last == cols => *last = rows,
+        _ => return Ok(None),
+    }
+    if !w.is_contiguous() || !x.device().is_cpu() {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    let tokens = x.elem_count() / cols;
+    let mut out = vec![0f32; tokens * rows];
+    {
+        let (w_storage, w_layout) = w.storage_and_layout();
+        let (x_storage, x_layout) = x.storage_and_layout();
+        let (candle_core::Storage::Cpu(wc), candle_core::Storage::Cpu(xc)) =
+            (&*w_storage, &*x_storage)
+        else {
+            return Ok(None);
+        };
+        let xs = &xc.as_slice::<f32>()?[x_layout.start_offset()..][..tokens * cols];
+        let start = w_layout.start_offset();
+        match w.dtype() {
+            DType::F32 => dense_matmul::matmul(
+                &wc.as_slice::<f32>()?[start..][..rows * cols],
+                xs,
+                &mut out,
+                cols,
+            ),
+            DType::F16 => dense_matmul::matmul(
+                &wc.as_slice::<f16>()?[start..][..rows * cols],
+                xs,
+                &mut out,
+                cols,
+            ),
+            DType::BF16 => dense_matmul::matmul(
+                &wc.as_slice::<bf16>()?[start..][..rows * cols],
+                xs,
+                &mut out,
+                cols,
+            ),
+            _ => return Ok(None),
+        }
+    }
+    Tensor::from_vec(out, out_dims, &Device::Cpu).map(Some)
 }
 
 /// `x W^T` over q8_0 / q4_0 blocks for `x: [.., cols]` (f32 on the CPU).

@@ -1,5 +1,6 @@
 //! Model architectures, one family per file.
 
-pub(crate) mod chatglm;
 mod block_matmul;
+pub(crate) mod chatglm;
+mod dense_matmul;
 mod linear;
