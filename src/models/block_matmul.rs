@@ -817,35 +817,3 @@ mod tests {
         Ok(())
     }
 }
-#[cfg(test)]
-mod timing_probe {
-    use super::*;
-    use candle_core::Tensor;
-    #[test]
-    #[ignore]
-    fn probe() -> candle_core::Result<()> {
-        let (rows, cols) = (11008, 2048);
-        let w = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu)?;
-        let x = Tensor::randn(0f32, 1.0, (1, cols), &Device::Cpu)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        for f in [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4K] {
-            let q = QTensor::quantize(&w, f)?;
-            let b = BlockMatrix::from_qtensor(&q)?.unwrap();
-            let mut out = vec![0f32; rows];
-            for path in [KernelPath::Vnni, KernelPath::Avx2] {
-                let t = std::time::Instant::now();
-                for _ in 0..50 {
-                    b.matmul_on(path, &x, &mut out);
-                }
-                let dt = t.elapsed().as_secs_f64() / 50.0;
-                println!(
-                    "{f:?} {path:?} {:.3} ms {:.1} GB/s",
-                    dt * 1e3,
-                    b.bytes_read_per_token() as f64 / dt / 1e9
-                );
-            }
-        }
-        Ok(())
-    }
-}

@@ -1,4 +1,4 @@
-//! Prefill's product of a few dozen activation rows with a dense weight matrix, on AVX-512.
+//! Dense products of one to a few dozen activation rows with a weight matrix, on AVX-512.
 //!
 //! A prompt chunk is short (tens of rows) next to a weight matrix of thousands of rows. candle's
 //! matmul packs the whole weight matrix for every product, which costs as much memory traffic as
@@ -7,6 +7,9 @@
 //! at a time, 24 accumulators in registers, while the tile stays in cache for every group of six
 //! activation rows. f16 and bf16 weights are widened in registers, so 16-bit models no longer
 //! widen each matrix to f32 for every chunk.
+//!
+//! Decoding (one row) runs the same kernel, so a token's outputs are the same bits whether it
+//! came in a prompt chunk or alone: a prefix cache filled either way holds identical values.
 
 use std::sync::LazyLock;
 
@@ -16,8 +19,6 @@ use rayon::prelude::*;
 const TILE_ROWS: usize = 4;
 /// Activation rows per tile.
 const TILE_TOKENS: usize = 6;
-/// Weight rows per task: enough work to hide rayon's overhead, small enough to share out.
-const ROWS_PER_TASK: usize = 16;
 
 /// Whether this CPU runs the AVX-512 kernel (checked once).
 pub(crate) fn available() -> bool {
@@ -119,13 +120,27 @@ pub(crate) fn matmul<W: DenseWeight>(w: &[W], x: &[f32], out: &mut [f32], cols: 
     assert_eq!(x.len(), tokens * cols, "activations are not whole rows");
     assert_eq!(w.len(), rows * cols, "weights are not whole rows");
     assert_eq!(out.len(), tokens * rows, "output has the wrong size");
-    // Row-major by weight row, so each task owns a contiguous slice; transposed at the end.
-    let mut by_row = vec![0f32; rows * tokens];
-    by_row
-        .par_chunks_mut(ROWS_PER_TASK * tokens)
+    // Enough rows per task to hide rayon's overhead, few enough to share out evenly.
+    let rows_per_task = (rows / (rayon::current_num_threads() * 8))
+        .max(16)
+        .next_multiple_of(TILE_ROWS);
+    // Row-major by weight row, so each task owns a contiguous slice; transposed at the end
+    // (a single token's output is already in that order).
+    let mut by_row = if tokens == 1 {
+        Vec::new()
+    } else {
+        vec![0f32; rows * tokens]
+    };
+    let target = if tokens == 1 {
+        &mut *out
+    } else {
+        &mut by_row[..]
+    };
+    target
+        .par_chunks_mut(rows_per_task * tokens)
         .enumerate()
         .for_each(|(task, chunk)| {
-            let first = task * ROWS_PER_TASK;
+            let first = task * rows_per_task;
             let task_rows = chunk.len() / tokens;
             let mut r = 0;
             while r < task_rows {
@@ -144,9 +159,11 @@ pub(crate) fn matmul<W: DenseWeight>(w: &[W], x: &[f32], out: &mut [f32], cols: 
                 r += n;
             }
         });
-    for (r, row) in by_row.chunks(tokens).enumerate() {
-        for (t, v) in row.iter().enumerate() {
-            out[t * rows + r] = *v;
+    if tokens > 1 {
+        for (r, row) in by_row.chunks(tokens).enumerate() {
+            for (t, v) in row.iter().enumerate() {
+                out[t * rows + r] = *v;
+            }
         }
     }
 }

@@ -379,14 +379,14 @@ impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let _enter = self.span.enter();
         let y = match &self.weight {
+            Weight::Dense(w) if dense_matmul::available() && x.dtype() == DType::F32 => {
+                match dense_in_place(w, x)? {
+                    Some(y) => y,
+                    None => x.matmul(&w.t()?)?,
+                }
+            }
             Weight::Dense(w) => match self.matvec(w, x)? {
                 Some(y) => y,
-                None if dense_matmul::available() && x.dtype() == DType::F32 => {
-                    match dense_prefill(w, x)? {
-                        Some(y) => y,
-                        None => x.matmul(&w.t()?)?,
-                    }
-                }
                 // 16-bit weights under f32 activations (the CPU setup): widen for the matmul.
                 None if w.dtype() == DType::F16 && x.dtype() == DType::F32 => {
                     x.matmul(&widen_matrix::<f16>(w)?.t()?)?
@@ -406,9 +406,9 @@ impl Module for Linear {
     }
 }
 
-/// `x W^T` by the AVX-512 prefill kernel, for f32 activations and f32/f16/bf16 weights on the
+/// `x W^T` by the AVX-512 tile kernel, for f32 activations and f32/f16/bf16 weights on the
 /// CPU; `None` for other setups.
-fn dense_prefill(w: &Tensor, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+fn dense_in_place(w: &Tensor, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
     let (rows, cols) = w.dims2()?;
     let mut out_dims = x.dims().to_vec();
     match out_dims.last_mut() {
