@@ -2,13 +2,16 @@
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device};
 
 use crate::config::{GenerationDefaults, ModelConfig};
 use crate::error::{Error, Result};
+use crate::message::Message;
 use crate::models::chatglm::ChatGlmModel;
+use crate::next_turn::NextTurnWarmer;
 use crate::prefix_cache::PrefixCache;
 use crate::prompt::{ModelFamily, Prompt, PromptBuilder};
 use crate::quantization::Quantization;
@@ -73,6 +76,9 @@ pub struct ModelOptions {
     /// Bytes of key/value caches kept from finished requests, so a prompt that repeats an
     /// earlier conversation only runs its new tokens (0 turns reuse off). Default 512 MiB.
     pub prefix_cache_bytes: usize,
+    /// After a reply, pre-fill it on a background thread as the next turn's prompt will encode
+    /// it, so that turn only runs its new question (default on; needs the prefix cache).
+    pub warm_next_turn: bool,
 }
 
 impl Default for ModelOptions {
@@ -83,6 +89,7 @@ impl Default for ModelOptions {
             dtype: None,
             quantization: None,
             prefix_cache_bytes: 512 << 20,
+            warm_next_turn: true,
         }
     }
 }
@@ -161,7 +168,7 @@ impl ModelOptions {
 /// ```
 #[derive(Debug)]
 pub struct Engine {
-    model: ChatGlmModel,
+    model: Arc<ChatGlmModel>,
     tokenizer: Tokenizer,
     /// The sentencepiece model as read, for [`Engine::save_gguf`].
     tokenizer_model: Vec<u8>,
@@ -170,7 +177,8 @@ pub struct Engine {
     stop_ids: Vec<u32>,
     dir: PathBuf,
     quantization: Option<Quantization>,
-    prefix_cache: PrefixCache,
+    prefix_cache: Arc<PrefixCache>,
+    next_turn: Option<NextTurnWarmer>,
 }
 
 impl Engine {
@@ -333,6 +341,10 @@ impl Engine {
             }
         }
         tracing::info!(seconds = started.elapsed().as_secs_f64(), "model loaded");
+        let model = Arc::new(model);
+        let prefix_cache = Arc::new(PrefixCache::new(options.prefix_cache_bytes));
+        let next_turn = (options.warm_next_turn && options.prefix_cache_bytes > 0)
+            .then(|| NextTurnWarmer::start(model.clone(), prefix_cache.clone(), PREFILL_CHUNK));
         Ok(Engine {
             model,
             tokenizer,
@@ -342,7 +354,8 @@ impl Engine {
             stop_ids,
             dir: path.to_path_buf(),
             quantization,
-            prefix_cache: PrefixCache::new(options.prefix_cache_bytes),
+            prefix_cache,
+            next_turn,
         })
     }
 
@@ -452,6 +465,29 @@ impl Engine {
         Ok(logits)
     }
 
+    /// Blocks until background work on finished replies is done (see
+    /// [`ModelOptions::warm_next_turn`]): for benchmarks that time the next turn as if the user
+    /// had read the reply first, and for tests.
+    pub fn wait_for_background_work(&self) {
+        if let Some(next_turn) = &self.next_turn {
+            next_turn.wait_idle();
+        }
+    }
+
+    /// The ids any next prompt of this conversation starts with: history, this turn's question
+    /// and `reply` as the prompt builder encodes them, up to where the next question's text
+    /// begins (found by building with two different questions).
+    fn next_prompt_start(&self, request: &ChatRequest, reply: &str) -> Vec<u32> {
+        let mut history = request.history.clone();
+        history.push(Message::user(request.prompt.clone()));
+        history.push(Message::assistant(reply));
+        let builder = self.builder();
+        let a = builder.build("a", &history);
+        let b = builder.build("b", &history);
+        let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+        a[..common].to_vec()
+    }
+
     /// Checks a request the way [`Engine::chat_stream`] does before generating (parameters,
     /// roles, prompt length), without generating: lets a server reject bad requests before it
     /// starts streaming.
@@ -513,6 +549,9 @@ impl Engine {
         let reused = if request.skip_prefix_cache {
             None
         } else {
+            if let Some(next_turn) = &self.next_turn {
+                next_turn.wait_for(&prompt.ids);
+            }
             self.prefix_cache.take(&prompt.ids)
         };
         let (mut cache, cached) =
@@ -578,6 +617,11 @@ impl Engine {
         let decode = decode_started.elapsed();
         self.prefix_cache
             .put(context[..cache.len()].to_vec(), cache);
+        if finish_reason != FinishReason::Cancelled && !request.skip_prefix_cache {
+            if let Some(next_turn) = &self.next_turn {
+                next_turn.submit(self.next_prompt_start(request, &text));
+            }
+        }
         let decode_steps = completion.len().saturating_sub(1);
         let per_s = |n: usize, secs: f64| if secs > 0.0 { n as f64 / secs } else { 0.0 };
         let timings = Timings {

@@ -47,6 +47,7 @@ mod error;
 mod gguf;
 mod message;
 mod models;
+mod next_turn;
 mod prefix_cache;
 mod prompt;
 mod quantization;

@@ -22,8 +22,10 @@ pub struct BenchArgs {
     #[arg(long, visible_alias = "context", default_value_t = 32)]
     prompt_tokens: usize,
 
-    /// Also time the first token of the last turn of a chat this many turns long, with the
-    /// earlier turns' caches reused and without (0 skips it).
+    /// Also time the first token of the last turn of a chat this many turns long (16-token
+    /// questions, 32-token replies, each reply read before the next question so its pre-fill
+    /// for the next turn has run), with the earlier turns' caches reused and without (0 skips
+    /// it).
     #[arg(long, default_value_t = 5)]
     turns: usize,
 
@@ -215,17 +217,21 @@ struct LastTurn {
 /// Plays a chat of `turns` turns (history resent each turn, as AIHub does) and times the first
 /// token of the last one; then the same last request again with the prefix cache bypassed.
 fn last_turn_ttft(engine: &Engine, turns: usize) -> anyhow::Result<LastTurn> {
-    let question = prompt_of_length(engine, 40)?;
+    // A chat's shape: short questions, longer replies.
+    let question = prompt_of_length(engine, 16)?;
     let mut history = vec![Message::system("You are a benchmark.")];
     let ask = |history: &[Message]| ChatRequest {
         ignore_stop: true,
         ..ChatRequest::new(question.clone())
             .history(history.to_vec())
-            .max_new_tokens(16)
+            .max_new_tokens(32)
             .greedy()
     };
     let mut last = None;
     for _ in 0..turns {
+        // The user reads the reply before asking again: the reply's pre-fill for the next
+        // turn (ModelOptions::warm_next_turn) runs meanwhile.
+        engine.wait_for_background_work();
         let outcome = engine.chat(&ask(&history))?;
         history.push(Message::user(question.clone()));
         history.push(Message::assistant(outcome.text.clone()));
@@ -233,6 +239,7 @@ fn last_turn_ttft(engine: &Engine, turns: usize) -> anyhow::Result<LastTurn> {
     }
     let last = last.context("no turn")?;
     history.truncate(history.len() - 2);
+    engine.wait_for_background_work();
     let cold = engine.chat(&ChatRequest {
         skip_prefix_cache: true,
         ..ask(&history)
