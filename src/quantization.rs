@@ -20,9 +20,8 @@ pub enum Quantization {
     /// 4-bit, blocks of 32 (4.5 bits per weight).
     Q4_0,
     /// 4-bit k-quant, super-blocks of 256 (4.5 bits per weight), more accurate than q4_0. Rows
-    /// whose width is not a multiple of 256 (ChatGLM's MLP down-projection) fall back to q8_0:
-    /// on a CPU candle's q8_0 kernel beats its q4_0 and q5_0 ones (measured: 36.1 tokens/s with
-    /// the q8_0 fallback, 35.0 with q4_0, 14.2 with q5_0 on the 785M bench).
+    /// whose width is not a multiple of 256 (ChatGLM's MLP down-projection) fall back to q8_0,
+    /// which keeps the layer whose inputs vary most nearly lossless.
     Q4K,
 }
 

@@ -1,10 +1,12 @@
-//! A linear layer whose single-token product uses every core, dense or quantized.
+//! A linear layer whose products use every core, dense or quantized.
 //!
 //! Decoding multiplies one activation row by every weight matrix: a matrix-vector product that
-//! is bound by memory bandwidth. candle's CPU matmul runs that shape on one thread, so for one
-//! row of f32 on the CPU this layer splits the weight rows across rayon's pool instead. Everything
-//! else (prefill, other dtypes, GPUs) goes through candle's matmul. Quantized weights (ggml block
-//! formats) go through candle's `QMatMul`, whose CPU kernels are multi-threaded already.
+//! is bound by memory bandwidth, which candle's CPU matmul runs on one thread; prefill multiplies
+//! a few dozen rows, where candle's matmul spends as long packing the weights as multiplying.
+//! So on the CPU, dense f32/f16/bf16 weights go through this crate's AVX-512 tile kernel
+//! ([`super::dense_matmul`]; without AVX-512, a multi-threaded matrix-vector product for one
+//! row and candle's matmul otherwise), q8_0 / q4_0 / q4_K blocks through its own block kernels
+//! ([`super::block_matmul`]), and other block formats and GPUs through candle.
 
 use std::sync::{Arc, LazyLock};
 
