@@ -147,8 +147,7 @@ pub(crate) fn matmul<W: DenseWeight>(w: &[W], x: &[f32], out: &mut [f32], cols: 
                 let n = (task_rows - r).min(TILE_ROWS);
                 let w_rows = &w[(first + r) * cols..][..n * cols];
                 let mut t = 0;
-                while t < tokens {
-                    let m = (tokens - t).min(TILE_TOKENS);
+                for m in token_groups(tokens) {
                     let x_rows = &x[t * cols..][..m * cols];
                     let tile = tile(w_rows, n, x_rows, m, cols);
                     for (i, row) in tile.iter().take(n).enumerate() {
@@ -166,6 +165,15 @@ pub(crate) fn matmul<W: DenseWeight>(w: &[W], x: &[f32], out: &mut [f32], cols: 
             }
         }
     }
+}
+
+/// Sizes of the groups of activation rows that share a pass over a weight tile: as even as
+/// possible (32 rows: 6, 6, 5, 5, 5, 5), since a small last group would stream the weights for
+/// few products.
+fn token_groups(tokens: usize) -> impl Iterator<Item = usize> {
+    let groups = tokens.div_ceil(TILE_TOKENS);
+    let (base, extra) = (tokens / groups.max(1), tokens % groups.max(1));
+    (0..groups).map(move |g| base + usize::from(g < extra))
 }
 
 /// One tile: `n <= 4` weight rows against `m <= 6` activation rows, by the kernel sized for it.
@@ -284,13 +292,52 @@ mod tests {
         }
     }
 
+    #[test]
+    fn token_groups_are_even_and_cover_every_row() {
+        for tokens in 1..100 {
+            let groups: Vec<usize> = token_groups(tokens).collect();
+            assert_eq!(groups.iter().sum::<usize>(), tokens);
+            assert!(groups.iter().all(|&g| (1..=TILE_TOKENS).contains(&g)));
+            let (min, max) = (groups.iter().min(), groups.iter().max());
+            assert!(max.unwrap() - min.unwrap() <= 1, "{tokens}: {groups:?}");
+        }
+        assert_eq!(token_groups(32).collect::<Vec<_>>(), [6, 6, 5, 5, 5, 5]);
+    }
+
+    /// A token's outputs are the same bits alone or in any batch: what lets a prefix cache
+    /// filled by decoding stand in for one filled by prefill.
+    #[test]
+    fn a_rows_result_does_not_depend_on_its_batch() {
+        if !available() {
+            return;
+        }
+        let (rows, cols) = (21, 2100);
+        let w = values(rows * cols, 1.3);
+        for tokens in [2, 5, 6, 7, 13, 32] {
+            let x = values(tokens * cols, 0.9);
+            let mut batch = vec![0f32; tokens * rows];
+            matmul(&w, &x, &mut batch, cols);
+            for t in 0..tokens {
+                let mut alone = vec![0f32; rows];
+                matmul(&w, &x[t * cols..][..cols], &mut alone, cols);
+                assert_eq!(alone, batch[t * rows..][..rows], "token {t} of {tokens}");
+            }
+        }
+    }
+
     /// Every tile shape (row and token remainders) and a column count with a masked tail.
     #[test]
     fn matches_a_plain_product_for_every_weight_type() {
         if !available() {
             return;
         }
-        for (rows, tokens, cols) in [(37, 13, 83), (16, 6, 64), (5, 1, 16), (70, 32, 256)] {
+        for (rows, tokens, cols) in [
+            (37, 13, 83),
+            (16, 6, 64),
+            (5, 1, 16),
+            (70, 32, 256),
+            (9, 7, 2100),
+        ] {
             let w = values(rows * cols, 1.0);
             let x = values(tokens * cols, 0.7);
             let mut out = vec![0f32; tokens * rows];
