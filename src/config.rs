@@ -132,21 +132,22 @@ impl ModelConfig {
                 return Err(bad(field, value, "must be positive"));
             }
         }
-        if self.kv_channels.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+        if self.kv_channels.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return Err(bad(
                 "hidden_size",
                 self.hidden_size,
                 "must be a multiple of num_attention_heads when kv_channels is absent",
             ));
         }
-        if self.head_dim() % 4 != 0 {
+        if !self.head_dim().is_multiple_of(4) {
             return Err(bad(
                 "kv_channels",
                 self.head_dim(),
                 "must be a multiple of 4 (half of each head is rotated in pairs)",
             ));
         }
-        if self.num_attention_heads % self.kv_heads() != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.kv_heads()) {
             return Err(bad(
                 "multi_query_group_num",
                 self.kv_heads(),

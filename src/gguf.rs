@@ -50,6 +50,9 @@ pub(crate) fn read(path: &Path) -> Result<GgufModel> {
     };
     let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
     let content = gguf_file::Content::read(&mut file).map_err(weights_error)?;
+    if crate::llama_cpp_gguf::is_llama_cpp(&content) {
+        return crate::llama_cpp_gguf::read(path, content, file);
+    }
     let text = |key: &'static str| -> Result<String> {
         match content.metadata.get(key) {
             Some(Value::String(s)) => Ok(s.clone()),

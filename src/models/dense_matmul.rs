@@ -233,8 +233,8 @@ mod x86 {
             }
             for j in 0..M {
                 let xv = f32::load16(xp.add(j * cols + k), mask);
-                for i in 0..N {
-                    acc[i][j] = _mm512_fmadd_ps(wv[i], xv, acc[i][j]);
+                for (acc, wv) in acc.iter_mut().zip(&wv) {
+                    acc[j] = _mm512_fmadd_ps(*wv, xv, acc[j]);
                 }
             }
             k += 16;

@@ -4,7 +4,7 @@
 //! text that merely looks like `<|user|>` stays text), and the special tokens get the ids right
 //! after the sentencepiece vocabulary, in a fixed order.
 
-mod model_proto;
+pub(crate) mod model_proto;
 mod sentencepiece;
 
 use std::path::Path;
