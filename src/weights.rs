@@ -360,7 +360,13 @@ impl Weights {
         self.get_as(name, shape, self.dtype)
     }
 
-    fn get_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+    /// What linear layers' weight matrices are stored in.
+    pub(crate) fn matrix_dtype(&self) -> DType {
+        self.matrix_dtype
+    }
+
+    /// Reads one tensor, checks its shape against `shape` and converts it to `dtype`.
+    pub(crate) fn get_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let Some(&index) = self.routing.get(name) else {
             return Err(Error::MissingTensor {
                 name: name.to_string(),

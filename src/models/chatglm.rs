@@ -365,9 +365,17 @@ impl ChatGlmModel {
         quantization: Option<Quantization>,
     ) -> Result<Self> {
         let rotary = Arc::new(RotaryTables::new(cfg, dtype, device)?);
-        let word_embeddings = weights.get(
+        // A token reads one row of the table, so it is stored as compactly as the weight
+        // matrices allow: 16 bits when they are 16-bit or quantized (checkpoints store it in
+        // f16 or bf16, so nothing is lost), widened row by row when looked up.
+        let embedding_dtype = match (quantization, weights.matrix_dtype()) {
+            (Some(_), _) if device.is_cpu() => DType::F16,
+            (_, matrix) => matrix,
+        };
+        let word_embeddings = weights.get_as(
             "transformer.embedding.word_embeddings.weight",
             &[cfg.padded_vocab_size, cfg.hidden_size],
+            embedding_dtype,
         )?;
         let layers = (0..cfg.num_layers)
             .map(|i| {
@@ -516,7 +524,10 @@ impl ChatGlmModel {
             });
         }
         let ids_tensor = Tensor::new(ids, &self.device)?;
-        let mut x = self.word_embeddings.index_select(&ids_tensor, 0)?;
+        let mut x = self
+            .word_embeddings
+            .index_select(&ids_tensor, 0)?
+            .to_dtype(self.dtype)?;
         let wanted = (start + tokens).max(cache.capacity_hint);
         for (block, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
             layer_cache.reserve(wanted, &self.config, self.dtype, &self.device)?;
