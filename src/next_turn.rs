@@ -28,6 +28,7 @@ const MAX_PENDING: usize = 4;
 #[derive(Debug)]
 pub(crate) struct NextTurnWarmer {
     shared: Arc<Shared>,
+    cache: Arc<PrefixCache>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -57,12 +58,17 @@ impl NextTurnWarmer {
     pub(crate) fn start(model: Arc<ChatGlmModel>, cache: Arc<PrefixCache>, chunk: usize) -> Self {
         let shared = Arc::new(Shared::default());
         let worker = shared.clone();
+        let worker_cache = cache.clone();
         let thread = std::thread::Builder::new()
             .name("chathub-next-turn".into())
-            .spawn(move || worker.run(&model, &cache, chunk))
+            .spawn(move || worker.run(&model, &worker_cache, chunk))
             .map_err(|e| tracing::warn!(error = %e, "no thread for next-turn warm-ups"))
             .ok();
-        NextTurnWarmer { shared, thread }
+        NextTurnWarmer {
+            shared,
+            cache,
+            thread,
+        }
     }
 
     /// Queues `ids` (the start of a conversation's next prompt) to be pre-filled.
@@ -80,17 +86,22 @@ impl NextTurnWarmer {
         self.shared.changed.notify_all();
     }
 
-    /// Blocks while a warm-up that `prompt` continues is queued or running, so the request
-    /// finds its result instead of racing it for the same cache.
+    /// Blocks while a queued or running warm-up would leave a longer prefix of `prompt` in the
+    /// cache than the cache holds now: the next turn of its conversation, or the same turn asked
+    /// again ("regenerate"), whose cache the warm-up has taken out. The request then finds the
+    /// result instead of racing the warm-up and starting cold.
     pub(crate) fn wait_for(&self, prompt: &[u32]) {
         let mut state = self.shared.lock();
-        while !state.closing
-            && state
+        while !state.closing && {
+            let coming = state
                 .pending
                 .iter()
                 .chain(state.running.as_ref())
-                .any(|ids| prompt.starts_with(ids))
-        {
+                .map(|ids| common_prefix(ids, prompt))
+                .max()
+                .unwrap_or(0);
+            coming > 0 && coming > self.cache.longest_prefix(prompt)
+        } {
             state = self
                 .shared
                 .changed
@@ -132,6 +143,10 @@ impl Shared {
             self.changed.notify_all();
         }
     }
+}
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 /// Extends the cached prefix of `ids` to all of `ids`. Without a cached prefix there is nothing

@@ -63,6 +63,20 @@ impl PrefixCache {
         Some((entry.cache, matched))
     }
 
+    /// How many leading tokens of `prompt` the best cached entry holds (0 when reuse is off).
+    pub(crate) fn longest_prefix(&self, prompt: &[u32]) -> usize {
+        if self.budget_bytes == 0 {
+            return 0;
+        }
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state
+            .entries
+            .iter()
+            .map(|e| common_prefix(&e.ids, prompt))
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Keeps `cache` (which holds the positions of `ids`) for later requests.
     pub(crate) fn put(&self, ids: Vec<u32>, cache: KvCache) {
         if self.budget_bytes == 0 || ids.is_empty() {

@@ -138,3 +138,27 @@ fn concurrent_requests_sharing_a_prefix_agree() {
         assert_eq!(ids, expected[i % 3], "thread {i}");
     }
 }
+
+/// Asking the same turn again ("regenerate") right away finds its prompt cached, although the
+/// first reply's pre-fill for the next turn has taken that cache out meanwhile.
+#[test]
+fn asking_the_same_turn_again_reuses_its_prompt() {
+    let (with_reuse, without) = engines("chatglm3-tiny");
+    let history = vec![Message::system("You are a helpful assistant.")];
+    let request = ChatRequest::new("What is the capital of France?")
+        .history(history)
+        .max_new_tokens(12)
+        .greedy();
+    let expected = without.chat(&request).expect("chat").completion_token_ids;
+    for round in 0..20 {
+        let outcome = with_reuse.chat(&request).expect("chat");
+        assert_eq!(outcome.completion_token_ids, expected, "round {round}");
+        if round > 0 {
+            assert_eq!(
+                outcome.usage.cached_prompt_tokens,
+                outcome.usage.prompt_tokens - 1,
+                "round {round}: the repeated prompt was not reused"
+            );
+        }
+    }
+}
