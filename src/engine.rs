@@ -43,7 +43,14 @@ struct Parts<'a> {
 /// weight matrices (half the bytes read per token); activations, norms and caches stay f32,
 /// where candle's CPU kernels are fast and exact. On a GPU the whole model runs in it.
 fn dtypes(options: &ModelOptions) -> (DType, DType) {
-    let matrix_dtype = options.dtype.unwrap_or(DType::F32);
+    // Matrices that are quantized at load are read in 16 bits (what checkpoints store) and
+    // widened a band at a time: a whole f32 copy of the largest matrix would be the peak.
+    let quantizing_on_cpu = options.quantization.is_some() && options.device.is_cpu();
+    let matrix_dtype = options.dtype.unwrap_or(if quantizing_on_cpu {
+        DType::F16
+    } else {
+        DType::F32
+    });
     let dtype = if options.device.is_cpu() {
         DType::F32
     } else {

@@ -19,6 +19,7 @@ use std::sync::Mutex;
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{pickle::PthTensors, DType, Device, Tensor};
+use half::vec::HalfBitsVecExt;
 use rayon::prelude::*;
 use serde::Deserialize;
 
@@ -163,13 +164,43 @@ impl SafetensorsFile {
     }
 
     /// Reads one tensor as f32 on the CPU, widening 16-bit floats on every core.
-    fn load_f32(&self, name: &str) -> candle_core::Result<Option<Tensor>> {
+    /// Reads a tensor as stored when that is `want` (no f32 copy of a 16-bit tensor that stays
+    /// 16-bit), widened to f32 on every core otherwise.
+    fn load(&self, name: &str, want: DType) -> candle_core::Result<Option<Tensor>> {
         let Some(t) = self.tensors.get(name) else {
             return Ok(None);
         };
-        let mut bytes = vec![0u8; (t.end - t.start) as usize];
         let mut file = &self.file;
         file.seek(SeekFrom::Start(self.data_start + t.start))?;
+        let len = (t.end - t.start) as usize;
+        let stored = match t.dtype {
+            StoredDType::F16 => DType::F16,
+            StoredDType::BF16 => DType::BF16,
+            StoredDType::F32 => DType::F32,
+        };
+        if stored == want && stored != DType::F32 && cfg!(target_endian = "little") {
+            // Read straight into the tensor's buffer: a 16-bit table is never held twice.
+            let mut bits = vec![0u16; len / 2];
+            // SAFETY: any byte pattern is a valid u16; the view covers exactly `bits`.
+            let view = unsafe {
+                std::slice::from_raw_parts_mut(bits.as_mut_ptr().cast::<u8>(), bits.len() * 2)
+            };
+            file.read_exact(view)?;
+            let tensor = match stored {
+                DType::F16 => Tensor::from_vec(
+                    bits.reinterpret_into::<half::f16>(),
+                    t.shape.clone(),
+                    &Device::Cpu,
+                ),
+                _ => Tensor::from_vec(
+                    bits.reinterpret_into::<half::bf16>(),
+                    t.shape.clone(),
+                    &Device::Cpu,
+                ),
+            };
+            return tensor.map(Some);
+        }
+        let mut bytes = vec![0u8; len];
         file.read_exact(&mut bytes)?;
         let size = t.dtype.size();
         let mut values = vec![0f32; bytes.len() / size];
@@ -384,7 +415,7 @@ impl Weights {
         };
         self.check_shape(shard, name, shape)?;
         let tensor = match &shard.data {
-            ShardData::Safetensors(st) => st.load_f32(name).map_err(weights_error)?,
+            ShardData::Safetensors(st) => st.load(name, dtype).map_err(weights_error)?,
             ShardData::Pickle(pth) => pth.get(name).map_err(weights_error)?,
             ShardData::Gguf { content, file } => {
                 let mut file = file.lock().unwrap_or_else(|e| e.into_inner());

@@ -62,6 +62,8 @@ struct BenchReport {
     ttft_ms: f64,
     peak_rss_bytes: u64,
     load_peak_rss_bytes: u64,
+    /// Resident memory right after loading: the model's own footprint.
+    loaded_rss_bytes: u64,
     weight_bytes_per_token: usize,
     decode_read_gb_per_s: f64,
     machine_read_gb_per_s: f64,
@@ -101,6 +103,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let engine = model_args.load()?;
     let load_s = started.elapsed().as_secs_f64();
     let load_peak_rss_bytes = peak_rss_bytes();
+    let loaded_rss_bytes = rss_bytes();
 
     let request = ChatRequest {
         ignore_stop: true,
@@ -154,6 +157,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         ttft_ms: best.timings.ttft_ms,
         peak_rss_bytes: peak_rss,
         load_peak_rss_bytes,
+        loaded_rss_bytes,
         weight_bytes_per_token: bytes,
         decode_read_gb_per_s: best.timings.decode_tokens_per_s * bytes as f64 / 1e9,
         machine_read_gb_per_s: bandwidth,
@@ -172,9 +176,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             r.model, r.parameters, r.threads
         );
         println!(
-            "load             {:.2} s, peak RSS {:.2} GB",
+            "load             {:.2} s, peak RSS {:.2} GB, {:.2} GB once loaded",
             r.load_s,
-            r.load_peak_rss_bytes as f64 / 1e9
+            r.load_peak_rss_bytes as f64 / 1e9,
+            r.loaded_rss_bytes as f64 / 1e9
         );
         println!(
             "prefill          {:.1} tokens/s ({} tokens)",
@@ -284,11 +289,21 @@ fn prompt_of_length(engine: &Engine, tokens: usize) -> anyhow::Result<String> {
 
 /// The process's peak resident set (VmHWM), 0 where /proc is unavailable.
 fn peak_rss_bytes() -> u64 {
+    status_bytes("VmHWM:")
+}
+
+/// Resident memory now: what the loaded model keeps, once loading's transients are gone.
+fn rss_bytes() -> u64 {
+    status_bytes("VmRSS:")
+}
+
+/// A `/proc/self/status` size field in bytes (0 where there is none).
+fn status_bytes(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
         })
         .map_or(0, |kb| kb * 1024)

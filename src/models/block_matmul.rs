@@ -150,14 +150,26 @@ pub(crate) struct BlockMatrix {
 impl BlockMatrix {
     /// Takes the blocks of a CPU `QTensor` in a format these kernels run; `None` for others.
     pub(crate) fn from_qtensor(qtensor: &QTensor) -> candle_core::Result<Option<Self>> {
-        let Some(format) = BlockFormat::from_ggml(qtensor.dtype()) else {
+        let (rows, cols) = qtensor.shape().dims2()?;
+        let data = qtensor.data()?;
+        Self::from_ggml_bytes(qtensor.dtype(), rows, cols, [&data[..]])
+    }
+
+    /// Takes a `[rows, cols]` matrix's blocks in ggml's layout, given in consecutive parts of
+    /// whole blocks (bands of rows quantized apart), in a format these kernels run; `None` for
+    /// others. Parts are read one after the other, so no whole copy of the ggml bytes is made.
+    pub(crate) fn from_ggml_bytes<P: AsRef<[u8]>>(
+        dtype: GgmlDType,
+        rows: usize,
+        cols: usize,
+        parts: impl IntoIterator<Item = P>,
+    ) -> candle_core::Result<Option<Self>> {
+        let Some(format) = BlockFormat::from_ggml(dtype) else {
             return Ok(None);
         };
-        let (rows, cols) = qtensor.shape().dims2()?;
         if cols % BLOCK != 0 {
             return Ok(None);
         }
-        let data = qtensor.data()?;
         let (block_bytes, block_weights) = match format {
             BlockFormat::Q4K => (Q4K_BYTES, SUPER_BLOCK),
             _ => (2 + format.quant_bytes_per_block(), BLOCK),
@@ -166,13 +178,6 @@ impl BlockMatrix {
             return Ok(None);
         }
         let expected = rows * cols / block_weights * block_bytes;
-        if data.len() != expected {
-            candle_core::bail!(
-                "{:?} tensor of {rows}x{cols} holds {} bytes, expected {expected}",
-                qtensor.dtype(),
-                data.len(),
-            );
-        }
         let blocks = rows * cols / BLOCK;
         let mut matrix = BlockMatrix {
             format,
@@ -183,14 +188,27 @@ impl BlockMatrix {
             minimums: Vec::new(),
             headers: Vec::new(),
         };
-        for block in data.chunks_exact(block_bytes) {
-            match format {
-                BlockFormat::Q4K => matrix.push_q4k(block),
-                _ => {
-                    matrix.scales.push(f16::from_le_bytes([block[0], block[1]]));
-                    matrix.quants.extend_from_slice(&block[2..]);
+        let mut seen = 0;
+        for part in parts {
+            let part = part.as_ref();
+            seen += part.len();
+            if part.len() % block_bytes != 0 || seen > expected {
+                break;
+            }
+            for block in part.chunks_exact(block_bytes) {
+                match format {
+                    BlockFormat::Q4K => matrix.push_q4k(block),
+                    _ => {
+                        matrix.scales.push(f16::from_le_bytes([block[0], block[1]]));
+                        matrix.quants.extend_from_slice(&block[2..]);
+                    }
                 }
             }
+        }
+        if seen != expected {
+            candle_core::bail!(
+                "{dtype:?} tensor of {rows}x{cols} holds {seen} bytes of whole blocks, expected {expected}"
+            );
         }
         matrix.quants.resize(matrix.quants.len() + QUANT_PADDING, 0);
         Ok(Some(matrix))

@@ -16,7 +16,7 @@ use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use super::block_matmul::BlockMatrix;
+use super::block_matmul::{BlockFormat, BlockMatrix};
 use super::dense_matmul;
 use crate::Quantization;
 
@@ -114,11 +114,27 @@ impl Linear {
         else {
             return Ok(None);
         };
-        let qtensor = Arc::new(quantize_rows_in_parallel(
-            &weight.to_dtype(DType::F32)?,
-            dtype,
-        )?);
-        self.weight = Weight::from_qtensor(qtensor)?;
+        let (rows, cols) = weight.dims2()?;
+        let device = weight.device().clone();
+        let bands = quantize_rows_in_parallel(weight, dtype)?;
+        // The dense matrix is not needed any more: free it before the blocks are laid out, and
+        // lay them out band by band (each band freed once copied), so loading never holds
+        // the dense matrix, the ggml bytes and the blocks at once.
+        self.weight = Weight::Dense(Tensor::zeros(0, DType::F32, &device)?);
+        self.weight = if device.is_cpu() && BlockFormat::from_ggml(dtype).is_some() {
+            let blocks = BlockMatrix::from_ggml_bytes(dtype, rows, cols, bands)?
+                .ok_or_else(|| candle_core::Error::Msg(format!("{dtype:?} rows of {cols}")))?;
+            Weight::Blocks(Arc::new(blocks))
+        } else {
+            let bytes = bands.concat();
+            let qtensor = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                dtype,
+                &bytes,
+                vec![rows, cols],
+                &device,
+            )?;
+            Weight::from_qtensor(Arc::new(qtensor))?
+        };
         Ok(Some(dtype))
     }
 
@@ -480,12 +496,20 @@ fn blocks_forward(blocks: &BlockMatrix, x: &Tensor) -> candle_core::Result<Tenso
     Tensor::from_vec(out, out_dims, &Device::Cpu)
 }
 
-/// Quantizes `weight` (`[rows, cols]`, f32) with every core: blocks never straddle rows, so
-/// bands of rows quantize independently and their bytes concatenate into the whole tensor.
-fn quantize_rows_in_parallel(weight: &Tensor, dtype: GgmlDType) -> candle_core::Result<QTensor> {
+/// Quantizes `weight` (`[rows, cols]`, any float dtype) with every core: blocks never straddle
+/// rows, so bands of rows quantize independently and their bytes concatenate into the whole
+/// tensor. Only a band at a time is widened to f32, so a 16-bit matrix never exists in f32.
+fn quantize_rows_in_parallel(
+    weight: &Tensor,
+    dtype: GgmlDType,
+) -> candle_core::Result<Vec<Vec<u8>>> {
     let (rows, cols) = weight.dims2()?;
     let threads = rayon::current_num_threads().max(1);
-    let band = rows.div_ceil(threads * 4).max(1);
+    // Bands of at most 16 MiB in f32: what is widened at a time stays small next to the model.
+    let band = rows
+        .div_ceil(threads * 4)
+        .min((16 << 20) / (cols * 4).max(1))
+        .max(1);
     let parts = (0..rows)
         .step_by(band)
         .collect::<Vec<_>>()
@@ -496,6 +520,7 @@ fn quantize_rows_in_parallel(weight: &Tensor, dtype: GgmlDType) -> candle_core::
             let n = band.min(rows - start);
             let values = weight
                 .narrow(0, start, n)?
+                .to_dtype(DType::F32)?
                 .flatten_all()?
                 .to_vec1::<f32>()?;
             let part = Tensor::from_vec(values, (n, cols), &Device::Cpu)?;
@@ -504,13 +529,7 @@ fn quantize_rows_in_parallel(weight: &Tensor, dtype: GgmlDType) -> candle_core::
                 .map(|d| d.into_owned())
         })
         .collect::<candle_core::Result<Vec<Vec<u8>>>>()?;
-    let bytes = parts.concat();
-    candle_core::quantized::ggml_file::qtensor_from_ggml(
-        dtype,
-        &bytes,
-        vec![rows, cols],
-        weight.device(),
-    )
+    Ok(parts)
 }
 
 static HAS_AVX2: LazyLock<bool> = LazyLock::new(|| {
@@ -599,9 +618,13 @@ mod tests {
             .sin()?;
         for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4K] {
             let whole = QTensor::quantize(&w, dtype)?;
-            let banded = quantize_rows_in_parallel(&w, dtype)?;
-            assert_eq!(whole.data()?, banded.data()?, "{dtype:?}");
-            assert_eq!(whole.shape(), banded.shape());
+            let banded = quantize_rows_in_parallel(&w, dtype)?.concat();
+            assert_eq!(&whole.data()?[..], &banded[..], "{dtype:?}");
+            // From 16-bit weights too, widened a band at a time.
+            let half = w.to_dtype(DType::F16)?;
+            let from_half = QTensor::quantize(&half.to_dtype(DType::F32)?, dtype)?;
+            let banded = quantize_rows_in_parallel(&half, dtype)?.concat();
+            assert_eq!(&from_half.data()?[..], &banded[..], "{dtype:?} from f16");
         }
         Ok(())
     }
