@@ -167,14 +167,14 @@ impl BlockMatrix {
         let Some(format) = BlockFormat::from_ggml(dtype) else {
             return Ok(None);
         };
-        if cols % BLOCK != 0 {
+        if !cols.is_multiple_of(BLOCK) {
             return Ok(None);
         }
         let (block_bytes, block_weights) = match format {
             BlockFormat::Q4K => (Q4K_BYTES, SUPER_BLOCK),
             _ => (2 + format.quant_bytes_per_block(), BLOCK),
         };
-        if cols % block_weights != 0 {
+        if !cols.is_multiple_of(block_weights) {
             return Ok(None);
         }
         let expected = rows * cols / block_weights * block_bytes;
