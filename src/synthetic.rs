@@ -159,7 +159,11 @@ pub fn write_model_dir(
         };
         let mut tensors = HashMap::new();
         for spec in shard {
-            tensors.insert(spec.name.clone(), spec.generate(seed)?);
+            let mut tensor = spec.generate(seed)?;
+            if spec.name == "transformer.output_layer.weight" {
+                tensor = zero_padding_rows(tensor, sp_size as usize + SPECIAL_TOKENS)?;
+            }
+            tensors.insert(spec.name.clone(), tensor);
             weight_map.insert(spec.name.clone(), file.clone().into());
         }
         let path = staging.join(&file);
@@ -247,6 +251,25 @@ fn normals(n: usize, seed: u64) -> impl Iterator<Item = f32> {
         })
         .collect();
     chunks.into_iter().flatten()
+}
+
+/// ChatGLM3's special tokens after the sentencepiece vocabulary.
+const SPECIAL_TOKENS: usize = 9;
+
+/// Zeroes the output rows of ids past the tokenizer (`padded_vocab_size` rounds the vocabulary
+/// up). A trained checkpoint never produces those ids; with zero logits, greedy decoding of the
+/// random model does not either (its real logits are spread around zero and their maximum is
+/// positive), so its replies are text that the next prompt carries back, as a real model's are.
+fn zero_padding_rows(output: Tensor, used_rows: usize) -> Result<Tensor> {
+    let (rows, cols) = output.dims2()?;
+    if used_rows >= rows {
+        return Ok(output);
+    }
+    let padding = Tensor::zeros((rows - used_rows, cols), output.dtype(), output.device())?;
+    Ok(Tensor::cat(
+        &[&output.narrow(0, 0, used_rows)?, &padding],
+        0,
+    )?)
 }
 
 fn tensor_specs(cfg: &ModelConfig) -> Vec<TensorSpec> {

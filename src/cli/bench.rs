@@ -259,7 +259,7 @@ fn last_turn_ttft(engine: &Engine, turns: usize) -> anyhow::Result<LastTurn> {
 /// Writes the synthetic mid-size model once and returns its directory, and whether it was
 /// written just now.
 fn synthetic_dir(work_dir: Option<PathBuf>) -> anyhow::Result<(PathBuf, bool)> {
-    let dir = work_dir.unwrap_or_else(|| std::env::temp_dir().join("chathub-bench-785m-v1"));
+    let dir = work_dir.unwrap_or_else(|| std::env::temp_dir().join("chathub-bench-785m-v2"));
     if !dir.join("complete").is_file() {
         eprintln!(
             "chathub: writing the synthetic 785M-parameter ChatGLM3 to {} (once)",
