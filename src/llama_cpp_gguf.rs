@@ -27,22 +27,10 @@ use crate::quantization::Quantization;
 use crate::tokenizer::model_proto::{
     ModelProto, NormalizerSpec, SentencePiece, TrainerSpec, MODEL_TYPE_BPE,
 };
+use crate::tokenizer::SPECIAL_TOKENS;
 
 /// `general.architecture` of llama.cpp's ChatGLM files.
 pub(crate) const ARCHITECTURE: &str = "chatglm";
-
-/// ChatGLM3's special tokens, in id order after the sentencepiece vocabulary.
-const SPECIAL_TOKENS: [&str; 9] = [
-    "[MASK]",
-    "[gMASK]",
-    "[sMASK]",
-    "sop",
-    "eop",
-    "<|system|>",
-    "<|user|>",
-    "<|assistant|>",
-    "<|observation|>",
-];
 
 /// Whether `content` is a llama.cpp ChatGLM file.
 pub(crate) fn is_llama_cpp(content: &Content) -> bool {

@@ -161,7 +161,10 @@ pub fn write_model_dir(
         for spec in shard {
             let mut tensor = spec.generate(seed)?;
             if spec.name == "transformer.output_layer.weight" {
-                tensor = zero_padding_rows(tensor, sp_size as usize + SPECIAL_TOKENS)?;
+                tensor = zero_padding_rows(
+                    tensor,
+                    sp_size as usize + crate::tokenizer::SPECIAL_TOKENS.len(),
+                )?;
             }
             tensors.insert(spec.name.clone(), tensor);
             weight_map.insert(spec.name.clone(), file.clone().into());
@@ -252,9 +255,6 @@ fn normals(n: usize, seed: u64) -> impl Iterator<Item = f32> {
         .collect();
     chunks.into_iter().flatten()
 }
-
-/// ChatGLM3's special tokens after the sentencepiece vocabulary.
-const SPECIAL_TOKENS: usize = 9;
 
 /// Zeroes the output rows of ids past the tokenizer (`padded_vocab_size` rounds the vocabulary
 /// up). A trained checkpoint never produces those ids; with zero logits, greedy decoding of the

@@ -570,6 +570,26 @@ mod x86 {
         _mm512_permutexvar_ps(index, v)
     }
 
+    /// For the sixteen blocks from `group`: each token's weight scale × activation scale, and
+    /// `offsets[t] += weight_offsets × the activation blocks' sums` (the unsigned offset's part).
+    #[target_feature(enable = "avx512f")]
+    unsafe fn group_scales<const T: usize>(
+        weight_scales: __m512,
+        weight_offsets: __m512,
+        acts: &[&Activations; T],
+        group: usize,
+        offsets: &mut [__m512; T],
+    ) -> [__m512; T] {
+        let mut combined = [_mm512_setzero_ps(); T];
+        for t in 0..T {
+            let x_scales = _mm512_loadu_ps(acts[t].scales.as_ptr().add(group));
+            combined[t] = _mm512_mul_ps(weight_scales, x_scales);
+            let sums = _mm512_loadu_ps(acts[t].sums.as_ptr().add(group));
+            offsets[t] = _mm512_fmadd_ps(weight_offsets, sums, offsets[t]);
+        }
+        combined
+    }
+
     /// q8_0 × q8 activations: a 64-byte load is two blocks, lanes 0..8 the first.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
     pub(super) unsafe fn q8_0_vnni<const T: usize>(
@@ -586,13 +606,7 @@ mod x86 {
         while group < blocks {
             let count = (blocks - group).min(SCALE_GROUP);
             let weight_scales = load_scales(scales.as_ptr().add(group), count);
-            let mut combined = [_mm512_setzero_ps(); T];
-            for t in 0..T {
-                let x_scales = _mm512_loadu_ps(acts[t].scales.as_ptr().add(group));
-                combined[t] = _mm512_mul_ps(weight_scales, x_scales);
-                let sums = _mm512_loadu_ps(acts[t].sums.as_ptr().add(group));
-                offsets[t] = _mm512_fmadd_ps(weight_scales, sums, offsets[t]);
-            }
+            let combined = group_scales(weight_scales, weight_scales, &acts, group, &mut offsets);
             let mut pair = 0;
             while pair * 2 < count {
                 let at = (group + pair * 2) * BLOCK;
@@ -639,13 +653,7 @@ mod x86 {
                 Some(m) => load_scales(m.as_ptr().add(group), count),
                 None => _mm512_mul_ps(weight_scales, _mm512_set1_ps(8.0)),
             };
-            let mut combined = [_mm512_setzero_ps(); T];
-            for t in 0..T {
-                let x_scales = _mm512_loadu_ps(acts[t].scales.as_ptr().add(group));
-                combined[t] = _mm512_mul_ps(weight_scales, x_scales);
-                let sums = _mm512_loadu_ps(acts[t].sums.as_ptr().add(group));
-                offsets[t] = _mm512_fmadd_ps(weight_offsets, sums, offsets[t]);
-            }
+            let combined = group_scales(weight_scales, weight_offsets, &acts, group, &mut offsets);
             let mut quad = 0;
             while quad * 4 < count {
                 let first_block = group + quad * 4;

@@ -13,7 +13,7 @@ use crate::error::Result;
 use sentencepiece::{PieceBytes, SentencePiece};
 
 /// Special tokens in the order the official tokenizer appends them.
-const SPECIAL_TOKENS: [&str; 9] = [
+pub(crate) const SPECIAL_TOKENS: [&str; 9] = [
     "[MASK]",
     "[gMASK]",
     "[sMASK]",
