@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use chathub::grpc::proto::chat_hub_client::ChatHubClient;
@@ -22,8 +24,65 @@ struct TestServer {
     handle: tokio::task::JoinHandle<Result<(), chathub::grpc::ServeError>>,
 }
 
+/// A model big enough that a long reply takes seconds in any build: these tests cancel at
+/// 300 ms, which a release build of the tiny fixture outruns (2000 tokens in about 0.1 s). Its
+/// output rows for the special and end-of-text ids are zero, so greedy decoding never stops
+/// on its own (the random model's largest logit is positive). Written once per machine.
+fn slow_model_dir() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join("chathub-grpc-slow-v2");
+        if !dir.join("never-stops").is_file() {
+            let config = chathub::ModelConfig {
+                num_layers: 4,
+                hidden_size: 512,
+                num_attention_heads: 8,
+                kv_channels: Some(64),
+                ffn_hidden_size: 1024,
+                seq_length: 32768,
+                ..chathub::demo_config()
+            };
+            let tokenizer = std::fs::read(
+                chathub::demo_model_dir()
+                    .expect("demo model")
+                    .join("tokenizer.model"),
+            )
+            .expect("tokenizer");
+            chathub::write_model_dir(&dir, &config, &tokenizer, 11, usize::MAX).expect("written");
+            let weights = dir.join("model.safetensors");
+            let mut tensors = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu)
+                .expect("weights");
+            let name = "transformer.output_layer.weight";
+            let output = &tensors[name];
+            let rows: Vec<f32> = (0..config.padded_vocab_size)
+                .map(|id| if id < 3 || id >= 1000 { 0.0 } else { 1.0 })
+                .collect();
+            let keep =
+                candle_core::Tensor::from_vec(rows, (config.padded_vocab_size, 1), output.device())
+                    .and_then(|k| k.to_dtype(output.dtype()))
+                    .expect("mask");
+            let masked = output.broadcast_mul(&keep).expect("masked");
+            tensors.insert(name.to_string(), masked);
+            let staging = dir.join("model.safetensors.partial");
+            candle_core::safetensors::save(&tensors, &staging).expect("saved");
+            std::fs::rename(&staging, &weights).expect("renamed");
+            std::fs::write(dir.join("never-stops"), b"").expect("marker");
+        }
+        dir
+    })
+    .clone()
+}
+
 impl TestServer {
     async fn start(options: ServeOptions, load_delay: Duration) -> TestServer {
+        Self::start_model(options, load_delay, common::model_dir("chatglm3-tiny")).await
+    }
+
+    async fn start_model(
+        options: ServeOptions,
+        load_delay: Duration,
+        model: PathBuf,
+    ) -> TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -32,7 +91,7 @@ impl TestServer {
         let (stop, stopped) = oneshot::channel::<()>();
         let load = move || {
             std::thread::sleep(load_delay);
-            chathub::Engine::load(common::model_dir("chatglm3-tiny"))
+            chathub::Engine::load(&model)
         };
         let handle = tokio::spawn(serve_service(
             listener,
@@ -53,6 +112,13 @@ impl TestServer {
 
     async fn ready(options: ServeOptions) -> TestServer {
         let server = Self::start(options, Duration::ZERO).await;
+        server.wait_serving().await;
+        server
+    }
+
+    /// A server over [`slow_model_dir`], for tests that stop a reply midway.
+    async fn ready_slow(options: ServeOptions) -> TestServer {
+        let server = Self::start_model(options, Duration::ZERO, slow_model_dir()).await;
         server.wait_serving().await;
         server
     }
@@ -275,7 +341,7 @@ async fn invalid_arguments_name_the_field() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_client_that_leaves_stops_the_generation() {
-    let server = TestServer::ready(ServeOptions::default()).await;
+    let server = TestServer::ready_slow(ServeOptions::default()).await;
     let mut client = server.client().await;
     let mut stream = client
         .streaming_chat(long("Tell me everything"))
@@ -305,7 +371,7 @@ async fn a_client_that_leaves_stops_the_generation() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn deadlines_stop_generation_with_deadline_exceeded() {
-    let server = TestServer::ready(ServeOptions::default()).await;
+    let server = TestServer::ready_slow(ServeOptions::default()).await;
     let mut client = server.client().await;
     let mut request = tonic::Request::new(long("Tell me everything"));
     request.set_timeout(Duration::from_millis(300));
