@@ -16,6 +16,7 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use candle_core::quantized::QTensor;
 
+use super::elementwise;
 use super::linear::{export_dense, Linear};
 use crate::config::ModelConfig;
 use crate::error::Result;
@@ -274,9 +275,8 @@ impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let _enter = self.span.enter();
         let h = self.dense_h_to_4h.forward(x)?;
-        let gate = candle_nn::ops::silu(&h.narrow(1, 0, self.ffn)?)?;
-        let up = h.narrow(1, self.ffn, self.ffn)?;
-        Ok(self.dense_4h_to_h.forward(&(gate * up)?)?)
+        let activated = elementwise::swiglu(&h, self.ffn)?;
+        Ok(self.dense_4h_to_h.forward(&activated)?)
     }
 }
 
@@ -335,11 +335,11 @@ impl Block {
         let normed = self.input_layernorm.forward(x)?;
         let attn = self.self_attention.forward(&normed, cache, start)?;
         let residual = if self.residual_post_norm { &normed } else { x };
-        let x = (residual + attn)?;
+        let x = elementwise::add(residual, &attn)?;
         let normed = self.post_attention_layernorm.forward(&x)?;
         let mlp = self.mlp.forward(&normed)?;
         let residual = if self.residual_post_norm { &normed } else { &x };
-        Ok((residual + mlp)?)
+        Ok(elementwise::add(residual, &mlp)?)
     }
 }
 

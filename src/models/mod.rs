@@ -3,4 +3,5 @@
 mod block_matmul;
 pub(crate) mod chatglm;
 mod dense_matmul;
+mod elementwise;
 mod linear;
