@@ -86,3 +86,35 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<O
     let data = &cpu.as_slice::<f32>()?[layout.start_offset()..][..t.elem_count()];
     Ok(Some(f(data)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(rows: usize, cols: usize, seed: f32) -> candle_core::Result<Tensor> {
+        Tensor::arange(0f32, (rows * cols) as f32, &Device::Cpu)?
+            .reshape((rows, cols))?
+            .affine(0.0137 * seed as f64, -3.0)?
+            .sin()?
+            .affine(4.0, 0.0)
+    }
+
+    /// The same bits as candle's ops, on the calling thread (small) and on rayon's pool (large).
+    #[test]
+    fn steps_match_candles_ops_bit_for_bit() -> candle_core::Result<()> {
+        for (rows, n) in [(3, 64), (40, 2048), (7, 5504)] {
+            let h = values(rows, 2 * n, 1.0)?;
+            let ours = swiglu(&h, n)?.flatten_all()?.to_vec1::<f32>()?;
+            let theirs = (candle_nn::ops::silu(&h.narrow(1, 0, n)?)? * h.narrow(1, n, n)?)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            assert_eq!(ours, theirs, "swiglu {rows}x{n}");
+
+            let (a, b) = (values(rows, n, 0.3)?, values(rows, n, 0.7)?);
+            let ours = add(&a, &b)?.flatten_all()?.to_vec1::<f32>()?;
+            let theirs = (&a + &b)?.flatten_all()?.to_vec1::<f32>()?;
+            assert_eq!(ours, theirs, "add {rows}x{n}");
+        }
+        Ok(())
+    }
+}
