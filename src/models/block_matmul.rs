@@ -590,6 +590,27 @@ mod x86 {
         combined
     }
 
+    /// `acc + dot × scales` with each lane's block scale picked out of `combined` by `index`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn add_scaled(acc: __m512, dot: __m512i, combined: __m512, index: __m512i) -> __m512 {
+        _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), spread(combined, index), acc)
+    }
+
+    /// Each token's dot product: its lanes summed, less `offset` times its offset sums.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn totals<const T: usize>(
+        acc: [__m512; T],
+        offsets: [__m512; T],
+        offset: f32,
+    ) -> [f32; T] {
+        let mut out = [0f32; T];
+        for t in 0..T {
+            out[t] = _mm512_reduce_add_ps(acc[t]) - offset * _mm512_reduce_add_ps(offsets[t]);
+        }
+        out
+    }
+
     /// q8_0 × q8 activations: a 64-byte load is two blocks, lanes 0..8 the first.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
     pub(super) unsafe fn q8_0_vnni<const T: usize>(
@@ -616,18 +637,13 @@ mod x86 {
                 for t in 0..T {
                     let x = _mm512_loadu_si512(acts[t].quants.as_ptr().add(at) as *const __m512i);
                     let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x);
-                    let scale = spread(combined[t], index);
-                    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[t]);
+                    acc[t] = add_scaled(acc[t], dot, combined[t], index);
                 }
                 pair += 1;
             }
             group += SCALE_GROUP;
         }
-        let mut out = [0f32; T];
-        for t in 0..T {
-            out[t] = _mm512_reduce_add_ps(acc[t]) - 128.0 * _mm512_reduce_add_ps(offsets[t]);
-        }
-        out
+        totals(acc, offsets, 128.0)
     }
 
     /// 4-bit blocks × q8 activations in nibble-halves order: a 64-byte load is four blocks; its
@@ -667,18 +683,13 @@ mod x86 {
                     let x_hi = _mm512_loadu_si512(x.add(64) as *const __m512i);
                     let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, x_lo);
                     let dot = _mm512_dpbusd_epi32(dot, hi, x_hi);
-                    let scale = spread(combined[t], index);
-                    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[t]);
+                    acc[t] = add_scaled(acc[t], dot, combined[t], index);
                 }
                 quad += 1;
             }
             group += SCALE_GROUP;
         }
-        let mut out = [0f32; T];
-        for t in 0..T {
-            out[t] = _mm512_reduce_add_ps(acc[t]) - _mm512_reduce_add_ps(offsets[t]);
-        }
-        out
+        totals(acc, offsets, 1.0)
     }
 
     /// q8_0 × q8 activations, one block per 256-bit register: |w| times x with w's sign.
