@@ -203,6 +203,13 @@ impl SelfAttention {
                 .reshape((self.kv_heads, per_group * tokens, hd))?;
         let k = k.transpose(0, 1)?; // [groups, context, hd], strided view of the cache
         let v = v.transpose(0, 1)?;
+        // candle's CUDA matmul takes only tightly packed rows (a row of this view is `kv_heads`
+        // heads apart); the CPU one reads the cache where it lies.
+        let (k, v) = if x.device().is_cpu() {
+            (k, v)
+        } else {
+            (k.contiguous()?, v.contiguous()?)
+        };
         let scale = 1.0 / (hd as f64).sqrt();
         let mut scores = (q.matmul(&k.t()?)? * scale)?;
         if tokens > 1 {
