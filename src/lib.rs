@@ -45,6 +45,7 @@ mod config;
 mod engine;
 mod error;
 mod gguf;
+mod huge_pages;
 mod llama_cpp_gguf;
 mod message;
 mod models;

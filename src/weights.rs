@@ -180,7 +180,7 @@ impl SafetensorsFile {
         };
         if stored == want && stored != DType::F32 && cfg!(target_endian = "little") {
             // Read straight into the tensor's buffer: a 16-bit table is never held twice.
-            let mut bits = vec![0u16; len / 2];
+            let mut bits: Vec<u16> = crate::huge_pages::filled(len / 2);
             // SAFETY: any byte pattern is a valid u16; the view covers exactly `bits`.
             let view = unsafe {
                 std::slice::from_raw_parts_mut(bits.as_mut_ptr().cast::<u8>(), bits.len() * 2)
@@ -203,7 +203,7 @@ impl SafetensorsFile {
         let mut bytes = vec![0u8; len];
         file.read_exact(&mut bytes)?;
         let size = t.dtype.size();
-        let mut values = vec![0f32; bytes.len() / size];
+        let mut values: Vec<f32> = crate::huge_pages::filled(bytes.len() / size);
         const CHUNK: usize = 1 << 16;
         values
             .par_chunks_mut(CHUNK)

@@ -183,9 +183,15 @@ impl BlockMatrix {
             format,
             rows,
             cols,
-            quants: Vec::with_capacity(blocks * format.quant_bytes_per_block() + QUANT_PADDING),
-            scales: Vec::with_capacity(blocks),
-            minimums: Vec::new(),
+            quants: crate::huge_pages::vec_with_capacity(
+                blocks * format.quant_bytes_per_block() + QUANT_PADDING,
+            ),
+            scales: crate::huge_pages::vec_with_capacity(blocks),
+            minimums: if matches!(format, BlockFormat::Q4K) {
+                crate::huge_pages::vec_with_capacity(blocks)
+            } else {
+                Vec::new()
+            },
             headers: Vec::new(),
         };
         let mut seen = 0;
