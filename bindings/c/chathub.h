@@ -12,7 +12,7 @@
  * Version of this C ABI. It changes whenever a function or struct changes incompatibly;
  * bindings check it at start-up.
  */
-#define CHATHUB_ABI_VERSION 1
+#define CHATHUB_ABI_VERSION 2
 
 /**
  * Success.
@@ -86,6 +86,38 @@
 #define CHATHUB_QUANT_Q4K 3
 
 /**
+ * The library's choice of weight storage: f32 (f16 read for quantizing on the CPU).
+ */
+#define CHATHUB_DTYPE_DEFAULT 0
+
+/**
+ * f32 weights: exact, the most memory.
+ */
+#define CHATHUB_DTYPE_F32 1
+
+/**
+ * f16 weight matrices: half of f32's memory and bytes read per token; on a CPU the
+ * activations stay f32, on a GPU the whole model runs in f16.
+ */
+#define CHATHUB_DTYPE_F16 2
+
+/**
+ * bf16 weight matrices, as f16 but with f32's range and fewer mantissa bits.
+ */
+#define CHATHUB_DTYPE_BF16 3
+
+/**
+ * Compute on the CPU, every core.
+ */
+#define CHATHUB_DEVICE_CPU 0
+
+/**
+ * Compute on an NVIDIA GPU (`device_ordinal` picks which); needs a library built with the
+ * `cuda` feature, otherwise loading fails with `CHATHUB_ERR_INVALID_ARGUMENT`.
+ */
+#define CHATHUB_DEVICE_CUDA 1
+
+/**
  * The model produced a stop token.
  */
 #define CHATHUB_FINISH_STOP 0
@@ -148,11 +180,20 @@ typedef struct ChathubParams {
    * Nonzero to always pick the most likely token (deterministic).
    */
   uint8_t greedy;
+  /**
+   * `stop_count` texts that end the reply when it produces one (the text is not included):
+   * NUL-terminated UTF-8, non-empty, borrowed for the call. NULL when `stop_count` is 0.
+   */
+  const char *const *stop;
+  /**
+   * Number of strings at `stop`.
+   */
+  size_t stop_count;
 } ChathubParams;
 
 /**
  * How to load a model. Zeros (from `chathub_load_options_default`) mean: detect the family,
- * keep the weights dense.
+ * dense f32 weights on the CPU, the default prefix cache, next-turn pre-fill on.
  */
 typedef struct ChathubLoadOptions {
   /**
@@ -163,6 +204,30 @@ typedef struct ChathubLoadOptions {
    * `CHATHUB_QUANT_NONE`, `CHATHUB_QUANT_Q8_0`, `CHATHUB_QUANT_Q4_0` or `CHATHUB_QUANT_Q4K`.
    */
   int32_t quantization;
+  /**
+   * `CHATHUB_DTYPE_DEFAULT`, `CHATHUB_DTYPE_F32`, `CHATHUB_DTYPE_F16` or `CHATHUB_DTYPE_BF16`.
+   */
+  int32_t dtype;
+  /**
+   * `CHATHUB_DEVICE_CPU` or `CHATHUB_DEVICE_CUDA`.
+   */
+  int32_t device;
+  /**
+   * Which GPU, counted from 0, when `device` is `CHATHUB_DEVICE_CUDA`.
+   */
+  uint32_t device_ordinal;
+  /**
+   * Bytes of key/value caches kept from finished requests, so a prompt that extends an
+   * earlier conversation only runs its new tokens: 0 for the default (512 MiB), negative to
+   * turn multi-turn reuse off.
+   */
+  int64_t prefix_cache_bytes;
+  /**
+   * Nonzero turns off the next-turn pre-fill: after a reply, a background thread runs it as
+   * the next prompt will encode it, so the next turn starts at once (it costs CPU time between
+   * turns, and only helps chats whose next turn extends this one).
+   */
+  uint8_t disable_next_turn_warmup;
 } ChathubLoadOptions;
 
 /**
@@ -288,8 +353,12 @@ int32_t chathub_model_load(const char *model_dir, int32_t family, struct Chathub
 int32_t chathub_load_options_default(struct ChathubLoadOptions *out_options);
 
 /**
- * Loads a model directory with options (family, quantized weights); `options` may be NULL for
- * the defaults. Ownership as for `chathub_model_load`. Quantizing blocks a while longer.
+ * Loads a model directory with options (family, weight format, device, multi-turn reuse);
+ * `options` may be NULL for the defaults. Ownership as for `chathub_model_load`. Quantizing
+ * blocks a while longer.
+ *
+ * Also loads a `.gguf` file written by `chathub convert` or llama.cpp's ChatGLM3 files, when
+ * `model_dir` names one.
  *
  * # Safety
  *

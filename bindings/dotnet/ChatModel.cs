@@ -33,18 +33,40 @@ namespace ChatHub
         public static ChatModel Load(string modelDir, ModelFamily family = ModelFamily.Auto,
             Quantization quantization = Quantization.None)
         {
+            return Load(modelDir, LoadOptions.Default.WithFamily(family).WithQuantization(quantization));
+        }
+
+        /// <summary>
+        /// Loads a model directory (or a .gguf file) with every load option: weight format,
+        /// device, multi-turn reuse. Blocks while the weights load.
+        /// </summary>
+        /// <exception cref="DirectoryNotFoundException">Neither a directory nor a file has that name.</exception>
+        /// <exception cref="ChatHubException">The files are missing, malformed or inconsistent, an
+        /// option is out of range, or a GPU was asked of a library built without CUDA.</exception>
+        public static ChatModel Load(string modelDir, LoadOptions options)
+        {
             if (modelDir == null) throw new ArgumentNullException(nameof(modelDir));
-            if (!Directory.Exists(modelDir))
+            if (options == null) throw new ArgumentNullException(nameof(options));
+            if (!Directory.Exists(modelDir) && !File.Exists(modelDir))
                 throw new DirectoryNotFoundException("model directory not found: " + Path.GetFullPath(modelDir));
             Interop.EnsureLoaded();
             var h = new SafeModelHandle();
             ChathubModel* model = null;
             var dir = Interop.ToUtf8Z(modelDir);
             int status;
-            var options = new ChathubLoadOptions { family = (int)family, quantization = (int)quantization };
+            var native = new ChathubLoadOptions
+            {
+                family = (int)options.Family,
+                quantization = (int)options.Quantization,
+                dtype = (int)options.WeightType,
+                device = (int)options.Device,
+                device_ordinal = (uint)options.DeviceOrdinal,
+                prefix_cache_bytes = options.PrefixCacheBytes,
+                disable_next_turn_warmup = (byte)(options.WarmNextTurn ? 0 : 1),
+            };
             fixed (byte* d = dir)
             {
-                status = NativeMethods.chathub_model_load_with(d, &options, &model);
+                status = NativeMethods.chathub_model_load_with(d, &native, &model);
             }
             Interop.Check(status);
             h.Set(model);

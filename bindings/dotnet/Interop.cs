@@ -169,6 +169,20 @@ namespace ChatHub
                 }
                 HistoryLength = (UIntPtr)count;
                 Params = Interop.ToNative(options);
+                var stop = options == null ? null : options.Stop;
+                if (stop != null && stop.Count > 0)
+                {
+                    var array = Marshal.AllocHGlobal(IntPtr.Size * stop.Count);
+                    allocations.Add(array);
+                    var texts = (byte**)array;
+                    for (int i = 0; i < stop.Count; i++)
+                    {
+                        if (stop[i] == null) throw new ArgumentException("Stop[" + i + "] is null", nameof(options));
+                        texts[i] = Copy(stop[i]);
+                    }
+                    Params.stop = texts;
+                    Params.stop_count = (UIntPtr)stop.Count;
+                }
             }
             catch
             {

@@ -68,6 +68,80 @@ namespace ChatHub
 
         /// <summary>Always pick the most likely token (deterministic).</summary>
         public bool Greedy { get; set; }
+
+        /// <summary>Texts that end the reply when it produces one; the text itself is left out
+        /// (null or empty: only the model's own stop tokens). Each must be non-empty.</summary>
+        public System.Collections.Generic.IReadOnlyList<string> Stop { get; set; }
+    }
+
+    /// <summary>
+    /// How to load a model. Immutable: each With... method returns a changed copy. The defaults
+    /// are the library's: the family detected from the files, dense f32 weights on the CPU,
+    /// 512 MiB of caches kept for multi-turn reuse, the next turn pre-filled in the background.
+    /// </summary>
+    public sealed class LoadOptions
+    {
+        /// <summary>Chat format (Auto: detected from the files).</summary>
+        public ModelFamily Family { get; private set; }
+        /// <summary>Quantized weight format, or None for dense weights.</summary>
+        public Quantization Quantization { get; private set; }
+        /// <summary>What dense weight matrices are stored in.</summary>
+        public WeightType WeightType { get; private set; }
+        /// <summary>CPU or an NVIDIA GPU (the native library must be built with CUDA).</summary>
+        public ComputeDevice Device { get; private set; }
+        /// <summary>Which GPU, counted from 0, when Device is Cuda.</summary>
+        public int DeviceOrdinal { get; private set; }
+        /// <summary>Bytes of caches kept from finished calls so that a chat's next turn only runs its
+        /// new tokens: 0 for the default (512 MiB), negative to turn reuse off.</summary>
+        public long PrefixCacheBytes { get; private set; }
+        /// <summary>After a reply, run it in the background as the next turn's prompt will hold it,
+        /// so the next turn starts at once (default true).</summary>
+        public bool WarmNextTurn { get; private set; } = true;
+
+        /// <summary>The defaults.</summary>
+        public static readonly LoadOptions Default = new LoadOptions();
+
+        LoadOptions Copy() { return (LoadOptions)MemberwiseClone(); }
+
+        /// <summary>A copy with another chat format.</summary>
+        public LoadOptions WithFamily(ModelFamily family) { var o = Copy(); o.Family = family; return o; }
+        /// <summary>A copy with weights quantized at load.</summary>
+        public LoadOptions WithQuantization(Quantization quantization) { var o = Copy(); o.Quantization = quantization; return o; }
+        /// <summary>A copy with dense weights stored as <paramref name="weightType"/>.</summary>
+        public LoadOptions WithWeightType(WeightType weightType) { var o = Copy(); o.WeightType = weightType; return o; }
+        /// <summary>A copy computing on GPU number <paramref name="ordinal"/>.</summary>
+        public LoadOptions WithCuda(int ordinal = 0)
+        {
+            if (ordinal < 0) throw new ArgumentOutOfRangeException(nameof(ordinal));
+            var o = Copy(); o.Device = ComputeDevice.Cuda; o.DeviceOrdinal = ordinal; return o;
+        }
+        /// <summary>A copy keeping <paramref name="bytes"/> of caches (0: default, negative: off).</summary>
+        public LoadOptions WithPrefixCacheBytes(long bytes) { var o = Copy(); o.PrefixCacheBytes = bytes; return o; }
+        /// <summary>A copy with the next-turn pre-fill on or off.</summary>
+        public LoadOptions WithWarmNextTurn(bool warm) { var o = Copy(); o.WarmNextTurn = warm; return o; }
+    }
+
+    /// <summary>What dense weight matrices are stored in.</summary>
+    public enum WeightType
+    {
+        /// <summary>The library's choice (f32).</summary>
+        Default = 0,
+        /// <summary>32-bit floats: exact, the most memory.</summary>
+        F32 = 1,
+        /// <summary>16-bit floats: half the memory and bytes read per token (activations stay
+        /// f32 on a CPU).</summary>
+        F16 = 2,
+        /// <summary>bfloat16: as F16 with f32's range and fewer mantissa bits.</summary>
+        BF16 = 3,
+    }
+
+    /// <summary>Where a model computes.</summary>
+    public enum ComputeDevice
+    {
+        /// <summary>Every CPU core.</summary>
+        Cpu = 0,
+        /// <summary>An NVIDIA GPU.</summary>
+        Cuda = 1,
     }
 
     /// <summary>Which chat format a model uses.</summary>

@@ -18,7 +18,7 @@ namespace ChatHub.Native
         ///  Version of this C ABI. It changes whenever a function or struct changes incompatibly;
         ///  bindings check it at start-up.
         /// </summary>
-        internal const uint CHATHUB_ABI_VERSION = 1;
+        internal const uint CHATHUB_ABI_VERSION = 2;
         /// <summary>
         ///  Success.
         /// </summary>
@@ -76,6 +76,32 @@ namespace ChatHub.Native
         ///  4-bit k-quant (q4k), falling back to q8_0 for rows it cannot take.
         /// </summary>
         internal const int CHATHUB_QUANT_Q4K = 3;
+        /// <summary>
+        ///  The library's choice of weight storage: f32 (f16 read for quantizing on the CPU).
+        /// </summary>
+        internal const int CHATHUB_DTYPE_DEFAULT = 0;
+        /// <summary>
+        ///  f32 weights: exact, the most memory.
+        /// </summary>
+        internal const int CHATHUB_DTYPE_F32 = 1;
+        /// <summary>
+        ///  f16 weight matrices: half of f32's memory and bytes read per token; on a CPU the
+        ///  activations stay f32, on a GPU the whole model runs in f16.
+        /// </summary>
+        internal const int CHATHUB_DTYPE_F16 = 2;
+        /// <summary>
+        ///  bf16 weight matrices, as f16 but with f32's range and fewer mantissa bits.
+        /// </summary>
+        internal const int CHATHUB_DTYPE_BF16 = 3;
+        /// <summary>
+        ///  Compute on the CPU, every core.
+        /// </summary>
+        internal const int CHATHUB_DEVICE_CPU = 0;
+        /// <summary>
+        ///  Compute on an NVIDIA GPU (`device_ordinal` picks which); needs a library built with the
+        ///  `cuda` feature, otherwise loading fails with `CHATHUB_ERR_INVALID_ARGUMENT`.
+        /// </summary>
+        internal const int CHATHUB_DEVICE_CUDA = 1;
         /// <summary>
         ///  The model produced a stop token.
         /// </summary>
@@ -157,8 +183,12 @@ namespace ChatHub.Native
         internal static extern int chathub_load_options_default(ChathubLoadOptions* out_options);
 
         /// <summary>
-        ///  Loads a model directory with options (family, quantized weights); `options` may be NULL for
-        ///  the defaults. Ownership as for `chathub_model_load`. Quantizing blocks a while longer.
+        ///  Loads a model directory with options (family, weight format, device, multi-turn reuse);
+        ///  `options` may be NULL for the defaults. Ownership as for `chathub_model_load`. Quantizing
+        ///  blocks a while longer.
+        ///
+        ///  Also loads a `.gguf` file written by `chathub convert` or llama.cpp's ChatGLM3 files, when
+        ///  `model_dir` names one.
         ///
         ///  # Safety
         ///
@@ -244,7 +274,7 @@ namespace ChatHub.Native
 
     /// <summary>
     ///  How to load a model. Zeros (from `chathub_load_options_default`) mean: detect the family,
-    ///  keep the weights dense.
+    ///  dense f32 weights on the CPU, the default prefix cache, next-turn pre-fill on.
     /// </summary>
     [StructLayout(LayoutKind.Sequential)]
     internal unsafe partial struct ChathubLoadOptions
@@ -257,6 +287,30 @@ namespace ChatHub.Native
         ///  `CHATHUB_QUANT_NONE`, `CHATHUB_QUANT_Q8_0`, `CHATHUB_QUANT_Q4_0` or `CHATHUB_QUANT_Q4K`.
         /// </summary>
         public int quantization;
+        /// <summary>
+        ///  `CHATHUB_DTYPE_DEFAULT`, `CHATHUB_DTYPE_F32`, `CHATHUB_DTYPE_F16` or `CHATHUB_DTYPE_BF16`.
+        /// </summary>
+        public int dtype;
+        /// <summary>
+        ///  `CHATHUB_DEVICE_CPU` or `CHATHUB_DEVICE_CUDA`.
+        /// </summary>
+        public int device;
+        /// <summary>
+        ///  Which GPU, counted from 0, when `device` is `CHATHUB_DEVICE_CUDA`.
+        /// </summary>
+        public uint device_ordinal;
+        /// <summary>
+        ///  Bytes of key/value caches kept from finished requests, so a prompt that extends an
+        ///  earlier conversation only runs its new tokens: 0 for the default (512 MiB), negative to
+        ///  turn multi-turn reuse off.
+        /// </summary>
+        public long prefix_cache_bytes;
+        /// <summary>
+        ///  Nonzero turns off the next-turn pre-fill: after a reply, a background thread runs it as
+        ///  the next prompt will encode it, so the next turn starts at once (it costs CPU time between
+        ///  turns, and only helps chats whose next turn extends this one).
+        /// </summary>
+        public byte disable_next_turn_warmup;
     }
 
     /// <summary>
@@ -320,6 +374,15 @@ namespace ChatHub.Native
         ///  Nonzero to always pick the most likely token (deterministic).
         /// </summary>
         public byte greedy;
+        /// <summary>
+        ///  `stop_count` texts that end the reply when it produces one (the text is not included):
+        ///  NUL-terminated UTF-8, non-empty, borrowed for the call. NULL when `stop_count` is 0.
+        /// </summary>
+        public byte** stop;
+        /// <summary>
+        ///  Number of strings at `stop`.
+        /// </summary>
+        public System.UIntPtr stop_count;
     }
 
     /// <summary>

@@ -25,7 +25,7 @@ use crate::{Engine, ModelFamily, ModelOptions, Quantization};
 
 /// Version of this C ABI. It changes whenever a function or struct changes incompatibly;
 /// bindings check it at start-up.
-pub const CHATHUB_ABI_VERSION: u32 = 1;
+pub const CHATHUB_ABI_VERSION: u32 = 2;
 
 /// Success.
 pub const CHATHUB_OK: i32 = 0;
@@ -59,6 +59,22 @@ pub const CHATHUB_QUANT_Q4_0: i32 = 2;
 /// 4-bit k-quant (q4k), falling back to q8_0 for rows it cannot take.
 pub const CHATHUB_QUANT_Q4K: i32 = 3;
 
+/// The library's choice of weight storage: f32 (f16 read for quantizing on the CPU).
+pub const CHATHUB_DTYPE_DEFAULT: i32 = 0;
+/// f32 weights: exact, the most memory.
+pub const CHATHUB_DTYPE_F32: i32 = 1;
+/// f16 weight matrices: half of f32's memory and bytes read per token; on a CPU the
+/// activations stay f32, on a GPU the whole model runs in f16.
+pub const CHATHUB_DTYPE_F16: i32 = 2;
+/// bf16 weight matrices, as f16 but with f32's range and fewer mantissa bits.
+pub const CHATHUB_DTYPE_BF16: i32 = 3;
+
+/// Compute on the CPU, every core.
+pub const CHATHUB_DEVICE_CPU: i32 = 0;
+/// Compute on an NVIDIA GPU (`device_ordinal` picks which); needs a library built with the
+/// `cuda` feature, otherwise loading fails with `CHATHUB_ERR_INVALID_ARGUMENT`.
+pub const CHATHUB_DEVICE_CUDA: i32 = 1;
+
 /// The model produced a stop token.
 pub const CHATHUB_FINISH_STOP: i32 = 0;
 /// `max_length` or `max_new_tokens` was reached.
@@ -72,13 +88,27 @@ pub struct ChathubModel {
 }
 
 /// How to load a model. Zeros (from `chathub_load_options_default`) mean: detect the family,
-/// keep the weights dense.
+/// dense f32 weights on the CPU, the default prefix cache, next-turn pre-fill on.
 #[repr(C)]
 pub struct ChathubLoadOptions {
     /// `CHATHUB_FAMILY_AUTO`, `CHATHUB_FAMILY_CHATGLM2` or `CHATHUB_FAMILY_CHATGLM3`.
     pub family: i32,
     /// `CHATHUB_QUANT_NONE`, `CHATHUB_QUANT_Q8_0`, `CHATHUB_QUANT_Q4_0` or `CHATHUB_QUANT_Q4K`.
     pub quantization: i32,
+    /// `CHATHUB_DTYPE_DEFAULT`, `CHATHUB_DTYPE_F32`, `CHATHUB_DTYPE_F16` or `CHATHUB_DTYPE_BF16`.
+    pub dtype: i32,
+    /// `CHATHUB_DEVICE_CPU` or `CHATHUB_DEVICE_CUDA`.
+    pub device: i32,
+    /// Which GPU, counted from 0, when `device` is `CHATHUB_DEVICE_CUDA`.
+    pub device_ordinal: u32,
+    /// Bytes of key/value caches kept from finished requests, so a prompt that extends an
+    /// earlier conversation only runs its new tokens: 0 for the default (512 MiB), negative to
+    /// turn multi-turn reuse off.
+    pub prefix_cache_bytes: i64,
+    /// Nonzero turns off the next-turn pre-fill: after a reply, a background thread runs it as
+    /// the next prompt will encode it, so the next turn starts at once (it costs CPU time between
+    /// turns, and only helps chats whose next turn extends this one).
+    pub disable_next_turn_warmup: u8,
 }
 
 /// One history message. Both strings are NUL-terminated UTF-8, borrowed for the call.
@@ -114,6 +144,11 @@ pub struct ChathubParams {
     pub has_seed: u8,
     /// Nonzero to always pick the most likely token (deterministic).
     pub greedy: u8,
+    /// `stop_count` texts that end the reply when it produces one (the text is not included):
+    /// NUL-terminated UTF-8, non-empty, borrowed for the call. NULL when `stop_count` is 0.
+    pub stop: *const *const c_char,
+    /// Number of strings at `stop`.
+    pub stop_count: usize,
 }
 
 /// What a chat call did.
@@ -194,6 +229,8 @@ pub unsafe extern "C" fn chathub_params_default(out_params: *mut ChathubParams) 
             seed: 0,
             has_seed: 0,
             greedy: 0,
+            stop: std::ptr::null(),
+            stop_count: 0,
         };
         // SAFETY: non-null and writable, as the caller promises.
         unsafe { out_params.write(params) };
@@ -218,7 +255,7 @@ pub unsafe extern "C" fn chathub_model_load(
 ) -> i32 {
     let options = ChathubLoadOptions {
         family,
-        quantization: CHATHUB_QUANT_NONE,
+        ..LOAD_DEFAULTS
     };
     // SAFETY: forwarded as the caller promised; `options` lives for the call.
     unsafe { chathub_model_load_with(model_dir, &options, out_model) }
@@ -236,18 +273,17 @@ pub unsafe extern "C" fn chathub_load_options_default(out_options: *mut ChathubL
             return Err(FfiError::invalid("out_options is NULL"));
         }
         // SAFETY: non-null and writable, as the caller promises.
-        unsafe {
-            out_options.write(ChathubLoadOptions {
-                family: CHATHUB_FAMILY_AUTO,
-                quantization: CHATHUB_QUANT_NONE,
-            })
-        };
+        unsafe { out_options.write(LOAD_DEFAULTS) };
         Ok(())
     })
 }
 
-/// Loads a model directory with options (family, quantized weights); `options` may be NULL for
-/// the defaults. Ownership as for `chathub_model_load`. Quantizing blocks a while longer.
+/// Loads a model directory with options (family, weight format, device, multi-turn reuse);
+/// `options` may be NULL for the defaults. Ownership as for `chathub_model_load`. Quantizing
+/// blocks a while longer.
+///
+/// Also loads a `.gguf` file written by `chathub convert` or llama.cpp's ChatGLM3 files, when
+/// `model_dir` names one.
 ///
 /// # Safety
 ///
@@ -267,41 +303,87 @@ pub unsafe extern "C" fn chathub_model_load_with(
         // SAFETY: the caller promises NUL termination.
         let dir = unsafe { str_arg(model_dir, "model_dir") }?;
         // SAFETY: NULL or valid, as the caller promises.
-        let (family, quantization) = match unsafe { options.as_ref() } {
-            Some(o) => (o.family, o.quantization),
-            None => (CHATHUB_FAMILY_AUTO, CHATHUB_QUANT_NONE),
-        };
-        let family = match family {
-            CHATHUB_FAMILY_AUTO => None,
-            CHATHUB_FAMILY_CHATGLM2 => Some(ModelFamily::ChatGlm2),
-            CHATHUB_FAMILY_CHATGLM3 => Some(ModelFamily::ChatGlm3),
-            other => {
-                return Err(FfiError::invalid(format!(
-                    "invalid family {other}: expected 0 (auto), 2 (chatglm2) or 3 (chatglm3)"
-                )))
-            }
-        };
-        let quantization = match quantization {
-            CHATHUB_QUANT_NONE => None,
-            CHATHUB_QUANT_Q8_0 => Some(Quantization::Q8_0),
-            CHATHUB_QUANT_Q4_0 => Some(Quantization::Q4_0),
-            CHATHUB_QUANT_Q4K => Some(Quantization::Q4K),
-            other => {
-                return Err(FfiError::invalid(format!(
-                    "invalid quantization {other}: expected 0 (none), 1 (q8_0), 2 (q4_0) or 3 (q4k)"
-                )))
-            }
-        };
-        let options = ModelOptions {
-            family,
-            quantization,
-            ..ModelOptions::default()
-        };
+        let options = unsafe { options.as_ref() }.unwrap_or(&LOAD_DEFAULTS);
+        let options = model_options(options)?;
         let engine = Engine::load_with(dir, &options)?;
         let model = Box::into_raw(Box::new(ChathubModel { engine }));
         // SAFETY: non-null and writable.
         unsafe { out_model.write(model) };
         Ok(())
+    })
+}
+
+/// Every load option at its default.
+const LOAD_DEFAULTS: ChathubLoadOptions = ChathubLoadOptions {
+    family: CHATHUB_FAMILY_AUTO,
+    quantization: CHATHUB_QUANT_NONE,
+    dtype: CHATHUB_DTYPE_DEFAULT,
+    device: CHATHUB_DEVICE_CPU,
+    device_ordinal: 0,
+    prefix_cache_bytes: 0,
+    disable_next_turn_warmup: 0,
+};
+
+/// The Rust options for C's, each field checked.
+fn model_options(o: &ChathubLoadOptions) -> Result<ModelOptions, FfiError> {
+    let family = match o.family {
+        CHATHUB_FAMILY_AUTO => None,
+        CHATHUB_FAMILY_CHATGLM2 => Some(ModelFamily::ChatGlm2),
+        CHATHUB_FAMILY_CHATGLM3 => Some(ModelFamily::ChatGlm3),
+        other => {
+            return Err(FfiError::invalid(format!(
+                "invalid family {other}: expected 0 (auto), 2 (chatglm2) or 3 (chatglm3)"
+            )))
+        }
+    };
+    let quantization = match o.quantization {
+        CHATHUB_QUANT_NONE => None,
+        CHATHUB_QUANT_Q8_0 => Some(Quantization::Q8_0),
+        CHATHUB_QUANT_Q4_0 => Some(Quantization::Q4_0),
+        CHATHUB_QUANT_Q4K => Some(Quantization::Q4K),
+        other => {
+            return Err(FfiError::invalid(format!(
+                "invalid quantization {other}: expected 0 (none), 1 (q8_0), 2 (q4_0) or 3 (q4k)"
+            )))
+        }
+    };
+    let dtype = match o.dtype {
+        CHATHUB_DTYPE_DEFAULT => None,
+        CHATHUB_DTYPE_F32 => Some(candle_core::DType::F32),
+        CHATHUB_DTYPE_F16 => Some(candle_core::DType::F16),
+        CHATHUB_DTYPE_BF16 => Some(candle_core::DType::BF16),
+        other => {
+            return Err(FfiError::invalid(format!(
+                "invalid dtype {other}: expected 0 (default), 1 (f32), 2 (f16) or 3 (bf16)"
+            )))
+        }
+    };
+    let device = match o.device {
+        CHATHUB_DEVICE_CPU => candle_core::Device::Cpu,
+        CHATHUB_DEVICE_CUDA => {
+            candle_core::Device::new_cuda(o.device_ordinal as usize).map_err(|e| {
+                FfiError::invalid(format!("cannot use CUDA device {}: {e}", o.device_ordinal))
+            })?
+        }
+        other => {
+            return Err(FfiError::invalid(format!(
+                "invalid device {other}: expected 0 (cpu) or 1 (cuda)"
+            )))
+        }
+    };
+    let defaults = ModelOptions::default();
+    let prefix_cache_bytes = match o.prefix_cache_bytes {
+        0 => defaults.prefix_cache_bytes,
+        n if n < 0 => 0,
+        n => usize::try_from(n).unwrap_or(usize::MAX),
+    };
+    Ok(ModelOptions {
+        family,
+        quantization,
+        dtype,
+        device,
+        prefix_cache_bytes,
+        warm_next_turn: o.disable_next_turn_warmup == 0,
     })
 }
 
@@ -469,5 +551,6 @@ unsafe fn read_call<'a>(
     let history = unsafe { support::history_arg(history, history_len) }?;
     // SAFETY: NULL or a valid struct, as the caller promises.
     let params = unsafe { params.as_ref() };
-    Ok((engine, request_from(prompt, history, params)?))
+    // SAFETY: `params` is as the caller of the exported function promised.
+    Ok((engine, unsafe { request_from(prompt, history, params) }?))
 }

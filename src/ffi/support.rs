@@ -156,7 +156,12 @@ pub(super) unsafe fn history_arg(
 }
 
 /// Builds the core's request: zero fields mean "model default", as in the proto.
-pub(super) fn request_from(
+///
+/// # Safety
+///
+/// `params`' `stop` is NULL or points to `stop_count` pointers, each NULL or NUL-terminated,
+/// all valid for the call.
+pub(super) unsafe fn request_from(
     prompt: &str,
     history: Vec<Message>,
     params: Option<&ChathubParams>,
@@ -183,6 +188,22 @@ pub(super) fn request_from(
     request.repetition_penalty = real(p.repetition_penalty);
     request.seed = (p.has_seed != 0).then_some(p.seed);
     request.greedy = p.greedy != 0;
+    if p.stop_count > 0 {
+        if p.stop.is_null() {
+            return Err(FfiError::invalid(format!(
+                "stop is NULL but stop_count is {}",
+                p.stop_count
+            )));
+        }
+        // SAFETY: the caller promises `stop_count` readable pointers at `stop`.
+        let texts = unsafe { std::slice::from_raw_parts(p.stop, p.stop_count) };
+        request.stop = texts
+            .iter()
+            .enumerate()
+            // SAFETY: each is NULL (an error) or NUL-terminated, as the caller promises.
+            .map(|(i, &text)| unsafe { str_arg(text, &format!("stop[{i}]")) }.map(String::from))
+            .collect::<Result<_, _>>()?;
+    }
     Ok(request)
 }
 

@@ -122,6 +122,30 @@ int main(int argc, char **argv) {
         "bad quantization");
   CHECK(strstr(last_message(), "quantization") != NULL, "%s", last_message());
 
+  /* Weight dtype, device and multi-turn options. */
+  chathub_load_options_default(&load_options);
+  CHECK(load_options.dtype == CHATHUB_DTYPE_DEFAULT && load_options.device == CHATHUB_DEVICE_CPU &&
+            load_options.device_ordinal == 0 && load_options.prefix_cache_bytes == 0 &&
+            load_options.disable_next_turn_warmup == 0,
+        "defaults are zeros");
+  load_options.dtype = 7;
+  CHECK(chathub_model_load_with(dir, &load_options, &quantized) == CHATHUB_ERR_INVALID_ARGUMENT,
+        "bad dtype");
+  CHECK(strstr(last_message(), "dtype") != NULL, "%s", last_message());
+  load_options.dtype = CHATHUB_DTYPE_DEFAULT;
+  load_options.device = 5;
+  CHECK(chathub_model_load_with(dir, &load_options, &quantized) == CHATHUB_ERR_INVALID_ARGUMENT,
+        "bad device");
+  CHECK(strstr(last_message(), "device") != NULL, "%s", last_message());
+  load_options.device = CHATHUB_DEVICE_CUDA;
+  ChathubModel *on_gpu = NULL;
+  int gpu_rc = chathub_model_load_with(dir, &load_options, &on_gpu);
+  /* A library built without `cuda` (or a machine without a GPU) says so. */
+  CHECK(gpu_rc == CHATHUB_OK || (gpu_rc == CHATHUB_ERR_INVALID_ARGUMENT &&
+                                 strstr(last_message(), "CUDA") != NULL),
+        "%d %s", gpu_rc, last_message());
+  chathub_model_free(on_gpu);
+
   CHECK(chathub_model_load(dir, CHATHUB_FAMILY_AUTO, &model) == CHATHUB_OK, "%s", last_message());
   if (!model) {
     printf("%d passed, %d failed\n", passed, failed + 1);
@@ -141,6 +165,70 @@ int main(int argc, char **argv) {
         stats.prompt_tokens, stats.completion_tokens);
   CHECK(stats.finish_reason == CHATHUB_FINISH_LENGTH, "finish %d", stats.finish_reason);
   CHECK(stats.ttft_ms > 0, "ttft");
+
+  /* f16 weight matrices give the same greedy reply on this model. */
+  ChathubModel *half = NULL;
+  chathub_load_options_default(&load_options);
+  load_options.dtype = CHATHUB_DTYPE_F16;
+  CHECK(chathub_model_load_with(dir, &load_options, &half) == CHATHUB_OK, "%s", last_message());
+  char *half_reply = NULL;
+  CHECK(half && chathub_chat(half, PROMPT, HISTORY, 3, &params, &half_reply, NULL, NULL) == CHATHUB_OK,
+        "%s", last_message());
+  CHECK(half_reply && strcmp(half_reply, expected) == 0, "f16 reply %s",
+        half_reply ? half_reply : "(null)");
+  chathub_string_free(half_reply);
+  chathub_model_free(half);
+
+  /* The same prompt again reuses the cache; with reuse turned off it never does. */
+  char *again = NULL;
+  CHECK(chathub_chat(model, PROMPT, HISTORY, 3, &params, &again, NULL, &stats) == CHATHUB_OK, "%s",
+        last_message());
+  CHECK(stats.cached_prompt_tokens > 0, "cached %u", stats.cached_prompt_tokens);
+  chathub_string_free(again);
+  ChathubModel *no_reuse = NULL;
+  chathub_load_options_default(&load_options);
+  load_options.prefix_cache_bytes = -1;
+  load_options.disable_next_turn_warmup = 1;
+  CHECK(chathub_model_load_with(dir, &load_options, &no_reuse) == CHATHUB_OK, "%s", last_message());
+  for (int i = 0; no_reuse && i < 2; i++) {
+    CHECK(chathub_chat(no_reuse, PROMPT, HISTORY, 3, &params, &again, NULL, &stats) == CHATHUB_OK,
+          "%s", last_message());
+    CHECK(stats.cached_prompt_tokens == 0, "cached %u without reuse", stats.cached_prompt_tokens);
+    CHECK(again && strcmp(again, expected) == 0, "reply without reuse");
+    chathub_string_free(again);
+  }
+  chathub_model_free(no_reuse);
+
+  /* Stop strings end the reply before them. */
+  const char *stop_texts[] = {"not in the reply", "apit"};
+  ChathubParams with_stop = greedy_params(20);
+  with_stop.stop = stop_texts;
+  with_stop.stop_count = 2;
+  char *stopped = NULL;
+  CHECK(chathub_chat(model, PROMPT, HISTORY, 3, &with_stop, &stopped, NULL, &stats) == CHATHUB_OK,
+        "%s", last_message());
+  size_t cut = (size_t)(strstr(expected, "apit") - expected);
+  CHECK(stopped && strlen(stopped) == cut && strncmp(stopped, expected, cut) == 0, "stopped: %s",
+        stopped ? stopped : "(null)");
+  CHECK(stats.finish_reason == CHATHUB_FINISH_STOP, "finish %d", stats.finish_reason);
+  chathub_string_free(stopped);
+  const char *bad_stop[] = {"\xff"};
+  with_stop.stop = bad_stop;
+  with_stop.stop_count = 1;
+  CHECK(chathub_chat(model, PROMPT, HISTORY, 3, &with_stop, &stopped, NULL, NULL) ==
+            CHATHUB_ERR_INVALID_ARGUMENT,
+        "stop not UTF-8");
+  CHECK(strstr(last_message(), "stop[0]") != NULL, "%s", last_message());
+  const char *empty_stop[] = {""};
+  with_stop.stop = empty_stop;
+  CHECK(chathub_chat(model, PROMPT, HISTORY, 3, &with_stop, &stopped, NULL, NULL) ==
+            CHATHUB_ERR_INVALID_ARGUMENT,
+        "empty stop");
+  with_stop.stop = NULL;
+  CHECK(chathub_chat(model, PROMPT, HISTORY, 3, &with_stop, &stopped, NULL, NULL) ==
+            CHATHUB_ERR_INVALID_ARGUMENT,
+        "NULL stop with a count");
+  CHECK(strstr(last_message(), "stop") != NULL, "%s", last_message());
 
   /* Streaming adds up to the same text. */
   struct collector c = {{0}, 0, 0, 0};

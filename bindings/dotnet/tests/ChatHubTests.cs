@@ -211,6 +211,49 @@ static class ChatHubTests
         Equal(ChatHubStatus.InvalidArgument, bad.Status, "status");
     }
 
+    static void LoadOptionsReachTheLibrary()
+    {
+        var dir = Path.Combine(fixtures, "chatglm3-tiny");
+        using (var half = ChatModel.Load(dir, LoadOptions.Default.WithWeightType(WeightType.F16)))
+        {
+            Equal(conv1Text, half.Chat(Conv1Prompt, Conv1History, Greedy(20)), "f16 greedy reply");
+        }
+        using (var noReuse = ChatModel.Load(dir, LoadOptions.Default.WithPrefixCacheBytes(-1).WithWarmNextTurn(false)))
+        {
+            for (int i = 0; i < 2; i++)
+            {
+                var result = noReuse.ChatWithStats(Conv1Prompt, Conv1History, Greedy(20));
+                Equal(conv1Text, result.Text, "reply without reuse");
+                Equal(0, result.Stats.CachedPromptTokens, "cached tokens without reuse");
+            }
+        }
+        var bad = Throws<ChatHubException>(() => ChatModel.Load(dir, LoadOptions.Default.WithWeightType((WeightType)9)), "bad weight type");
+        Equal(ChatHubStatus.InvalidArgument, bad.Status, "status");
+        Assert(bad.Message.Contains("dtype"), "message names the option: " + bad.Message);
+        try
+        {
+            ChatModel.Load(dir, LoadOptions.Default.WithCuda()).Dispose();
+        }
+        catch (ChatHubException e)
+        {
+            // A library built without CUDA, or no GPU here: said plainly.
+            Equal(ChatHubStatus.InvalidArgument, e.Status, "status without a GPU");
+            Assert(e.Message.Contains("CUDA"), "message names CUDA: " + e.Message);
+        }
+    }
+
+    static void StopStringsEndTheReply()
+    {
+        var options = Greedy(20);
+        options.Stop = new[] { "not in the reply", "apit" };
+        var result = glm3.ChatWithStats(Conv1Prompt, Conv1History, options);
+        Equal(conv1Text.Substring(0, conv1Text.IndexOf("apit", StringComparison.Ordinal)), result.Text, "reply before the stop text");
+        Equal(FinishReason.Stop, result.Stats.FinishReason, "finish reason");
+        options.Stop = new[] { "" };
+        var bad = Throws<ChatHubException>(() => glm3.Chat(Conv1Prompt, Conv1History, options), "empty stop text");
+        Equal(ChatHubStatus.InvalidArgument, bad.Status, "status");
+    }
+
     static void BadInputGivesClearErrors()
     {
         Throws<DirectoryNotFoundException>(() => ChatModel.Load("/no/such/model"), "missing directory");
@@ -312,6 +355,8 @@ static class ChatHubTests
             new KeyValuePair<string, Action>("CancellingTheTokenStopsGeneration", CancellingTheTokenStopsGeneration),
             new KeyValuePair<string, Action>("ChatGlm2HistoryRule", ChatGlm2HistoryRule),
             new KeyValuePair<string, Action>("QuantizedModelsLoad", QuantizedModelsLoad),
+            new KeyValuePair<string, Action>("LoadOptionsReachTheLibrary", LoadOptionsReachTheLibrary),
+            new KeyValuePair<string, Action>("StopStringsEndTheReply", StopStringsEndTheReply),
             new KeyValuePair<string, Action>("BadInputGivesClearErrors", BadInputGivesClearErrors),
             new KeyValuePair<string, Action>("ManyThreadsShareOneModel", ManyThreadsShareOneModel),
             new KeyValuePair<string, Action>("SoakKeepsMemoryFlat", SoakKeepsMemoryFlat),
