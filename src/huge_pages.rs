@@ -9,7 +9,7 @@
 
 /// An empty vector with room for `capacity` elements, its pages advised to be huge before
 /// anything touches them.
-pub(crate) fn vec_with_capacity<T>(capacity: usize) -> Vec<T> {
+pub fn vec_with_capacity<T>(capacity: usize) -> Vec<T> {
     let v = Vec::<T>::with_capacity(capacity);
     advise(v.as_ptr().cast(), capacity * std::mem::size_of::<T>());
     v
@@ -18,7 +18,7 @@ pub(crate) fn vec_with_capacity<T>(capacity: usize) -> Vec<T> {
 /// `len` default values in a buffer advised as [`vec_with_capacity`] is. The pages are first
 /// touched on every core: faulting in a huge page (finding and zeroing 2 MiB) is most of what
 /// loading costs once the file is cached.
-pub(crate) fn filled<T: Copy + Default + Send + Sync>(len: usize) -> Vec<T> {
+pub fn filled<T: Copy + Default + Send + Sync>(len: usize) -> Vec<T> {
     use rayon::prelude::*;
     let mut v = vec_with_capacity(len);
     let per_huge_page = ((2 << 20) / std::mem::size_of::<T>().max(1)).max(1);

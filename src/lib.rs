@@ -45,7 +45,8 @@ mod config;
 mod engine;
 mod error;
 mod gguf;
-mod huge_pages;
+#[doc(hidden)] // for `chathub bench`'s bandwidth probe, which reads what weights are read from
+pub mod huge_pages;
 mod llama_cpp_gguf;
 mod message;
 mod models;

@@ -312,7 +312,8 @@ fn status_bytes(field: &str) -> u64 {
 /// Read bandwidth of main memory with every rayon thread summing its own part of a 512 MiB
 /// buffer: the denominator of the decode roofline. Best of five passes.
 fn read_bandwidth_gb_per_s() -> f64 {
-    let buffer = vec![1.0f32; 128 << 20];
+    // Pages as the weights get them (2 MiB where the kernel has them).
+    let buffer: Vec<f32> = chathub::huge_pages::filled(128 << 20);
     let bytes = (buffer.len() * 4) as f64;
     let mut best = 0f64;
     for _ in 0..5 {

@@ -127,24 +127,14 @@ pub(crate) fn matmul<W: DenseWeight>(w: &[W], x: &[f32], out: &mut [f32], cols: 
     // One token has nothing to share a weight tile with: one row at a time reads one stream per
     // core, which the memory system serves faster than four interleaved ones.
     let tile_rows = if tokens == 1 { 1 } else { TILE_ROWS };
-    // Row-major by weight row, so each task owns a contiguous slice; transposed at the end
-    // (a single token's output is already in that order).
-    let mut by_row = if tokens == 1 {
-        Vec::new()
-    } else {
-        vec![0f32; rows * tokens]
-    };
-    let target = if tokens == 1 {
-        &mut *out
-    } else {
-        &mut by_row[..]
-    };
-    target
-        .par_chunks_mut(rows_per_task * tokens)
-        .enumerate()
-        .for_each(|(task, chunk)| {
-            let first = task * rows_per_task;
-            let task_rows = chunk.len() / tokens;
+    // Each task computes all tokens' outputs for its own rows: in the token-major output those
+    // are `tokens` runs of `task_rows`, disjoint from every other task's.
+    let out_ptr = SharedOut(out.as_mut_ptr());
+    (0..rows)
+        .into_par_iter()
+        .step_by(rows_per_task)
+        .for_each(|first| {
+            let task_rows = rows_per_task.min(rows - first);
             let mut r = 0;
             while r < task_rows {
                 let n = (task_rows - r).min(tile_rows);
@@ -154,19 +144,32 @@ pub(crate) fn matmul<W: DenseWeight>(w: &[W], x: &[f32], out: &mut [f32], cols: 
                     let x_rows = &x[t * cols..][..m * cols];
                     let tile = tile(w_rows, n, x_rows, m, cols);
                     for (i, row) in tile.iter().take(n).enumerate() {
-                        chunk[(r + i) * tokens + t..][..m].copy_from_slice(&row[..m]);
+                        for (j, value) in row.iter().take(m).enumerate() {
+                            // SAFETY: token `t + j` < `tokens` and row `first + r + i` < `rows`,
+                            // so the index is inside `out`; only this task writes this row.
+                            unsafe { out_ptr.write((t + j) * rows + first + r + i, *value) };
+                        }
                     }
                     t += m;
                 }
                 r += n;
             }
         });
-    if tokens > 1 {
-        for (r, row) in by_row.chunks(tokens).enumerate() {
-            for (t, v) in row.iter().enumerate() {
-                out[t * rows + r] = *v;
-            }
-        }
+}
+
+/// The output buffer, shared by tasks that each write their own rows.
+struct SharedOut(*mut f32);
+
+// SAFETY: tasks write disjoint elements, and the buffer outlives them (rayon joins before
+// `matmul` returns).
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// # Safety
+    /// `index` is inside the buffer and no other thread touches that element meanwhile.
+    unsafe fn write(&self, index: usize, value: f32) {
+        unsafe { self.0.add(index).write(value) }
     }
 }
 
