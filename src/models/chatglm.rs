@@ -12,12 +12,12 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Module, Storage, Tensor};
 
 use candle_core::quantized::QTensor;
 
-use super::elementwise;
 use super::linear::{export_dense, Linear};
+use super::{attention, elementwise};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::weights::{Matrix, Weights};
@@ -194,6 +194,10 @@ impl SelfAttention {
         let k = self.rotary.apply(&k, start)?;
         let (k, v) = cache.append(&k, &v.contiguous()?, start)?;
         let context = k.dim(0)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        if let Some(out) = self.attend_on_cpu(&q, &k, &v, start, scale as f32)? {
+            return Ok(self.dense.forward(&out)?);
+        }
 
         // Queries of one group are contiguous heads: [groups, heads_per_group * tokens, hd].
         let per_group = self.heads / self.kv_heads;
@@ -210,7 +214,6 @@ impl SelfAttention {
         } else {
             (k.contiguous()?, v.contiguous()?)
         };
-        let scale = 1.0 / (hd as f64).sqrt();
         let mut scores = (q.matmul(&k.t()?)? * scale)?;
         if tokens > 1 {
             let mask = causal_mask(tokens, start, x.device())?;
@@ -228,6 +231,60 @@ impl SelfAttention {
             .contiguous()?
             .reshape((tokens, q_size))?;
         Ok(self.dense.forward(&out)?)
+    }
+}
+
+impl SelfAttention {
+    /// Attention by [`attention::attend`] where it runs (f32 on an AVX-512 CPU): `q` is
+    /// `[tokens, heads, head_dim]`, `k` and `v` the cache's first `start + tokens` positions.
+    /// Returns `[tokens, heads * head_dim]`, or `None` for candle's path.
+    fn attend_on_cpu(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        start: usize,
+        scale: f32,
+    ) -> Result<Option<Tensor>> {
+        let on_cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+        let runs_here = on_cpu_f32(q)
+            && on_cpu_f32(k)
+            && on_cpu_f32(v)
+            && k.is_contiguous()
+            && v.is_contiguous()
+            && super::dense_matmul::available();
+        if !runs_here {
+            return Ok(None);
+        }
+        let tokens = q.dim(0)?;
+        let q = q.contiguous()?;
+        let shape = attention::Shape {
+            tokens,
+            start,
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+        };
+        let out = {
+            let (qs, ql) = q.storage_and_layout();
+            let (ks, kl) = k.storage_and_layout();
+            let (vs, vl) = v.storage_and_layout();
+            let (Storage::Cpu(qs), Storage::Cpu(ks), Storage::Cpu(vs)) = (&*qs, &*ks, &*vs) else {
+                return Ok(None);
+            };
+            attention::attend(
+                &qs.as_slice::<f32>()?[ql.start_offset()..],
+                &ks.as_slice::<f32>()?[kl.start_offset()..],
+                &vs.as_slice::<f32>()?[vl.start_offset()..],
+                shape,
+                scale,
+            )
+        };
+        Ok(Some(Tensor::from_vec(
+            out,
+            (tokens, self.heads * self.head_dim),
+            &Device::Cpu,
+        )?))
     }
 }
 

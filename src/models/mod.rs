@@ -1,5 +1,6 @@
 //! Model architectures, one family per file.
 
+mod attention;
 mod block_matmul;
 pub(crate) mod chatglm;
 mod dense_matmul;
