@@ -8,7 +8,9 @@
 //! Unlike candle-transformers' `chatglm`/`glm4`, the key/value cache belongs to the request
 //! ([`KvCache`]), not to the model, so one loaded model serves concurrent conversations; the
 //! position offset is explicit, so several new tokens can extend a non-empty cache; and K/V are
-//! never expanded to all heads: each group's queries attend to the group's keys in one matmul.
+//! never expanded to all heads: each group's queries attend to the group's keys (on an AVX-512
+//! CPU through [`super::attention`], which reads each cached row once per run of heads;
+//! elsewhere in one candle matmul per group).
 
 use std::sync::Arc;
 
@@ -232,9 +234,7 @@ impl SelfAttention {
             .reshape((tokens, q_size))?;
         Ok(self.dense.forward(&out)?)
     }
-}
 
-impl SelfAttention {
     /// Attention by [`attention::attend`] where it runs (f32 on an AVX-512 CPU): `q` is
     /// `[tokens, heads, head_dim]`, `k` and `v` the cache's first `start + tokens` positions.
     /// Returns `[tokens, heads * head_dim]`, or `None` for candle's path.
