@@ -66,9 +66,10 @@ struct BenchReport {
     loaded_rss_bytes: u64,
     weight_bytes_per_token: usize,
     decode_read_gb_per_s: f64,
-    machine_read_gb_per_s: f64,
-    roofline_tokens_per_s: f64,
-    roofline_ratio: f64,
+    /// Read bandwidth of host memory; `None` on a GPU, whose own is not probed.
+    machine_read_gb_per_s: Option<f64>,
+    roofline_tokens_per_s: Option<f64>,
+    roofline_ratio: Option<f64>,
     last_turn_ttft_ms_reused: Option<f64>,
     last_turn_ttft_ms_cold: Option<f64>,
     last_turn_prompt_tokens: Option<usize>,
@@ -139,9 +140,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         .transpose()?;
     // Before the bandwidth probe, whose buffer would count in the peak.
     let peak_rss = peak_rss_bytes();
-    let bandwidth = read_bandwidth_gb_per_s();
     let bytes = engine.weight_bytes_per_token();
-    let roofline = bandwidth * 1e9 / bytes as f64;
+    // The probe reads host memory: it bounds CPU decoding, not a GPU's.
+    let bandwidth = (!args.model.cuda).then(read_bandwidth_gb_per_s);
+    let roofline = bandwidth.map(|b| b * 1e9 / bytes as f64);
     let report = BenchReport {
         model: engine.dir().display().to_string(),
         device: if args.model.cuda { "cuda" } else { "cpu" }.into(),
@@ -162,7 +164,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         decode_read_gb_per_s: best.timings.decode_tokens_per_s * bytes as f64 / 1e9,
         machine_read_gb_per_s: bandwidth,
         roofline_tokens_per_s: roofline,
-        roofline_ratio: best.timings.decode_tokens_per_s / roofline,
+        roofline_ratio: roofline.map(|r| best.timings.decode_tokens_per_s / r),
         last_turn_ttft_ms_reused: turns.map(|t| t.reused_ms),
         last_turn_ttft_ms_cold: turns.map(|t| t.cold_ms),
         last_turn_prompt_tokens: turns.map(|t| t.prompt_tokens),
@@ -190,13 +192,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "decode           {:.2} tokens/s ({} tokens)",
             r.decode_tokens_per_s, r.gen_tokens
         );
-        println!(
-            "roofline         {:.2} tokens/s at {:.1} GB/s read, {:.2} GB/token: {:.0}% reached",
+        if let (Some(roofline), Some(read), Some(ratio)) = (
             r.roofline_tokens_per_s,
             r.machine_read_gb_per_s,
-            r.weight_bytes_per_token as f64 / 1e9,
-            100.0 * r.roofline_ratio
-        );
+            r.roofline_ratio,
+        ) {
+            println!(
+                "roofline         {roofline:.2} tokens/s at {read:.1} GB/s read, {:.2} GB/token: {:.0}% reached",
+                r.weight_bytes_per_token as f64 / 1e9,
+                100.0 * ratio
+            );
+        }
         println!("peak RSS         {:.2} GB", r.peak_rss_bytes as f64 / 1e9);
         if let (Some(reused), Some(cold), Some(n)) = (
             r.last_turn_ttft_ms_reused,
