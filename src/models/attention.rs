@@ -106,15 +106,7 @@ pub(crate) fn attend(q: &[f32], k: &[f32], v: &[f32], shape: Shape, scale: f32) 
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// The mask of the 16 lanes from `k` in a row of `n`.
-    #[inline(always)]
-    fn lanes(k: usize, n: usize) -> u16 {
-        if n - k >= 16 {
-            u16::MAX
-        } else {
-            (1u16 << (n - k)) - 1
-        }
-    }
+    use crate::models::dense_matmul::lane_mask as lanes;
 
     /// Query heads one pass of [`scores`] and [`weighted_sum`] takes: 16 of the 32 vector
     /// registers hold their sums.

@@ -173,6 +173,16 @@ impl SharedOut {
     }
 }
 
+/// The lanes of a 16-column step at column `k` of a row of `n` that lie inside the row.
+#[inline(always)]
+pub(super) fn lane_mask(k: usize, n: usize) -> u16 {
+    if n - k >= 16 {
+        u16::MAX
+    } else {
+        (1u16 << (n - k)) - 1
+    }
+}
+
 /// Sizes of the groups of activation rows that share a pass over a weight tile: as even as
 /// possible (32 rows: 6, 6, 5, 5, 5, 5), since a small last group would stream the weights for
 /// few products.
@@ -212,7 +222,7 @@ fn tile<W: DenseWeight>(
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{DenseWeight, TILE_ROWS, TILE_TOKENS};
+    use super::{lane_mask, DenseWeight, TILE_ROWS, TILE_TOKENS};
 
     /// `N` weight rows times `M` activation rows over all `cols`, sixteen columns a step.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
@@ -225,11 +235,7 @@ mod x86 {
         let mut acc = [[_mm512_setzero_ps(); M]; N];
         let mut k = 0;
         while k < cols {
-            let mask = if cols - k >= 16 {
-                u16::MAX
-            } else {
-                (1u16 << (cols - k)) - 1
-            };
+            let mask = lane_mask(k, cols);
             let mut wv = [_mm512_setzero_ps(); N];
             for (i, wv) in wv.iter_mut().enumerate() {
                 *wv = W::load16(wp.add(i * cols + k), mask);
