@@ -56,7 +56,59 @@ enum ShardData {
 /// A linear layer's weight matrix as stored: dense, or already quantized (GGUF files).
 pub(crate) enum Matrix {
     Dense(Tensor),
+    /// Dense, in host memory as a plain buffer that the CPU kernels may rearrange in place.
+    Rows(HostRows),
     Quantized(QTensor),
+}
+
+/// A dense matrix's elements in host memory, row-major, in the dtype its products read.
+///
+/// Unlike a CPU tensor, the buffer is owned outright, so a layer can repack it for its kernel
+/// without a second copy of the matrix (see [`crate::models::dense_matmul::PanelMatrix`]).
+#[derive(Debug)]
+pub(crate) enum HostRows {
+    F32(Vec<f32>),
+    F16(Vec<half::f16>),
+    BF16(Vec<half::bf16>),
+}
+
+impl HostRows {
+    /// Number of elements.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            HostRows::F32(v) => v.len(),
+            HostRows::F16(v) => v.len(),
+            HostRows::BF16(v) => v.len(),
+        }
+    }
+
+    /// The element type.
+    pub(crate) fn dtype(&self) -> DType {
+        match self {
+            HostRows::F32(_) => DType::F32,
+            HostRows::F16(_) => DType::F16,
+            HostRows::BF16(_) => DType::BF16,
+        }
+    }
+
+    /// A CPU tensor of `shape` over the same buffer (no copy).
+    pub(crate) fn into_tensor(self, shape: &[usize]) -> candle_core::Result<Tensor> {
+        match self {
+            HostRows::F32(v) => Tensor::from_vec(v, shape, &Device::Cpu),
+            HostRows::F16(v) => Tensor::from_vec(v, shape, &Device::Cpu),
+            HostRows::BF16(v) => Tensor::from_vec(v, shape, &Device::Cpu),
+        }
+    }
+
+    /// A copy of `t` converted to `dtype` (f32 for anything but f16 and bf16).
+    pub(crate) fn from_tensor(t: &Tensor, dtype: DType) -> candle_core::Result<Self> {
+        let flat = t.to_device(&Device::Cpu)?.flatten_all()?;
+        Ok(match dtype {
+            DType::F16 => HostRows::F16(flat.to_dtype(DType::F16)?.to_vec1()?),
+            DType::BF16 => HostRows::BF16(flat.to_dtype(DType::BF16)?.to_vec1()?),
+            _ => HostRows::F32(flat.to_dtype(DType::F32)?.to_vec1()?),
+        })
+    }
 }
 
 /// A safetensors file: its header parsed and checked against the file's length.
@@ -163,10 +215,20 @@ impl SafetensorsFile {
         })
     }
 
-    /// Reads one tensor as f32 on the CPU, widening 16-bit floats on every core.
     /// Reads a tensor as stored when that is `want` (no f32 copy of a 16-bit tensor that stays
     /// 16-bit), widened to f32 on every core otherwise.
     fn load(&self, name: &str, want: DType) -> candle_core::Result<Option<Tensor>> {
+        let Some(t) = self.tensors.get(name) else {
+            return Ok(None);
+        };
+        self.load_rows(name, want)?
+            .map(|rows| rows.into_tensor(&t.shape))
+            .transpose()
+    }
+
+    /// [`Self::load`] into a host buffer: the stored dtype when that is `want` and 16-bit, f32
+    /// otherwise.
+    fn load_rows(&self, name: &str, want: DType) -> candle_core::Result<Option<HostRows>> {
         let Some(t) = self.tensors.get(name) else {
             return Ok(None);
         };
@@ -186,19 +248,10 @@ impl SafetensorsFile {
                 std::slice::from_raw_parts_mut(bits.as_mut_ptr().cast::<u8>(), bits.len() * 2)
             };
             file.read_exact(view)?;
-            let tensor = match stored {
-                DType::F16 => Tensor::from_vec(
-                    bits.reinterpret_into::<half::f16>(),
-                    t.shape.clone(),
-                    &Device::Cpu,
-                ),
-                _ => Tensor::from_vec(
-                    bits.reinterpret_into::<half::bf16>(),
-                    t.shape.clone(),
-                    &Device::Cpu,
-                ),
-            };
-            return tensor.map(Some);
+            return Ok(Some(match stored {
+                DType::F16 => HostRows::F16(bits.reinterpret_into::<half::f16>()),
+                _ => HostRows::BF16(bits.reinterpret_into::<half::bf16>()),
+            }));
         }
         let mut bytes = vec![0u8; len];
         file.read_exact(&mut bytes)?;
@@ -222,7 +275,7 @@ impl SafetensorsFile {
                     }),
                 }
             });
-        Tensor::from_vec(values, t.shape.clone(), &Device::Cpu).map(Some)
+        Ok(Some(HostRows::F32(values)))
     }
 }
 
@@ -341,8 +394,14 @@ impl Weights {
     }
 
     /// Reads a linear layer's weight matrix: quantized blocks stay quantized, dense matrices
-    /// come in the matrix dtype.
-    pub(crate) fn get_matrix(&self, name: &str, shape: &[usize]) -> Result<Matrix> {
+    /// come in the matrix dtype, as a host buffer ([`Matrix::Rows`]) when `host_rows` is set
+    /// and the weights are for the CPU, as a tensor otherwise.
+    pub(crate) fn get_matrix(
+        &self,
+        name: &str,
+        shape: &[usize],
+        host_rows: bool,
+    ) -> Result<Matrix> {
         if let Some(&index) = self.routing.get(name) {
             let shard = &self.shards[index];
             if let ShardData::Gguf { content, file } = &shard.data {
@@ -366,8 +425,49 @@ impl Weights {
                 }
             }
         }
+        if host_rows && self.device.is_cpu() {
+            return self
+                .get_rows(name, shape, self.matrix_dtype)
+                .map(Matrix::Rows);
+        }
         self.get_as(name, shape, self.matrix_dtype)
             .map(Matrix::Dense)
+    }
+
+    /// Reads one dense tensor into a host buffer of `dtype`, straight from a safetensors file
+    /// when it stores that dtype (or f32 is wanted), through a converted copy otherwise.
+    fn get_rows(&self, name: &str, shape: &[usize], dtype: DType) -> Result<HostRows> {
+        if let Some(&index) = self.routing.get(name) {
+            let shard = &self.shards[index];
+            if let ShardData::Safetensors(st) = &shard.data {
+                self.check_shape(shard, name, shape)?;
+                let rows = st
+                    .load_rows(name, dtype)
+                    .map_err(|source| Error::Weights {
+                        path: shard.path.clone(),
+                        source,
+                    })?
+                    .ok_or_else(|| Error::MissingTensor {
+                        name: name.to_string(),
+                        path: shard.path.clone(),
+                    })?;
+                if rows.dtype() == dtype {
+                    return Ok(rows);
+                }
+                return rows
+                    .into_tensor(shape)
+                    .and_then(|t| HostRows::from_tensor(&t, dtype))
+                    .map_err(|source| Error::Weights {
+                        path: shard.path.clone(),
+                        source,
+                    });
+            }
+        }
+        let tensor = self.get_as(name, shape, dtype)?;
+        HostRows::from_tensor(&tensor, dtype).map_err(|source| Error::Weights {
+            path: self.catalogue.clone(),
+            source,
+        })
     }
 
     fn check_shape(&self, shard: &Shard, name: &str, shape: &[usize]) -> Result<()> {

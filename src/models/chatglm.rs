@@ -90,12 +90,15 @@ impl RmsNorm {
     }
 }
 
+/// Reads a linear layer. `host_rows` asks for its matrix as a plain host buffer, which a CPU
+/// layer repacks in place for its kernel; layers about to be quantized come as tensors instead.
 fn linear(
     weights: &Weights,
     name: &str,
     out_features: usize,
     in_features: usize,
     bias: bool,
+    host_rows: bool,
 ) -> Result<Linear> {
     let bias = if bias {
         Some(weights.get(&format!("{name}.bias"), &[out_features])?)
@@ -103,8 +106,9 @@ fn linear(
         None
     };
     let weight_name = format!("{name}.weight");
-    match weights.get_matrix(&weight_name, &[out_features, in_features])? {
+    match weights.get_matrix(&weight_name, &[out_features, in_features], host_rows)? {
         Matrix::Dense(weight) => Ok(Linear::new(weight, bias)),
+        Matrix::Rows(rows) => Ok(Linear::from_rows(rows, out_features, in_features, bias)?),
         Matrix::Quantized(qtensor) => Ok(Linear::from_quantized(qtensor, bias)?),
     }
 }
@@ -120,11 +124,14 @@ fn quantize_linear(layer: &mut Linear, name: &str, quantization: Quantization) -
             ?used,
             "row width is not a multiple of the block size: using another format"
         ),
-        None => tracing::warn!(
-            layer = name,
-            ?wanted,
-            "no quantized format fits this matrix's rows: it stays dense"
-        ),
+        None => {
+            tracing::warn!(
+                layer = name,
+                ?wanted,
+                "no quantized format fits this matrix's rows: it stays dense"
+            );
+            layer.pack_dense()?;
+        }
     }
     Ok(())
 }
@@ -146,6 +153,7 @@ impl SelfAttention {
         weights: &Weights,
         name: &str,
         rotary: Arc<RotaryTables>,
+        host_rows: bool,
     ) -> Result<Self> {
         let head_dim = cfg.head_dim();
         let q_size = cfg.num_attention_heads * head_dim;
@@ -157,6 +165,7 @@ impl SelfAttention {
                 qkv_size,
                 cfg.hidden_size,
                 cfg.add_qkv_bias || cfg.add_bias_linear,
+                host_rows,
             )?,
             dense: linear(
                 weights,
@@ -164,6 +173,7 @@ impl SelfAttention {
                 cfg.hidden_size,
                 q_size,
                 cfg.add_bias_linear,
+                host_rows,
             )?,
             heads: cfg.num_attention_heads,
             kv_heads: cfg.kv_heads(),
@@ -315,7 +325,7 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn new(cfg: &ModelConfig, weights: &Weights, name: &str) -> Result<Self> {
+    fn new(cfg: &ModelConfig, weights: &Weights, name: &str, host_rows: bool) -> Result<Self> {
         Ok(Mlp {
             dense_h_to_4h: linear(
                 weights,
@@ -323,6 +333,7 @@ impl Mlp {
                 2 * cfg.ffn_hidden_size,
                 cfg.hidden_size,
                 cfg.add_bias_linear,
+                host_rows,
             )?,
             dense_4h_to_h: linear(
                 weights,
@@ -330,6 +341,7 @@ impl Mlp {
                 cfg.hidden_size,
                 cfg.ffn_hidden_size,
                 cfg.add_bias_linear,
+                host_rows,
             )?,
             ffn: cfg.ffn_hidden_size,
             span: tracing::span!(tracing::Level::TRACE, "mlp"),
@@ -359,6 +371,7 @@ impl Block {
         weights: &Weights,
         name: &str,
         rotary: Arc<RotaryTables>,
+        host_rows: bool,
     ) -> Result<Self> {
         Ok(Block {
             input_layernorm: RmsNorm::new(cfg, weights, &format!("{name}.input_layernorm"))?,
@@ -367,13 +380,14 @@ impl Block {
                 weights,
                 &format!("{name}.self_attention"),
                 rotary,
+                host_rows,
             )?,
             post_attention_layernorm: RmsNorm::new(
                 cfg,
                 weights,
                 &format!("{name}.post_attention_layernorm"),
             )?,
-            mlp: Mlp::new(cfg, weights, &format!("{name}.mlp"))?,
+            mlp: Mlp::new(cfg, weights, &format!("{name}.mlp"), host_rows)?,
             residual_post_norm: cfg.apply_residual_connection_post_layernorm,
         })
     }
@@ -444,7 +458,8 @@ impl ChatGlmModel {
         let layers = (0..cfg.num_layers)
             .map(|i| {
                 let name = format!("transformer.encoder.layers.{i}");
-                let mut block = Block::new(cfg, weights, &name, rotary.clone())?;
+                let mut block =
+                    Block::new(cfg, weights, &name, rotary.clone(), quantization.is_none())?;
                 // Quantizing each block as it arrives keeps one dense block in memory at most.
                 if let Some(q) = quantization {
                     block.quantize(q, &name)?;
@@ -468,6 +483,7 @@ impl ChatGlmModel {
             cfg.padded_vocab_size,
             cfg.hidden_size,
             false,
+            quantization.is_none(),
         )?;
         if quantization.is_some() {
             // The output layer's errors land on the logits directly: it keeps 8 bits.

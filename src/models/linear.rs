@@ -3,10 +3,10 @@
 //! Decoding multiplies one activation row by every weight matrix: a matrix-vector product that
 //! is bound by memory bandwidth, which candle's CPU matmul runs on one thread; prefill multiplies
 //! a few dozen rows, where candle's matmul spends as long packing the weights as multiplying.
-//! So on the CPU, dense f32/f16/bf16 weights go through this crate's AVX-512 tile kernel
-//! ([`super::dense_matmul`]; without AVX-512, a multi-threaded matrix-vector product for one
-//! row and candle's matmul otherwise), q8_0 / q4_0 / q4_K blocks through its own block kernels
-//! ([`super::block_matmul`]), and other block formats and GPUs through candle.
+//! So on the CPU, dense f32/f16/bf16 weights are repacked at load into panels for this crate's
+//! AVX-512 kernel ([`super::dense_matmul`]; without AVX-512, a multi-threaded matrix-vector
+//! product for one row and candle's matmul otherwise), q8_0 / q4_0 / q4_K blocks go through its
+//! own block kernels ([`super::block_matmul`]), and other block formats and GPUs through candle.
 
 use std::sync::{Arc, LazyLock};
 
@@ -17,7 +17,8 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::block_matmul::{BlockFormat, BlockMatrix};
-use super::dense_matmul;
+use super::dense_matmul::{self, PanelMatrix};
+use crate::weights::HostRows;
 use crate::Quantization;
 
 /// `y = x W^T + b` with `W` stored `[out_features, in_features]` as in PyTorch checkpoints.
@@ -31,6 +32,8 @@ pub(crate) struct Linear {
 #[derive(Debug, Clone)]
 enum Weight {
     Dense(Tensor),
+    /// f32 / f16 / bf16 on an AVX-512 CPU, in panels for this crate's kernel.
+    Panels(Arc<PanelMatrix>),
     /// q8_0 / q4_0 blocks on the CPU, multiplied by this crate's kernels.
     Blocks(Arc<BlockMatrix>),
     /// Other block formats, or another device: candle's kernels.
@@ -64,6 +67,40 @@ impl Linear {
         }
     }
 
+    /// A layer over a dense matrix `[out_features, in_features]` read into a host buffer: on a
+    /// CPU with AVX-512 the buffer is repacked in place into panels, elsewhere it becomes a
+    /// tensor as is.
+    pub(crate) fn from_rows(
+        rows: HostRows,
+        out_features: usize,
+        in_features: usize,
+        bias: Option<Tensor>,
+    ) -> candle_core::Result<Self> {
+        let weight = if dense_matmul::available() {
+            Weight::Panels(Arc::new(PanelMatrix::pack(rows, out_features, in_features)))
+        } else {
+            Weight::Dense(rows.into_tensor(&[out_features, in_features])?)
+        };
+        Ok(Linear {
+            weight,
+            bias,
+            span: tracing::span!(tracing::Level::TRACE, "linear"),
+        })
+    }
+
+    /// Repacks a dense CPU matrix into panels when this CPU runs the panel kernel (a copy; for
+    /// layers that stayed dense after all, e.g. when no quantized format fits them).
+    pub(crate) fn pack_dense(&mut self) -> candle_core::Result<()> {
+        if let Weight::Dense(w) = &self.weight {
+            if w.device().is_cpu() && dense_matmul::available() {
+                let (rows, cols) = w.dims2()?;
+                let host = HostRows::from_tensor(w, w.dtype())?;
+                self.weight = Weight::Panels(Arc::new(PanelMatrix::pack(host, rows, cols)));
+            }
+        }
+        Ok(())
+    }
+
     /// A layer over weights that are already quantized (read from a GGUF file).
     pub(crate) fn from_quantized(
         qtensor: QTensor,
@@ -83,6 +120,7 @@ impl Linear {
             Weight::Quantized { qtensor, .. } => Ok(qtensor.clone()),
             Weight::Blocks(blocks) => blocks.to_qtensor().map(Arc::new),
             Weight::Dense(w) => export_dense(w),
+            Weight::Panels(p) => export_dense(&p.to_tensor()?),
         }
     }
 
@@ -99,8 +137,13 @@ impl Linear {
         &mut self,
         quantization: Quantization,
     ) -> candle_core::Result<Option<GgmlDType>> {
+        let unpacked;
         let weight = match &self.weight {
             Weight::Dense(weight) => weight,
+            Weight::Panels(panels) => {
+                unpacked = panels.to_tensor()?;
+                &unpacked
+            }
             // Already quantized (read from a GGUF file): keep the stored format.
             Weight::Quantized { qtensor, .. } => return Ok(Some(qtensor.dtype())),
             Weight::Blocks(blocks) => return Ok(Some(blocks.ggml_dtype())),
@@ -150,6 +193,7 @@ impl Linear {
     pub(crate) fn weight_bytes(&self) -> usize {
         let mut n = match &self.weight {
             Weight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            Weight::Panels(p) => p.bytes(),
             Weight::Quantized { qtensor, .. } => qtensor.storage_size_in_bytes(),
             Weight::Blocks(blocks) => blocks.bytes_read_per_token(),
         };
@@ -405,12 +449,7 @@ impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let _enter = self.span.enter();
         let y = match &self.weight {
-            Weight::Dense(w) if dense_matmul::available() && x.dtype() == DType::F32 => {
-                match dense_in_place(w, x)? {
-                    Some(y) => y,
-                    None => x.matmul(&w.t()?)?,
-                }
-            }
+            Weight::Panels(panels) => panels_forward(panels, x)?,
             Weight::Dense(w) => match self.matvec(w, x)? {
                 Some(y) => y,
                 // 16-bit weights under f32 activations (the CPU setup): widen for the matmul.
@@ -432,54 +471,34 @@ impl Module for Linear {
     }
 }
 
-/// `x W^T` by the AVX-512 tile kernel, for f32 activations and f32/f16/bf16 weights on the
-/// CPU; `None` for other setups.
-fn dense_in_place(w: &Tensor, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
-    let (rows, cols) = w.dims2()?;
+/// `x W^T` by the panel kernel for `x: [.., cols]` on the CPU (widened to f32 if need be).
+fn panels_forward(panels: &PanelMatrix, x: &Tensor) -> candle_core::Result<Tensor> {
+    let (rows, cols) = panels.dims();
     let mut out_dims = x.dims().to_vec();
     match out_dims.last_mut() {
         Some(last) if *last == cols => *last = rows,
-        _ => return Ok(None),
+        _ => {
+            return Err(candle_core::Error::ShapeMismatchBinaryOp {
+                lhs: x.shape().clone(),
+                rhs: (rows, cols).into(),
+                op: "linear",
+            })
+        }
     }
-    if !w.is_contiguous() || !x.device().is_cpu() {
-        return Ok(None);
-    }
-    let x = x.contiguous()?;
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
     let tokens = x.elem_count() / cols;
     let mut out = vec![0f32; tokens * rows];
     {
-        let (w_storage, w_layout) = w.storage_and_layout();
-        let (x_storage, x_layout) = x.storage_and_layout();
-        let (candle_core::Storage::Cpu(wc), candle_core::Storage::Cpu(xc)) =
-            (&*w_storage, &*x_storage)
-        else {
-            return Ok(None);
+        let (storage, layout) = x.storage_and_layout();
+        let candle_core::Storage::Cpu(xc) = &*storage else {
+            candle_core::bail!("the panel kernel runs on the CPU");
         };
-        let xs = &xc.as_slice::<f32>()?[x_layout.start_offset()..][..tokens * cols];
-        let start = w_layout.start_offset();
-        match w.dtype() {
-            DType::F32 => dense_matmul::matmul(
-                &wc.as_slice::<f32>()?[start..][..rows * cols],
-                xs,
-                &mut out,
-                cols,
-            ),
-            DType::F16 => dense_matmul::matmul(
-                &wc.as_slice::<f16>()?[start..][..rows * cols],
-                xs,
-                &mut out,
-                cols,
-            ),
-            DType::BF16 => dense_matmul::matmul(
-                &wc.as_slice::<bf16>()?[start..][..rows * cols],
-                xs,
-                &mut out,
-                cols,
-            ),
-            _ => return Ok(None),
-        }
+        panels.matmul(
+            &xc.as_slice::<f32>()?[layout.start_offset()..][..tokens * cols],
+            &mut out,
+        );
     }
-    Tensor::from_vec(out, out_dims, &Device::Cpu).map(Some)
+    Tensor::from_vec(out, out_dims, &Device::Cpu)
 }
 
 /// `x W^T` over q8_0 / q4_0 blocks for `x: [.., cols]` (f32 on the CPU).
