@@ -33,7 +33,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 64)]
     gen_tokens: usize,
 
-    /// Measured runs; the best is reported.
+    /// Measured runs; each figure reported is the median over them (as the peers' scripts in
+    /// `benches/peers` report theirs), and every run is listed.
     #[arg(long, default_value_t = 3)]
     runs: usize,
 
@@ -60,6 +61,8 @@ struct BenchReport {
     prefill_tokens_per_s: f64,
     decode_tokens_per_s: f64,
     ttft_ms: f64,
+    /// Each measured run's figures, in order.
+    per_run: Vec<RunFigures>,
     peak_rss_bytes: u64,
     load_peak_rss_bytes: u64,
     /// Resident memory right after loading: the model's own footprint.
@@ -73,6 +76,25 @@ struct BenchReport {
     last_turn_ttft_ms_reused: Option<f64>,
     last_turn_ttft_ms_cold: Option<f64>,
     last_turn_prompt_tokens: Option<usize>,
+}
+
+/// One measured run.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct RunFigures {
+    prefill_tokens_per_s: f64,
+    decode_tokens_per_s: f64,
+    ttft_ms: f64,
+}
+
+/// The median of `values` (the mean of the middle two for an even count).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => values[n / 2],
+        _ => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
 }
 
 /// Runs the benchmark and prints the report.
@@ -118,7 +140,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         max_new_tokens: Some(2),
         ..request.clone()
     })?;
-    let mut best: Option<chathub::ChatOutcome> = None;
+    let mut runs = Vec::new();
+    let mut usage = None;
     for run in 0..args.runs.max(1) {
         let outcome = engine.chat(&request)?;
         tracing::info!(
@@ -127,14 +150,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             prefill_tokens_per_s = outcome.timings.prefill_tokens_per_s,
             "bench run"
         );
-        if best
-            .as_ref()
-            .is_none_or(|b| outcome.timings.decode_tokens_per_s > b.timings.decode_tokens_per_s)
-        {
-            best = Some(outcome);
-        }
+        runs.push(RunFigures {
+            prefill_tokens_per_s: outcome.timings.prefill_tokens_per_s,
+            decode_tokens_per_s: outcome.timings.decode_tokens_per_s,
+            ttft_ms: outcome.timings.ttft_ms,
+        });
+        usage = Some(outcome.usage);
     }
-    let best = best.context("no run")?;
+    let usage = usage.context("no run")?;
+    let figure = |f: fn(&RunFigures) -> f64| median(runs.iter().map(f).collect());
+    let decode_tokens_per_s = figure(|r| r.decode_tokens_per_s);
     let turns = (args.turns > 1)
         .then(|| last_turn_ttft(&engine, args.turns))
         .transpose()?;
@@ -152,19 +177,20 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         threads: rayon::current_num_threads(),
         parameters: engine.config().parameter_count(),
         load_s,
-        prompt_tokens: best.usage.prompt_tokens,
-        gen_tokens: best.usage.completion_tokens,
-        prefill_tokens_per_s: best.timings.prefill_tokens_per_s,
-        decode_tokens_per_s: best.timings.decode_tokens_per_s,
-        ttft_ms: best.timings.ttft_ms,
+        prompt_tokens: usage.prompt_tokens,
+        gen_tokens: usage.completion_tokens,
+        prefill_tokens_per_s: figure(|r| r.prefill_tokens_per_s),
+        decode_tokens_per_s,
+        ttft_ms: figure(|r| r.ttft_ms),
+        per_run: runs.clone(),
         peak_rss_bytes: peak_rss,
         load_peak_rss_bytes,
         loaded_rss_bytes,
         weight_bytes_per_token: bytes,
-        decode_read_gb_per_s: best.timings.decode_tokens_per_s * bytes as f64 / 1e9,
+        decode_read_gb_per_s: decode_tokens_per_s * bytes as f64 / 1e9,
         machine_read_gb_per_s: bandwidth,
         roofline_tokens_per_s: roofline,
-        roofline_ratio: roofline.map(|r| best.timings.decode_tokens_per_s / r),
+        roofline_ratio: roofline.map(|r| decode_tokens_per_s / r),
         last_turn_ttft_ms_reused: turns.map(|t| t.reused_ms),
         last_turn_ttft_ms_cold: turns.map(|t| t.cold_ms),
         last_turn_prompt_tokens: turns.map(|t| t.prompt_tokens),
@@ -340,4 +366,17 @@ fn read_bandwidth_gb_per_s() -> f64 {
         best = best.max(bytes / started.elapsed().as_secs_f64() / 1e9);
     }
     best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_takes_the_middle_or_the_mean_of_the_middle_two() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(vec![7.0]), 7.0);
+        assert!(median(Vec::new()).is_nan());
+    }
 }
