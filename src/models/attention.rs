@@ -3,8 +3,10 @@
 //!
 //! Decoding attends one query per head to the whole context. candle's batched matmul ran that
 //! on one core through a strided view of the cache, and at 2048 tokens of context it cost a
-//! third of each token (f32 decode 16 → 11 tokens/s). Here every (token, head) pair is a task on
-//! rayon's pool that reads the cache where it lies and skips the keys its mask would hide.
+//! third of each token (f32 decode 16 → 11 tokens/s). Here a task is a token's run of one
+//! group's heads on rayon's pool: it reads the group's cached keys and values once for the run,
+//! front to back (the cache keeps each group's positions contiguous), and skips the keys its
+//! mask would hide.
 //!
 //! A row's scores, softmax and weighted sum are computed the same way whether its query came
 //! alone or in a prompt chunk, so a cache filled by decoding holds the same bits as one filled by
@@ -26,11 +28,14 @@ pub(crate) struct Shape {
     pub(crate) kv_heads: usize,
     /// Values per head.
     pub(crate) head_dim: usize,
+    /// Elements from one group's first cached row to the next group's (the cache's capacity
+    /// times `head_dim`).
+    pub(crate) group_stride: usize,
 }
 
 /// `softmax(q kᵀ · scale, causal) v` for `q: [tokens, heads, head_dim]` and a cache laid out as
-/// `[positions, kv_heads, head_dim]` holding at least `start + tokens` positions. Returns
-/// `[tokens, heads · head_dim]`.
+/// `[kv_heads, capacity, head_dim]` (groups `group_stride` apart) holding at least
+/// `start + tokens` positions. Returns `[tokens, heads · head_dim]`.
 ///
 /// # Panics
 /// When [`super::dense_matmul::available`] is false or the slices are shorter than `shape` says.
@@ -45,12 +50,14 @@ pub(crate) fn attend(q: &[f32], k: &[f32], v: &[f32], shape: Shape, scale: f32) 
         heads,
         kv_heads,
         head_dim,
+        group_stride,
     } = shape;
     let context = start + tokens;
-    let kv_row = kv_heads * head_dim;
     assert!(q.len() >= tokens * heads * head_dim, "queries too short");
+    assert!(group_stride >= context * head_dim, "groups overlap");
+    let cache_len = (kv_heads - 1) * group_stride + context * head_dim;
     assert!(
-        k.len() >= context * kv_row && v.len() >= context * kv_row,
+        k.len() >= cache_len && v.len() >= cache_len,
         "cache too short"
     );
     let per_group = heads / kv_heads;
@@ -70,33 +77,28 @@ pub(crate) fn attend(q: &[f32], k: &[f32], v: &[f32], shape: Shape, scale: f32) 
         .enumerate()
         .for_each_init(Vec::new, |scores: &mut Vec<f32>, (task, out)| {
             let (t, first_head) = (task / (heads / run), (task % (heads / run)) * run);
-            let offset = (first_head / per_group) * head_dim;
+            let group = (first_head / per_group) * group_stride;
             // Causal: the query at position start + t sees keys 0..=start + t.
             let seen = start + t + 1;
-            let end = (seen - 1) * kv_row + offset + head_dim;
-            let (keys, values) = (&k[offset..end], &v[offset..end]);
+            let (keys, values) = (
+                &k[group..][..seen * head_dim],
+                &v[group..][..seen * head_dim],
+            );
             for pass in (0..run).step_by(x86::HEADS_PER_PASS) {
                 let n = x86::HEADS_PER_PASS.min(run - pass);
                 let queries = &q[(t * heads + first_head + pass) * head_dim..][..n * head_dim];
                 scores.clear();
                 scores.resize(n * seen, 0.0);
-                // SAFETY: `available()` was checked above; `keys` and `values` hold `seen` rows
-                // of `head_dim` values, `kv_row` apart; `queries` holds `n` rows.
-                unsafe { x86::scores(queries, n, keys, kv_row, scale, scores) };
-                for row in scores.chunks_mut(seen) {
-                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0f32;
-                    for s in row.iter_mut() {
-                        *s = (*s - max).exp();
-                        sum += *s;
-                    }
-                    for s in row.iter_mut() {
-                        *s /= sum;
-                    }
-                }
                 let out = &mut out[pass * head_dim..][..n * head_dim];
-                // SAFETY: as above; `out` holds `n` rows.
-                unsafe { x86::weighted_sum(scores, n, values, kv_row, out) };
+                // SAFETY: `available()` was checked above; `keys` and `values` hold `seen` rows
+                // of `head_dim` values; `queries` and `out` hold `n` rows.
+                unsafe {
+                    x86::scores(queries, n, keys, scale, scores);
+                    for row in scores.chunks_mut(seen) {
+                        x86::softmax(row);
+                    }
+                    x86::weighted_sum(scores, n, values, out);
+                }
             }
         });
     out
@@ -112,79 +114,185 @@ mod x86 {
     /// registers hold their sums.
     pub(super) const HEADS_PER_PASS: usize = 8;
 
-    /// `scores[i · seen + j] = (query_i · key_j) · scale` for `n` query rows of `head_dim` and
-    /// `seen = scores.len() / n` keys, key `j` at `keys[j * stride..]`. Each dot is summed in
-    /// sixteen lanes in column order, then across; each key is read once for all `n` queries.
+    /// `scores[i · seen + j] = (query_i · key_j) · scale` for `n <= 8` query rows of
+    /// `head_dim` and `seen = scores.len() / n` keys, key `j` at `keys[j * head_dim..]`. Each
+    /// dot is summed in sixteen lanes in column order, then across; each key is read once for
+    /// all `n` queries.
+    ///
+    /// # Safety
+    /// AVX-512F; the slices hold what is said above.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn scores(
         queries: &[f32],
         n: usize,
         keys: &[f32],
-        stride: usize,
         scale: f32,
         scores: &mut [f32],
     ) {
-        let head_dim = queries.len() / n;
-        let seen = scores.len() / n;
+        macro_rules! dispatch {
+            ($($n:literal),*) => {
+                match n {
+                    $($n => scores_of::<$n>(queries, keys, scale, scores),)*
+                    _ => unreachable!("{n} heads in a pass"),
+                }
+            };
+        }
+        dispatch!(1, 2, 3, 4, 5, 6, 7, 8)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn scores_of<const N: usize>(
+        queries: &[f32],
+        keys: &[f32],
+        scale: f32,
+        scores: &mut [f32],
+    ) {
+        let head_dim = queries.len() / N;
+        let seen = scores.len() / N;
         for j in 0..seen {
-            let key = keys.as_ptr().add(j * stride);
-            let mut acc = [_mm512_setzero_ps(); HEADS_PER_PASS];
+            let key = keys.as_ptr().add(j * head_dim);
+            let mut acc = [_mm512_setzero_ps(); N];
             let mut d = 0;
             while d < head_dim {
                 let mask = lanes(d, head_dim);
                 let k = _mm512_maskz_loadu_ps(mask, key.add(d));
-                for (i, acc) in acc.iter_mut().enumerate().take(n) {
+                for (i, acc) in acc.iter_mut().enumerate() {
                     let q = _mm512_maskz_loadu_ps(mask, queries.as_ptr().add(i * head_dim + d));
                     *acc = _mm512_fmadd_ps(q, k, *acc);
                 }
                 d += 16;
             }
-            for (i, acc) in acc.iter().enumerate().take(n) {
-                scores[i * seen + j] = _mm512_reduce_add_ps(*acc) * scale;
+            for (i, acc) in acc.iter().enumerate() {
+                *scores.get_unchecked_mut(i * seen + j) = _mm512_reduce_add_ps(*acc) * scale;
             }
         }
     }
 
-    /// `out_i = Σ_j weights[i · seen + j] · value_j` for `n` rows, value `j` at
-    /// `values[j * stride..]`, summed in order of `j`; each value row is read once for all `n`.
+    /// `row = exp(row - max) / Σ exp(row - max)`, sixteen lanes at a time (the sum in lanes
+    /// in order, then across).
+    ///
+    /// # Safety
+    /// AVX-512F.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn weighted_sum(
-        weights: &[f32],
-        n: usize,
-        values: &[f32],
-        stride: usize,
-        out: &mut [f32],
-    ) {
-        // 32 columns of 8 heads: 16 accumulators.
+    pub(super) unsafe fn softmax(row: &mut [f32]) {
+        let n = row.len();
+        let p = row.as_mut_ptr();
+        let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
+        let mut k = 0;
+        while k < n {
+            let mask = lanes(k, n);
+            max = _mm512_mask_max_ps(max, mask, max, _mm512_maskz_loadu_ps(mask, p.add(k)));
+            k += 16;
+        }
+        let max = _mm512_set1_ps(_mm512_reduce_max_ps(max));
+        let mut sum = _mm512_setzero_ps();
+        let mut k = 0;
+        while k < n {
+            let mask = lanes(k, n);
+            let e = exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, p.add(k)), max));
+            _mm512_mask_storeu_ps(p.add(k), mask, e);
+            sum = _mm512_mask_add_ps(sum, mask, sum, e);
+            k += 16;
+        }
+        let sum = _mm512_set1_ps(_mm512_reduce_add_ps(sum));
+        let mut k = 0;
+        while k < n {
+            let mask = lanes(k, n);
+            let e = _mm512_maskz_loadu_ps(mask, p.add(k));
+            _mm512_mask_storeu_ps(p.add(k), mask, _mm512_div_ps(e, sum));
+            k += 16;
+        }
+    }
+
+    /// `e^x` in sixteen lanes, within 2 ulp for `x <= 0` (what softmax feeds it); 0 below
+    /// about -87.3.
+    ///
+    /// `x = m ln 2 + r` with `|r| <= ln 2 / 2`, `e^r` by its degree-7 Taylor polynomial, then
+    /// scaled by `2^m`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub(super) unsafe fn exp(x: __m512) -> __m512 {
+        const LN2_HI: f32 = 0.693_145_75;
+        const LN2_LO: f32 = 1.428_606_8e-6;
+        let x = _mm512_max_ps(x, _mm512_set1_ps(-87.5));
+        let m = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm512_fnmadd_ps(m, _mm512_set1_ps(LN2_HI), x);
+        let r = _mm512_fnmadd_ps(m, _mm512_set1_ps(LN2_LO), r);
+        let mut poly = _mm512_set1_ps(1.0 / 5040.0);
+        for c in [
+            1.0 / 720.0,
+            1.0 / 120.0,
+            1.0 / 24.0,
+            1.0 / 6.0,
+            0.5,
+            1.0,
+            1.0,
+        ] {
+            poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(c));
+        }
+        // Below e^-87.3 the scaled result is subnormal; flush it (a softmax weight that small
+        // adds nothing next to the maximum's 1).
+        let e = _mm512_scalef_ps(poly, m);
+        _mm512_mask_mov_ps(
+            e,
+            _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_set1_ps(-87.3)),
+            _mm512_setzero_ps(),
+        )
+    }
+
+    /// `out_i = Σ_j weights[i · seen + j] · value_j` for `n <= 8` rows, value `j` at
+    /// `values[j * head_dim..]`, summed in order of `j`; each value row is read once for all
+    /// `n`.
+    ///
+    /// # Safety
+    /// AVX-512F; the slices hold what is said above.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn weighted_sum(weights: &[f32], n: usize, values: &[f32], out: &mut [f32]) {
+        macro_rules! dispatch {
+            ($($n:literal),*) => {
+                match n {
+                    $($n => weighted_sum_of::<$n>(weights, values, out),)*
+                    _ => unreachable!("{n} heads in a pass"),
+                }
+            };
+        }
+        dispatch!(1, 2, 3, 4, 5, 6, 7, 8)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn weighted_sum_of<const N: usize>(weights: &[f32], values: &[f32], out: &mut [f32]) {
+        // 32 columns of up to 8 heads: 16 accumulators.
         const VECTORS: usize = 2;
-        let head_dim = out.len() / n;
-        let seen = weights.len() / n;
+        let head_dim = out.len() / N;
+        let seen = weights.len() / N;
         let mut first = 0;
         while first < head_dim {
-            let mut acc = [[_mm512_setzero_ps(); VECTORS]; HEADS_PER_PASS];
-            for j in 0..seen {
-                let row = values.as_ptr().add(j * stride);
-                let mut x = [_mm512_setzero_ps(); VECTORS];
-                for (c, x) in x.iter_mut().enumerate() {
-                    let d = first + 16 * c;
-                    if d < head_dim {
-                        *x = _mm512_maskz_loadu_ps(lanes(d, head_dim), row.add(d));
-                    }
+            let masks: [u16; VECTORS] = std::array::from_fn(|c| {
+                let d = first + 16 * c;
+                if d < head_dim {
+                    lanes(d, head_dim)
+                } else {
+                    0
                 }
-                for (i, acc) in acc.iter_mut().enumerate().take(n) {
-                    let p = _mm512_set1_ps(weights[i * seen + j]);
+            });
+            let mut acc = [[_mm512_setzero_ps(); VECTORS]; N];
+            for j in 0..seen {
+                let row = values.as_ptr().add(j * head_dim + first);
+                let x: [__m512; VECTORS] =
+                    std::array::from_fn(|c| _mm512_maskz_loadu_ps(masks[c], row.add(16 * c)));
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let p = _mm512_set1_ps(*weights.get_unchecked(i * seen + j));
                     for (acc, x) in acc.iter_mut().zip(&x) {
                         *acc = _mm512_fmadd_ps(*x, p, *acc);
                     }
                 }
             }
-            for (i, acc) in acc.iter().enumerate().take(n) {
+            for (i, acc) in acc.iter().enumerate() {
                 for (c, acc) in acc.iter().enumerate() {
-                    let d = first + 16 * c;
-                    if d < head_dim {
-                        let o = out.as_mut_ptr().add(i * head_dim + d);
-                        _mm512_mask_storeu_ps(o, lanes(d, head_dim), *acc);
-                    }
+                    let o = out.as_mut_ptr().add(i * head_dim + first + 16 * c);
+                    _mm512_mask_storeu_ps(o, masks[c], *acc);
                 }
             }
             first += 16 * VECTORS;
@@ -196,24 +304,15 @@ mod x86 {
 mod x86 {
     pub(super) const HEADS_PER_PASS: usize = 8;
 
-    pub(super) unsafe fn scores(
-        _q: &[f32],
-        _n: usize,
-        _k: &[f32],
-        _s: usize,
-        _x: f32,
-        _o: &mut [f32],
-    ) {
+    pub(super) unsafe fn scores(_q: &[f32], _n: usize, _k: &[f32], _x: f32, _o: &mut [f32]) {
         unreachable!("the attention kernel runs on x86-64 only")
     }
 
-    pub(super) unsafe fn weighted_sum(
-        _w: &[f32],
-        _n: usize,
-        _v: &[f32],
-        _s: usize,
-        _o: &mut [f32],
-    ) {
+    pub(super) unsafe fn softmax(_row: &mut [f32]) {
+        unreachable!("the attention kernel runs on x86-64 only")
+    }
+
+    pub(super) unsafe fn weighted_sum(_w: &[f32], _n: usize, _v: &[f32], _o: &mut [f32]) {
         unreachable!("the attention kernel runs on x86-64 only")
     }
 }
@@ -228,7 +327,7 @@ mod tests {
 
     /// The textbook formula in f64.
     fn reference(q: &[f32], k: &[f32], v: &[f32], s: Shape, scale: f32) -> Vec<f32> {
-        let kv_row = s.kv_heads * s.head_dim;
+        let row = |g: usize, j: usize| g * s.group_stride + j * s.head_dim;
         let mut out = vec![0f32; s.tokens * s.heads * s.head_dim];
         for t in 0..s.tokens {
             for h in 0..s.heads {
@@ -236,7 +335,7 @@ mod tests {
                 let qr = &q[(t * s.heads + h) * s.head_dim..][..s.head_dim];
                 let scores: Vec<f64> = (0..=s.start + t)
                     .map(|j| {
-                        let kr = &k[j * kv_row + g * s.head_dim..][..s.head_dim];
+                        let kr = &k[row(g, j)..][..s.head_dim];
                         qr.iter()
                             .zip(kr)
                             .map(|(a, b)| *a as f64 * *b as f64)
@@ -250,9 +349,7 @@ mod tests {
                     out[(t * s.heads + h) * s.head_dim + d] = scores
                         .iter()
                         .enumerate()
-                        .map(|(j, sc)| {
-                            (sc - max).exp() / sum * v[j * kv_row + g * s.head_dim + d] as f64
-                        })
+                        .map(|(j, sc)| (sc - max).exp() / sum * v[row(g, j) + d] as f64)
                         .sum::<f64>()
                         as f32;
                 }
@@ -266,24 +363,27 @@ mod tests {
         if !crate::models::dense_matmul::available() {
             return;
         }
-        for (tokens, start, heads, head_dim) in [
-            (1, 40, 8, 128),
-            (7, 0, 8, 128),
-            (5, 9, 8, 20),
-            (2, 3, 32, 48),
-            (1, 6, 2, 16),
+        // (tokens, start, heads, head_dim, spare capacity after the context)
+        for (tokens, start, heads, head_dim, spare) in [
+            (1, 40, 8, 128, 0),
+            (7, 0, 8, 128, 3),
+            (5, 9, 8, 20, 0),
+            (2, 3, 32, 48, 10),
+            (1, 6, 2, 16, 1),
+            (3, 300, 8, 128, 0),
         ] {
+            let context = start + tokens;
             let s = Shape {
                 tokens,
                 start,
                 heads,
                 kv_heads: 2,
                 head_dim,
+                group_stride: (context + spare) * head_dim,
             };
-            let context = start + tokens;
             let q = values(tokens * heads * head_dim, 1.1);
-            let k = values(context * 2 * head_dim, 0.7);
-            let v = values(context * 2 * head_dim, 1.9);
+            let k = values(2 * s.group_stride, 0.7);
+            let v = values(2 * s.group_stride, 1.9);
             let scale = 1.0 / (head_dim as f32).sqrt();
             let got = attend(&q, &k, &v, s, scale);
             for (g, w) in got.iter().zip(reference(&q, &k, &v, s, scale)) {
@@ -317,12 +417,53 @@ mod tests {
             heads,
             kv_heads,
             head_dim,
+            group_stride: context * head_dim,
         };
         let all = attend(&q, &k, &v, shape(context, 0), 0.1);
         let row = heads * head_dim;
         for t in 0..context {
             let alone = attend(&q[t * row..], &k, &v, shape(1, t), 0.1);
             assert_eq!(alone, all[t * row..][..row], "token {t}");
+        }
+    }
+
+    /// The vector exp behind softmax, against f64 over what softmax feeds it (x <= 0).
+    #[test]
+    fn vector_exp_is_within_two_ulp() {
+        if !crate::models::dense_matmul::available() {
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::*;
+            let xs: Vec<f32> = (0..=200_000)
+                .map(|i| -87.0 * i as f32 / 200_000.0)
+                .collect();
+            for chunk in xs.chunks(16) {
+                let mut got = [0f32; 16];
+                // SAFETY: AVX-512F was checked above; both buffers hold 16 lanes (the input's
+                // short last chunk is padded).
+                unsafe {
+                    let mut lanes = [0f32; 16];
+                    lanes[..chunk.len()].copy_from_slice(chunk);
+                    _mm512_storeu_ps(got.as_mut_ptr(), x86::exp(_mm512_loadu_ps(lanes.as_ptr())));
+                }
+                for (x, e) in chunk.iter().zip(got) {
+                    let want = (*x as f64).exp();
+                    let ulp = (want as f32).abs() * f32::EPSILON;
+                    assert!(
+                        (e as f64 - want).abs() <= 2.0 * ulp as f64,
+                        "exp({x}) = {e}, want {want}"
+                    );
+                }
+            }
+            // SAFETY: as above.
+            let tiny = unsafe {
+                let mut out = [1f32; 16];
+                _mm512_storeu_ps(out.as_mut_ptr(), x86::exp(_mm512_set1_ps(-1000.0)));
+                out
+            };
+            assert_eq!(tiny, [0.0; 16]);
         }
     }
 }

@@ -204,8 +204,8 @@ impl SelfAttention {
             .reshape((tokens, self.kv_heads, hd))?;
         let q = self.rotary.apply(&q, start)?;
         let k = self.rotary.apply(&k, start)?;
-        let (k, v) = cache.append(&k, &v.contiguous()?, start)?;
-        let context = k.dim(0)?;
+        let (k, v) = cache.append(&k, &v, start)?;
+        let context = k.dim(1)?;
         let scale = 1.0 / (hd as f64).sqrt();
         if let Some(out) = self.attend_on_cpu(&q, &k, &v, start, scale as f32)? {
             return Ok(self.dense.forward(&out)?);
@@ -217,10 +217,9 @@ impl SelfAttention {
             q.transpose(0, 1)?
                 .contiguous()?
                 .reshape((self.kv_heads, per_group * tokens, hd))?;
-        let k = k.transpose(0, 1)?; // [groups, context, hd], strided view of the cache
-        let v = v.transpose(0, 1)?;
-        // candle's CUDA matmul takes only tightly packed rows (a row of this view is `kv_heads`
-        // heads apart); the CPU one reads the cache where it lies.
+        // `k`, `v`: [groups, context, hd], a view of the cache whose groups are `capacity` rows
+        // apart. candle's CUDA matmul takes only tightly packed batches; the CPU one reads the
+        // cache where it lies.
         let (k, v) = if x.device().is_cpu() {
             (k, v)
         } else {
@@ -246,7 +245,8 @@ impl SelfAttention {
     }
 
     /// Attention by [`attention::attend`] where it runs (f32 on an AVX-512 CPU): `q` is
-    /// `[tokens, heads, head_dim]`, `k` and `v` the cache's first `start + tokens` positions.
+    /// `[tokens, heads, head_dim]`, `k` and `v` the cache's views `[kv_heads, start + tokens,
+    /// head_dim]`.
     /// Returns `[tokens, heads * head_dim]`, or `None` for candle's path.
     fn attend_on_cpu(
         &self,
@@ -257,11 +257,14 @@ impl SelfAttention {
         scale: f32,
     ) -> Result<Option<Tensor>> {
         let on_cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+        // Each group's rows packed, groups equally far apart in both.
+        let rows_packed =
+            |t: &Tensor| t.stride()[1..] == [self.head_dim, 1] && t.stride()[0] == k.stride()[0];
         let runs_here = on_cpu_f32(q)
             && on_cpu_f32(k)
             && on_cpu_f32(v)
-            && k.is_contiguous()
-            && v.is_contiguous()
+            && rows_packed(k)
+            && rows_packed(v)
             && super::dense_matmul::available();
         if !runs_here {
             return Ok(None);
@@ -274,6 +277,7 @@ impl SelfAttention {
             heads: self.heads,
             kv_heads: self.kv_heads,
             head_dim: self.head_dim,
+            group_stride: k.stride()[0],
         };
         let out = {
             let (qs, ql) = q.storage_and_layout();
@@ -654,9 +658,12 @@ impl KvCache {
     }
 }
 
-/// One layer's keys and values, `[capacity, kv_heads, head_dim]`, the first positions filled.
+/// One layer's keys and values, `[kv_heads, capacity, head_dim]`, the first positions filled.
 ///
 /// Storage is preallocated and doubled when full, so appending a token copies only that token.
+/// Group-major, so that attention reads each group's keys and values as one stream (with
+/// position-major rows, a group's rows alternate with the other groups' and the hardware
+/// prefetcher lost track: attention at 2048 tokens of context took twice as long).
 #[derive(Debug, Default)]
 struct LayerCache {
     k: Option<Tensor>,
@@ -665,7 +672,7 @@ struct LayerCache {
 
 impl LayerCache {
     fn capacity(&self) -> usize {
-        self.k.as_ref().map_or(0, |k| k.dim(0).unwrap_or(0))
+        self.k.as_ref().map_or(0, |k| k.dim(1).unwrap_or(0))
     }
 
     fn reserve(
@@ -680,12 +687,12 @@ impl LayerCache {
             return Ok(());
         }
         let new_capacity = needed.max(capacity * 2).min(cfg.seq_length).max(needed);
-        let shape = (new_capacity, cfg.kv_heads(), cfg.head_dim());
+        let shape = (cfg.kv_heads(), new_capacity, cfg.head_dim());
         let k = Tensor::zeros(shape, dtype, device)?;
         let v = Tensor::zeros(shape, dtype, device)?;
         if let (Some(old_k), Some(old_v)) = (&self.k, &self.v) {
-            k.slice_set(old_k, 0, 0)?;
-            v.slice_set(old_v, 0, 0)?;
+            k.slice_set(old_k, 1, 0)?;
+            v.slice_set(old_v, 1, 0)?;
         }
         self.k = Some(k);
         self.v = Some(v);
@@ -693,7 +700,7 @@ impl LayerCache {
     }
 
     /// Writes `k`, `v` (`[tokens, kv_heads, head_dim]`) at `start` and returns views of all
-    /// positions up to the new end.
+    /// positions up to the new end, `[kv_heads, end, head_dim]`.
     fn append(&mut self, k: &Tensor, v: &Tensor, start: usize) -> Result<(Tensor, Tensor)> {
         let (Some(cache_k), Some(cache_v)) = (&self.k, &self.v) else {
             return Err(crate::Error::invalid(
@@ -702,9 +709,9 @@ impl LayerCache {
                 "reserve before append",
             ));
         };
-        cache_k.slice_set(&k.contiguous()?, 0, start)?;
-        cache_v.slice_set(v, 0, start)?;
+        cache_k.slice_set(&k.transpose(0, 1)?.contiguous()?, 1, start)?;
+        cache_v.slice_set(&v.transpose(0, 1)?.contiguous()?, 1, start)?;
         let end = start + k.dim(0)?;
-        Ok((cache_k.narrow(0, 0, end)?, cache_v.narrow(0, 0, end)?))
+        Ok((cache_k.narrow(1, 0, end)?, cache_v.narrow(1, 0, end)?))
     }
 }
