@@ -69,7 +69,9 @@ pub use crate::prompt::ModelFamily;
 pub use crate::quantization::Quantization;
 pub use crate::request::{ChatOutcome, ChatRequest, FinishReason, Timings, Usage};
 pub use crate::sampling::Sampling;
-pub use crate::synthetic::{bench_config, demo_config, demo_model_dir, write_model_dir};
+pub use crate::synthetic::{
+    bench_config, chatglm3_6b_config, demo_config, demo_model_dir, write_model_dir,
+};
 pub use crate::tokenizer::{SpecialToken, TextDecoder, Tokenizer};
 
 /// The candle crate this library computes with, for building a [`candle_core::Device`].

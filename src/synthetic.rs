@@ -59,6 +59,19 @@ pub fn bench_config() -> ModelConfig {
     }
 }
 
+/// ChatGLM3-6B's architecture (about 6.2B parameters): what `chathub bench --synthetic 6b`
+/// measures memory and speed at without a download.
+pub fn chatglm3_6b_config() -> ModelConfig {
+    ModelConfig {
+        num_layers: 28,
+        hidden_size: 4096,
+        num_attention_heads: 32,
+        ffn_hidden_size: 13696,
+        name_or_path: Some("chathub/bench-chatglm3-6b-shape".into()),
+        ..bench_config()
+    }
+}
+
 /// Writes (once) and returns the directory of the built-in demo model, under the system's
 /// temporary directory. Safe to call from several processes at once.
 ///

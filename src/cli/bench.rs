@@ -42,9 +42,26 @@ pub struct BenchArgs {
     #[arg(long, env = "CHATHUB_BENCH_DIR")]
     work_dir: Option<PathBuf>,
 
+    /// The synthetic model's architecture when no --model is given: `785m` (the mid-size
+    /// config the side-by-side tables use) or `6b` (ChatGLM3-6B's shape: 12.5 GB of f16 weights
+    /// written to disk once, for memory and speed at full size).
+    #[arg(long, value_enum, default_value_t = SyntheticSize::Mid785m)]
+    synthetic: SyntheticSize,
+
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+/// Architectures of the synthetic benchmark model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum SyntheticSize {
+    /// 785M parameters: hidden 2048, 12 layers, ffn 5504.
+    #[value(name = "785m")]
+    Mid785m,
+    /// ChatGLM3-6B's shape: 6.2B parameters, hidden 4096, 28 layers, ffn 13696.
+    #[value(name = "6b")]
+    Chatglm3_6b,
 }
 
 #[derive(Debug, Serialize)]
@@ -104,7 +121,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             Some(dir) => Some(dir.clone()),
             None if args.model.demo => Some(chathub::demo_model_dir()?),
             None => {
-                let (dir, written) = synthetic_dir(args.work_dir.clone())?;
+                let (dir, written) = synthetic_dir(args.work_dir.clone(), args.synthetic)?;
                 if written {
                     // Writing held the random weights in memory; measure in a fresh process so
                     // peak RSS is the loader's alone.
@@ -290,15 +307,23 @@ fn last_turn_ttft(engine: &Engine, turns: usize) -> anyhow::Result<LastTurn> {
 
 /// Writes the synthetic mid-size model once and returns its directory, and whether it was
 /// written just now.
-fn synthetic_dir(work_dir: Option<PathBuf>) -> anyhow::Result<(PathBuf, bool)> {
-    let dir = work_dir.unwrap_or_else(|| std::env::temp_dir().join("chathub-bench-785m-v2"));
+fn synthetic_dir(
+    work_dir: Option<PathBuf>,
+    size: SyntheticSize,
+) -> anyhow::Result<(PathBuf, bool)> {
+    let (name, config) = match size {
+        SyntheticSize::Mid785m => ("chathub-bench-785m-v2", chathub::bench_config()),
+        SyntheticSize::Chatglm3_6b => ("chathub-bench-6b-v1", chathub::chatglm3_6b_config()),
+    };
+    let dir = work_dir.unwrap_or_else(|| std::env::temp_dir().join(name));
     if !dir.join("complete").is_file() {
         eprintln!(
-            "chathub: writing the synthetic 785M-parameter ChatGLM3 to {} (once)",
+            "chathub: writing a synthetic {}-parameter ChatGLM3 to {} (once)",
+            config.parameter_count(),
             dir.display()
         );
         let tokenizer = std::fs::read(chathub::demo_model_dir()?.join("tokenizer.model"))?;
-        chathub::write_model_dir(&dir, &chathub::bench_config(), &tokenizer, 7, 1 << 30)?;
+        chathub::write_model_dir(&dir, &config, &tokenizer, 7, 1 << 30)?;
         return Ok((dir, true));
     }
     Ok((dir, false))
