@@ -226,8 +226,7 @@ impl SafetensorsFile {
             .transpose()
     }
 
-    /// [`Self::load`] into a host buffer: the stored dtype when that is `want` and 16-bit, f32
-    /// otherwise.
+    /// [`Self::load`] into a host buffer of `want` (f32 for anything but f16 and bf16).
     fn load_rows(&self, name: &str, want: DType) -> candle_core::Result<Option<HostRows>> {
         let Some(t) = self.tensors.get(name) else {
             return Ok(None);
@@ -255,28 +254,44 @@ impl SafetensorsFile {
         }
         let mut bytes = vec![0u8; len];
         file.read_exact(&mut bytes)?;
-        let size = t.dtype.size();
-        let mut values: Vec<f32> = crate::huge_pages::filled(bytes.len() / size);
-        const CHUNK: usize = 1 << 16;
-        values
-            .par_chunks_mut(CHUNK)
-            .zip(bytes.par_chunks(CHUNK * size))
-            .for_each(|(out, raw)| {
-                let raw = raw.chunks_exact(size);
-                match t.dtype {
-                    StoredDType::F16 => out.iter_mut().zip(raw).for_each(|(o, b)| {
-                        *o = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
-                    }),
-                    StoredDType::BF16 => out.iter_mut().zip(raw).for_each(|(o, b)| {
-                        *o = half::bf16::from_le_bytes([b[0], b[1]]).to_f32();
-                    }),
-                    StoredDType::F32 => out.iter_mut().zip(raw).for_each(|(o, b)| {
-                        *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                    }),
-                }
-            });
-        Ok(Some(HostRows::F32(values)))
+        // Converted straight into the wanted type: another 16-bit type is not widened to f32
+        // first, so the largest matrix is held at most as stored plus as wanted.
+        Ok(Some(match want {
+            DType::F16 => HostRows::F16(convert(&bytes, t.dtype, half::f16::from_f32)),
+            DType::BF16 => HostRows::BF16(convert(&bytes, t.dtype, half::bf16::from_f32)),
+            _ => HostRows::F32(convert(&bytes, t.dtype, |x| x)),
+        }))
     }
+}
+
+/// The little-endian `stored` values in `bytes`, each widened to f32 and passed through
+/// `narrow`, into a huge-page buffer, on every core.
+fn convert<T: Copy + Default + Send + Sync>(
+    bytes: &[u8],
+    stored: StoredDType,
+    narrow: impl Fn(f32) -> T + Sync,
+) -> Vec<T> {
+    const CHUNK: usize = 1 << 16;
+    let size = stored.size();
+    let mut values: Vec<T> = crate::huge_pages::filled(bytes.len() / size);
+    values
+        .par_chunks_mut(CHUNK)
+        .zip(bytes.par_chunks(CHUNK * size))
+        .for_each(|(out, raw)| {
+            let raw = raw.chunks_exact(size);
+            match stored {
+                StoredDType::F16 => out.iter_mut().zip(raw).for_each(|(o, b)| {
+                    *o = narrow(half::f16::from_le_bytes([b[0], b[1]]).to_f32());
+                }),
+                StoredDType::BF16 => out.iter_mut().zip(raw).for_each(|(o, b)| {
+                    *o = narrow(half::bf16::from_le_bytes([b[0], b[1]]).to_f32());
+                }),
+                StoredDType::F32 => out.iter_mut().zip(raw).for_each(|(o, b)| {
+                    *o = narrow(f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+                }),
+            }
+        });
+    values
 }
 
 #[derive(Deserialize)]
