@@ -15,6 +15,23 @@ pub fn vec_with_capacity<T>(capacity: usize) -> Vec<T> {
     v
 }
 
+/// An empty vector like [`vec_with_capacity`]'s, whose pages are already faulted in on every
+/// core: for buffers then filled one element at a time on one thread, which would otherwise
+/// spend most of their time in the kernel zeroing pages.
+pub fn vec_prefaulted<T: Copy + Default + Send + Sync>(capacity: usize) -> Vec<T> {
+    use rayon::prelude::*;
+    let mut v = vec_with_capacity(capacity);
+    let per_huge_page = ((2 << 20) / std::mem::size_of::<T>().max(1)).max(1);
+    v.spare_capacity_mut()
+        .par_chunks_mut(per_huge_page)
+        .for_each(|chunk| {
+            for slot in chunk {
+                slot.write(T::default());
+            }
+        });
+    v
+}
+
 /// `len` default values in a buffer advised as [`vec_with_capacity`] is. The pages are first
 /// touched on every core: faulting in a huge page (finding and zeroing 2 MiB) is most of what
 /// loading costs once the file is cached.
@@ -69,5 +86,9 @@ mod tests {
         let mut w: Vec<f32> = vec_with_capacity(10);
         w.extend([1.0, 2.0]);
         assert_eq!(w, [1.0, 2.0]);
+        let mut p: Vec<u8> = vec_prefaulted(5 << 20);
+        assert!(p.is_empty() && p.capacity() >= 5 << 20);
+        p.extend([3, 4]);
+        assert_eq!(p, [3, 4]);
     }
 }

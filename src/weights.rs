@@ -59,6 +59,8 @@ pub(crate) enum Matrix {
     /// Dense, in host memory as a plain buffer that the CPU kernels may rearrange in place.
     Rows(HostRows),
     Quantized(QTensor),
+    /// Quantized, read from a GGUF file straight into this crate's CPU kernels' layout.
+    Blocks(crate::models::block_matmul::BlockMatrix),
 }
 
 /// A dense matrix's elements in host memory, row-major, in the dtype its products read.
@@ -294,6 +296,37 @@ fn convert<T: Copy + Default + Send + Sync>(
     values
 }
 
+/// A GGUF tensor of `shape` read straight into the CPU block kernels' layout, band by band;
+/// `None` for block formats they do not run. The tensor's extent is checked against the file's
+/// length first, so a truncated file is an error, not a short read.
+fn read_blocks(
+    content: &gguf_file::Content,
+    file: &mut File,
+    name: &str,
+    shape: &[usize],
+) -> candle_core::Result<Option<crate::models::block_matmul::BlockMatrix>> {
+    let Some(info) = content.tensor_infos.get(name) else {
+        return Ok(None);
+    };
+    let [rows, cols] = shape else {
+        return Ok(None);
+    };
+    let dtype = info.ggml_dtype;
+    let bytes = (rows * cols / dtype.block_size() * dtype.type_size()) as u64;
+    let start = content.tensor_data_offset.saturating_add(info.offset);
+    let file_len = file.metadata()?.len();
+    if start.saturating_add(bytes) > file_len {
+        candle_core::bail!(
+            "truncated: tensor {name} needs bytes up to {} but the file has {file_len}",
+            start.saturating_add(bytes)
+        );
+    }
+    file.seek(SeekFrom::Start(start))?;
+    crate::models::block_matmul::BlockMatrix::read_ggml(dtype, *rows, *cols, |buffer| {
+        file.read_exact(buffer)
+    })
+}
+
 #[derive(Deserialize)]
 struct ShardIndex {
     weight_map: HashMap<String, String>,
@@ -429,6 +462,18 @@ impl Weights {
                 if quantized {
                     self.check_shape(shard, name, shape)?;
                     let mut file = file.lock().unwrap_or_else(|e| e.into_inner());
+                    if self.device.is_cpu() {
+                        if let Some(blocks) =
+                            read_blocks(content, &mut file, name, shape).map_err(|source| {
+                                Error::Weights {
+                                    path: shard.path.clone(),
+                                    source,
+                                }
+                            })?
+                        {
+                            return Ok(Matrix::Blocks(blocks));
+                        }
+                    }
                     let qtensor =
                         content
                             .tensor(&mut *file, name, &self.device)

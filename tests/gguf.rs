@@ -59,6 +59,27 @@ fn a_foreign_or_broken_gguf_is_a_clear_error() {
     assert_eq!(err.path(), Some(path.as_path()), "{err}");
 }
 
+/// A converted file cut short (a copy interrupted, a full disk) fails to load with an error that
+/// names it, wherever the cut falls: in a quantized matrix or in a dense table.
+#[test]
+fn a_truncated_quantized_gguf_is_a_clear_error() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let options = ModelOptions {
+        quantization: Some(Quantization::Q8_0),
+        ..ModelOptions::default()
+    };
+    let engine = Engine::load_with(common::model_dir("chatglm3-tiny"), &options).expect("loads");
+    let whole = tmp.path().join("whole.gguf");
+    engine.save_gguf(&whole).expect("saves");
+    let bytes = std::fs::read(&whole).expect("read");
+    for keep in [bytes.len() - 1, bytes.len() * 3 / 4, bytes.len() / 2] {
+        let cut = tmp.path().join(format!("cut-{keep}.gguf"));
+        std::fs::write(&cut, &bytes[..keep]).expect("write");
+        let err = Engine::load(&cut).expect_err("truncated");
+        assert_eq!(err.path(), Some(cut.as_path()), "{err}");
+    }
+}
+
 #[test]
 fn the_convert_command_writes_a_loadable_file() {
     let tmp = tempfile::tempdir().expect("tempdir");

@@ -155,6 +155,33 @@ impl BlockMatrix {
         Self::from_ggml_bytes(qtensor.dtype(), rows, cols, [&data[..]])
     }
 
+    /// Reads a `[rows, cols]` matrix's blocks in ggml's layout from `read_exact` (e.g. a file
+    /// positioned at a GGUF tensor), a band at a time through one small buffer, so neither the
+    /// ggml bytes nor a candle `QTensor` of them is ever held whole; `None` (nothing read) for
+    /// formats these kernels do not run.
+    pub(crate) fn read_ggml(
+        dtype: GgmlDType,
+        rows: usize,
+        cols: usize,
+        mut read_exact: impl FnMut(&mut [u8]) -> std::io::Result<()>,
+    ) -> candle_core::Result<Option<Self>> {
+        let Some((mut matrix, block_bytes, total)) = Self::empty(dtype, rows, cols) else {
+            return Ok(None);
+        };
+        // 4 MiB or so of whole blocks per read.
+        let band = ((4 << 20) / block_bytes).max(1) * block_bytes;
+        let mut buffer = vec![0u8; band.min(total)];
+        let mut left = total;
+        while left > 0 {
+            let n = band.min(left);
+            read_exact(&mut buffer[..n])?;
+            matrix.push_blocks(&buffer[..n], block_bytes);
+            left -= n;
+        }
+        matrix.quants.resize(matrix.quants.len() + QUANT_PADDING, 0);
+        Ok(Some(matrix))
+    }
+
     /// Takes a `[rows, cols]` matrix's blocks in ggml's layout, given in consecutive parts of
     /// whole blocks (bands of rows quantized apart), in a format these kernels run; `None` for
     /// others. Parts are read one after the other, so no whole copy of the ggml bytes is made.
@@ -164,35 +191,8 @@ impl BlockMatrix {
         cols: usize,
         parts: impl IntoIterator<Item = P>,
     ) -> candle_core::Result<Option<Self>> {
-        let Some(format) = BlockFormat::from_ggml(dtype) else {
+        let Some((mut matrix, block_bytes, expected)) = Self::empty(dtype, rows, cols) else {
             return Ok(None);
-        };
-        if !cols.is_multiple_of(BLOCK) {
-            return Ok(None);
-        }
-        let (block_bytes, block_weights) = match format {
-            BlockFormat::Q4K => (Q4K_BYTES, SUPER_BLOCK),
-            _ => (2 + format.quant_bytes_per_block(), BLOCK),
-        };
-        if !cols.is_multiple_of(block_weights) {
-            return Ok(None);
-        }
-        let expected = rows * cols / block_weights * block_bytes;
-        let blocks = rows * cols / BLOCK;
-        let mut matrix = BlockMatrix {
-            format,
-            rows,
-            cols,
-            quants: crate::huge_pages::vec_with_capacity(
-                blocks * format.quant_bytes_per_block() + QUANT_PADDING,
-            ),
-            scales: crate::huge_pages::vec_with_capacity(blocks),
-            minimums: if matches!(format, BlockFormat::Q4K) {
-                crate::huge_pages::vec_with_capacity(blocks)
-            } else {
-                Vec::new()
-            },
-            headers: Vec::new(),
         };
         let mut seen = 0;
         for part in parts {
@@ -201,15 +201,7 @@ impl BlockMatrix {
             if part.len() % block_bytes != 0 || seen > expected {
                 break;
             }
-            for block in part.chunks_exact(block_bytes) {
-                match format {
-                    BlockFormat::Q4K => matrix.push_q4k(block),
-                    _ => {
-                        matrix.scales.push(f16::from_le_bytes([block[0], block[1]]));
-                        matrix.quants.extend_from_slice(&block[2..]);
-                    }
-                }
-            }
+            matrix.push_blocks(part, block_bytes);
         }
         if seen != expected {
             candle_core::bail!(
@@ -218,6 +210,54 @@ impl BlockMatrix {
         }
         matrix.quants.resize(matrix.quants.len() + QUANT_PADDING, 0);
         Ok(Some(matrix))
+    }
+
+    /// A matrix with room for `rows x cols` weights of `dtype` and no blocks yet, the bytes of
+    /// one ggml block and of the whole matrix in ggml's layout; `None` if these kernels do not
+    /// run `dtype` on rows of `cols`.
+    fn empty(dtype: GgmlDType, rows: usize, cols: usize) -> Option<(Self, usize, usize)> {
+        let format = BlockFormat::from_ggml(dtype)?;
+        let (block_bytes, block_weights) = match format {
+            BlockFormat::Q4K => (Q4K_BYTES, SUPER_BLOCK),
+            _ => (2 + format.quant_bytes_per_block(), BLOCK),
+        };
+        if !cols.is_multiple_of(BLOCK) || !cols.is_multiple_of(block_weights) {
+            return None;
+        }
+        let blocks = rows * cols / BLOCK;
+        let matrix = BlockMatrix {
+            format,
+            rows,
+            cols,
+            quants: crate::huge_pages::vec_prefaulted(
+                blocks * format.quant_bytes_per_block() + QUANT_PADDING,
+            ),
+            scales: crate::huge_pages::vec_prefaulted(blocks),
+            minimums: if matches!(format, BlockFormat::Q4K) {
+                crate::huge_pages::vec_prefaulted(blocks)
+            } else {
+                Vec::new()
+            },
+            headers: Vec::new(),
+        };
+        Some((
+            matrix,
+            block_bytes,
+            rows * cols / block_weights * block_bytes,
+        ))
+    }
+
+    /// Appends the whole ggml blocks in `part`.
+    fn push_blocks(&mut self, part: &[u8], block_bytes: usize) {
+        for block in part.chunks_exact(block_bytes) {
+            match self.format {
+                BlockFormat::Q4K => self.push_q4k(block),
+                _ => {
+                    self.scales.push(f16::from_le_bytes([block[0], block[1]]));
+                    self.quants.extend_from_slice(&block[2..]);
+                }
+            }
+        }
     }
 
     /// Unpacks one q4_K super-block: eight blocks of 32 with an f16 scale and minimum each,
@@ -856,6 +896,29 @@ mod tests {
             let blocks = BlockMatrix::from_qtensor(&q)?.expect("format is supported");
             assert_eq!(blocks.to_qtensor()?.data()?, q.data()?);
             assert_eq!(blocks.storage_bytes(), q.storage_size_in_bytes());
+        }
+        Ok(())
+    }
+
+    /// Reading a GGUF tensor band by band gives the same matrix as taking its bytes whole, and a
+    /// reader that runs dry is an error, not a short matrix.
+    #[test]
+    fn reading_in_bands_matches_and_a_short_read_is_an_error() -> candle_core::Result<()> {
+        for format in ALL {
+            // 4500 rows of q8_0 are 4.9 MB: two bands.
+            let q = QTensor::quantize(&matrix(4500, 1024, 0.4)?, format.ggml())?;
+            let bytes = q.data()?;
+            let mut reader = &bytes[..];
+            let read = BlockMatrix::read_ggml(format.ggml(), 4500, 1024, |buf| {
+                std::io::Read::read_exact(&mut reader, buf)
+            })?
+            .expect("format is supported");
+            assert_eq!(read.to_qtensor()?.data()?, bytes);
+            let mut short = &bytes[..bytes.len() - 1];
+            let cut = BlockMatrix::read_ggml(format.ggml(), 4500, 1024, |buf| {
+                std::io::Read::read_exact(&mut short, buf)
+            });
+            assert!(cut.is_err(), "{format:?}");
         }
         Ok(())
     }

@@ -110,6 +110,7 @@ fn linear(
         Matrix::Dense(weight) => Ok(Linear::new(weight, bias)),
         Matrix::Rows(rows) => Ok(Linear::from_rows(rows, out_features, in_features, bias)?),
         Matrix::Quantized(qtensor) => Ok(Linear::from_quantized(qtensor, bias)?),
+        Matrix::Blocks(blocks) => Ok(Linear::from_blocks(blocks, bias)),
     }
 }
 

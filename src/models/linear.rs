@@ -101,6 +101,16 @@ impl Linear {
         Ok(())
     }
 
+    /// A layer over quantized blocks already in this crate's CPU layout (read from a GGUF
+    /// file).
+    pub(crate) fn from_blocks(blocks: BlockMatrix, bias: Option<Tensor>) -> Self {
+        Linear {
+            weight: Weight::Blocks(Arc::new(blocks)),
+            bias,
+            span: tracing::span!(tracing::Level::TRACE, "linear"),
+        }
+    }
+
     /// A layer over weights that are already quantized (read from a GGUF file).
     pub(crate) fn from_quantized(
         qtensor: QTensor,

@@ -1,7 +1,7 @@
 //! Model architectures, one family per file.
 
 mod attention;
-mod block_matmul;
+pub(crate) mod block_matmul;
 pub(crate) mod chatglm;
 mod dense_matmul;
 mod elementwise;
