@@ -23,7 +23,7 @@ const FAMILY: &str = "chathub.family";
 const QUANTIZATION: &str = "chathub.quantization";
 const TOKENIZER: &str = "chathub.tokenizer_model";
 
-/// Everything a GGUF file written by [`write`] holds besides the tensors.
+/// Everything a GGUF file written by [`write()`] holds besides the tensors.
 pub(crate) struct GgufModel {
     pub content: gguf_file::Content,
     pub file: File,
@@ -42,7 +42,7 @@ pub(crate) fn is_gguf(path: &Path) -> bool {
             .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }
 
-/// Reads the header and metadata of a file written by [`write`].
+/// Reads the header and metadata of a file written by [`write()`].
 pub(crate) fn read(path: &Path) -> Result<GgufModel> {
     let weights_error = |source| Error::Weights {
         path: path.to_path_buf(),

@@ -3,6 +3,6 @@
 mod attention;
 pub(crate) mod block_matmul;
 pub(crate) mod chatglm;
-mod dense_matmul;
+pub(crate) mod dense_matmul;
 mod elementwise;
 mod linear;
