@@ -11,9 +11,27 @@
 //! A row's scores, softmax and weighted sum are computed the same way whether its query came
 //! alone or in a prompt chunk, so a cache filled by decoding holds the same bits as one filled by
 //! prefill (what lets the prefix cache stand in for a recomputation), as with
-//! [`super::dense_matmul`], whose AVX-512 requirement this shares.
+//! [`super::dense_matmul`].
+
+use std::sync::LazyLock;
 
 use rayon::prelude::*;
+
+/// Whether this CPU runs the attention kernel (AVX-512F; checked once).
+pub(crate) fn available() -> bool {
+    *AVAILABLE
+}
+
+static AVAILABLE: LazyLock<bool> = LazyLock::new(|| {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+});
 
 /// The shapes of one attention call.
 #[derive(Debug, Clone, Copy)]
@@ -38,12 +56,9 @@ pub(crate) struct Shape {
 /// `start + tokens` positions. Returns `[tokens, heads · head_dim]`.
 ///
 /// # Panics
-/// When [`super::dense_matmul::available`] is false or the slices are shorter than `shape` says.
+/// When [`available`] is false or the slices are shorter than `shape` says.
 pub(crate) fn attend(q: &[f32], k: &[f32], v: &[f32], shape: Shape, scale: f32) -> Vec<f32> {
-    assert!(
-        super::dense_matmul::available(),
-        "the attention kernel needs AVX-512F"
-    );
+    assert!(available(), "the attention kernel needs AVX-512F");
     let Shape {
         tokens,
         start,
@@ -360,7 +375,7 @@ mod tests {
 
     #[test]
     fn matches_the_formula_with_groups_and_a_causal_mask() {
-        if !crate::models::dense_matmul::available() {
+        if !available() {
             return;
         }
         // (tokens, start, heads, head_dim, spare capacity after the context)
@@ -396,7 +411,7 @@ mod tests {
     /// with identical values.
     #[test]
     fn a_rows_result_does_not_depend_on_its_batch() {
-        if !crate::models::dense_matmul::available() {
+        if !available() {
             return;
         }
         // 8 heads in one group: alone, a token's heads are split in two runs (one per thread),
@@ -430,7 +445,7 @@ mod tests {
     /// The vector exp behind softmax, against f64 over what softmax feeds it (x <= 0).
     #[test]
     fn vector_exp_is_within_two_ulp() {
-        if !crate::models::dense_matmul::available() {
+        if !available() {
             return;
         }
         #[cfg(target_arch = "x86_64")]

@@ -266,7 +266,7 @@ impl SelfAttention {
             && on_cpu_f32(v)
             && rows_packed(k)
             && rows_packed(v)
-            && super::dense_matmul::available();
+            && attention::available();
         if !runs_here {
             return Ok(None);
         }

@@ -4,9 +4,10 @@
 //! is bound by memory bandwidth, which candle's CPU matmul runs on one thread; prefill multiplies
 //! a few dozen rows, where candle's matmul spends as long packing the weights as multiplying.
 //! So on the CPU, dense f32/f16/bf16 weights are repacked at load into panels for this crate's
-//! AVX-512 kernel ([`super::dense_matmul`]; without AVX-512, a multi-threaded matrix-vector
-//! product for one row and candle's matmul otherwise), q8_0 / q4_0 / q4_K blocks go through its
-//! own block kernels ([`super::block_matmul`]), and other block formats and GPUs through candle.
+//! AVX-512 or AVX2 kernel ([`super::dense_matmul`]; on other CPUs, a multi-threaded
+//! matrix-vector product for one row and candle's matmul otherwise), q8_0 / q4_0 / q4_K blocks go
+//! through its own block kernels ([`super::block_matmul`]), and other block formats and GPUs
+//! through candle.
 
 use std::sync::{Arc, LazyLock};
 
@@ -32,7 +33,7 @@ pub(crate) struct Linear {
 #[derive(Debug, Clone)]
 enum Weight {
     Dense(Tensor),
-    /// f32 / f16 / bf16 on an AVX-512 CPU, in panels for this crate's kernel.
+    /// f32 / f16 / bf16 on an AVX-512 or AVX2 CPU, in panels for this crate's kernels.
     Panels(Arc<PanelMatrix>),
     /// q8_0 / q4_0 blocks on the CPU, multiplied by this crate's kernels.
     Blocks(Arc<BlockMatrix>),
@@ -68,8 +69,8 @@ impl Linear {
     }
 
     /// A layer over a dense matrix `[out_features, in_features]` read into a host buffer: on a
-    /// CPU with AVX-512 the buffer is repacked in place into panels, elsewhere it becomes a
-    /// tensor as is.
+    /// CPU that runs the panel kernels (AVX-512 or AVX2) the buffer is repacked in place into
+    /// panels, elsewhere it becomes a tensor as is.
     pub(crate) fn from_rows(
         rows: HostRows,
         out_features: usize,
