@@ -43,6 +43,7 @@ pub(crate) fn available() -> bool {
 /// The instruction sets a panel kernel is written for. Both compute every output as the same
 /// chain of fused multiply-adds, so they give the same bits (tested).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 enum KernelPath {
     /// Four 16-lane vectors per panel column.
     Avx512,
@@ -398,6 +399,7 @@ impl SharedOut {
 
 /// The lanes of a 16-column step at column `k` of a row of `n` that lie inside the row.
 #[inline(always)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(super) fn lane_mask(k: usize, n: usize) -> u16 {
     if n - k >= 16 {
         u16::MAX
