@@ -79,6 +79,7 @@ impl BlockFormat {
 
 /// The instruction set a product runs on, detected once per process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) enum KernelPath {
     /// AVX-512 with VNNI (`vpdpbusd`), F16C conversions.
     Vnni,

@@ -443,6 +443,7 @@ mod simd {
     widen_impl!(widen_bf16, bf16, load_bf16, "avx2,fma");
 }
 
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 static HAS_F16C: LazyLock<bool> = LazyLock::new(|| {
     #[cfg(target_arch = "x86_64")]
     {
@@ -570,6 +571,7 @@ fn quantize_rows_in_parallel(
     Ok(parts)
 }
 
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 static HAS_AVX2: LazyLock<bool> = LazyLock::new(|| {
     #[cfg(target_arch = "x86_64")]
     {
