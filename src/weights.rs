@@ -494,14 +494,15 @@ impl Weights {
             .map(Matrix::Dense)
     }
 
-    /// Reads one dense tensor into a host buffer of `dtype`, straight from a safetensors file
-    /// when it stores that dtype (or f32 is wanted), through a converted copy otherwise.
+    /// Reads one dense tensor into a host buffer of `dtype`: straight from a safetensors file,
+    /// through a converted copy of the tensor from other formats.
     fn get_rows(&self, name: &str, shape: &[usize], dtype: DType) -> Result<HostRows> {
         if let Some(&index) = self.routing.get(name) {
             let shard = &self.shards[index];
             if let ShardData::Safetensors(st) = &shard.data {
                 self.check_shape(shard, name, shape)?;
-                let rows = st
+                // Converted while read: already in `dtype` (f32 for anything but f16/bf16).
+                return st
                     .load_rows(name, dtype)
                     .map_err(|source| Error::Weights {
                         path: shard.path.clone(),
@@ -510,16 +511,6 @@ impl Weights {
                     .ok_or_else(|| Error::MissingTensor {
                         name: name.to_string(),
                         path: shard.path.clone(),
-                    })?;
-                if rows.dtype() == dtype {
-                    return Ok(rows);
-                }
-                return rows
-                    .into_tensor(shape)
-                    .and_then(|t| HostRows::from_tensor(&t, dtype))
-                    .map_err(|source| Error::Weights {
-                        path: shard.path.clone(),
-                        source,
                     });
             }
         }

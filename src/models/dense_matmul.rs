@@ -30,7 +30,7 @@ use rayon::prelude::*;
 use crate::weights::HostRows;
 
 /// Weight rows per panel: four 16-lane vectors.
-pub(crate) const PANEL_ROWS: usize = 64;
+const PANEL_ROWS: usize = 64;
 /// Activation rows per pass over a panel.
 const TILE_TOKENS: usize = 6;
 
