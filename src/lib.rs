@@ -41,37 +41,30 @@ pub mod ffi;
 #[cfg(feature = "grpc")]
 pub mod grpc;
 
-mod config;
+// The core, in layers: each module imports only the ones listed after it (see README, "Layout").
+mod chat;
 mod engine;
 mod error;
-mod gguf;
-#[doc(hidden)] // for `chathub bench`'s bandwidth probe, which reads what weights are read from
-pub mod huge_pages;
-mod llama_cpp_gguf;
-mod message;
-mod models;
-mod next_turn;
-mod prefix_cache;
-mod prompt;
-mod quantization;
-mod request;
-mod sampling;
-mod stop;
-mod synthetic;
+mod families;
+mod formats;
+mod kernels;
+mod nn;
 mod tokenizer;
-mod weights;
 
-pub use crate::config::{GenerationDefaults, ModelConfig, TokenIds};
-pub use crate::engine::{Engine, ModelOptions};
-pub use crate::error::{Error, ErrorKind, Result};
-pub use crate::message::{messages_to_tuple_history, parse_history, Message, Role};
-pub use crate::prompt::ModelFamily;
-pub use crate::quantization::Quantization;
-pub use crate::request::{ChatOutcome, ChatRequest, FinishReason, Timings, Usage};
-pub use crate::sampling::Sampling;
-pub use crate::synthetic::{
+#[doc(hidden)] // for `chathub bench`'s bandwidth probe, which reads what weights are read from
+pub use crate::kernels::huge_pages;
+
+pub use crate::chat::message::{messages_to_tuple_history, parse_history, Message, Role};
+pub use crate::chat::request::{ChatOutcome, ChatRequest, FinishReason, Timings, Usage};
+pub use crate::engine::sampling::Sampling;
+pub use crate::engine::synthetic::{
     bench_config, chatglm3_6b_config, demo_config, demo_model_dir, write_model_dir,
 };
+pub use crate::engine::{Engine, ModelOptions};
+pub use crate::error::{Error, ErrorKind, Result};
+pub use crate::families::config::{GenerationDefaults, ModelConfig, TokenIds};
+pub use crate::families::ModelFamily;
+pub use crate::nn::quantization::Quantization;
 pub use crate::tokenizer::{SpecialToken, TextDecoder, Tokenizer};
 
 /// The candle crate this library computes with, for building a [`candle_core::Device`].

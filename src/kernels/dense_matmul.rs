@@ -27,7 +27,7 @@ use candle_core::{Device, Tensor};
 
 use rayon::prelude::*;
 
-use crate::weights::HostRows;
+use crate::formats::weights::HostRows;
 
 /// Weight rows per panel: four 16-lane vectors.
 const PANEL_ROWS: usize = 64;

@@ -1,14 +1,16 @@
 //! Model families and their chat prompts, built at token level as the official code does.
 
+pub(crate) mod config;
+
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{GenerationDefaults, ModelConfig};
+use crate::chat::message::{messages_to_tuple_history, Message, Role};
 use crate::error::{Error, Result};
-use crate::message::{messages_to_tuple_history, Message, Role};
+use crate::families::config::{GenerationDefaults, ModelConfig};
 use crate::tokenizer::{SpecialToken, Tokenizer};
 
 /// Which chat format and special tokens a checkpoint uses. The architectures are identical.

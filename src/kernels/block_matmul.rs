@@ -230,12 +230,12 @@ impl BlockMatrix {
             format,
             rows,
             cols,
-            quants: crate::huge_pages::vec_prefaulted(
+            quants: crate::kernels::huge_pages::vec_prefaulted(
                 blocks * format.quant_bytes_per_block() + QUANT_PADDING,
             ),
-            scales: crate::huge_pages::vec_prefaulted(blocks),
+            scales: crate::kernels::huge_pages::vec_prefaulted(blocks),
             minimums: if matches!(format, BlockFormat::Q4K) {
-                crate::huge_pages::vec_prefaulted(blocks)
+                crate::kernels::huge_pages::vec_prefaulted(blocks)
             } else {
                 Vec::new()
             },

@@ -4,9 +4,9 @@
 //! is bound by memory bandwidth, which candle's CPU matmul runs on one thread; prefill multiplies
 //! a few dozen rows, where candle's matmul spends as long packing the weights as multiplying.
 //! So on the CPU, dense f32/f16/bf16 weights are repacked at load into panels for this crate's
-//! AVX-512 or AVX2 kernel ([`super::dense_matmul`]; on other CPUs, a multi-threaded
+//! AVX-512 or AVX2 kernel ([`crate::kernels::dense_matmul`]; on other CPUs, a multi-threaded
 //! matrix-vector product for one row and candle's matmul otherwise), q8_0 / q4_0 / q4_K blocks go
-//! through its own block kernels ([`super::block_matmul`]), and other block formats and GPUs
+//! through its own block kernels ([`crate::kernels::block_matmul`]), and other block formats and GPUs
 //! through candle.
 
 use std::sync::{Arc, LazyLock};
@@ -17,9 +17,9 @@ use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use super::block_matmul::{BlockFormat, BlockMatrix};
-use super::dense_matmul::{self, PanelMatrix};
-use crate::weights::HostRows;
+use crate::formats::weights::HostRows;
+use crate::kernels::block_matmul::{BlockFormat, BlockMatrix};
+use crate::kernels::dense_matmul::{self, PanelMatrix};
 use crate::Quantization;
 
 /// `y = x W^T + b` with `W` stored `[out_features, in_features]` as in PyTorch checkpoints.

@@ -19,11 +19,11 @@ use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
 use candle_core::quantized::GgmlDType;
 use prost::Message as _;
 
-use crate::config::{GenerationDefaults, ModelConfig};
 use crate::error::{Error, Result};
-use crate::gguf::GgufModel;
-use crate::prompt::ModelFamily;
-use crate::quantization::Quantization;
+use crate::families::config::{GenerationDefaults, ModelConfig};
+use crate::families::ModelFamily;
+use crate::formats::gguf::GgufModel;
+use crate::nn::quantization::Quantization;
 use crate::tokenizer::model_proto::{
     ModelProto, NormalizerSpec, SentencePiece, TrainerSpec, MODEL_TYPE_BPE,
 };

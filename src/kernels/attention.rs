@@ -123,7 +123,7 @@ pub(crate) fn attend(q: &[f32], k: &[f32], v: &[f32], shape: Shape, scale: f32) 
 mod x86 {
     use std::arch::x86_64::*;
 
-    use crate::models::dense_matmul::lane_mask as lanes;
+    use crate::kernels::dense_matmul::lane_mask as lanes;
 
     /// Query heads one pass of [`scores`] and [`weighted_sum`] takes: 16 of the 32 vector
     /// registers hold their sums.

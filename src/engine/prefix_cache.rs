@@ -9,7 +9,7 @@
 
 use std::sync::Mutex;
 
-use crate::models::chatglm::KvCache;
+use crate::nn::transformer::KvCache;
 
 /// A byte-bounded LRU of key/value caches keyed by their token ids.
 #[derive(Debug)]

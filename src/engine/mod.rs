@@ -1,5 +1,11 @@
 //! A loaded chat model and the generation loop every adapter drives.
 
+pub(crate) mod next_turn;
+pub(crate) mod prefix_cache;
+pub(crate) mod sampling;
+pub(crate) mod stop;
+pub(crate) mod synthetic;
+
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -7,19 +13,21 @@ use std::time::Instant;
 
 use candle_core::{DType, Device};
 
-use crate::config::{GenerationDefaults, ModelConfig};
+use crate::chat::message::Message;
+use crate::chat::request::{
+    ChatOutcome, ChatRequest, FinishReason, ResolvedParams, Timings, Usage,
+};
+use crate::engine::next_turn::NextTurnWarmer;
+use crate::engine::prefix_cache::PrefixCache;
+use crate::engine::sampling::Sampler;
+use crate::engine::stop::StopGate;
 use crate::error::{Error, Result};
-use crate::message::Message;
-use crate::models::chatglm::ChatGlmModel;
-use crate::next_turn::NextTurnWarmer;
-use crate::prefix_cache::PrefixCache;
-use crate::prompt::{ModelFamily, Prompt, PromptBuilder};
-use crate::quantization::Quantization;
-use crate::request::{ChatOutcome, ChatRequest, FinishReason, ResolvedParams, Timings, Usage};
-use crate::sampling::Sampler;
-use crate::stop::StopGate;
+use crate::families::config::{GenerationDefaults, ModelConfig};
+use crate::families::{ModelFamily, Prompt, PromptBuilder};
+use crate::formats::weights::Weights;
+use crate::nn::quantization::Quantization;
+use crate::nn::transformer::ChatGlmModel;
 use crate::tokenizer::Tokenizer;
-use crate::weights::Weights;
 
 /// Prompt tokens run through the model at once; bounds the attention scratch memory.
 const PREFILL_CHUNK: usize = 256;
@@ -213,7 +221,7 @@ impl Engine {
     pub fn load_with(dir: impl AsRef<Path>, options: &ModelOptions) -> Result<Self> {
         let dir = dir.as_ref();
         let started = Instant::now();
-        if crate::gguf::is_gguf(dir) {
+        if crate::formats::gguf::is_gguf(dir) {
             return Self::load_gguf(dir, options, started);
         }
         let meta = std::fs::metadata(dir).map_err(|e| Error::io(dir, e))?;
@@ -266,7 +274,7 @@ impl Engine {
     }
 
     fn load_gguf(path: &Path, options: &ModelOptions, started: Instant) -> Result<Self> {
-        let stored = crate::gguf::read(path)?;
+        let stored = crate::formats::gguf::read(path)?;
         let (dtype, matrix_dtype) = dtypes(options);
         // Quantizing again on load would stack errors: a quantized file keeps its format.
         let quantization = stored.quantization.or(options.quantization);
@@ -374,7 +382,7 @@ impl Engine {
     ///
     /// [`Error::Io`] when the file cannot be written.
     pub fn save_gguf(&self, path: impl AsRef<Path>) -> Result<()> {
-        crate::gguf::write(
+        crate::formats::gguf::write(
             path.as_ref(),
             &self.model,
             &self.defaults,

@@ -11,11 +11,11 @@ use std::path::Path;
 
 use candle_core::quantized::gguf_file::{self, Value};
 
-use crate::config::{GenerationDefaults, ModelConfig};
 use crate::error::{Error, Result};
-use crate::models::chatglm::ChatGlmModel;
-use crate::prompt::ModelFamily;
-use crate::quantization::Quantization;
+use crate::families::config::{GenerationDefaults, ModelConfig};
+use crate::families::ModelFamily;
+use crate::nn::quantization::Quantization;
+use crate::nn::transformer::ChatGlmModel;
 
 const CONFIG: &str = "chathub.config";
 const GENERATION: &str = "chathub.generation_config";
@@ -50,8 +50,8 @@ pub(crate) fn read(path: &Path) -> Result<GgufModel> {
     };
     let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
     let content = gguf_file::Content::read(&mut file).map_err(weights_error)?;
-    if crate::llama_cpp_gguf::is_llama_cpp(&content) {
-        return crate::llama_cpp_gguf::read(path, content, file);
+    if crate::formats::llama_cpp::is_llama_cpp(&content) {
+        return crate::formats::llama_cpp::read(path, content, file);
     }
     let text = |key: &'static str| -> Result<String> {
         match content.metadata.get(key) {

@@ -10,12 +10,12 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
-use crate::config::{ModelConfig, TokenIds};
+use crate::engine::sampling::SplitMix64;
 use crate::error::{Error, Result};
-use crate::sampling::SplitMix64;
+use crate::families::config::{ModelConfig, TokenIds};
 
 /// The sentencepiece model of the demo (the 1000-piece BPE test tokenizer, ChatGLM-shaped).
-const DEMO_TOKENIZER: &[u8] = include_bytes!("../assets/demo-tokenizer.model");
+const DEMO_TOKENIZER: &[u8] = include_bytes!("../../assets/demo-tokenizer.model");
 
 /// Bumped whenever the demo's weights or layout change, so stale copies are not reused.
 const DEMO_VERSION: u32 = 1;

@@ -23,8 +23,8 @@ use half::vec::HalfBitsVecExt;
 use rayon::prelude::*;
 use serde::Deserialize;
 
-use crate::config::read_json;
 use crate::error::{Error, Result};
+use crate::families::config::read_json;
 
 /// The weight files of one model directory, opened lazily tensor by tensor.
 pub(crate) struct Weights {
@@ -60,13 +60,13 @@ pub(crate) enum Matrix {
     Rows(HostRows),
     Quantized(QTensor),
     /// Quantized, read from a GGUF file straight into this crate's CPU kernels' layout.
-    Blocks(crate::models::block_matmul::BlockMatrix),
+    Blocks(crate::kernels::block_matmul::BlockMatrix),
 }
 
 /// A dense matrix's elements in host memory, row-major, in the dtype its products read.
 ///
 /// Unlike a CPU tensor, the buffer is owned outright, so a layer can repack it for its kernel
-/// without a second copy of the matrix (see [`crate::models::dense_matmul::PanelMatrix`]).
+/// without a second copy of the matrix (see [`crate::kernels::dense_matmul::PanelMatrix`]).
 #[derive(Debug)]
 pub(crate) enum HostRows {
     F32(Vec<f32>),
@@ -243,7 +243,7 @@ impl SafetensorsFile {
         };
         if stored == want && stored != DType::F32 && cfg!(target_endian = "little") {
             // Read straight into the tensor's buffer: a 16-bit table is never held twice.
-            let mut bits: Vec<u16> = crate::huge_pages::filled(len / 2);
+            let mut bits: Vec<u16> = crate::kernels::huge_pages::filled(len / 2);
             // SAFETY: any byte pattern is a valid u16; the view covers exactly `bits`.
             let view = unsafe {
                 std::slice::from_raw_parts_mut(bits.as_mut_ptr().cast::<u8>(), bits.len() * 2)
@@ -275,7 +275,7 @@ fn convert<T: Copy + Default + Send + Sync>(
 ) -> Vec<T> {
     const CHUNK: usize = 1 << 16;
     let size = stored.size();
-    let mut values: Vec<T> = crate::huge_pages::filled(bytes.len() / size);
+    let mut values: Vec<T> = crate::kernels::huge_pages::filled(bytes.len() / size);
     values
         .par_chunks_mut(CHUNK)
         .zip(bytes.par_chunks(CHUNK * size))
@@ -304,7 +304,7 @@ fn read_blocks(
     file: &mut File,
     name: &str,
     shape: &[usize],
-) -> candle_core::Result<Option<crate::models::block_matmul::BlockMatrix>> {
+) -> candle_core::Result<Option<crate::kernels::block_matmul::BlockMatrix>> {
     let Some(info) = content.tensor_infos.get(name) else {
         return Ok(None);
     };
@@ -322,7 +322,7 @@ fn read_blocks(
         );
     }
     file.seek(SeekFrom::Start(start))?;
-    crate::models::block_matmul::BlockMatrix::read_ggml(dtype, *rows, *cols, |buffer| {
+    crate::kernels::block_matmul::BlockMatrix::read_ggml(dtype, *rows, *cols, |buffer| {
         file.read_exact(buffer)
     })
 }

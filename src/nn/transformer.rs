@@ -9,7 +9,7 @@
 //! ([`KvCache`]), not to the model, so one loaded model serves concurrent conversations; the
 //! position offset is explicit, so several new tokens can extend a non-empty cache; and K/V are
 //! never expanded to all heads: each group's queries attend to the group's keys (on an AVX-512
-//! CPU through [`super::attention`], which reads each cached row once per run of heads;
+//! CPU through [`crate::kernels::attention`], which reads each cached row once per run of heads;
 //! elsewhere in one candle matmul per group).
 
 use std::sync::Arc;
@@ -19,10 +19,10 @@ use candle_core::{DType, Device, Module, Storage, Tensor};
 use candle_core::quantized::QTensor;
 
 use super::linear::{export_dense, Linear};
-use super::{attention, elementwise};
-use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::weights::{Matrix, Weights};
+use crate::families::config::ModelConfig;
+use crate::formats::weights::{Matrix, Weights};
+use crate::kernels::{attention, elementwise};
 use crate::Quantization;
 
 /// cos/sin tables for every position, shared by all layers.

@@ -2,10 +2,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::GenerationDefaults;
+use crate::chat::message::Message;
+use crate::engine::sampling::Sampling;
 use crate::error::{Error, Result};
-use crate::message::Message;
-use crate::sampling::Sampling;
+use crate::families::config::GenerationDefaults;
 
 /// One chat turn to generate: the proto's fields plus extras the proto cannot carry.
 ///

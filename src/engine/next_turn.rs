@@ -17,8 +17,8 @@
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use crate::models::chatglm::ChatGlmModel;
-use crate::prefix_cache::PrefixCache;
+use crate::engine::prefix_cache::PrefixCache;
+use crate::nn::transformer::ChatGlmModel;
 
 /// Warm-ups waiting at most; beyond that new ones are dropped (a busy server's idle time, not
 /// a backlog, is what they are for).

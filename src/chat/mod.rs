@@ -1,0 +1,4 @@
+//! The vocabulary every layer shares: chat messages, requests and their outcomes.
+
+pub(crate) mod message;
+pub(crate) mod request;
