@@ -92,12 +92,31 @@ pub enum Error {
         found: Vec<usize>,
     },
 
-    /// The sentencepiece `tokenizer.model` is unreadable or of a kind this crate does not run.
+    /// A tokenizer file (`tokenizer.model`, `tokenizer.json`) is unreadable or of a kind this
+    /// crate does not run.
     #[error("invalid tokenizer {}: {reason}", path.display())]
     Tokenizer {
         /// The tokenizer file.
         path: PathBuf,
         /// What is wrong with it.
+        reason: String,
+    },
+
+    /// The model's chat template cannot be compiled or fails to render (a template error, not
+    /// the conversation's).
+    #[error("chat template of {}: {reason}", path.display())]
+    Template {
+        /// The file holding the template (`tokenizer_config.json`, `chat_template.jinja`).
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+
+    /// The model's chat template refused this conversation (its `raise_exception`, e.g. roles
+    /// out of order) or it would take more than the rendering budget.
+    #[error("the chat template rejects this conversation: {reason}")]
+    ConversationRejected {
+        /// The template's message.
         reason: String,
     },
 
@@ -172,8 +191,11 @@ impl Error {
             | Error::Weights { .. }
             | Error::MissingTensor { .. }
             | Error::ShapeMismatch { .. }
-            | Error::Tokenizer { .. } => ErrorKind::InvalidModel,
-            Error::InvalidArgument { .. } | Error::UnknownRole { .. } => ErrorKind::InvalidArgument,
+            | Error::Tokenizer { .. }
+            | Error::Template { .. } => ErrorKind::InvalidModel,
+            Error::InvalidArgument { .. }
+            | Error::UnknownRole { .. }
+            | Error::ConversationRejected { .. } => ErrorKind::InvalidArgument,
             Error::PromptTooLong { .. } => ErrorKind::PromptTooLong,
             Error::Compute(_) => ErrorKind::Internal,
             Error::WithPath { err, .. } => err.kind(),
@@ -195,6 +217,7 @@ impl Error {
             | Error::MissingTensor { path, .. }
             | Error::ShapeMismatch { path, .. }
             | Error::Tokenizer { path, .. }
+            | Error::Template { path, .. }
             | Error::WithPath { path, .. } => Some(path),
             Error::MissingFile { dir, .. } => Some(dir),
             _ => None,

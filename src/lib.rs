@@ -42,6 +42,8 @@ pub mod ffi;
 pub mod grpc;
 
 // The core, in layers: each module imports only the ones listed after it (see README, "Layout").
+// The core, in layers; each imports only those below it (README, "Layout"): engine, families,
+// chat (the shared vocabulary), nn, tokenizer, formats, kernels, then huge_pages and error.
 mod chat;
 mod engine;
 mod error;
@@ -52,20 +54,24 @@ mod nn;
 mod tokenizer;
 
 #[doc(hidden)] // for `chathub bench`'s bandwidth probe, which reads what weights are read from
-pub use crate::kernels::huge_pages;
+pub mod huge_pages;
 
+pub use crate::chat::generation::{GenerationDefaults, TokenIds};
 pub use crate::chat::message::{messages_to_tuple_history, parse_history, Message, Role};
-pub use crate::chat::request::{ChatOutcome, ChatRequest, FinishReason, Timings, Usage};
+pub use crate::chat::request::{
+    ChatOutcome, ChatRequest, FinishReason, SpecialText, Timings, Usage,
+};
 pub use crate::engine::sampling::Sampling;
 pub use crate::engine::synthetic::{
     bench_config, chatglm3_6b_config, demo_config, demo_model_dir, write_model_dir,
 };
 pub use crate::engine::{Engine, ModelOptions};
 pub use crate::error::{Error, ErrorKind, Result};
-pub use crate::families::config::{GenerationDefaults, ModelConfig, TokenIds};
-pub use crate::families::ModelFamily;
+pub use crate::families::chatglm::config::ChatGlmConfig;
+pub use crate::families::{load_tokenizer, ModelFamily};
 pub use crate::nn::quantization::Quantization;
-pub use crate::tokenizer::{SpecialToken, TextDecoder, Tokenizer};
+pub use crate::nn::spec::ArchSpec;
+pub use crate::tokenizer::{TextDecoder, Tokenizer};
 
 /// The candle crate this library computes with, for building a [`candle_core::Device`].
 pub use candle_core;

@@ -5,7 +5,7 @@ mod common;
 use std::ops::ControlFlow;
 use std::sync::Arc;
 
-use chathub::{ChatRequest, FinishReason, Message, SpecialToken};
+use chathub::{ChatRequest, FinishReason, Message};
 
 fn conv1() -> common::Case {
     common::cases()
@@ -142,7 +142,7 @@ fn chatglm3_trims_oldest_turns_and_keeps_the_system_prompt() {
     );
     assert!(outcome.usage.prompt_tokens < limit);
     let tok = engine.tokenizer();
-    let system = tok.special_id(SpecialToken::System).expect("chatglm3");
+    let system = tok.special_id("<|system|>").expect("chatglm3");
     assert_eq!(&outcome.prompt_token_ids[..3], &[1001, 1003, system]);
     // What is left is exactly the official prompt for the most recent turns.
     let kept = outcome.dropped_history_messages;

@@ -33,7 +33,7 @@ fn slow_model_dir() -> PathBuf {
     DIR.get_or_init(|| {
         let dir = std::env::temp_dir().join("chathub-grpc-slow-v2");
         if !dir.join("never-stops").is_file() {
-            let config = chathub::ModelConfig {
+            let config = chathub::ChatGlmConfig {
                 num_layers: 4,
                 hidden_size: 512,
                 num_attention_heads: 8,

@@ -63,7 +63,11 @@ fn conversation(model: &str, read_replies: bool) {
             // Everything up to the new question was pre-filled: the question's own tokens
             // and the `<|assistant|>` after them are all that runs (ChatGLM2's text-level
             // prompt may re-split a few tokens around "问：").
-            let question_tokens = with_reuse.tokenizer().encode(question).len();
+            let question_tokens = with_reuse
+                .tokenizer()
+                .encode(question)
+                .expect("encodes")
+                .len();
             assert!(
                 run <= question_tokens + 1,
                 "{model} turn {turn}: ran {run} prompt tokens for a {question_tokens}-token question"

@@ -124,7 +124,7 @@ fn quantization_names_parse() {
 fn q4k_blocks_on_a_model_wide_enough_for_them() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("wide");
-    let config = chathub::ModelConfig {
+    let config = chathub::ChatGlmConfig {
         hidden_size: 256,
         kv_channels: Some(64),
         ffn_hidden_size: 512,

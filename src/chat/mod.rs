@@ -1,4 +1,5 @@
 //! The vocabulary every layer shares: chat messages, requests and their outcomes.
 
+pub(crate) mod generation;
 pub(crate) mod message;
 pub(crate) mod request;

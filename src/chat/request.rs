@@ -2,10 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::chat::generation::GenerationDefaults;
 use crate::chat::message::Message;
-use crate::engine::sampling::Sampling;
 use crate::error::{Error, Result};
-use crate::families::config::GenerationDefaults;
 
 /// One chat turn to generate: the proto's fields plus extras the proto cannot carry.
 ///
@@ -70,6 +69,9 @@ pub struct ChatRequest {
     /// `ignore_eos`).
     #[serde(default)]
     pub ignore_stop: bool,
+    /// How special-token text inside messages is encoded (GLM-4; see [`SpecialText`]).
+    #[serde(default)]
+    pub special_text: SpecialText,
 }
 
 impl ChatRequest {
@@ -79,6 +81,19 @@ impl ChatRequest {
             prompt: prompt.into(),
             ..Default::default()
         }
+    }
+
+    /// Encodes special-token text in messages as plain text ([`SpecialText::Text`]), for
+    /// untrusted input; the default follows the official tokenizer ([`SpecialText::Tokens`]).
+    ///
+    /// ```
+    /// let r = chathub::ChatRequest::new("<|user|>").special_text(chathub::SpecialText::Text);
+    /// assert_eq!(r.special_text, chathub::SpecialText::Text);
+    /// ```
+    #[must_use]
+    pub fn special_text(mut self, special_text: SpecialText) -> Self {
+        self.special_text = special_text;
+        self
     }
 
     /// Sets the history.
@@ -310,4 +325,36 @@ pub struct ChatOutcome {
     pub usage: Usage,
     /// Timings.
     pub timings: Timings,
+}
+
+/// How the next token is chosen.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Sampling {
+    /// Always the most likely token (deterministic; what the reference fixtures use).
+    ArgMax,
+    /// A random token from the softmax of `logits / temperature`, restricted to the `top_k`
+    /// most likely tokens (all when `None`) and then to the smallest set whose probability
+    /// reaches `top_p`.
+    Sample {
+        /// Softmax temperature, > 0.
+        temperature: f64,
+        /// Nucleus threshold, in (0, 1].
+        top_p: f64,
+        /// Keep only this many candidates before applying `top_p`.
+        top_k: Option<usize>,
+    },
+}
+
+/// How text in messages that spells a special token (`<|user|>`, `[gMASK]`) is encoded, for
+/// families whose official tokenizer recognises such text (GLM-4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum SpecialText {
+    /// As the official chat path does: the special token's id. A user who types `<|user|>`
+    /// starts a new user turn, as with THUDM's code.
+    #[default]
+    Tokens,
+    /// As plain text, so untrusted input cannot inject role tokens.
+    Text,
 }

@@ -192,7 +192,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         dtype: format!("{:?}", args.model.dtype).to_lowercase(),
         quant: engine.quantization().map(|q| q.to_string()),
         threads: rayon::current_num_threads(),
-        parameters: engine.config().parameter_count(),
+        parameters: engine.arch().parameter_count(),
         load_s,
         prompt_tokens: usage.prompt_tokens,
         gen_tokens: usage.completion_tokens,
@@ -319,7 +319,7 @@ fn synthetic_dir(
     if !dir.join("complete").is_file() {
         eprintln!(
             "chathub: writing a synthetic {}-parameter ChatGLM3 to {} (once)",
-            config.parameter_count(),
+            config.arch_spec().parameter_count(),
             dir.display()
         );
         let tokenizer = std::fs::read(chathub::demo_model_dir()?.join("tokenizer.model"))?;

@@ -13,39 +13,27 @@ use std::time::Instant;
 
 use candle_core::{DType, Device};
 
+use crate::chat::generation::GenerationDefaults;
 use crate::chat::message::Message;
 use crate::chat::request::{
-    ChatOutcome, ChatRequest, FinishReason, ResolvedParams, Timings, Usage,
+    ChatOutcome, ChatRequest, FinishReason, ResolvedParams, SpecialText, Timings, Usage,
 };
 use crate::engine::next_turn::NextTurnWarmer;
 use crate::engine::prefix_cache::PrefixCache;
 use crate::engine::sampling::Sampler;
 use crate::engine::stop::StopGate;
 use crate::error::{Error, Result};
-use crate::families::config::{GenerationDefaults, ModelConfig};
-use crate::families::{ModelFamily, Prompt, PromptBuilder};
-use crate::formats::weights::Weights;
+use crate::families::source::{self, ModelSource};
+use crate::families::{ChatFormat, Conversation, ModelFamily, Prompt};
+use crate::nn::names::TensorNames;
 use crate::nn::quantization::Quantization;
-use crate::nn::transformer::ChatGlmModel;
+use crate::nn::spec::ArchSpec;
+use crate::nn::transformer::Transformer;
 use crate::tokenizer::Tokenizer;
+use candle_core::quantized::gguf_file::Value as GgufValue;
 
 /// Prompt tokens run through the model at once; bounds the attention scratch memory.
 const PREFILL_CHUNK: usize = 256;
-
-/// What a model is assembled from, wherever it was read.
-struct Parts<'a> {
-    path: &'a Path,
-    /// Where the config came from, for errors about it.
-    config_path: PathBuf,
-    config: ModelConfig,
-    defaults: GenerationDefaults,
-    family: ModelFamily,
-    tokenizer_model: Vec<u8>,
-    tokenizer_path: PathBuf,
-    weights: Weights,
-    quantization: Option<Quantization>,
-    started: Instant,
-}
 
 /// The compute dtype and the weight-matrix dtype. On the CPU, a 16-bit dtype narrows only the
 /// weight matrices (half the bytes read per token); activations, norms and caches stay f32,
@@ -183,10 +171,12 @@ impl ModelOptions {
 /// ```
 #[derive(Debug)]
 pub struct Engine {
-    model: Arc<ChatGlmModel>,
+    model: Arc<Transformer>,
     tokenizer: Tokenizer,
-    /// The sentencepiece model as read, for [`Engine::save_gguf`].
-    tokenizer_model: Vec<u8>,
+    format: Box<dyn ChatFormat>,
+    names: &'static TensorNames,
+    /// The small files the model was read from (config, tokenizer), for [`Engine::save_gguf`].
+    files: Vec<(String, Vec<u8>)>,
     family: ModelFamily,
     defaults: GenerationDefaults,
     stop_ids: Vec<u32>,
@@ -206,9 +196,11 @@ impl Engine {
         Self::load_with(dir, &ModelOptions::default())
     }
 
-    /// Loads a model directory: `config.json`, the weights (sharded or single safetensors or
-    /// PyTorch `.bin`), `tokenizer.model`, and `generation_config.json` when present; or a
-    /// `.gguf` file written by [`Engine::save_gguf`] (`chathub convert`).
+    /// Loads a model directory as its publisher lays it out (`config.json`, the weights as
+    /// sharded or single safetensors or PyTorch `.bin`, the tokenizer files, and
+    /// `generation_config.json` when present), a `.gguf` file written by
+    /// [`Engine::save_gguf`] (`chathub convert`), or a llama.cpp GGUF file of a supported
+    /// architecture.
     ///
     /// Blocks while reading the weights (seconds for a 6B model from a warm page cache).
     ///
@@ -219,142 +211,39 @@ impl Engine {
     /// truncated or corrupt weight file, [`Error::MissingTensor`]/[`Error::ShapeMismatch`] when
     /// the weights do not match the config, [`Error::Tokenizer`] for a bad tokenizer.
     pub fn load_with(dir: impl AsRef<Path>, options: &ModelOptions) -> Result<Self> {
-        let dir = dir.as_ref();
+        let path = dir.as_ref();
         let started = Instant::now();
-        if crate::formats::gguf::is_gguf(dir) {
-            return Self::load_gguf(dir, options, started);
-        }
-        let meta = std::fs::metadata(dir).map_err(|e| Error::io(dir, e))?;
-        if !meta.is_dir() {
-            return Err(Error::io(
-                dir,
-                std::io::Error::new(
-                    std::io::ErrorKind::NotADirectory,
-                    "not a model directory (nor a .gguf file from chathub convert)",
-                ),
-            ));
-        }
-        for (file, what) in [
-            ("config.json", "config.json"),
-            ("tokenizer.model", "tokenizer.model"),
-        ] {
-            if !dir.join(file).is_file() {
-                return Err(Error::MissingFile {
-                    dir: dir.to_path_buf(),
-                    what,
-                    looked_for: file.to_string(),
-                });
-            }
-        }
-        let config = ModelConfig::from_file(&dir.join("config.json"))?;
-        let defaults = GenerationDefaults::from_dir(dir)?;
-        let family = options
-            .family
-            .unwrap_or_else(|| ModelFamily::detect(dir, &config, &defaults));
-        let tokenizer_path = dir.join("tokenizer.model");
-        let tokenizer_model =
-            std::fs::read(&tokenizer_path).map_err(|e| Error::io(&tokenizer_path, e))?;
+        let source = ModelSource::open(path)?;
+        let opened = crate::families::open(&source, options.family)?;
+        let stored_quantization = source.quantization;
         let (dtype, matrix_dtype) = dtypes(options);
-        let weights = Weights::open(dir, dtype, matrix_dtype, &options.device)?;
-        Self::assemble(
-            Parts {
-                path: dir,
-                config_path: dir.join("config.json"),
-                config,
-                defaults,
-                family,
-                tokenizer_model,
-                tokenizer_path,
-                weights,
-                quantization: options.quantization,
-                started,
-            },
-            options,
-        )
-    }
-
-    fn load_gguf(path: &Path, options: &ModelOptions, started: Instant) -> Result<Self> {
-        let stored = crate::formats::gguf::read(path)?;
-        let (dtype, matrix_dtype) = dtypes(options);
-        // Quantizing again on load would stack errors: a quantized file keeps its format.
-        let quantization = stored.quantization.or(options.quantization);
-        let weights = Weights::open_gguf(
-            path,
-            stored.content,
-            stored.file,
-            dtype,
-            matrix_dtype,
-            &options.device,
-        );
-        Self::assemble(
-            Parts {
-                path,
-                config_path: path.to_path_buf(),
-                config: stored.config,
-                defaults: stored.defaults,
-                family: options.family.unwrap_or(stored.family),
-                tokenizer_model: stored.tokenizer_model,
-                tokenizer_path: path.to_path_buf(),
-                weights,
-                quantization,
-                started,
-            },
-            options,
-        )
-    }
-
-    fn assemble(parts: Parts<'_>, options: &ModelOptions) -> Result<Self> {
-        let Parts {
-            path,
-            config_path,
-            config,
-            defaults,
-            family,
-            tokenizer_model,
-            tokenizer_path,
-            weights,
-            quantization,
-            started,
-        } = parts;
-        let tokenizer = Tokenizer::from_model_bytes(
-            &tokenizer_model,
-            family.special_token_count(),
-            &tokenizer_path,
-        )?;
-        if tokenizer.vocab_size() > config.padded_vocab_size {
-            return Err(Error::InvalidConfig {
-                path: config_path,
-                field: "padded_vocab_size",
-                value: config.padded_vocab_size.to_string(),
-                reason: "smaller than the tokenizer's vocabulary",
-            });
-        }
+        let weights = source.into_weights(dtype, matrix_dtype, &options.device)?;
+        // A file that is already quantized keeps its format: quantizing again would stack errors.
+        let quantization = stored_quantization
+            .or_else(|| {
+                let probe = opened
+                    .names
+                    .layer(0, opened.names.attention_output, "weight");
+                weights.block_type(&probe).and_then(Quantization::from_ggml)
+            })
+            .or(options.quantization);
         tracing::info!(
             path = %path.display(),
-            %family,
-            layers = config.num_layers,
-            parameters = config.parameter_count(),
+            family = %opened.family,
+            layers = opened.spec.num_layers,
+            parameters = opened.spec.parameter_count(),
             file_bytes = weights.file_bytes(),
             "loading model"
         );
-        let (dtype, _) = dtypes(options);
-        let model = ChatGlmModel::load(&config, &weights, dtype, &options.device, quantization)?;
+        let model = Transformer::load(
+            &opened.spec,
+            opened.names,
+            &weights,
+            dtype,
+            &options.device,
+            quantization,
+        )?;
         drop(weights);
-        let builder = PromptBuilder {
-            family,
-            tokenizer: &tokenizer,
-        };
-        let mut stop_ids = builder.stop_ids();
-        for id in defaults
-            .eos_token_id
-            .iter()
-            .chain(config.eos_token_id.iter())
-            .flat_map(|ids| ids.to_vec())
-        {
-            if !stop_ids.contains(&id) {
-                stop_ids.push(id);
-            }
-        }
         tracing::info!(seconds = started.elapsed().as_secs_f64(), "model loaded");
         let model = Arc::new(model);
         let prefix_cache = Arc::new(PrefixCache::new(options.prefix_cache_bytes));
@@ -362,11 +251,13 @@ impl Engine {
             .then(|| NextTurnWarmer::start(model.clone(), prefix_cache.clone(), PREFILL_CHUNK));
         Ok(Engine {
             model,
-            tokenizer,
-            tokenizer_model,
-            family,
-            defaults,
-            stop_ids,
+            tokenizer: opened.tokenizer,
+            format: opened.format,
+            names: opened.names,
+            files: opened.files,
+            family: opened.family,
+            defaults: opened.defaults,
+            stop_ids: opened.stop_ids,
             dir: path.to_path_buf(),
             quantization,
             prefix_cache,
@@ -382,14 +273,37 @@ impl Engine {
     ///
     /// [`Error::Io`] when the file cannot be written.
     pub fn save_gguf(&self, path: impl AsRef<Path>) -> Result<()> {
-        crate::formats::gguf::write(
-            path.as_ref(),
-            &self.model,
-            &self.defaults,
-            self.family,
-            self.quantization,
-            &self.tokenizer_model,
+        let name = String::from_utf8_lossy(
+            self.files
+                .iter()
+                .find(|(n, _)| n == "config.json")
+                .map_or(&[][..], |(_, b)| b),
         )
+        .into_owned();
+        let name = serde_json::from_str::<serde_json::Value>(&name)
+            .ok()
+            .and_then(|v| v.get("_name_or_path")?.as_str().map(str::to_string))
+            .unwrap_or_else(|| self.family.as_str().to_string());
+        let mut metadata = vec![
+            (
+                "general.architecture",
+                GgufValue::String(format!("chathub-{}", self.family)),
+            ),
+            ("general.name", GgufValue::String(name)),
+            (
+                source::FAMILY_KEY,
+                GgufValue::String(self.family.as_str().into()),
+            ),
+            (source::LAYOUT_KEY, GgufValue::String(self.names.id.into())),
+            (
+                source::QUANTIZATION_KEY,
+                GgufValue::String(self.quantization.map_or("none", |q| q.as_str()).into()),
+            ),
+        ];
+        let files = source::file_entries(&self.files);
+        metadata.extend(files.iter().map(|(k, v)| (k.as_str(), v.clone())));
+        let tensors = self.model.export(self.names)?;
+        crate::formats::gguf::write(path.as_ref(), &metadata, &tensors)
     }
 
     /// The chat format in use.
@@ -402,9 +316,9 @@ impl Engine {
         &self.tokenizer
     }
 
-    /// The architecture as read from `config.json`.
-    pub fn config(&self) -> &ModelConfig {
-        self.model.config()
+    /// The transformer's sizes and switches, as read from the model's config.
+    pub fn arch(&self) -> &ArchSpec {
+        self.model.spec()
     }
 
     /// Sampling defaults used for fields a request leaves unset.
@@ -441,17 +355,15 @@ impl Engine {
         if prompt.is_empty() {
             return Err(Error::invalid("prompt", "\"\"", "must not be empty"));
         }
-        Ok(self.builder().build(prompt, history))
+        let conversation = Conversation {
+            history,
+            prompt,
+            special_text: SpecialText::default(),
+        };
+        self.format.build(&self.tokenizer, &conversation)
     }
 
-    fn builder(&self) -> PromptBuilder<'_> {
-        PromptBuilder {
-            family: self.family,
-            tokenizer: &self.tokenizer,
-        }
-    }
-
-    /// The logits (`padded_vocab_size` scores) for the token after `ids`, from a fresh cache.
+    /// The logits (`vocab_size` scores) for the token after `ids`, from a fresh cache.
     ///
     /// For evaluation and debugging: compare formats, check a checkpoint against reference
     /// logits, or score a continuation token by token.
@@ -461,7 +373,7 @@ impl Engine {
     /// [`Error::InvalidArgument`] for no ids or an id outside the vocabulary,
     /// [`Error::PromptTooLong`] beyond the model's context.
     pub fn next_token_logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
-        let vocab = self.config().padded_vocab_size;
+        let vocab = self.arch().vocab_size;
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
             return Err(Error::invalid(
                 "ids",
@@ -496,9 +408,19 @@ impl Engine {
         let mut history = request.history.clone();
         history.push(Message::user(request.prompt.clone()));
         history.push(Message::assistant(reply));
-        let builder = self.builder();
-        let a = builder.build("a", &history);
-        let b = builder.build("b", &history);
+        let build = |prompt| {
+            self.format
+                .build(
+                    &self.tokenizer,
+                    &Conversation {
+                        history: &history,
+                        prompt,
+                        special_text: request.special_text,
+                    },
+                )
+                .unwrap_or_default()
+        };
+        let (a, b) = (build("a"), build("b"));
         let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
         a[..common].to_vec()
     }
@@ -516,10 +438,17 @@ impl Engine {
 
     fn prepare(&self, request: &ChatRequest) -> Result<(ResolvedParams, Prompt, usize)> {
         let params = request.resolve(&self.defaults)?;
-        let limit = params.max_length.min(self.config().seq_length);
-        let prompt = self
-            .builder()
-            .build_within(&request.prompt, &request.history, limit)?;
+        let limit = params.max_length.min(self.arch().max_positions);
+        let prompt = crate::families::build_within(
+            self.format.as_ref(),
+            &self.tokenizer,
+            &Conversation {
+                history: &request.history,
+                prompt: &request.prompt,
+                special_text: request.special_text,
+            },
+            limit,
+        )?;
         Ok((params, prompt, limit))
     }
 

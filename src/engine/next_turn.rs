@@ -18,7 +18,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use crate::engine::prefix_cache::PrefixCache;
-use crate::nn::transformer::ChatGlmModel;
+use crate::nn::transformer::Transformer;
 
 /// Warm-ups waiting at most; beyond that new ones are dropped (a busy server's idle time, not
 /// a backlog, is what they are for).
@@ -55,7 +55,7 @@ impl Shared {
 
 impl NextTurnWarmer {
     /// Starts the thread; it runs `model` and files its results in `cache`.
-    pub(crate) fn start(model: Arc<ChatGlmModel>, cache: Arc<PrefixCache>, chunk: usize) -> Self {
+    pub(crate) fn start(model: Arc<Transformer>, cache: Arc<PrefixCache>, chunk: usize) -> Self {
         let shared = Arc::new(Shared::default());
         let worker = shared.clone();
         let worker_cache = cache.clone();
@@ -124,7 +124,7 @@ impl NextTurnWarmer {
 }
 
 impl Shared {
-    fn run(&self, model: &ChatGlmModel, cache: &PrefixCache, chunk: usize) {
+    fn run(&self, model: &Transformer, cache: &PrefixCache, chunk: usize) {
         loop {
             let mut state = self.lock();
             while state.pending.is_empty() && !state.closing {
@@ -152,7 +152,7 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 /// Extends the cached prefix of `ids` to all of `ids`. Without a cached prefix there is nothing
 /// to extend: a cold prefill in the background would only compete with requests.
 fn prefill(
-    model: &ChatGlmModel,
+    model: &Transformer,
     cache: &PrefixCache,
     ids: &[u32],
     chunk: usize,

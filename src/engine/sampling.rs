@@ -4,23 +4,7 @@
 //! penalty, temperature, top-k, top-p. The random generator is a seeded SplitMix64, so a seed
 //! reproduces a reply on every platform and release.
 
-/// How the next token is chosen.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Sampling {
-    /// Always the most likely token (deterministic; what the reference fixtures use).
-    ArgMax,
-    /// A random token from the softmax of `logits / temperature`, restricted to the `top_k`
-    /// most likely tokens (all when `None`) and then to the smallest set whose probability
-    /// reaches `top_p`.
-    Sample {
-        /// Softmax temperature, > 0.
-        temperature: f64,
-        /// Nucleus threshold, in (0, 1].
-        top_p: f64,
-        /// Keep only this many candidates before applying `top_p`.
-        top_k: Option<usize>,
-    },
-}
+pub use crate::chat::request::Sampling;
 
 /// A seeded token picker for one request.
 #[derive(Debug, Clone)]

@@ -10,9 +10,10 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
+use crate::chat::generation::TokenIds;
 use crate::engine::sampling::SplitMix64;
 use crate::error::{Error, Result};
-use crate::families::config::{ModelConfig, TokenIds};
+use crate::families::chatglm::config::ChatGlmConfig;
 
 /// The sentencepiece model of the demo (the 1000-piece BPE test tokenizer, ChatGLM-shaped).
 const DEMO_TOKENIZER: &[u8] = include_bytes!("../../assets/demo-tokenizer.model");
@@ -21,8 +22,8 @@ const DEMO_TOKENIZER: &[u8] = include_bytes!("../../assets/demo-tokenizer.model"
 const DEMO_VERSION: u32 = 1;
 
 /// The demo model's architecture: ChatGLM3 in miniature.
-pub fn demo_config() -> ModelConfig {
-    ModelConfig {
+pub fn demo_config() -> ChatGlmConfig {
+    ChatGlmConfig {
         num_layers: 2,
         hidden_size: 128,
         num_attention_heads: 4,
@@ -41,12 +42,13 @@ pub fn demo_config() -> ModelConfig {
         rope_ratio: 1.0,
         name_or_path: Some("chathub/demo-chatglm3-tiny".into()),
         eos_token_id: Some(TokenIds::One(2)),
+        tie_word_embeddings: false,
     }
 }
 
 /// The benchmark's mid-size ChatGLM3 architecture (about 785M parameters).
-pub fn bench_config() -> ModelConfig {
-    ModelConfig {
+pub fn bench_config() -> ChatGlmConfig {
+    ChatGlmConfig {
         num_layers: 12,
         hidden_size: 2048,
         num_attention_heads: 16,
@@ -61,8 +63,8 @@ pub fn bench_config() -> ModelConfig {
 
 /// ChatGLM3-6B's architecture (about 6.2B parameters): what `chathub bench --synthetic 6b`
 /// measures memory and speed at without a download.
-pub fn chatglm3_6b_config() -> ModelConfig {
-    ModelConfig {
+pub fn chatglm3_6b_config() -> ChatGlmConfig {
+    ChatGlmConfig {
         num_layers: 28,
         hidden_size: 4096,
         num_attention_heads: 32,
@@ -98,7 +100,7 @@ pub fn demo_model_dir() -> Result<PathBuf> {
 /// [`Error::Io`] when a file cannot be written.
 pub fn write_model_dir(
     dir: &Path,
-    config: &ModelConfig,
+    config: &ChatGlmConfig,
     tokenizer_model: &[u8],
     seed: u64,
     shard_bytes: usize,
@@ -176,7 +178,7 @@ pub fn write_model_dir(
             if spec.name == "transformer.output_layer.weight" {
                 tensor = zero_padding_rows(
                     tensor,
-                    sp_size as usize + crate::tokenizer::SPECIAL_TOKENS.len(),
+                    sp_size as usize + crate::families::chatglm::SPECIAL_TOKENS.len(),
                 )?;
             }
             tensors.insert(spec.name.clone(), tensor);
@@ -285,7 +287,7 @@ fn zero_padding_rows(output: Tensor, used_rows: usize) -> Result<Tensor> {
     )?)
 }
 
-fn tensor_specs(cfg: &ModelConfig) -> Vec<TensorSpec> {
+fn tensor_specs(cfg: &ChatGlmConfig) -> Vec<TensorSpec> {
     let h = cfg.hidden_size;
     let q = cfg.num_attention_heads * cfg.head_dim();
     let qkv = q + 2 * cfg.kv_heads() * cfg.head_dim();

@@ -1,6 +1,19 @@
-//! Model families and their chat prompts, built at token level as the official code does.
+//! Model families: what tells them apart, how each reads its files, and its chat format.
+//!
+//! A family is a folder: [`chatglm`] (ChatGLM2 and ChatGLM3, which share a layout and
+//! tokenizer) and [`glm4`] (its three published layouts). Each turns its `config.json` into an
+//! [`ArchSpec`], names its tensors once per layout ([`TensorNames`]), loads its tokenizer and
+//! builds prompts token for token as the official code does. Everything above this module
+//! (the engine, the front-ends) sees only [`Opened`] and [`ChatFormat`].
 
-pub(crate) mod config;
+pub(crate) mod chatglm;
+pub(crate) mod glm4;
+#[allow(dead_code)] // the reply contract (tool calls, parsed replies) wires the rest in
+pub(crate) mod python;
+#[allow(dead_code)] // the reply contract wires this in
+pub(crate) mod reply;
+pub(crate) mod source;
+pub(crate) mod template;
 
 use std::fmt;
 use std::path::Path;
@@ -8,14 +21,19 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::chat::message::{messages_to_tuple_history, Message, Role};
+use crate::chat::generation::GenerationDefaults;
+use crate::chat::message::{Message, Role};
+use crate::chat::request::SpecialText;
 use crate::error::{Error, Result};
-use crate::families::config::{GenerationDefaults, ModelConfig};
-use crate::tokenizer::{SpecialToken, Tokenizer};
+use crate::formats::gguf::Metadata;
+use crate::nn::names::TensorNames;
+use crate::nn::spec::ArchSpec;
+use crate::tokenizer::Tokenizer;
+use source::{Imported, ModelSource};
 
-/// Which chat format and special tokens a checkpoint uses. The architectures are identical.
+/// Which chat format, tokenizer and special tokens a checkpoint uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum ModelFamily {
     /// THUDM/chatglm2-6b: `[Round N]\n\n问：…\n\n答：` text prompts over (query, response) tuples.
     #[serde(rename = "chatglm2")]
@@ -23,69 +41,32 @@ pub enum ModelFamily {
     /// THUDM/chatglm3-6b: role tokens (`<|system|>`, `<|user|>`, ...) and a system prompt.
     #[serde(rename = "chatglm3")]
     ChatGlm3,
+    /// THUDM/glm-4-9b-chat (and its -hf layout) and GLM-4-9B-0414: role tokens, a tiktoken-style
+    /// byte-level BPE tokenizer and the directory's own chat template.
+    #[serde(rename = "glm4")]
+    Glm4,
 }
 
 impl ModelFamily {
-    /// The family's name as used on the command line and in JSON (`chatglm2`, `chatglm3`).
+    /// The family's name as used on the command line and in JSON (`chatglm2`, `chatglm3`,
+    /// `glm4`).
     pub fn as_str(self) -> &'static str {
         match self {
             ModelFamily::ChatGlm2 => "chatglm2",
             ModelFamily::ChatGlm3 => "chatglm3",
+            ModelFamily::Glm4 => "glm4",
         }
     }
 
-    /// How many special tokens the tokenizer appends after sentencepiece's pieces.
-    pub(crate) fn special_token_count(self) -> usize {
-        match self {
-            ModelFamily::ChatGlm2 => 5,
-            ModelFamily::ChatGlm3 => 9,
-        }
-    }
-
-    /// Tells the family from the files of a model directory, as a download ships them: the
-    /// published name in `config.json` or `tokenizer_config.json`, the eos list in
-    /// `generation_config.json`, then the directory's own name. Falls back to ChatGLM3.
-    pub fn detect(dir: &Path, config: &ModelConfig, generation: &GenerationDefaults) -> Self {
-        let from_name = |name: &str| {
-            let name = name.to_ascii_lowercase();
-            if name.contains("chatglm2") || name.contains("codegeex2") {
-                Some(ModelFamily::ChatGlm2)
-            } else if name.contains("chatglm3") {
-                Some(ModelFamily::ChatGlm3)
-            } else {
-                None
-            }
-        };
-        let tokenizer_name = std::fs::read(dir.join("tokenizer_config.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .and_then(|v| v.get("name_or_path")?.as_str().map(str::to_string));
-        let eos_list = generation
-            .eos_token_id
-            .as_ref()
-            .or(config.eos_token_id.as_ref())
-            .map(|ids| ids.to_vec().len());
-        let dir_name = dir
-            .canonicalize()
-            .ok()
-            .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()));
-        let detected = config
-            .name_or_path
-            .as_deref()
-            .and_then(from_name)
-            .or_else(|| tokenizer_name.as_deref().and_then(from_name))
-            .or(match eos_list {
-                Some(n) if n > 1 => Some(ModelFamily::ChatGlm3),
-                _ => None,
-            })
-            .or_else(|| dir_name.as_deref().and_then(from_name));
-        detected.unwrap_or_else(|| {
-            tracing::warn!(
-                dir = %dir.display(),
-                "cannot tell ChatGLM2 from ChatGLM3 from the files; assuming chatglm3 (override the family to change)"
-            );
-            ModelFamily::ChatGlm3
-        })
+    /// Tells the family from a model directory's files, as a download ships them (see
+    /// [`Engine::load_with`](crate::Engine::load_with) to override it).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] or [`Error::Json`] when a file that decides it cannot be read.
+    pub fn detect(dir: &Path) -> Result<Self> {
+        let source = ModelSource::open(dir)?;
+        detect(&source)
     }
 }
 
@@ -102,9 +83,28 @@ impl FromStr for ModelFamily {
         match s.to_ascii_lowercase().as_str() {
             "chatglm2" => Ok(ModelFamily::ChatGlm2),
             "chatglm3" => Ok(ModelFamily::ChatGlm3),
-            _ => Err(Error::invalid("family", s, "expected chatglm2 or chatglm3")),
+            "glm4" | "glm-4" => Ok(ModelFamily::Glm4),
+            _ => Err(Error::invalid(
+                "family",
+                s,
+                "expected chatglm2, chatglm3 or glm4",
+            )),
         }
     }
+}
+
+/// A conversation as a prompt builder takes it: the history and the new user message.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Conversation<'a> {
+    pub history: &'a [Message],
+    pub prompt: &'a str,
+    pub special_text: SpecialText,
+}
+
+/// A family's chat format: prompts at token level, and the ids that end a reply.
+pub(crate) trait ChatFormat: Send + Sync + fmt::Debug {
+    /// The prompt exactly as the official builder makes it, whole history included.
+    fn build(&self, tokenizer: &Tokenizer, conversation: &Conversation<'_>) -> Result<Vec<u32>>;
 }
 
 /// A prompt ready for the model.
@@ -115,163 +115,192 @@ pub(crate) struct Prompt {
     pub dropped_messages: usize,
 }
 
-/// Builds prompts for one family with one tokenizer.
-pub(crate) struct PromptBuilder<'a> {
-    pub family: ModelFamily,
-    pub tokenizer: &'a Tokenizer,
+/// Builds the prompt, dropping the oldest turns (never system messages) until it leaves at
+/// least one token of room below `limit`. A turn runs from a non-system message up to the next
+/// user message.
+///
+/// # Errors
+///
+/// [`Error::PromptTooLong`] when even the prompt without history does not fit.
+pub(crate) fn build_within(
+    format: &dyn ChatFormat,
+    tokenizer: &Tokenizer,
+    conversation: &Conversation<'_>,
+    limit: usize,
+) -> Result<Prompt> {
+    let history = conversation.history;
+    let full = format.build(tokenizer, conversation)?;
+    if full.len() < limit {
+        return Ok(Prompt {
+            ids: full,
+            dropped_messages: 0,
+        });
+    }
+    // Where each turn starts among the non-system messages.
+    let mut turn_starts = Vec::new();
+    for (i, message) in history.iter().enumerate() {
+        if message.role == Role::System {
+            continue;
+        }
+        let starts_turn =
+            message.role == Role::User || !history[..i].iter().any(|m| m.role != Role::System);
+        if starts_turn {
+            turn_starts.push(i);
+        }
+    }
+    let without = |turns: usize| -> Result<(Vec<u32>, usize)> {
+        let cut = turn_starts.get(turns).copied().unwrap_or(history.len());
+        let kept: Vec<Message> = history
+            .iter()
+            .enumerate()
+            .filter(|(i, m)| *i >= cut || m.role == Role::System)
+            .map(|(_, m)| m.clone())
+            .collect();
+        let dropped = history.len() - kept.len();
+        let ids = format.build(
+            tokenizer,
+            &Conversation {
+                history: &kept,
+                ..*conversation
+            },
+        )?;
+        Ok((ids, dropped))
+    };
+    // Fewer tokens with every turn dropped: find the fewest turns to drop.
+    let (all_dropped, dropped) = without(turn_starts.len())?;
+    if all_dropped.len() >= limit {
+        return Err(Error::PromptTooLong {
+            prompt_tokens: all_dropped.len(),
+            limit,
+        });
+    }
+    let turns = turn_starts.len();
+    let (mut low, mut high) = (1, turns);
+    while low < high {
+        let mid = low + (high - low) / 2;
+        if without(mid)?.0.len() < limit {
+            high = mid;
+        } else {
+            low = mid + 1;
+        }
+    }
+    let (ids, dropped_messages) = if low >= turns {
+        (all_dropped, dropped)
+    } else {
+        without(low)?
+    };
+    Ok(Prompt {
+        ids,
+        dropped_messages,
+    })
 }
 
-impl PromptBuilder<'_> {
-    fn special(&self, token: SpecialToken) -> u32 {
-        // The family's token count covers every token it asks for.
-        self.tokenizer.special_id(token).unwrap_or(0)
-    }
+/// Everything a family reads from a model, ready for the engine.
+pub(crate) struct Opened {
+    pub family: ModelFamily,
+    pub spec: ArchSpec,
+    pub names: &'static TensorNames,
+    pub tokenizer: Tokenizer,
+    pub format: Box<dyn ChatFormat>,
+    pub defaults: GenerationDefaults,
+    pub stop_ids: Vec<u32>,
+    /// The small files the model was read from, as a GGUF export embeds them.
+    pub files: Vec<(String, Vec<u8>)>,
+    /// Where `config.json` was read from, for errors about it.
+    pub config_path: std::path::PathBuf,
+}
 
-    /// The prompt exactly as the official builder makes it, whole history included.
-    pub fn build(&self, prompt: &str, history: &[Message]) -> Vec<u32> {
-        match self.family {
-            ModelFamily::ChatGlm3 => {
-                let mut ids = self.chatglm3_prefix();
-                for message in history {
-                    ids.extend(self.chatglm3_message(message.role, &message.content));
-                }
-                ids.extend(self.chatglm3_message(Role::User, prompt));
-                ids.push(self.special(SpecialToken::Assistant));
-                ids
-            }
-            ModelFamily::ChatGlm2 => {
-                self.chatglm2_prompt(prompt, &messages_to_tuple_history(history))
-            }
+/// Tells the family of a model from its files: what the file says it is, then each family's
+/// own signals.
+pub(crate) fn detect(source: &ModelSource) -> Result<ModelFamily> {
+    if let Some(family) = source.family {
+        return Ok(family);
+    }
+    let config = source.json("config.json")?.unwrap_or_default();
+    if let Some(family) = glm4::detect(source, &config)? {
+        return Ok(family);
+    }
+    Ok(chatglm::detect(source, &config))
+}
+
+/// Reads a model's config, tokenizer and chat format as `family` (detected when `None`).
+///
+/// # Errors
+///
+/// [`Error::MissingFile`] for a file the family needs, [`Error::Json`] or
+/// [`Error::InvalidConfig`] for a bad config, [`Error::Tokenizer`] for a bad tokenizer.
+pub(crate) fn open(source: &ModelSource, family: Option<ModelFamily>) -> Result<Opened> {
+    let family = match family {
+        Some(family) => family,
+        None => detect(source)?,
+    };
+    let opened = match family {
+        ModelFamily::ChatGlm2 | ModelFamily::ChatGlm3 => chatglm::open(source, family)?,
+        ModelFamily::Glm4 => glm4::open(source)?,
+    };
+    opened
+        .spec
+        .check()
+        .map_err(|(field, value, reason)| Error::InvalidConfig {
+            path: opened.config_path.clone(),
+            field,
+            value,
+            reason,
+        })?;
+    if opened.tokenizer.vocab_size() > opened.spec.vocab_size {
+        return Err(Error::InvalidConfig {
+            path: opened.config_path.clone(),
+            field: "vocab_size",
+            value: opened.spec.vocab_size.to_string(),
+            reason: "smaller than the tokenizer's vocabulary",
+        });
+    }
+    Ok(opened)
+}
+
+/// Loads the tokenizer of a model directory or GGUF file as the engine would, without the
+/// weights.
+///
+/// # Examples
+///
+/// ```
+/// # fn main() -> chathub::Result<()> {
+/// let tokenizer = chathub::load_tokenizer(chathub::demo_model_dir()?)?;
+/// assert_eq!(tokenizer.decode(&tokenizer.encode("你好")?), "你好");
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # Errors
+///
+/// As [`Engine::load`](crate::Engine::load) for the files it reads.
+pub fn load_tokenizer(path: impl AsRef<Path>) -> Result<Tokenizer> {
+    let source = ModelSource::open(path.as_ref())?;
+    Ok(open(&source, None)?.tokenizer)
+}
+
+/// Rebuilds what a llama.cpp GGUF file's metadata describes, by the family that recognises its
+/// architecture.
+pub(crate) fn import_llama_cpp(meta: &Metadata<'_>) -> Result<Imported> {
+    let architecture = meta.text("general.architecture")?;
+    if let Some(imported) = glm4::import_llama_cpp(meta, architecture)? {
+        return Ok(imported);
+    }
+    if let Some(imported) = chatglm::import_llama_cpp(meta, architecture)? {
+        return Ok(imported);
+    }
+    Err(meta.invalid(
+        "general.architecture",
+        architecture,
+        "not a model chathub runs (llama.cpp's chatglm or glm4, or a file from chathub convert)",
+    ))
+}
+
+/// Adds `ids` to `stop` where missing, keeping the order.
+pub(crate) fn add_stop_ids(stop: &mut Vec<u32>, ids: impl IntoIterator<Item = u32>) {
+    for id in ids {
+        if !stop.contains(&id) {
+            stop.push(id);
         }
-    }
-
-    /// Builds the prompt, dropping the oldest turns (never system messages) until it leaves at
-    /// least one token of room below `limit`.
-    pub fn build_within(&self, prompt: &str, history: &[Message], limit: usize) -> Result<Prompt> {
-        match self.family {
-            ModelFamily::ChatGlm3 => {
-                let tail = {
-                    let mut t = self.chatglm3_message(Role::User, prompt);
-                    t.push(self.special(SpecialToken::Assistant));
-                    t
-                };
-                let encoded: Vec<Vec<u32>> = history
-                    .iter()
-                    .map(|m| self.chatglm3_message(m.role, &m.content))
-                    .collect();
-                let mut keep = vec![true; history.len()];
-                let total = |keep: &[bool]| {
-                    2 + tail.len()
-                        + encoded
-                            .iter()
-                            .zip(keep)
-                            .filter(|(_, k)| **k)
-                            .map(|(e, _)| e.len())
-                            .sum::<usize>()
-                };
-                // Drop whole turns from the oldest: a turn runs from one non-system message up to
-                // the next user message.
-                let mut next = 0;
-                while total(&keep) >= limit {
-                    while next < history.len() && history[next].role == Role::System {
-                        next += 1;
-                    }
-                    if next >= history.len() {
-                        return Err(Error::PromptTooLong {
-                            prompt_tokens: total(&keep),
-                            limit,
-                        });
-                    }
-                    keep[next] = false;
-                    next += 1;
-                    while next < history.len() && history[next].role != Role::User {
-                        if history[next].role != Role::System {
-                            keep[next] = false;
-                        }
-                        next += 1;
-                    }
-                }
-                let mut ids = self.chatglm3_prefix();
-                for (e, _) in encoded.iter().zip(&keep).filter(|(_, k)| **k) {
-                    ids.extend_from_slice(e);
-                }
-                ids.extend(tail);
-                Ok(Prompt {
-                    ids,
-                    dropped_messages: keep.iter().filter(|k| !**k).count(),
-                })
-            }
-            ModelFamily::ChatGlm2 => {
-                let tuples = messages_to_tuple_history(history);
-                for first in 0..=tuples.len() {
-                    let ids = self.chatglm2_prompt(prompt, &tuples[first..]);
-                    if ids.len() < limit {
-                        return Ok(Prompt {
-                            ids,
-                            dropped_messages: 2 * first,
-                        });
-                    }
-                    if first == tuples.len() {
-                        return Err(Error::PromptTooLong {
-                            prompt_tokens: ids.len(),
-                            limit,
-                        });
-                    }
-                }
-                unreachable!("the loop returns on its last iteration")
-            }
-        }
-    }
-
-    fn chatglm3_prefix(&self) -> Vec<u32> {
-        vec![
-            self.special(SpecialToken::GMask),
-            self.special(SpecialToken::Sop),
-        ]
-    }
-
-    /// `<|role|> sp(metadata + "\n") sp(content)`, metadata empty.
-    fn chatglm3_message(&self, role: Role, content: &str) -> Vec<u32> {
-        let role_token = match role {
-            Role::System => SpecialToken::System,
-            Role::User => SpecialToken::User,
-            Role::Assistant => SpecialToken::Assistant,
-            Role::Observation => SpecialToken::Observation,
-        };
-        let mut ids = vec![self.special(role_token)];
-        ids.extend(self.tokenizer.encode("\n"));
-        ids.extend(self.tokenizer.encode(content));
-        ids
-    }
-
-    /// `[gMASK] sop sp("[Round 1]\n\n问：q1\n\n答：r1\n\n...[Round N]\n\n问：prompt\n\n答：")`.
-    fn chatglm2_prompt(&self, prompt: &str, tuples: &[(String, String)]) -> Vec<u32> {
-        let mut text = String::new();
-        for (i, (query, response)) in tuples.iter().enumerate() {
-            text.push_str(&format!(
-                "[Round {}]\n\n问：{query}\n\n答：{response}\n\n",
-                i + 1
-            ));
-        }
-        text.push_str(&format!(
-            "[Round {}]\n\n问：{prompt}\n\n答：",
-            tuples.len() + 1
-        ));
-        let mut ids = vec![
-            self.special(SpecialToken::GMask),
-            self.special(SpecialToken::Sop),
-        ];
-        ids.extend(self.tokenizer.encode(&text));
-        ids
-    }
-
-    /// Ids that end a reply: `</s>`, and for ChatGLM3 `<|user|>` and `<|observation|>`.
-    pub fn stop_ids(&self) -> Vec<u32> {
-        let mut ids = vec![self.tokenizer.eos_id()];
-        if self.family == ModelFamily::ChatGlm3 {
-            ids.push(self.special(SpecialToken::User));
-            ids.push(self.special(SpecialToken::Observation));
-        }
-        ids
     }
 }

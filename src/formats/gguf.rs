@@ -1,38 +1,15 @@
-//! Saving a loaded (typically quantized) model to one GGUF file, and loading it back.
+//! GGUF files: reading the header and metadata, and writing a file of named tensors.
 //!
-//! Quantizing a 6B model at every start costs time; `chathub convert` does it once and writes
-//! the result as GGUF (the format llama.cpp and its tools read, so `gguf-dump` can inspect it).
-//! Tensors keep their checkpoint names; the config, sampling defaults, family, weight format and
-//! the sentencepiece model travel in `chathub.*` metadata, so the file alone is a whole model.
-//! This is chathub's own layout, not llama.cpp's `chatglm` architecture.
+//! What the keys mean is not this module's business: chathub's own files and llama.cpp's are
+//! interpreted by the layers above. Metadata lookups name the file and key in their errors.
 
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::gguf_file::{self, Content, Value};
+use candle_core::quantized::QTensor;
 
 use crate::error::{Error, Result};
-use crate::families::config::{GenerationDefaults, ModelConfig};
-use crate::families::ModelFamily;
-use crate::nn::quantization::Quantization;
-use crate::nn::transformer::ChatGlmModel;
-
-const CONFIG: &str = "chathub.config";
-const GENERATION: &str = "chathub.generation_config";
-const FAMILY: &str = "chathub.family";
-const QUANTIZATION: &str = "chathub.quantization";
-const TOKENIZER: &str = "chathub.tokenizer_model";
-
-/// Everything a GGUF file written by [`write()`] holds besides the tensors.
-pub(crate) struct GgufModel {
-    pub content: gguf_file::Content,
-    pub file: File,
-    pub config: ModelConfig,
-    pub defaults: GenerationDefaults,
-    pub family: ModelFamily,
-    pub quantization: Option<Quantization>,
-    pub tokenizer_model: Vec<u8>,
-}
 
 /// Whether `path` names a GGUF file rather than a model directory.
 pub(crate) fn is_gguf(path: &Path) -> bool {
@@ -42,117 +19,143 @@ pub(crate) fn is_gguf(path: &Path) -> bool {
             .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }
 
-/// Reads the header and metadata of a file written by [`write()`].
-pub(crate) fn read(path: &Path) -> Result<GgufModel> {
-    let weights_error = |source| Error::Weights {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let content = gguf_file::Content::read(&mut file).map_err(weights_error)?;
-    if crate::formats::llama_cpp::is_llama_cpp(&content) {
-        return crate::formats::llama_cpp::read(path, content, file);
-    }
-    let text = |key: &'static str| -> Result<String> {
-        match content.metadata.get(key) {
-            Some(Value::String(s)) => Ok(s.clone()),
-            _ => Err(Error::InvalidConfig {
-                path: path.to_path_buf(),
-                field: key,
-                value: "missing".into(),
-                reason: "not a GGUF file written by chathub convert",
-            }),
-        }
-    };
-    let json = |key: &'static str| -> Result<serde_json::Value> {
-        serde_json::from_str(&text(key)?).map_err(|source| Error::Json {
-            path: path.to_path_buf(),
-            source,
-        })
-    };
-    let config: ModelConfig =
-        serde_json::from_value(json(CONFIG)?).map_err(|source| Error::Json {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    config.validate(path)?;
-    let defaults: GenerationDefaults =
-        serde_json::from_value(json(GENERATION)?).map_err(|source| Error::Json {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    let family = text(FAMILY)?.parse()?;
-    let quantization = match text(QUANTIZATION)?.as_str() {
-        "none" => None,
-        q => Some(q.parse()?),
-    };
-    let tokenizer_model = match content.metadata.get(TOKENIZER) {
-        Some(Value::Array(bytes)) => bytes
-            .iter()
-            .map(|b| b.to_u8())
-            .collect::<candle_core::Result<Vec<u8>>>()
-            .map_err(weights_error)?,
-        _ => {
-            return Err(Error::InvalidConfig {
-                path: path.to_path_buf(),
-                field: TOKENIZER,
-                value: "missing".into(),
-                reason: "not a GGUF file written by chathub convert",
-            })
-        }
-    };
-    Ok(GgufModel {
-        content,
-        file,
-        config,
-        defaults,
-        family,
-        quantization,
-        tokenizer_model,
-    })
+/// An open GGUF file with its header read.
+pub(crate) struct GgufFile {
+    pub path: PathBuf,
+    pub content: Content,
+    pub file: File,
 }
 
-/// Writes `model` and its metadata to `path`.
+impl GgufFile {
+    /// Opens `path` and reads its header (metadata and tensor directory).
+    pub(crate) fn open(path: &Path) -> Result<Self> {
+        let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let content = Content::read(&mut file).map_err(|source| Error::Weights {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(GgufFile {
+            path: path.to_path_buf(),
+            content,
+            file,
+        })
+    }
+
+    /// Metadata lookups that name this file in their errors.
+    pub(crate) fn metadata(&self) -> Metadata<'_> {
+        Metadata {
+            path: &self.path,
+            content: &self.content,
+        }
+    }
+}
+
+/// Typed metadata lookups that name the file and key when something is missing or mistyped.
+pub(crate) struct Metadata<'a> {
+    pub path: &'a Path,
+    pub content: &'a Content,
+}
+
+impl Metadata<'_> {
+    /// An [`Error::InvalidConfig`] about `field` of this file.
+    pub(crate) fn invalid(
+        &self,
+        field: &'static str,
+        value: impl Into<String>,
+        reason: &'static str,
+    ) -> Error {
+        Error::InvalidConfig {
+            path: self.path.to_path_buf(),
+            field,
+            value: value.into(),
+            reason,
+        }
+    }
+
+    /// The value under `key`, if any.
+    pub(crate) fn find(&self, key: &str) -> Option<&Value> {
+        self.content.metadata.get(key)
+    }
+
+    pub(crate) fn get(&self, key: &'static str) -> Result<&Value> {
+        self.find(key)
+            .ok_or_else(|| self.invalid(key, "missing", "the file lacks this key"))
+    }
+
+    pub(crate) fn text(&self, key: &'static str) -> Result<&str> {
+        match self.get(key)? {
+            Value::String(s) => Ok(s),
+            other => Err(self.invalid(key, format!("{other:?}"), "expected a string")),
+        }
+    }
+
+    pub(crate) fn count(&self, key: &'static str) -> Result<usize> {
+        let n = match self.get(key)? {
+            Value::U8(n) => Some(*n as u64),
+            Value::U16(n) => Some(*n as u64),
+            Value::U32(n) => Some(*n as u64),
+            Value::U64(n) => Some(*n),
+            Value::I32(n) => u64::try_from(*n).ok(),
+            Value::I64(n) => u64::try_from(*n).ok(),
+            _ => None,
+        };
+        n.and_then(|n| usize::try_from(n).ok())
+            .ok_or_else(|| self.invalid(key, "not a count", "expected a non-negative integer"))
+    }
+
+    pub(crate) fn float(&self, key: &'static str) -> Result<f64> {
+        match self.get(key)? {
+            Value::F32(v) => Ok(*v as f64),
+            Value::F64(v) => Ok(*v),
+            other => Err(self.invalid(key, format!("{other:?}"), "expected a number")),
+        }
+    }
+
+    pub(crate) fn array(&self, key: &'static str) -> Result<&[Value]> {
+        match self.get(key)? {
+            Value::Array(values) => Ok(values),
+            _ => Err(self.invalid(key, "not an array", "expected an array")),
+        }
+    }
+
+    pub(crate) fn strings(&self, key: &'static str) -> Result<Vec<String>> {
+        self.array(key)?
+            .iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s.clone()),
+                _ => Err(self.invalid(key, "non-string item", "expected strings")),
+            })
+            .collect()
+    }
+
+    /// Bytes stored under `key` as a string or an array of `u8`; `None` when absent.
+    pub(crate) fn bytes(&self, key: &str) -> Option<Vec<u8>> {
+        match self.find(key)? {
+            Value::String(s) => Some(s.clone().into_bytes()),
+            Value::Array(items) => items.iter().map(|v| v.to_u8().ok()).collect(),
+            _ => None,
+        }
+    }
+}
+
+/// Stores `bytes` as a GGUF value: a string when it is UTF-8 text (readable in `gguf-dump`),
+/// an array of `u8` otherwise.
+pub(crate) fn bytes_value(bytes: &[u8]) -> Value {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => Value::String(text.to_string()),
+        Err(_) => Value::Array(bytes.iter().map(|&b| Value::U8(b)).collect()),
+    }
+}
+
+/// Writes a GGUF file of `metadata` and `tensors` to `path`, through a staging file renamed
+/// into place, so a reader never sees half a file.
 pub(crate) fn write(
     path: &Path,
-    model: &ChatGlmModel,
-    defaults: &GenerationDefaults,
-    family: ModelFamily,
-    quantization: Option<Quantization>,
-    tokenizer_model: &[u8],
+    metadata: &[(&str, Value)],
+    tensors: &[(String, std::sync::Arc<QTensor>)],
 ) -> Result<()> {
-    let json_error = |source| Error::Json {
-        path: path.to_path_buf(),
-        source,
-    };
-    let config = serde_json::to_string(model.config()).map_err(json_error)?;
-    let generation = serde_json::to_string(defaults).map_err(json_error)?;
-    let name = model
-        .config()
-        .name_or_path
-        .clone()
-        .unwrap_or_else(|| "chatglm".into());
-    let metadata = [
-        (
-            "general.architecture",
-            Value::String("chathub-chatglm".into()),
-        ),
-        ("general.name", Value::String(name)),
-        (CONFIG, Value::String(config)),
-        (GENERATION, Value::String(generation)),
-        (FAMILY, Value::String(family.as_str().into())),
-        (
-            QUANTIZATION,
-            Value::String(quantization.map_or("none", |q| q.as_str()).into()),
-        ),
-        (
-            TOKENIZER,
-            Value::Array(tokenizer_model.iter().map(|&b| Value::U8(b)).collect()),
-        ),
-    ];
     let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
-    let tensors = model.export()?;
-    let tensors: Vec<(&str, &candle_core::quantized::QTensor)> = tensors
+    let tensors: Vec<(&str, &QTensor)> = tensors
         .iter()
         .map(|(n, t)| (n.as_str(), t.as_ref()))
         .collect();

@@ -24,7 +24,7 @@ use rayon::prelude::*;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::families::config::read_json;
+use crate::formats::json::read_json;
 
 /// The weight files of one model directory, opened lazily tensor by tensor.
 pub(crate) struct Weights {
@@ -54,19 +54,22 @@ enum ShardData {
 }
 
 /// A linear layer's weight matrix as stored: dense, or already quantized (GGUF files).
-pub(crate) enum Matrix {
+///
+/// `B` is the caller's own layout for quantized blocks, filled by the reader it passes to
+/// [`Weights::get_matrix`] straight from the file, so no intermediate copy is made.
+pub(crate) enum Matrix<B> {
     Dense(Tensor),
     /// Dense, in host memory as a plain buffer that the CPU kernels may rearrange in place.
     Rows(HostRows),
     Quantized(QTensor),
-    /// Quantized, read from a GGUF file straight into this crate's CPU kernels' layout.
-    Blocks(crate::kernels::block_matmul::BlockMatrix),
+    /// Quantized, read from a GGUF file straight into the caller's layout.
+    Blocks(B),
 }
 
 /// A dense matrix's elements in host memory, row-major, in the dtype its products read.
 ///
 /// Unlike a CPU tensor, the buffer is owned outright, so a layer can repack it for its kernel
-/// without a second copy of the matrix (see [`crate::kernels::dense_matmul::PanelMatrix`]).
+/// without a second copy of the matrix.
 #[derive(Debug)]
 pub(crate) enum HostRows {
     F32(Vec<f32>),
@@ -75,24 +78,6 @@ pub(crate) enum HostRows {
 }
 
 impl HostRows {
-    /// Number of elements.
-    pub(crate) fn len(&self) -> usize {
-        match self {
-            HostRows::F32(v) => v.len(),
-            HostRows::F16(v) => v.len(),
-            HostRows::BF16(v) => v.len(),
-        }
-    }
-
-    /// The element type.
-    pub(crate) fn dtype(&self) -> DType {
-        match self {
-            HostRows::F32(_) => DType::F32,
-            HostRows::F16(_) => DType::F16,
-            HostRows::BF16(_) => DType::BF16,
-        }
-    }
-
     /// A CPU tensor of `shape` over the same buffer (no copy).
     pub(crate) fn into_tensor(self, shape: &[usize]) -> candle_core::Result<Tensor> {
         match self {
@@ -100,6 +85,25 @@ impl HostRows {
             HostRows::F16(v) => Tensor::from_vec(v, shape, &Device::Cpu),
             HostRows::BF16(v) => Tensor::from_vec(v, shape, &Device::Cpu),
         }
+    }
+
+    /// The rows of `self`, then `b`'s, then `c`'s (a split query/key/value projection joined);
+    /// all three must have the same element type.
+    pub(crate) fn concat(self, b: HostRows, c: HostRows) -> candle_core::Result<Self> {
+        fn join<T: Copy>(mut a: Vec<T>, b: Vec<T>, c: Vec<T>) -> Vec<T> {
+            a.reserve_exact(b.len() + c.len());
+            a.extend_from_slice(&b);
+            a.extend_from_slice(&c);
+            a
+        }
+        Ok(match (self, b, c) {
+            (HostRows::F32(a), HostRows::F32(b), HostRows::F32(c)) => HostRows::F32(join(a, b, c)),
+            (HostRows::F16(a), HostRows::F16(b), HostRows::F16(c)) => HostRows::F16(join(a, b, c)),
+            (HostRows::BF16(a), HostRows::BF16(b), HostRows::BF16(c)) => {
+                HostRows::BF16(join(a, b, c))
+            }
+            _ => candle_core::bail!("joined matrices must have one element type"),
+        })
     }
 
     /// A copy of `t` converted to `dtype` (f32 for anything but f16 and bf16).
@@ -243,7 +247,7 @@ impl SafetensorsFile {
         };
         if stored == want && stored != DType::F32 && cfg!(target_endian = "little") {
             // Read straight into the tensor's buffer: a 16-bit table is never held twice.
-            let mut bits: Vec<u16> = crate::kernels::huge_pages::filled(len / 2);
+            let mut bits: Vec<u16> = crate::huge_pages::filled(len / 2);
             // SAFETY: any byte pattern is a valid u16; the view covers exactly `bits`.
             let view = unsafe {
                 std::slice::from_raw_parts_mut(bits.as_mut_ptr().cast::<u8>(), bits.len() * 2)
@@ -275,7 +279,7 @@ fn convert<T: Copy + Default + Send + Sync>(
 ) -> Vec<T> {
     const CHUNK: usize = 1 << 16;
     let size = stored.size();
-    let mut values: Vec<T> = crate::kernels::huge_pages::filled(bytes.len() / size);
+    let mut values: Vec<T> = crate::huge_pages::filled(bytes.len() / size);
     values
         .par_chunks_mut(CHUNK)
         .zip(bytes.par_chunks(CHUNK * size))
@@ -296,15 +300,21 @@ fn convert<T: Copy + Default + Send + Sync>(
     values
 }
 
-/// A GGUF tensor of `shape` read straight into the CPU block kernels' layout, band by band;
-/// `None` for block formats they do not run. The tensor's extent is checked against the file's
-/// length first, so a truncated file is an error, not a short read.
-fn read_blocks(
+/// A GGUF tensor of `shape` handed to `read_blocks` positioned at its first byte; `None` when
+/// it does not take the block type. The tensor's extent is checked against the file's length
+/// first, so a truncated file is an error, not a short read.
+fn read_gguf_blocks<B>(
     content: &gguf_file::Content,
     file: &mut File,
     name: &str,
     shape: &[usize],
-) -> candle_core::Result<Option<crate::kernels::block_matmul::BlockMatrix>> {
+    read_blocks: impl FnOnce(
+        GgmlDType,
+        usize,
+        usize,
+        &mut dyn FnMut(&mut [u8]) -> std::io::Result<()>,
+    ) -> candle_core::Result<Option<B>>,
+) -> candle_core::Result<Option<B>> {
     let Some(info) = content.tensor_infos.get(name) else {
         return Ok(None);
     };
@@ -322,9 +332,7 @@ fn read_blocks(
         );
     }
     file.seek(SeekFrom::Start(start))?;
-    crate::kernels::block_matmul::BlockMatrix::read_ggml(dtype, *rows, *cols, |buffer| {
-        file.read_exact(buffer)
-    })
+    read_blocks(dtype, *rows, *cols, &mut |buffer| file.read_exact(buffer))
 }
 
 #[derive(Deserialize)]
@@ -401,6 +409,24 @@ impl Weights {
         })
     }
 
+    /// Whether a tensor of that name is stored (to tell apart layouts that name it differently).
+    pub(crate) fn contains(&self, name: &str) -> bool {
+        self.routing.contains_key(name)
+    }
+
+    /// The ggml block type `name` is stored in, when it is a quantized GGUF tensor.
+    pub(crate) fn block_type(&self, name: &str) -> Option<GgmlDType> {
+        let shard = &self.shards[*self.routing.get(name)?];
+        match &shard.data {
+            ShardData::Gguf { content, .. } => {
+                let dtype = content.tensor_infos.get(name)?.ggml_dtype;
+                (!matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16))
+                    .then_some(dtype)
+            }
+            _ => None,
+        }
+    }
+
     /// Total bytes of the weight files, for progress reports.
     pub(crate) fn file_bytes(&self) -> u64 {
         self.shards
@@ -444,12 +470,22 @@ impl Weights {
     /// Reads a linear layer's weight matrix: quantized blocks stay quantized, dense matrices
     /// come in the matrix dtype, as a host buffer ([`Matrix::Rows`]) when `host_rows` is set
     /// and the weights are for the CPU, as a tensor otherwise.
-    pub(crate) fn get_matrix(
+    ///
+    /// `read_blocks(dtype, rows, cols, read_exact)` lays out a quantized GGUF tensor's ggml
+    /// blocks as it reads them (band by band through `read_exact`), or returns `None` for block
+    /// types it does not take, which then come as a candle [`QTensor`].
+    pub(crate) fn get_matrix<B>(
         &self,
         name: &str,
         shape: &[usize],
         host_rows: bool,
-    ) -> Result<Matrix> {
+        read_blocks: impl FnOnce(
+            GgmlDType,
+            usize,
+            usize,
+            &mut dyn FnMut(&mut [u8]) -> std::io::Result<()>,
+        ) -> candle_core::Result<Option<B>>,
+    ) -> Result<Matrix<B>> {
         if let Some(&index) = self.routing.get(name) {
             let shard = &self.shards[index];
             if let ShardData::Gguf { content, file } = &shard.data {
@@ -464,12 +500,12 @@ impl Weights {
                     let mut file = file.lock().unwrap_or_else(|e| e.into_inner());
                     if self.device.is_cpu() {
                         if let Some(blocks) =
-                            read_blocks(content, &mut file, name, shape).map_err(|source| {
-                                Error::Weights {
+                            read_gguf_blocks(content, &mut file, name, shape, read_blocks).map_err(
+                                |source| Error::Weights {
                                     path: shard.path.clone(),
                                     source,
-                                }
-                            })?
+                                },
+                            )?
                         {
                             return Ok(Matrix::Blocks(blocks));
                         }

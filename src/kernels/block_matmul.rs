@@ -164,7 +164,7 @@ impl BlockMatrix {
         dtype: GgmlDType,
         rows: usize,
         cols: usize,
-        mut read_exact: impl FnMut(&mut [u8]) -> std::io::Result<()>,
+        read_exact: &mut dyn FnMut(&mut [u8]) -> std::io::Result<()>,
     ) -> candle_core::Result<Option<Self>> {
         let Some((mut matrix, block_bytes, total)) = Self::empty(dtype, rows, cols) else {
             return Ok(None);
@@ -230,12 +230,12 @@ impl BlockMatrix {
             format,
             rows,
             cols,
-            quants: crate::kernels::huge_pages::vec_prefaulted(
+            quants: crate::huge_pages::vec_prefaulted(
                 blocks * format.quant_bytes_per_block() + QUANT_PADDING,
             ),
-            scales: crate::kernels::huge_pages::vec_prefaulted(blocks),
+            scales: crate::huge_pages::vec_prefaulted(blocks),
             minimums: if matches!(format, BlockFormat::Q4K) {
-                crate::kernels::huge_pages::vec_prefaulted(blocks)
+                crate::huge_pages::vec_prefaulted(blocks)
             } else {
                 Vec::new()
             },
@@ -910,13 +910,13 @@ mod tests {
             let q = QTensor::quantize(&matrix(4500, 1024, 0.4)?, format.ggml())?;
             let bytes = q.data()?;
             let mut reader = &bytes[..];
-            let read = BlockMatrix::read_ggml(format.ggml(), 4500, 1024, |buf| {
+            let read = BlockMatrix::read_ggml(format.ggml(), 4500, 1024, &mut |buf| {
                 std::io::Read::read_exact(&mut reader, buf)
             })?
             .expect("format is supported");
             assert_eq!(read.to_qtensor()?.data()?, bytes);
             let mut short = &bytes[..bytes.len() - 1];
-            let cut = BlockMatrix::read_ggml(format.ggml(), 4500, 1024, |buf| {
+            let cut = BlockMatrix::read_ggml(format.ggml(), 4500, 1024, &mut |buf| {
                 std::io::Read::read_exact(&mut short, buf)
             });
             assert!(cut.is_err(), "{format:?}");

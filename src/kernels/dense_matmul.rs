@@ -27,8 +27,6 @@ use candle_core::{Device, Tensor};
 
 use rayon::prelude::*;
 
-use crate::formats::weights::HostRows;
-
 /// Weight rows per panel: four 16-lane vectors.
 const PANEL_ROWS: usize = 64;
 /// Activation rows per pass over a panel.
@@ -71,6 +69,34 @@ static DETECTED: LazyLock<Option<KernelPath>> = LazyLock::new(|| {
     None
 });
 
+/// A dense matrix's elements, row-major (or in panels once packed), in the dtype its products
+/// read. Owned outright, so [`PanelMatrix::pack`] can rearrange it without a second copy.
+#[derive(Debug)]
+pub(crate) enum DenseRows {
+    F32(Vec<f32>),
+    F16(Vec<half::f16>),
+    BF16(Vec<half::bf16>),
+}
+
+impl DenseRows {
+    /// Number of elements.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            DenseRows::F32(v) => v.len(),
+            DenseRows::F16(v) => v.len(),
+            DenseRows::BF16(v) => v.len(),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            DenseRows::F32(v) => v.len() * 4,
+            DenseRows::F16(v) => v.len() * 2,
+            DenseRows::BF16(v) => v.len() * 2,
+        }
+    }
+}
+
 /// A weight matrix `[rows, cols]` stored panel by panel: panel `p` holds rows
 /// `64p .. 64p + width` (the last panel may be narrower) as `cols` groups of `width` weights,
 /// one group per column. A panel occupies the same elements as its rows did row-major, which is
@@ -79,7 +105,7 @@ static DETECTED: LazyLock<Option<KernelPath>> = LazyLock::new(|| {
 pub(crate) struct PanelMatrix {
     rows: usize,
     cols: usize,
-    data: HostRows,
+    data: DenseRows,
 }
 
 impl PanelMatrix {
@@ -88,12 +114,12 @@ impl PanelMatrix {
     ///
     /// # Panics
     /// When `data` does not hold `rows * cols` elements.
-    pub(crate) fn pack(mut data: HostRows, rows: usize, cols: usize) -> Self {
+    pub(crate) fn pack(mut data: DenseRows, rows: usize, cols: usize) -> Self {
         assert_eq!(data.len(), rows * cols, "weights are not {rows}x{cols}");
         match &mut data {
-            HostRows::F32(v) => pack_in_place(v, cols),
-            HostRows::F16(v) => pack_in_place(v, cols),
-            HostRows::BF16(v) => pack_in_place(v, cols),
+            DenseRows::F32(v) => pack_in_place(v, cols),
+            DenseRows::F16(v) => pack_in_place(v, cols),
+            DenseRows::BF16(v) => pack_in_place(v, cols),
         }
         PanelMatrix { rows, cols, data }
     }
@@ -102,9 +128,9 @@ impl PanelMatrix {
     pub(crate) fn to_tensor(&self) -> candle_core::Result<Tensor> {
         let shape = (self.rows, self.cols);
         match &self.data {
-            HostRows::F32(v) => Tensor::from_vec(unpack(v, self.cols), shape, &Device::Cpu),
-            HostRows::F16(v) => Tensor::from_vec(unpack(v, self.cols), shape, &Device::Cpu),
-            HostRows::BF16(v) => Tensor::from_vec(unpack(v, self.cols), shape, &Device::Cpu),
+            DenseRows::F32(v) => Tensor::from_vec(unpack(v, self.cols), shape, &Device::Cpu),
+            DenseRows::F16(v) => Tensor::from_vec(unpack(v, self.cols), shape, &Device::Cpu),
+            DenseRows::BF16(v) => Tensor::from_vec(unpack(v, self.cols), shape, &Device::Cpu),
         }
     }
 
@@ -115,7 +141,7 @@ impl PanelMatrix {
 
     /// Bytes of weight one product reads.
     pub(crate) fn bytes(&self) -> usize {
-        self.data.len() * self.data.dtype().size_in_bytes()
+        self.data.bytes()
     }
 
     /// `out = x W^T` for `x: [tokens, cols]` and `out: [tokens, rows]`, row-major.
@@ -129,9 +155,9 @@ impl PanelMatrix {
 
     fn matmul_on(&self, path: KernelPath, x: &[f32], out: &mut [f32]) {
         match &self.data {
-            HostRows::F32(w) => matmul(path, w, self.rows, self.cols, x, out),
-            HostRows::F16(w) => matmul(path, w, self.rows, self.cols, x, out),
-            HostRows::BF16(w) => matmul(path, w, self.rows, self.cols, x, out),
+            DenseRows::F32(w) => matmul(path, w, self.rows, self.cols, x, out),
+            DenseRows::F16(w) => matmul(path, w, self.rows, self.cols, x, out),
+            DenseRows::BF16(w) => matmul(path, w, self.rows, self.cols, x, out),
         }
     }
 }
@@ -662,7 +688,6 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::DType;
     use half::slice::HalfFloatSliceExt;
     use half::{bf16, f16};
 
@@ -734,14 +759,14 @@ mod tests {
             let w = values(rows * cols, 1.0);
             let x = values(tokens * cols, 0.7);
             let matrices = [
-                PanelMatrix::pack(HostRows::F32(w.clone()), rows, cols),
+                PanelMatrix::pack(DenseRows::F32(w.clone()), rows, cols),
                 PanelMatrix::pack(
-                    HostRows::F16(w.iter().map(|v| f16::from_f32(*v)).collect()),
+                    DenseRows::F16(w.iter().map(|v| f16::from_f32(*v)).collect()),
                     rows,
                     cols,
                 ),
                 PanelMatrix::pack(
-                    HostRows::BF16(w.iter().map(|v| bf16::from_f32(*v)).collect()),
+                    DenseRows::BF16(w.iter().map(|v| bf16::from_f32(*v)).collect()),
                     rows,
                     cols,
                 ),
@@ -775,7 +800,7 @@ mod tests {
     fn packing_round_trips() -> candle_core::Result<()> {
         for (rows, cols) in [(64, 3), (130, 7), (5, 16), (200, 1)] {
             let w = values(rows * cols, 1.1);
-            let packed = PanelMatrix::pack(HostRows::F32(w.clone()), rows, cols);
+            let packed = PanelMatrix::pack(DenseRows::F32(w.clone()), rows, cols);
             assert_eq!(packed.dims(), (rows, cols));
             let back = packed.to_tensor()?.flatten_all()?.to_vec1::<f32>()?;
             assert_eq!(back, w, "{rows}x{cols}");
@@ -791,7 +816,7 @@ mod tests {
             return;
         }
         let (rows, cols) = (150, 2100);
-        let w = PanelMatrix::pack(HostRows::F32(values(rows * cols, 1.3)), rows, cols);
+        let w = PanelMatrix::pack(DenseRows::F32(values(rows * cols, 1.3)), rows, cols);
         for path in paths() {
             for tokens in [2, 5, 6, 7, 13, 32] {
                 let x = values(tokens * cols, 0.9);
@@ -824,19 +849,19 @@ mod tests {
         ] {
             let w = values(rows * cols, 1.0);
             let x = values(tokens * cols, 0.7);
-            let packed = PanelMatrix::pack(HostRows::F32(w.clone()), rows, cols);
+            let packed = PanelMatrix::pack(DenseRows::F32(w.clone()), rows, cols);
             check(&product(&packed, &x), &reference(&w, &x, cols), "f32");
 
             let w16: Vec<f16> = w.iter().map(|v| f16::from_f32(*v)).collect();
             let mut wide = vec![0f32; w.len()];
             w16.convert_to_f32_slice(&mut wide);
-            let packed = PanelMatrix::pack(HostRows::F16(w16), rows, cols);
-            assert_eq!(packed.data.dtype(), DType::F16);
+            let packed = PanelMatrix::pack(DenseRows::F16(w16), rows, cols);
+            assert!(matches!(packed.data, DenseRows::F16(_)));
             check(&product(&packed, &x), &reference(&wide, &x, cols), "f16");
 
             let wb: Vec<bf16> = w.iter().map(|v| bf16::from_f32(*v)).collect();
             wb.convert_to_f32_slice(&mut wide);
-            let packed = PanelMatrix::pack(HostRows::BF16(wb), rows, cols);
+            let packed = PanelMatrix::pack(DenseRows::BF16(wb), rows, cols);
             check(&product(&packed, &x), &reference(&wide, &x, cols), "bf16");
         }
     }

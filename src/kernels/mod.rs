@@ -7,4 +7,3 @@ pub(crate) mod attention;
 pub(crate) mod block_matmul;
 pub(crate) mod dense_matmul;
 pub(crate) mod elementwise;
-pub mod huge_pages;

@@ -19,7 +19,7 @@ use rayon::prelude::*;
 
 use crate::formats::weights::HostRows;
 use crate::kernels::block_matmul::{BlockFormat, BlockMatrix};
-use crate::kernels::dense_matmul::{self, PanelMatrix};
+use crate::kernels::dense_matmul::{self, DenseRows, PanelMatrix};
 use crate::Quantization;
 
 /// `y = x W^T + b` with `W` stored `[out_features, in_features]` as in PyTorch checkpoints.
@@ -78,7 +78,11 @@ impl Linear {
         bias: Option<Tensor>,
     ) -> candle_core::Result<Self> {
         let weight = if dense_matmul::available() {
-            Weight::Panels(Arc::new(PanelMatrix::pack(rows, out_features, in_features)))
+            Weight::Panels(Arc::new(PanelMatrix::pack(
+                dense_rows(rows),
+                out_features,
+                in_features,
+            )))
         } else {
             Weight::Dense(rows.into_tensor(&[out_features, in_features])?)
         };
@@ -96,7 +100,8 @@ impl Linear {
             if w.device().is_cpu() && dense_matmul::available() {
                 let (rows, cols) = w.dims2()?;
                 let host = HostRows::from_tensor(w, w.dtype())?;
-                self.weight = Weight::Panels(Arc::new(PanelMatrix::pack(host, rows, cols)));
+                self.weight =
+                    Weight::Panels(Arc::new(PanelMatrix::pack(dense_rows(host), rows, cols)));
             }
         }
         Ok(())
@@ -480,6 +485,15 @@ impl Module for Linear {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
+    }
+}
+
+/// Hands a buffer read from a weight file to the panel kernel (a move, not a copy).
+fn dense_rows(rows: HostRows) -> DenseRows {
+    match rows {
+        HostRows::F32(v) => DenseRows::F32(v),
+        HostRows::F16(v) => DenseRows::F16(v),
+        HostRows::BF16(v) => DenseRows::BF16(v),
     }
 }
 

@@ -35,6 +35,16 @@ impl Quantization {
         }
     }
 
+    /// The choice a stored block type stands for (`None` for dense and other types).
+    pub(crate) fn from_ggml(dtype: GgmlDType) -> Option<Self> {
+        match dtype {
+            GgmlDType::Q8_0 => Some(Quantization::Q8_0),
+            GgmlDType::Q4_0 => Some(Quantization::Q4_0),
+            GgmlDType::Q4K => Some(Quantization::Q4K),
+            _ => None,
+        }
+    }
+
     /// Formats to try, best first: later ones take narrower rows (blocks of 32).
     pub(crate) fn candidates(self) -> &'static [GgmlDType] {
         match self {

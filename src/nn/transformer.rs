@@ -1,70 +1,94 @@
-//! The ChatGLM2 / ChatGLM3 transformer.
+//! The GLM transformer every supported family runs: ChatGLM2, ChatGLM3 and GLM-4.
 //!
-//! Follows THUDM's `modeling_chatglm.py` (chatglm2-6b and chatglm3-6b revisions): RMSNorm,
-//! grouped multi-query attention with a fused query/key/value projection, rotary embeddings
-//! applied to interleaved pairs of the first half of each head, and a SwiGLU MLP. Tensor names
-//! are the checkpoint's.
+//! Follows THUDM's `modeling_chatglm.py` (chatglm2-6b, chatglm3-6b, glm-4-9b-chat) and
+//! transformers' `GlmForCausalLM` / `Glm4ForCausalLM`, which compute the same thing under other
+//! names: RMSNorm, grouped-query attention with a (fused or split) query/key/value projection,
+//! rotary embeddings applied to interleaved pairs of the first `rotary_dims` of each head, and a
+//! SwiGLU MLP; GLM-4-0414 adds a norm on each sub-layer's output ("sandwich" norms). Sizes and
+//! switches come from an [`ArchSpec`], tensor names from the layout's [`TensorNames`].
 //!
 //! Unlike candle-transformers' `chatglm`/`glm4`, the key/value cache belongs to the request
 //! ([`KvCache`]), not to the model, so one loaded model serves concurrent conversations; the
 //! position offset is explicit, so several new tokens can extend a non-empty cache; and K/V are
 //! never expanded to all heads: each group's queries attend to the group's keys (on an AVX-512
-//! CPU through [`crate::kernels::attention`], which reads each cached row once per run of heads;
-//! elsewhere in one candle matmul per group).
+//! CPU through [`crate::kernels::attention`], which reads each cached row once per run of
+//! heads; elsewhere in one candle matmul per group). Rotary angles are computed for the
+//! positions a forward pass covers, so a 131072-token context costs no table at load.
 
 use std::sync::Arc;
 
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Module, Storage, Tensor};
 
-use candle_core::quantized::QTensor;
-
 use super::linear::{export_dense, Linear};
+use super::names::{QkvNames, TensorNames};
+use super::quantization::Quantization;
+use super::spec::ArchSpec;
 use crate::error::Result;
-use crate::families::config::ModelConfig;
 use crate::formats::weights::{Matrix, Weights};
+use crate::kernels::block_matmul::BlockMatrix;
 use crate::kernels::{attention, elementwise};
-use crate::Quantization;
 
-/// cos/sin tables for every position, shared by all layers.
-///
-/// Pairs beyond the rotated half of a head get cos = 1 and sin = 0, so one interleaved rotary
-/// kernel covers the whole head and the second half passes through unchanged.
+/// Rotary frequencies: `theta_i = base^(-2i / rotary_dims)` for each rotated pair `i`.
 #[derive(Debug)]
-struct RotaryTables {
+struct Rotary {
+    /// One frequency per pair of a head; pairs past the rotated part have none.
+    inv_freq: Vec<f32>,
+    /// Pairs per head (`head_dim / 2`).
+    pairs: usize,
+}
+
+impl Rotary {
+    fn new(spec: &ArchSpec) -> Self {
+        let rotated = spec.rotary_dims / 2;
+        // In f32 like the reference (`1 / base ** (arange(0, dim, 2) / dim)`).
+        let inv_freq = (0..rotated)
+            .map(|i| {
+                let exponent = (2 * i) as f32 / spec.rotary_dims as f32;
+                1f32 / (spec.rope_base as f32).powf(exponent)
+            })
+            .collect();
+        Rotary {
+            inv_freq,
+            pairs: spec.head_dim / 2,
+        }
+    }
+
+    /// cos/sin `[tokens, head_dim / 2]` for positions `start..start + tokens`. Pairs beyond the
+    /// rotated ones get cos = 1 and sin = 0, so one interleaved rotary kernel covers the whole
+    /// head and the rest passes through unchanged.
+    fn angles(&self, start: usize, tokens: usize, dtype: DType, device: &Device) -> Result<Angles> {
+        let mut cos = vec![1f32; tokens * self.pairs];
+        let mut sin = vec![0f32; tokens * self.pairs];
+        for t in 0..tokens {
+            let pos = (start + t) as f32;
+            for (i, theta) in self.inv_freq.iter().enumerate() {
+                // The angle in f32 too, as `pos * theta` in the reference.
+                let angle = pos * theta;
+                cos[t * self.pairs + i] = angle.cos();
+                sin[t * self.pairs + i] = angle.sin();
+            }
+        }
+        let shape = (tokens, self.pairs);
+        Ok(Angles {
+            cos: Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?,
+            sin: Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?,
+        })
+    }
+}
+
+/// Rotary cos/sin of one forward pass's positions, shared by all layers.
+struct Angles {
     cos: Tensor,
     sin: Tensor,
 }
 
-impl RotaryTables {
-    fn new(cfg: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
-        let head_dim = cfg.head_dim();
-        let rotated_pairs = head_dim / 4;
-        let base = 10_000f64 * cfg.rope_ratio;
-        let positions = cfg.seq_length;
-        let half = head_dim / 2;
-        let mut cos = vec![1f32; positions * half];
-        let mut sin = vec![0f32; positions * half];
-        for i in 0..rotated_pairs {
-            // theta_i = base^(-2i / n_elem) with n_elem = head_dim / 2, computed in f32 like the
-            // reference, and the angle pos * theta_i in f32 too.
-            let exponent = (2 * i) as f32 / half as f32;
-            let theta = 1f32 / (base as f32).powf(exponent);
-            for pos in 0..positions {
-                let angle = pos as f32 * theta;
-                cos[pos * half + i] = angle.cos();
-                sin[pos * half + i] = angle.sin();
-            }
-        }
-        let cos = Tensor::from_vec(cos, (positions, half), device)?.to_dtype(dtype)?;
-        let sin = Tensor::from_vec(sin, (positions, half), device)?.to_dtype(dtype)?;
-        Ok(RotaryTables { cos, sin })
-    }
-
-    /// Rotates `x: [tokens, heads, head_dim]` for positions `start..start + tokens`.
-    fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
+impl Angles {
+    /// Rotates `x: [tokens, heads, head_dim]`.
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
         let (tokens, heads, head_dim) = x.dims3()?;
-        let cos = self.cos.narrow(0, start, tokens)?.unsqueeze(1)?;
-        let sin = self.sin.narrow(0, start, tokens)?.unsqueeze(1)?;
+        let cos = self.cos.unsqueeze(1)?;
+        let sin = self.sin.unsqueeze(1)?;
         let x = x.contiguous()?.reshape((tokens, heads, 1, head_dim))?;
         let y = candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?;
         Ok(y.reshape((tokens, heads, head_dim))?)
@@ -78,10 +102,10 @@ struct RmsNorm {
 }
 
 impl RmsNorm {
-    fn new(cfg: &ModelConfig, weights: &Weights, name: &str) -> Result<Self> {
+    fn new(spec: &ArchSpec, weights: &Weights, name: &str) -> Result<Self> {
         Ok(RmsNorm {
-            weight: weights.get(&format!("{name}.weight"), &[cfg.hidden_size])?,
-            eps: cfg.layernorm_epsilon as f32,
+            weight: weights.get(&format!("{name}.weight"), &[spec.hidden_size])?,
+            eps: spec.norm_eps as f32,
         })
     }
 
@@ -105,13 +129,27 @@ fn linear(
     } else {
         None
     };
-    let weight_name = format!("{name}.weight");
-    match weights.get_matrix(&weight_name, &[out_features, in_features], host_rows)? {
-        Matrix::Dense(weight) => Ok(Linear::new(weight, bias)),
-        Matrix::Rows(rows) => Ok(Linear::from_rows(rows, out_features, in_features, bias)?),
-        Matrix::Quantized(qtensor) => Ok(Linear::from_quantized(qtensor, bias)?),
-        Matrix::Blocks(blocks) => Ok(Linear::from_blocks(blocks, bias)),
-    }
+    let matrix = weights.get_matrix(
+        &format!("{name}.weight"),
+        &[out_features, in_features],
+        host_rows,
+        BlockMatrix::read_ggml,
+    )?;
+    from_matrix(matrix, out_features, in_features, bias)
+}
+
+fn from_matrix(
+    matrix: Matrix<BlockMatrix>,
+    out_features: usize,
+    in_features: usize,
+    bias: Option<Tensor>,
+) -> Result<Linear> {
+    Ok(match matrix {
+        Matrix::Dense(weight) => Linear::new(weight, bias),
+        Matrix::Rows(rows) => Linear::from_rows(rows, out_features, in_features, bias)?,
+        Matrix::Quantized(qtensor) => Linear::from_quantized(qtensor, bias)?,
+        Matrix::Blocks(blocks) => Linear::from_blocks(blocks, bias),
+    })
 }
 
 /// Quantizes one layer, saying so when its shape forces another format than the one asked for.
@@ -137,55 +175,168 @@ fn quantize_linear(layer: &mut Linear, name: &str, quantization: Quantization) -
     Ok(())
 }
 
+/// The query/key/value projection: one product, or three where a file stores them apart in a
+/// form that cannot be joined (quantized blocks).
+#[derive(Debug)]
+enum Qkv {
+    Fused(Linear),
+    Split([Linear; 3]),
+}
+
+impl Qkv {
+    fn load(
+        spec: &ArchSpec,
+        names: &TensorNames,
+        weights: &Weights,
+        i: usize,
+        host_rows: bool,
+    ) -> Result<Self> {
+        let h = spec.hidden_size;
+        let bias = spec.qkv_bias || spec.linear_bias;
+        let (q_rows, kv_rows) = (
+            spec.num_heads * spec.head_dim,
+            spec.num_kv_heads * spec.head_dim,
+        );
+        let (q, k, v) = match names.qkv {
+            QkvNames::Fused(fused) => {
+                let name = names.layer(i, fused, "weight");
+                let name = name.trim_end_matches(".weight");
+                return Ok(Qkv::Fused(linear(
+                    weights,
+                    name,
+                    spec.qkv_rows(),
+                    h,
+                    bias,
+                    host_rows,
+                )?));
+            }
+            QkvNames::Split { fused, .. } if weights.contains(&names.layer(i, fused, "weight")) => {
+                let name = names.layer(i, fused, "weight");
+                let name = name.trim_end_matches(".weight");
+                return Ok(Qkv::Fused(linear(
+                    weights,
+                    name,
+                    spec.qkv_rows(),
+                    h,
+                    bias,
+                    host_rows,
+                )?));
+            }
+            QkvNames::Split { q, k, v, .. } => (q, k, v),
+        };
+        let read = |part: &str, rows: usize| -> Result<(Matrix<BlockMatrix>, Option<Tensor>)> {
+            let bias = if bias {
+                Some(weights.get(&names.layer(i, part, "bias"), &[rows])?)
+            } else {
+                None
+            };
+            let matrix = weights.get_matrix(
+                &names.layer(i, part, "weight"),
+                &[rows, h],
+                host_rows,
+                BlockMatrix::read_ggml,
+            )?;
+            Ok((matrix, bias))
+        };
+        let parts = [read(q, q_rows)?, read(k, kv_rows)?, read(v, kv_rows)?];
+        let bias = match (&parts[0].1, &parts[1].1, &parts[2].1) {
+            (Some(a), Some(b), Some(c)) => Some(Tensor::cat(&[a, b, c], 0)?),
+            _ => None,
+        };
+        // Dense matrices are joined into the fused layout (one product per token); quantized
+        // blocks stay three layers.
+        match parts {
+            [(Matrix::Rows(a), _), (Matrix::Rows(b), _), (Matrix::Rows(c), _)] => {
+                let rows = a.concat(b, c)?;
+                Ok(Qkv::Fused(Linear::from_rows(
+                    rows,
+                    spec.qkv_rows(),
+                    h,
+                    bias,
+                )?))
+            }
+            [(Matrix::Dense(a), _), (Matrix::Dense(b), _), (Matrix::Dense(c), _)] => Ok(
+                Qkv::Fused(Linear::new(Tensor::cat(&[&a, &b, &c], 0)?, bias)),
+            ),
+            [(a, ab), (b, bb), (c, cb)] => Ok(Qkv::Split([
+                from_matrix(a, q_rows, h, ab)?,
+                from_matrix(b, kv_rows, h, bb)?,
+                from_matrix(c, kv_rows, h, cb)?,
+            ])),
+        }
+    }
+
+    fn layers_mut(&mut self) -> Vec<&mut Linear> {
+        match self {
+            Qkv::Fused(l) => vec![l],
+            Qkv::Split(ls) => ls.iter_mut().collect(),
+        }
+    }
+
+    fn layers(&self) -> Vec<&Linear> {
+        match self {
+            Qkv::Fused(l) => vec![l],
+            Qkv::Split(ls) => ls.iter().collect(),
+        }
+    }
+
+    /// `[tokens, (heads + 2 kv_heads) * head_dim]`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Qkv::Fused(l) => Ok(l.forward(x)?),
+            Qkv::Split([q, k, v]) => Ok(Tensor::cat(
+                &[q.forward(x)?, k.forward(x)?, v.forward(x)?],
+                1,
+            )?),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct SelfAttention {
-    query_key_value: Linear,
+    qkv: Qkv,
     dense: Linear,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
-    rotary: Arc<RotaryTables>,
     span: tracing::Span,
 }
 
 impl SelfAttention {
     fn new(
-        cfg: &ModelConfig,
+        spec: &ArchSpec,
+        names: &TensorNames,
         weights: &Weights,
-        name: &str,
-        rotary: Arc<RotaryTables>,
+        i: usize,
         host_rows: bool,
     ) -> Result<Self> {
-        let head_dim = cfg.head_dim();
-        let q_size = cfg.num_attention_heads * head_dim;
-        let qkv_size = q_size + 2 * cfg.kv_heads() * head_dim;
+        let q_size = spec.num_heads * spec.head_dim;
+        let dense = names.layer(i, names.attention_output, "weight");
         Ok(SelfAttention {
-            query_key_value: linear(
-                weights,
-                &format!("{name}.query_key_value"),
-                qkv_size,
-                cfg.hidden_size,
-                cfg.add_qkv_bias || cfg.add_bias_linear,
-                host_rows,
-            )?,
+            qkv: Qkv::load(spec, names, weights, i, host_rows)?,
             dense: linear(
                 weights,
-                &format!("{name}.dense"),
-                cfg.hidden_size,
+                dense.trim_end_matches(".weight"),
+                spec.hidden_size,
                 q_size,
-                cfg.add_bias_linear,
+                spec.linear_bias,
                 host_rows,
             )?,
-            heads: cfg.num_attention_heads,
-            kv_heads: cfg.kv_heads(),
-            head_dim,
-            rotary,
+            heads: spec.num_heads,
+            kv_heads: spec.num_kv_heads,
+            head_dim: spec.head_dim,
             span: tracing::span!(tracing::Level::TRACE, "attn"),
         })
     }
 
-    /// `x: [tokens, hidden]` at positions `cache.len()..`; appends this layer's keys and values.
-    fn forward(&self, x: &Tensor, cache: &mut LayerCache, start: usize) -> Result<Tensor> {
+    /// `x: [tokens, hidden]` at positions `start..`; appends this layer's keys and values.
+    fn forward(
+        &self,
+        x: &Tensor,
+        cache: &mut LayerCache,
+        start: usize,
+        angles: &Angles,
+    ) -> Result<Tensor> {
         let _enter = self.span.enter();
         let tokens = x.dim(0)?;
         let (hd, q_size, kv_size) = (
@@ -193,7 +344,7 @@ impl SelfAttention {
             self.heads * self.head_dim,
             self.kv_heads * self.head_dim,
         );
-        let qkv = self.query_key_value.forward(x)?;
+        let qkv = self.qkv.forward(x)?;
         let q = qkv
             .narrow(1, 0, q_size)?
             .reshape((tokens, self.heads, hd))?;
@@ -203,8 +354,8 @@ impl SelfAttention {
         let v = qkv
             .narrow(1, q_size + kv_size, kv_size)?
             .reshape((tokens, self.kv_heads, hd))?;
-        let q = self.rotary.apply(&q, start)?;
-        let k = self.rotary.apply(&k, start)?;
+        let q = angles.apply(&q)?;
+        let k = angles.apply(&k)?;
         let (k, v) = cache.append(&k, &v, start)?;
         let context = k.dim(1)?;
         let scale = 1.0 / (hd as f64).sqrt();
@@ -323,131 +474,180 @@ fn causal_mask(tokens: usize, start: usize, device: &Device) -> Result<Tensor> {
 
 #[derive(Debug)]
 struct Mlp {
-    dense_h_to_4h: Linear,
-    dense_4h_to_h: Linear,
+    gate_up: Linear,
+    down: Linear,
     ffn: usize,
     span: tracing::Span,
 }
 
 impl Mlp {
-    fn new(cfg: &ModelConfig, weights: &Weights, name: &str, host_rows: bool) -> Result<Self> {
+    fn new(
+        spec: &ArchSpec,
+        names: &TensorNames,
+        weights: &Weights,
+        i: usize,
+        host_rows: bool,
+    ) -> Result<Self> {
+        let gate_up = names.layer(i, names.mlp_gate_up, "weight");
+        let down = names.layer(i, names.mlp_down, "weight");
         Ok(Mlp {
-            dense_h_to_4h: linear(
+            gate_up: linear(
                 weights,
-                &format!("{name}.dense_h_to_4h"),
-                2 * cfg.ffn_hidden_size,
-                cfg.hidden_size,
-                cfg.add_bias_linear,
+                gate_up.trim_end_matches(".weight"),
+                2 * spec.ffn_hidden_size,
+                spec.hidden_size,
+                spec.linear_bias,
                 host_rows,
             )?,
-            dense_4h_to_h: linear(
+            down: linear(
                 weights,
-                &format!("{name}.dense_4h_to_h"),
-                cfg.hidden_size,
-                cfg.ffn_hidden_size,
-                cfg.add_bias_linear,
+                down.trim_end_matches(".weight"),
+                spec.hidden_size,
+                spec.ffn_hidden_size,
+                spec.linear_bias,
                 host_rows,
             )?,
-            ffn: cfg.ffn_hidden_size,
+            ffn: spec.ffn_hidden_size,
             span: tracing::span!(tracing::Level::TRACE, "mlp"),
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let _enter = self.span.enter();
-        let h = self.dense_h_to_4h.forward(x)?;
+        let h = self.gate_up.forward(x)?;
         let activated = elementwise::swiglu(&h, self.ffn)?;
-        Ok(self.dense_4h_to_h.forward(&activated)?)
+        Ok(self.down.forward(&activated)?)
     }
+}
+
+/// GLM-4-0414's norms on each sub-layer's output.
+#[derive(Debug)]
+struct SandwichNorms {
+    post_self_attention: RmsNorm,
+    post_mlp: RmsNorm,
 }
 
 #[derive(Debug)]
 struct Block {
-    input_layernorm: RmsNorm,
-    self_attention: SelfAttention,
-    post_attention_layernorm: RmsNorm,
+    input_norm: RmsNorm,
+    attention: SelfAttention,
+    post_attention_norm: RmsNorm,
     mlp: Mlp,
+    sandwich: Option<SandwichNorms>,
     residual_post_norm: bool,
 }
 
 impl Block {
     fn new(
-        cfg: &ModelConfig,
+        spec: &ArchSpec,
+        names: &TensorNames,
         weights: &Weights,
-        name: &str,
-        rotary: Arc<RotaryTables>,
+        i: usize,
         host_rows: bool,
     ) -> Result<Self> {
+        let norm = |part: &str| {
+            let name = names.layer(i, part, "weight");
+            RmsNorm::new(spec, weights, name.trim_end_matches(".weight"))
+        };
+        let sandwich = match (
+            spec.sandwich_norms,
+            names.post_self_attention_norm,
+            names.post_mlp_norm,
+        ) {
+            (true, Some(attn), Some(mlp)) => Some(SandwichNorms {
+                post_self_attention: norm(attn)?,
+                post_mlp: norm(mlp)?,
+            }),
+            (true, _, _) => {
+                return Err(crate::Error::invalid(
+                    "layout",
+                    names.id,
+                    "this layout has no sandwich norms",
+                ))
+            }
+            _ => None,
+        };
         Ok(Block {
-            input_layernorm: RmsNorm::new(cfg, weights, &format!("{name}.input_layernorm"))?,
-            self_attention: SelfAttention::new(
-                cfg,
-                weights,
-                &format!("{name}.self_attention"),
-                rotary,
-                host_rows,
-            )?,
-            post_attention_layernorm: RmsNorm::new(
-                cfg,
-                weights,
-                &format!("{name}.post_attention_layernorm"),
-            )?,
-            mlp: Mlp::new(cfg, weights, &format!("{name}.mlp"), host_rows)?,
-            residual_post_norm: cfg.apply_residual_connection_post_layernorm,
+            input_norm: norm(names.input_norm)?,
+            attention: SelfAttention::new(spec, names, weights, i, host_rows)?,
+            post_attention_norm: norm(names.post_attention_norm)?,
+            mlp: Mlp::new(spec, names, weights, i, host_rows)?,
+            sandwich,
+            residual_post_norm: spec.residual_post_norm,
         })
     }
 
-    fn quantize(&mut self, quantization: Quantization, name: &str) -> Result<()> {
-        let attention = &mut self.self_attention;
-        let mlp = &mut self.mlp;
-        for (layer, part) in [
-            (
-                &mut attention.query_key_value,
-                "self_attention.query_key_value",
-            ),
-            (&mut attention.dense, "self_attention.dense"),
-            (&mut mlp.dense_h_to_4h, "mlp.dense_h_to_4h"),
-            (&mut mlp.dense_4h_to_h, "mlp.dense_4h_to_h"),
-        ] {
-            quantize_linear(layer, &format!("{name}.{part}"), quantization)?;
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut layers = self.attention.qkv.layers_mut();
+        layers.push(&mut self.attention.dense);
+        layers.push(&mut self.mlp.gate_up);
+        layers.push(&mut self.mlp.down);
+        layers
+    }
+
+    fn linears(&self) -> Vec<&Linear> {
+        let mut layers = self.attention.qkv.layers();
+        layers.push(&self.attention.dense);
+        layers.push(&self.mlp.gate_up);
+        layers.push(&self.mlp.down);
+        layers
+    }
+
+    fn quantize(&mut self, quantization: Quantization, i: usize) -> Result<()> {
+        for layer in self.linears_mut() {
+            quantize_linear(layer, &format!("layer {i}"), quantization)?;
         }
         Ok(())
     }
 
-    fn forward(&self, x: &Tensor, cache: &mut LayerCache, start: usize) -> Result<Tensor> {
-        let normed = self.input_layernorm.forward(x)?;
-        let attn = self.self_attention.forward(&normed, cache, start)?;
+    fn forward(
+        &self,
+        x: &Tensor,
+        cache: &mut LayerCache,
+        start: usize,
+        angles: &Angles,
+    ) -> Result<Tensor> {
+        let normed = self.input_norm.forward(x)?;
+        let mut attn = self.attention.forward(&normed, cache, start, angles)?;
+        if let Some(sandwich) = &self.sandwich {
+            attn = sandwich.post_self_attention.forward(&attn)?;
+        }
         let residual = if self.residual_post_norm { &normed } else { x };
         let x = elementwise::add(residual, &attn)?;
-        let normed = self.post_attention_layernorm.forward(&x)?;
-        let mlp = self.mlp.forward(&normed)?;
+        let normed = self.post_attention_norm.forward(&x)?;
+        let mut mlp = self.mlp.forward(&normed)?;
+        if let Some(sandwich) = &self.sandwich {
+            mlp = sandwich.post_mlp.forward(&mlp)?;
+        }
         let residual = if self.residual_post_norm { &normed } else { &x };
         Ok(elementwise::add(residual, &mlp)?)
     }
 }
 
-/// A loaded ChatGLM2/ChatGLM3 model. Immutable: share it behind an `Arc` across threads.
+/// A loaded GLM transformer. Immutable: share it behind an `Arc` across threads.
 #[derive(Debug)]
-pub(crate) struct ChatGlmModel {
-    word_embeddings: Tensor,
+pub(crate) struct Transformer {
+    embedding: Tensor,
     layers: Vec<Block>,
-    final_layernorm: Option<RmsNorm>,
-    output_layer: Linear,
-    config: ModelConfig,
+    final_norm: Option<RmsNorm>,
+    output: Linear,
+    rotary: Rotary,
+    spec: ArchSpec,
     device: Device,
     dtype: DType,
 }
 
-impl ChatGlmModel {
-    /// Builds the model from checkpoint tensors, checking every shape against `cfg`.
+impl Transformer {
+    /// Builds the model from checkpoint tensors named by `names`, checking every shape against
+    /// `spec`.
     pub(crate) fn load(
-        cfg: &ModelConfig,
+        spec: &ArchSpec,
+        names: &TensorNames,
         weights: &Weights,
         dtype: DType,
         device: &Device,
         quantization: Option<Quantization>,
     ) -> Result<Self> {
-        let rotary = Arc::new(RotaryTables::new(cfg, dtype, device)?);
         // A token reads one row of the table, so it is stored as compactly as the weight
         // matrices allow: 16 bits when they are 16-bit or quantized (checkpoints store it in
         // f16 or bf16, so nothing is lost), widened row by row when looked up.
@@ -455,65 +655,61 @@ impl ChatGlmModel {
             (Some(_), _) if device.is_cpu() => DType::F16,
             (_, matrix) => matrix,
         };
-        let word_embeddings = weights.get_as(
-            "transformer.embedding.word_embeddings.weight",
-            &[cfg.padded_vocab_size, cfg.hidden_size],
+        let embedding = weights.get_as(
+            &names.global(names.embedding, "weight"),
+            &[spec.vocab_size, spec.hidden_size],
             embedding_dtype,
         )?;
-        let layers = (0..cfg.num_layers)
+        let layers = (0..spec.num_layers)
             .map(|i| {
-                let name = format!("transformer.encoder.layers.{i}");
-                let mut block =
-                    Block::new(cfg, weights, &name, rotary.clone(), quantization.is_none())?;
+                let mut block = Block::new(spec, names, weights, i, quantization.is_none())?;
                 // Quantizing each block as it arrives keeps one dense block in memory at most.
                 if let Some(q) = quantization {
-                    block.quantize(q, &name)?;
+                    block.quantize(q, i)?;
                 }
-                tracing::info!(layer = i + 1, of = cfg.num_layers, "loaded layer");
+                tracing::info!(layer = i + 1, of = spec.num_layers, "loaded layer");
                 Ok(block)
             })
             .collect::<Result<Vec<_>>>()?;
-        let final_layernorm = if cfg.post_layer_norm {
-            Some(RmsNorm::new(
-                cfg,
-                weights,
-                "transformer.encoder.final_layernorm",
-            )?)
+        let final_norm = if spec.final_norm {
+            Some(RmsNorm::new(spec, weights, names.final_norm)?)
         } else {
             None
         };
-        let mut output_layer = linear(
+        let output_name = if spec.tied_embeddings {
+            names.embedding
+        } else {
+            names.output
+        };
+        let mut output = linear(
             weights,
-            "transformer.output_layer",
-            cfg.padded_vocab_size,
-            cfg.hidden_size,
+            output_name,
+            spec.vocab_size,
+            spec.hidden_size,
             false,
             quantization.is_none(),
         )?;
         if quantization.is_some() {
             // The output layer's errors land on the logits directly: it keeps 8 bits.
-            quantize_linear(
-                &mut output_layer,
-                "transformer.output_layer",
-                Quantization::Q8_0,
-            )?;
+            quantize_linear(&mut output, names.output, Quantization::Q8_0)?;
         }
-        Ok(ChatGlmModel {
-            word_embeddings,
+        Ok(Transformer {
+            embedding,
             layers,
-            final_layernorm,
-            output_layer,
-            config: cfg.clone(),
+            final_norm,
+            output,
+            rotary: Rotary::new(spec),
+            spec: spec.clone(),
             device: device.clone(),
             dtype,
         })
     }
 
-    /// Every tensor under its checkpoint name, as a GGUF file stores it.
-    pub(crate) fn export(&self) -> Result<Vec<(String, Arc<QTensor>)>> {
+    /// Every tensor under its name in `names`' layout, as a GGUF file stores it.
+    pub(crate) fn export(&self, names: &TensorNames) -> Result<Vec<(String, Arc<QTensor>)>> {
         let mut out = vec![(
-            "transformer.embedding.word_embeddings.weight".to_string(),
-            export_dense(&self.word_embeddings)?,
+            names.global(names.embedding, "weight"),
+            export_dense(&self.embedding)?,
         )];
         let mut linear = |name: String, layer: &Linear| -> Result<()> {
             out.push((format!("{name}.weight"), layer.export_weight()?));
@@ -522,58 +718,86 @@ impl ChatGlmModel {
             }
             Ok(())
         };
+        let prefix = |i: usize, part: &str| {
+            names
+                .layer(i, part, "weight")
+                .trim_end_matches(".weight")
+                .to_string()
+        };
         for (i, block) in self.layers.iter().enumerate() {
-            let p = format!("transformer.encoder.layers.{i}");
-            linear(
-                format!("{p}.self_attention.query_key_value"),
-                &block.self_attention.query_key_value,
-            )?;
-            linear(
-                format!("{p}.self_attention.dense"),
-                &block.self_attention.dense,
-            )?;
-            linear(format!("{p}.mlp.dense_h_to_4h"), &block.mlp.dense_h_to_4h)?;
-            linear(format!("{p}.mlp.dense_4h_to_h"), &block.mlp.dense_4h_to_h)?;
+            match (&block.attention.qkv, names.qkv) {
+                (Qkv::Fused(l), QkvNames::Fused(fused) | QkvNames::Split { fused, .. }) => {
+                    linear(prefix(i, fused), l)?
+                }
+                (
+                    Qkv::Split([q, k, v]),
+                    QkvNames::Split {
+                        q: qn,
+                        k: kn,
+                        v: vn,
+                        ..
+                    },
+                ) => {
+                    linear(prefix(i, qn), q)?;
+                    linear(prefix(i, kn), k)?;
+                    linear(prefix(i, vn), v)?;
+                }
+                (Qkv::Split(_), QkvNames::Fused(_)) => {
+                    return Err(crate::Error::invalid(
+                        "layout",
+                        names.id,
+                        "split query/key/value layers cannot be written in a fused layout",
+                    ))
+                }
+            }
+            linear(prefix(i, names.attention_output), &block.attention.dense)?;
+            linear(prefix(i, names.mlp_gate_up), &block.mlp.gate_up)?;
+            linear(prefix(i, names.mlp_down), &block.mlp.down)?;
         }
-        linear("transformer.output_layer".into(), &self.output_layer)?;
+        linear(names.output.to_string(), &self.output)?;
         for (i, block) in self.layers.iter().enumerate() {
-            let p = format!("transformer.encoder.layers.{i}");
-            out.push((
-                format!("{p}.input_layernorm.weight"),
-                export_dense(&block.input_layernorm.weight)?,
-            ));
-            out.push((
-                format!("{p}.post_attention_layernorm.weight"),
-                export_dense(&block.post_attention_layernorm.weight)?,
-            ));
+            let mut norms = vec![
+                (names.input_norm, &block.input_norm),
+                (names.post_attention_norm, &block.post_attention_norm),
+            ];
+            if let (Some(sandwich), Some(attn), Some(mlp)) = (
+                &block.sandwich,
+                names.post_self_attention_norm,
+                names.post_mlp_norm,
+            ) {
+                norms.push((attn, &sandwich.post_self_attention));
+                norms.push((mlp, &sandwich.post_mlp));
+            }
+            for (part, norm) in norms {
+                out.push((names.layer(i, part, "weight"), export_dense(&norm.weight)?));
+            }
         }
-        if let Some(norm) = &self.final_layernorm {
+        if let Some(norm) = &self.final_norm {
             out.push((
-                "transformer.encoder.final_layernorm.weight".into(),
+                names.global(names.final_norm, "weight"),
                 export_dense(&norm.weight)?,
             ));
         }
         Ok(out)
     }
 
-    pub(crate) fn config(&self) -> &ModelConfig {
-        &self.config
+    /// The sizes and switches the model was built from.
+    pub(crate) fn spec(&self) -> &ArchSpec {
+        &self.spec
     }
 
     /// Bytes of weights read to produce one token (every matrix once; embeddings one row).
     pub(crate) fn weight_bytes_per_token(&self) -> usize {
-        let norms =
-            self.config.hidden_size * (2 * self.layers.len() + 1) * self.dtype.size_in_bytes();
+        let norms_per_layer = if self.spec.sandwich_norms { 4 } else { 2 };
+        let norms = self.spec.hidden_size
+            * (norms_per_layer * self.layers.len() + 1)
+            * self.dtype.size_in_bytes();
         self.layers
             .iter()
-            .map(|b| {
-                b.self_attention.query_key_value.weight_bytes()
-                    + b.self_attention.dense.weight_bytes()
-                    + b.mlp.dense_h_to_4h.weight_bytes()
-                    + b.mlp.dense_4h_to_h.weight_bytes()
-            })
+            .flat_map(Block::linears)
+            .map(Linear::weight_bytes)
             .sum::<usize>()
-            + self.output_layer.weight_bytes()
+            + self.output.weight_bytes()
             + norms
     }
 
@@ -584,12 +808,12 @@ impl ChatGlmModel {
                 .map(|_| LayerCache::default())
                 .collect(),
             len: 0,
-            capacity_hint: capacity.clamp(16, self.config.seq_length),
+            capacity_hint: capacity.clamp(16, self.spec.max_positions.max(16)),
         }
     }
 
     /// Runs `ids` at positions `cache.len()..` and returns the logits of the last one as an f32
-    /// vector of `padded_vocab_size` entries.
+    /// vector of `vocab_size` entries.
     ///
     /// Any number of ids may extend any cache (prefill in chunks, or continue a conversation).
     pub(crate) fn forward(&self, ids: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
@@ -602,29 +826,32 @@ impl ChatGlmModel {
                 "at least one token is needed",
             ));
         }
-        if start + tokens > self.config.seq_length {
+        if start + tokens > self.spec.max_positions {
             return Err(crate::Error::PromptTooLong {
                 prompt_tokens: start + tokens,
-                limit: self.config.seq_length,
+                limit: self.spec.max_positions,
             });
         }
         let ids_tensor = Tensor::new(ids, &self.device)?;
         let mut x = self
-            .word_embeddings
+            .embedding
             .index_select(&ids_tensor, 0)?
             .to_dtype(self.dtype)?;
+        let angles = self
+            .rotary
+            .angles(start, tokens, self.dtype, &self.device)?;
         let wanted = (start + tokens).max(cache.capacity_hint);
         for (block, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            layer_cache.reserve(wanted, &self.config, self.dtype, &self.device)?;
-            x = block.forward(&x, layer_cache, start)?;
+            layer_cache.reserve(wanted, &self.spec, self.dtype, &self.device)?;
+            x = block.forward(&x, layer_cache, start, &angles)?;
         }
         cache.len = start + tokens;
         let last = x.narrow(0, tokens - 1, 1)?;
-        let last = match &self.final_layernorm {
+        let last = match &self.final_norm {
             Some(norm) => norm.forward(&last)?,
             None => last,
         };
-        let logits = self.output_layer.forward(&last)?;
+        let logits = self.output.forward(&last)?;
         Ok(logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
     }
 }
@@ -679,7 +906,7 @@ impl LayerCache {
     fn reserve(
         &mut self,
         needed: usize,
-        cfg: &ModelConfig,
+        spec: &ArchSpec,
         dtype: DType,
         device: &Device,
     ) -> Result<()> {
@@ -687,8 +914,8 @@ impl LayerCache {
         if needed <= capacity {
             return Ok(());
         }
-        let new_capacity = needed.max(capacity * 2).min(cfg.seq_length).max(needed);
-        let shape = (cfg.kv_heads(), new_capacity, cfg.head_dim());
+        let new_capacity = needed.max(capacity * 2).min(spec.max_positions).max(needed);
+        let shape = (spec.num_kv_heads, new_capacity, spec.head_dim);
         let k = Tensor::zeros(shape, dtype, device)?;
         let v = Tensor::zeros(shape, dtype, device)?;
         if let (Some(old_k), Some(old_v)) = (&self.k, &self.v) {

@@ -1,147 +1,205 @@
-//! The ChatGLM tokenizer: sentencepiece ids plus special tokens appended after them.
+//! Tokenizers of the supported families, behind one type: ids from text and text from ids,
+//! streamed.
 //!
-//! Follows THUDM's `tokenization_chatglm.py`: plain text always goes through sentencepiece (so
-//! text that merely looks like `<|user|>` stays text), and the special tokens get the ids right
-//! after the sentencepiece vocabulary, in a fixed order.
+//! Three file formats are read: sentencepiece's `tokenizer.model` (ChatGLM2/3, read natively),
+//! GLM-4's tiktoken-style `tokenizer.model` (base64 token and rank per line, read natively) and
+//! Hugging Face's `tokenizer.json` (GLM-4's -hf and 0414 layouts, through the `tokenizers`
+//! crate). Special tokens (`[gMASK]`, `<|user|>`, ...) are numbered after the ordinary
+//! vocabulary; which ones exist is the caller's (the family's) to say where the file does not.
+//!
+//! This layer knows nothing of prompts: families decide which text is encoded how.
 
+mod byte_bpe;
 pub(crate) mod model_proto;
 mod sentencepiece;
 
+use std::ops::Range;
 use std::path::Path;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
+use byte_bpe::any::Glm4Tokenizer;
+use byte_bpe::decode::StreamDecoder;
+use byte_bpe::specials::{Segment, SpecialToken, SpecialTokens};
 use sentencepiece::{PieceBytes, SentencePiece};
 
-/// Special tokens in the order the official tokenizer appends them.
-pub(crate) const SPECIAL_TOKENS: [&str; 9] = [
-    "[MASK]",
-    "[gMASK]",
-    "[sMASK]",
-    "sop",
-    "eop",
-    "<|system|>",
-    "<|user|>",
-    "<|assistant|>",
-    "<|observation|>",
-];
+pub(crate) use byte_bpe::specials::GLM4_SPECIAL_TOKENS;
+pub(crate) use byte_bpe::tiktoken::{sniff, ModelFileKind};
 
 /// Number of pieces in a serialized sentencepiece model.
 pub(crate) fn sentencepiece_size(model: &[u8]) -> std::result::Result<usize, String> {
     SentencePiece::from_bytes(model).map(|sp| sp.vocab_size())
 }
 
-/// A special token of the ChatGLM vocabulary, inserted by id, never by encoding its text.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum SpecialToken {
-    /// `[MASK]`.
-    Mask = 0,
-    /// `[gMASK]`: starts every chat prompt.
-    GMask = 1,
-    /// `[sMASK]`.
-    SMask = 2,
-    /// `sop`: start of piece, right after `[gMASK]`.
-    Sop = 3,
-    /// `eop`: end of piece.
-    Eop = 4,
-    /// `<|system|>` (ChatGLM3).
-    System = 5,
-    /// `<|user|>` (ChatGLM3).
-    User = 6,
-    /// `<|assistant|>` (ChatGLM3).
-    Assistant = 7,
-    /// `<|observation|>` (ChatGLM3).
-    Observation = 8,
+/// The ordinary vocabulary, its encoder and the special tokens.
+#[derive(Debug, Clone)]
+enum Backend {
+    SentencePiece {
+        sp: Box<SentencePiece>,
+        specials: SpecialTokens,
+    },
+    ByteBpe(Box<Glm4Tokenizer>),
 }
 
-impl SpecialToken {
-    /// The token's text, as the official tokenizer renders it.
-    pub fn text(self) -> &'static str {
-        SPECIAL_TOKENS[self as usize]
-    }
-}
-
-/// Turns text into ChatGLM token ids and back.
+/// Turns text into token ids and back, for one model.
 ///
-/// Cheap to share: generation borrows it immutably.
+/// Cheap to share: generation borrows it immutably. Get one from a loaded
+/// [`Engine`](crate::Engine) or with [`load_tokenizer`](crate::load_tokenizer).
 #[derive(Debug, Clone)]
 pub struct Tokenizer {
-    sp: SentencePiece,
-    /// How many of [`SPECIAL_TOKENS`] this model has (5 for ChatGLM2, 9 for ChatGLM3).
-    special_count: usize,
+    backend: Backend,
 }
 
 impl Tokenizer {
-    /// Loads `tokenizer.model` and appends `special_count` special tokens (5 for ChatGLM2,
-    /// 9 for ChatGLM3).
+    /// A sentencepiece `tokenizer.model` (ChatGLM2/3) with `specials` appended after its pieces
+    /// in that order, as THUDM's tokenizer numbers them. `path` names the file in errors.
     ///
     /// # Errors
     ///
-    /// [`crate::Error::Io`] when the file cannot be read, [`crate::Error::Tokenizer`] when it is not
-    /// a BPE sentencepiece model.
-    pub fn from_file(path: &Path, special_count: usize) -> Result<Self> {
-        let sp = SentencePiece::from_file(path)?;
-        Ok(Tokenizer {
-            sp,
-            special_count: special_count.min(SPECIAL_TOKENS.len()),
-        })
-    }
-
-    /// Parses a `tokenizer.model` already in memory; `path` names it in errors.
-    pub(crate) fn from_model_bytes(
-        bytes: &[u8],
-        special_count: usize,
-        path: &Path,
-    ) -> Result<Self> {
-        let sp = SentencePiece::from_bytes(bytes).map_err(|reason| crate::Error::Tokenizer {
+    /// [`Error::Tokenizer`] when the bytes are not a BPE sentencepiece model.
+    pub fn sentencepiece(model: &[u8], specials: &[&str], path: &Path) -> Result<Self> {
+        let bad = |reason: String| Error::Tokenizer {
             path: path.to_path_buf(),
             reason,
-        })?;
+        };
+        let sp = SentencePiece::from_bytes(model).map_err(bad)?;
+        let first = sp.vocab_size() as u32;
+        let specials = SpecialTokens::new(
+            specials
+                .iter()
+                .enumerate()
+                .map(|(i, text)| SpecialToken {
+                    id: first + i as u32,
+                    text: text.to_string(),
+                    special: true,
+                })
+                .collect(),
+        )
+        .map_err(|e| bad(e.to_string()))?;
         Ok(Tokenizer {
-            sp,
-            special_count: special_count.min(SPECIAL_TOKENS.len()),
+            backend: Backend::SentencePiece {
+                sp: Box::new(sp),
+                specials,
+            },
         })
     }
 
-    /// Number of sentencepiece pieces; special ids start here.
-    pub fn sentencepiece_size(&self) -> usize {
-        self.sp.vocab_size()
+    /// GLM-4's tiktoken-style `tokenizer.model` (one `base64 rank` line per token) with
+    /// `specials` numbered after the ranks in that order, or a Hugging Face `tokenizer.json`
+    /// (whose own added tokens are the specials; `specials` is then ignored). The format is
+    /// told from the bytes. `path` names the file in errors.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Tokenizer`] when the bytes are neither format, or malformed.
+    pub fn byte_level_bpe(data: &[u8], specials: &[&str], path: &Path) -> Result<Self> {
+        let tokenizer = Glm4Tokenizer::from_bytes_with_specials(data, specials).map_err(|e| {
+            Error::Tokenizer {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            }
+        })?;
+        Ok(Tokenizer {
+            backend: Backend::ByteBpe(Box::new(tokenizer)),
+        })
     }
 
-    /// Number of ids, special tokens included.
+    fn specials(&self) -> &SpecialTokens {
+        match &self.backend {
+            Backend::SentencePiece { specials, .. } => specials,
+            Backend::ByteBpe(t) => t.specials(),
+        }
+    }
+
+    /// Number of ordinary (non-special) tokens; special ids usually start here.
+    pub fn ordinary_vocab_size(&self) -> usize {
+        match &self.backend {
+            Backend::SentencePiece { sp, .. } => sp.vocab_size(),
+            Backend::ByteBpe(t) => t.ordinary_vocab_size() as usize,
+        }
+    }
+
+    /// Number of ids, special tokens included (one more than the largest id).
     pub fn vocab_size(&self) -> usize {
-        self.sp.vocab_size() + self.special_count
+        let specials = self.specials().max_id().map_or(0, |id| id as usize + 1);
+        self.ordinary_vocab_size().max(specials)
     }
 
-    /// The id of a special token, or `None` when this model has no such token (ChatGLM2 has no
-    /// role tokens).
-    pub fn special_id(&self, token: SpecialToken) -> Option<u32> {
-        let index = token as usize;
-        (index < self.special_count).then(|| (self.sp.vocab_size() + index) as u32)
+    /// The id of the special token written `text` (`"[gMASK]"`, `"<|user|>"`), or `None` when
+    /// this model has no such token.
+    pub fn special_id(&self, text: &str) -> Option<u32> {
+        self.specials().id(text)
     }
 
-    /// The id of `</s>`, the end-of-sequence token.
-    pub fn eos_id(&self) -> u32 {
-        self.sp.piece_id("</s>").unwrap_or(2)
+    /// The text of special token `id`, or `None` when `id` is not a special token.
+    pub fn special_text(&self, id: u32) -> Option<&str> {
+        self.specials().text(id)
     }
 
-    /// Encodes plain text the way `sp_model.encode(text)` does: with the dummy-prefix `▁`,
-    /// byte fallback and split digits, and never producing a special id.
+    /// The id of an ordinary vocabulary entry written `piece` (`"</s>"` in sentencepiece).
+    pub(crate) fn piece_id(&self, piece: &str) -> Option<u32> {
+        match &self.backend {
+            Backend::SentencePiece { sp, .. } => sp.piece_id(piece),
+            Backend::ByteBpe(_) => None,
+        }
+    }
+
+    /// Encodes plain text: text that looks like a special token stays text.
+    ///
+    /// Sentencepiece models add their dummy-prefix `▁`, as `sp_model.encode(text)` does.
     ///
     /// # Examples
     ///
-    /// ```no_run
+    /// ```
     /// # fn main() -> chathub::Result<()> {
-    /// let tokenizer = chathub::Tokenizer::from_file("chatglm3-6b/tokenizer.model".as_ref(), 9)?;
-    /// assert_eq!(tokenizer.encode("你好"), vec![30910, 34607]);
+    /// let tokenizer = chathub::load_tokenizer(chathub::demo_model_dir()?)?;
+    /// let ids = tokenizer.encode("<|user|>")?;
+    /// assert!(!ids.contains(&tokenizer.special_id("<|user|>").unwrap()));
     /// # Ok(())
     /// # }
     /// ```
-    pub fn encode(&self, text: &str) -> Vec<u32> {
-        self.sp.encode(text)
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Tokenizer`] if the `tokenizers` crate fails on a `tokenizer.json` model.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        match &self.backend {
+            Backend::SentencePiece { sp, .. } => Ok(sp.encode(text)),
+            Backend::ByteBpe(t) => t.encode_ordinary(text).map_err(encode_error),
+        }
     }
 
-    /// Decodes ids to text, like the official tokenizer's `decode`: invalid byte sequences become
-    /// one U+FFFD per byte.
+    /// Encodes text in which special-token text becomes the special id, as Hugging Face
+    /// tokenizers do, except inside the `protected` byte ranges (content that must stay
+    /// text). Text between two special tokens is encoded as one piece, so protecting a range
+    /// that holds no special-token text changes nothing.
+    ///
+    /// # Errors
+    ///
+    /// As [`Tokenizer::encode`].
+    pub fn encode_with_special_text(
+        &self,
+        text: &str,
+        protected: &[Range<usize>],
+    ) -> Result<Vec<u32>> {
+        match &self.backend {
+            Backend::SentencePiece { sp, specials } => {
+                let mut ids = Vec::new();
+                for segment in specials.split(text, protected) {
+                    match segment {
+                        Segment::Special(id) => ids.push(id),
+                        Segment::Text(range) => {
+                            ids.extend(sp.encode(text.get(range).unwrap_or_default()))
+                        }
+                    }
+                }
+                Ok(ids)
+            }
+            Backend::ByteBpe(t) => t.encode_protected(text, protected).map_err(encode_error),
+        }
+    }
+
+    /// Decodes ids to text as the official tokenizer's `decode` does (special ids as their
+    /// text; invalid UTF-8 as U+FFFD; ids outside the vocabulary contribute nothing).
     pub fn decode(&self, ids: &[u32]) -> String {
         let mut decoder = self.decoder();
         let mut text = String::new();
@@ -155,96 +213,131 @@ impl Tokenizer {
     /// A streaming decoder that emits only whole UTF-8 characters.
     pub fn decoder(&self) -> TextDecoder<'_> {
         TextDecoder {
-            tokenizer: self,
-            pending: Vec::new(),
-            at_start: true,
+            inner: match &self.backend {
+                Backend::SentencePiece { sp, specials } => Inner::SentencePiece {
+                    sp,
+                    specials,
+                    pending: Vec::new(),
+                    at_start: true,
+                },
+                Backend::ByteBpe(t) => Inner::ByteBpe(t.stream_decoder()),
+            },
         }
+    }
+}
+
+fn encode_error(e: byte_bpe::error::TokenizerError) -> Error {
+    Error::Tokenizer {
+        path: "tokenizer.json".into(),
+        reason: e.to_string(),
     }
 }
 
 /// Decodes ids one at a time into text deltas that are always valid UTF-8.
 ///
-/// A character split across byte-fallback tokens is held back until its last byte arrives;
-/// bytes that can never form a character come out as U+FFFD, one per byte, as sentencepiece
-/// decodes them. The concatenated deltas equal [`Tokenizer::decode`] of all ids.
+/// A character split across tokens is held back until its last byte arrives; bytes that can
+/// never form a character come out as U+FFFD as the official decoder writes them. The
+/// concatenated deltas equal [`Tokenizer::decode`] of all ids.
 #[derive(Debug)]
 pub struct TextDecoder<'a> {
-    tokenizer: &'a Tokenizer,
-    pending: Vec<u8>,
-    at_start: bool,
+    inner: Inner<'a>,
+}
+
+#[derive(Debug)]
+enum Inner<'a> {
+    SentencePiece {
+        sp: &'a SentencePiece,
+        specials: &'a SpecialTokens,
+        pending: Vec<u8>,
+        /// Nothing decoded yet (the first piece drops its dummy-prefix space).
+        at_start: bool,
+    },
+    ByteBpe(StreamDecoder<'a>),
 }
 
 impl TextDecoder<'_> {
     /// Adds one id; appends whatever text is now complete to `out`.
     pub fn push(&mut self, id: u32, out: &mut String) {
-        let sp = &self.tokenizer.sp;
-        let sp_size = sp.vocab_size();
-        if (id as usize) >= sp_size {
-            // A special token: the official tokenizer hands its text to sentencepiece's
-            // DecodePieces along with the ordinary pieces, where it comes out verbatim and ends
-            // any run of byte pieces.
-            self.finish(out);
-            if let Some(text) = SPECIAL_TOKENS.get(id as usize - sp_size) {
-                out.push_str(text);
-            }
-            self.at_start = false;
-            return;
-        }
-        match sp.piece_bytes(id) {
-            PieceBytes::Empty => return,
-            PieceBytes::Byte(b) => self.pending.push(b),
-            PieceBytes::Text(text) => {
-                let mut text = text;
-                if self.at_start && sp.strips_dummy_prefix() {
-                    text = text.strip_prefix('\u{2581}').unwrap_or(text);
-                }
-                for ch in text.chars() {
-                    let ch = if ch == '\u{2581}' { ' ' } else { ch };
-                    let mut buf = [0u8; 4];
-                    self.pending
-                        .extend_from_slice(ch.encode_utf8(&mut buf).as_bytes());
+        match &mut self.inner {
+            Inner::ByteBpe(decoder) => {
+                // An id outside the vocabulary (a padding row) has no text.
+                if let Ok(text) = decoder.push(id) {
+                    out.push_str(&text);
                 }
             }
+            Inner::SentencePiece {
+                sp,
+                specials,
+                pending,
+                at_start,
+            } => {
+                if let Some(text) = specials.text(id) {
+                    // The official tokenizer hands a special token's text to sentencepiece's
+                    // DecodePieces with the ordinary pieces: it comes out verbatim and ends any
+                    // run of byte pieces.
+                    drain_per_byte(pending, out, true);
+                    out.push_str(text);
+                    *at_start = false;
+                    return;
+                }
+                if id as usize >= sp.vocab_size() {
+                    return;
+                }
+                match sp.piece_bytes(id) {
+                    PieceBytes::Empty => return,
+                    PieceBytes::Byte(b) => pending.push(b),
+                    PieceBytes::Text(text) => {
+                        let mut text = text;
+                        if *at_start && sp.strips_dummy_prefix() {
+                            text = text.strip_prefix('\u{2581}').unwrap_or(text);
+                        }
+                        for ch in text.chars() {
+                            let ch = if ch == '\u{2581}' { ' ' } else { ch };
+                            let mut buf = [0u8; 4];
+                            pending.extend_from_slice(ch.encode_utf8(&mut buf).as_bytes());
+                        }
+                    }
+                }
+                *at_start = false;
+                drain_per_byte(pending, out, false);
+            }
         }
-        self.at_start = false;
-        self.drain(out, false);
     }
 
     /// Ends the stream: bytes still waiting for the rest of a character become U+FFFD.
     pub fn finish(&mut self, out: &mut String) {
-        self.drain(out, true);
+        match &mut self.inner {
+            Inner::ByteBpe(decoder) => out.push_str(&decoder.finish()),
+            Inner::SentencePiece { pending, .. } => drain_per_byte(pending, out, true),
+        }
     }
+}
 
-    fn drain(&mut self, out: &mut String, end: bool) {
-        let mut pos = 0;
-        while pos < self.pending.len() {
-            match std::str::from_utf8(&self.pending[pos..]) {
-                Ok(text) => {
-                    out.push_str(text);
-                    pos = self.pending.len();
-                }
-                Err(e) => {
-                    let valid = e.valid_up_to();
-                    // from_utf8 has just validated this prefix, so this never falls back.
-                    out.push_str(
-                        std::str::from_utf8(&self.pending[pos..pos + valid]).unwrap_or_default(),
-                    );
-                    pos += valid;
-                    match e.error_len() {
-                        Some(bad) => {
-                            out.extend(std::iter::repeat_n('\u{FFFD}', bad));
-                            pos += bad;
-                        }
-                        None if end => {
-                            let rest = self.pending.len() - pos;
-                            out.extend(std::iter::repeat_n('\u{FFFD}', rest));
-                            pos = self.pending.len();
-                        }
-                        None => break,
-                    }
-                }
+/// Moves the complete characters of `pending` to `out`, as sentencepiece decodes bytes: one
+/// U+FFFD per byte that can never be part of a character (and, at the `end`, per byte of an
+/// unfinished one).
+fn drain_per_byte(pending: &mut Vec<u8>, out: &mut String, end: bool) {
+    let mut pos = 0;
+    while pos < pending.len() {
+        match std::str::from_utf8(&pending[pos..]) {
+            Ok(text) => {
+                out.push_str(text);
+                pos = pending.len();
+            }
+            Err(e) => {
+                let valid = e.valid_up_to();
+                // from_utf8 has just validated this prefix, so this never falls back.
+                out.push_str(std::str::from_utf8(&pending[pos..pos + valid]).unwrap_or_default());
+                pos += valid;
+                let bad = match e.error_len() {
+                    Some(bad) => bad,
+                    None if end => pending.len() - pos,
+                    None => break,
+                };
+                out.extend(std::iter::repeat_n('\u{FFFD}', bad));
+                pos += bad;
             }
         }
-        self.pending.drain(..pos);
     }
+    pending.drain(..pos);
 }

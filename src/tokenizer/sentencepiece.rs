@@ -8,12 +8,10 @@
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
-use std::path::Path;
 
 use prost::Message;
 
 use super::model_proto::{piece_type, ModelProto, MODEL_TYPE_BPE};
-use crate::error::{Error, Result};
 
 /// sentencepiece's visible space, U+2581.
 const SPACE_SYMBOL: char = '\u{2581}';
@@ -53,15 +51,6 @@ pub(crate) enum PieceBytes<'a> {
 }
 
 impl SentencePiece {
-    /// Reads a `tokenizer.model` file.
-    pub(crate) fn from_file(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        Self::from_bytes(&bytes).map_err(|reason| Error::Tokenizer {
-            path: path.to_path_buf(),
-            reason,
-        })
-    }
-
     pub(crate) fn from_bytes(bytes: &[u8]) -> std::result::Result<Self, String> {
         let proto = ModelProto::decode(bytes)
             .map_err(|e| format!("not a sentencepiece model protobuf: {e}"))?;

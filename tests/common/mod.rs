@@ -51,8 +51,13 @@ impl Case {
 }
 
 pub fn cases() -> Vec<Case> {
-    let mut paths: Vec<_> = std::fs::read_dir(fixtures().join("expected"))
-        .expect("expected/ exists")
+    cases_in("expected")
+}
+
+/// The cases of `tests/fixtures/{dir}` (`expected`, `glm4/expected`).
+pub fn cases_in(dir: &str) -> Vec<Case> {
+    let mut paths: Vec<_> = std::fs::read_dir(fixtures().join(dir))
+        .expect("the cases' directory exists")
         .map(|e| e.expect("readable").path())
         .collect();
     paths.sort();

@@ -1,17 +1,21 @@
-//! `config.json` and `generation_config.json` as THUDM ships them.
+//! ChatGLM's `config.json` (ChatGLM2, ChatGLM3 and glm-4-9b-chat all use this schema).
 
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::chat::generation::TokenIds;
 use crate::error::{Error, Result};
+use crate::formats::json::read_json;
+use crate::nn::spec::ArchSpec;
 
-/// The architecture hyper-parameters of a ChatGLM2/ChatGLM3 checkpoint, read from `config.json`.
+/// The architecture hyper-parameters of a checkpoint in ChatGLM's layout (ChatGLM2, ChatGLM3,
+/// glm-4-9b-chat), read from `config.json`.
 ///
 /// Field names are the JSON keys. Keys that older checkpoints lack have the defaults the official
 /// `configuration_chatglm.py` uses.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-pub struct ModelConfig {
+pub struct ChatGlmConfig {
     /// Number of transformer blocks.
     pub num_layers: usize,
     /// Width of the residual stream.
@@ -61,26 +65,10 @@ pub struct ModelConfig {
     /// End-of-sequence token id(s).
     #[serde(default)]
     pub eos_token_id: Option<TokenIds>,
-}
-
-/// A JSON field that holds either one token id or a list of them (`eos_token_id`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(untagged)]
-pub enum TokenIds {
-    /// A single id.
-    One(u32),
-    /// Several ids.
-    Many(Vec<u32>),
-}
-
-impl TokenIds {
-    /// The ids as a list.
-    pub fn to_vec(&self) -> Vec<u32> {
-        match self {
-            TokenIds::One(id) => vec![*id],
-            TokenIds::Many(ids) => ids.clone(),
-        }
-    }
+    /// Whether the output layer reuses the embedding table (never in THUDM's checkpoints;
+    /// llama.cpp files without an output tensor).
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
 }
 
 fn default_one() -> usize {
@@ -99,7 +87,7 @@ fn default_rope_ratio() -> f64 {
     1.0
 }
 
-impl ModelConfig {
+impl ChatGlmConfig {
     /// Reads and checks `config.json`.
     ///
     /// # Errors
@@ -107,9 +95,44 @@ impl ModelConfig {
     /// [`Error::Io`] when the file cannot be read, [`Error::Json`] when it is not a ChatGLM config,
     /// [`Error::InvalidConfig`] when sizes are zero or inconsistent.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let config: ModelConfig = read_json(path)?;
+        let config: ChatGlmConfig = read_json(path)?;
         config.validate(path)?;
         Ok(config)
+    }
+
+    /// Parses and checks a `config.json` already read from `path`.
+    pub(crate) fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self> {
+        let config: ChatGlmConfig =
+            serde_json::from_slice(bytes).map_err(|source| Error::Json {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// The transformer this config describes.
+    pub fn arch_spec(&self) -> ArchSpec {
+        ArchSpec {
+            hidden_size: self.hidden_size,
+            num_layers: self.num_layers,
+            num_heads: self.num_attention_heads,
+            num_kv_heads: self.kv_heads(),
+            head_dim: self.head_dim(),
+            ffn_hidden_size: self.ffn_hidden_size,
+            vocab_size: self.padded_vocab_size,
+            max_positions: self.seq_length,
+            norm_eps: self.layernorm_epsilon,
+            // THUDM's RotaryEmbedding(kv_channels // 2, rope_ratio): half of each head rotates.
+            rope_base: 10_000.0 * self.rope_ratio,
+            rotary_dims: self.head_dim() / 2,
+            qkv_bias: self.add_qkv_bias,
+            linear_bias: self.add_bias_linear,
+            residual_post_norm: self.apply_residual_connection_post_layernorm,
+            final_norm: self.post_layer_norm,
+            sandwich_norms: false,
+            tied_embeddings: self.tie_word_embeddings,
+        }
     }
 
     pub(crate) fn validate(&self, path: &Path) -> Result<()> {
@@ -186,88 +209,4 @@ impl ModelConfig {
             self.num_attention_heads
         }
     }
-
-    /// Number of parameters, counted from the shapes the config implies.
-    pub fn parameter_count(&self) -> usize {
-        let h = self.hidden_size;
-        let q = self.num_attention_heads * self.head_dim();
-        let kv = 2 * self.kv_heads() * self.head_dim();
-        let per_layer = 2 * h
-            + (q + kv) * h
-            + if self.add_qkv_bias { q + kv } else { 0 }
-            + q * h
-            + 2 * self.ffn_hidden_size * h
-            + self.ffn_hidden_size * h;
-        2 * self.padded_vocab_size * h + self.num_layers * per_layer + h
-    }
-}
-
-/// Sampling defaults from `generation_config.json` (ChatGLM's `model.chat` defaults when absent).
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-pub struct GenerationDefaults {
-    /// Prompt plus generated tokens.
-    #[serde(default = "default_max_length")]
-    pub max_length: usize,
-    /// Nucleus sampling threshold.
-    #[serde(default = "default_sampling")]
-    pub top_p: f64,
-    /// Softmax temperature.
-    #[serde(default = "default_sampling")]
-    pub temperature: f64,
-    /// End-of-sequence ids, when the file lists them.
-    #[serde(default)]
-    pub eos_token_id: Option<TokenIds>,
-}
-
-fn default_max_length() -> usize {
-    8192
-}
-fn default_sampling() -> f64 {
-    0.8
-}
-
-impl Default for GenerationDefaults {
-    fn default() -> Self {
-        GenerationDefaults {
-            max_length: default_max_length(),
-            top_p: default_sampling(),
-            temperature: default_sampling(),
-            eos_token_id: None,
-        }
-    }
-}
-
-impl GenerationDefaults {
-    /// Reads `generation_config.json` if the directory has one; ChatGLM's defaults otherwise.
-    pub fn from_dir(dir: &Path) -> Result<Self> {
-        let path = dir.join("generation_config.json");
-        if !path.exists() {
-            return Ok(Self::default());
-        }
-        let defaults: GenerationDefaults = read_json(&path)?;
-        if defaults.max_length == 0
-            || !(defaults.top_p > 0.0 && defaults.top_p <= 1.0)
-            || !(defaults.temperature > 0.0 && defaults.temperature.is_finite())
-        {
-            return Err(Error::InvalidConfig {
-                path,
-                field: "max_length/top_p/temperature",
-                value: format!(
-                    "{}/{}/{}",
-                    defaults.max_length, defaults.top_p, defaults.temperature
-                ),
-                reason: "must be positive, with top_p at most 1",
-            });
-        }
-        Ok(defaults)
-    }
-}
-
-/// Reads a JSON file into `T`, naming the file in every error.
-pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_slice(&bytes).map_err(|source| Error::Json {
-        path: path.to_path_buf(),
-        source,
-    })
 }

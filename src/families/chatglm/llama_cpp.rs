@@ -1,59 +1,38 @@
-//! Reading llama.cpp's own GGUF files of ChatGLM3 (architecture `chatglm`, as its
-//! `convert_hf_to_gguf.py` writes them).
+//! Reading llama.cpp's own GGUF files of ChatGLM3 (architecture `chatglm` with a
+//! sentencepiece tokenizer, as its `convert_hf_to_gguf.py` writes them).
 //!
-//! Such a file carries no `config.json` and no `tokenizer.model`: the config comes from the
-//! `chatglm.*` keys, the sentencepiece vocabulary from `tokenizer.ggml.tokens`, `.scores` and
-//! `.token_type` (whose type numbers are sentencepiece's own), and the tensors have llama.cpp's
-//! names (`blk.N.attn_qkv.weight`...), renamed to the checkpoint's when the file is read. The
-//! math needs no change: the converter neither permutes nor splits anything, and llama.cpp's
-//! "normal" RoPE over the first `rope.dimension_count` dimensions is ChatGLM's rotation of
-//! adjacent pairs in the first half of each head.
+//! Such a file carries no `config.json` and no `tokenizer.model`: the config is rebuilt from
+//! the `chatglm.*` keys, the sentencepiece model from `tokenizer.ggml.tokens`, `.scores` and
+//! `.token_type` (whose type numbers are sentencepiece's own), and the tensors keep llama.cpp's
+//! names ([`super::LLAMA_CPP_NAMES`]). The math needs no change: the converter neither permutes
+//! nor splits anything, and llama.cpp's "normal" RoPE over the first `rope.dimension_count`
+//! dimensions is ChatGLM's rotation of adjacent pairs in the first half of each head.
 //!
-//! GLM-4 files (`tokenizer.ggml.model = "gpt2"`) are refused with a clear error: chathub has no
-//! GLM-4 tokenizer yet.
+//! GLM-4 files of the same architecture (`tokenizer.ggml.model = "gpt2"`) belong to
+//! [`crate::families::glm4`].
 
-use std::fs::File;
-use std::path::Path;
+use std::collections::HashMap;
 
-use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
-use candle_core::quantized::GgmlDType;
+use candle_core::quantized::gguf_file::Value;
 use prost::Message as _;
 
-use crate::error::{Error, Result};
-use crate::families::config::{GenerationDefaults, ModelConfig};
+use super::SPECIAL_TOKENS;
+use crate::error::Result;
+use crate::families::source::Imported;
 use crate::families::ModelFamily;
-use crate::formats::gguf::GgufModel;
-use crate::nn::quantization::Quantization;
+use crate::formats::gguf::Metadata;
 use crate::tokenizer::model_proto::{
     ModelProto, NormalizerSpec, SentencePiece, TrainerSpec, MODEL_TYPE_BPE,
 };
-use crate::tokenizer::SPECIAL_TOKENS;
 
 /// `general.architecture` of llama.cpp's ChatGLM files.
 pub(crate) const ARCHITECTURE: &str = "chatglm";
 
-/// Whether `content` is a llama.cpp ChatGLM file.
-pub(crate) fn is_llama_cpp(content: &Content) -> bool {
-    matches!(
-        content.metadata.get("general.architecture"),
-        Some(Value::String(arch)) if arch == ARCHITECTURE
-    )
-}
-
-/// Reads the model description of a llama.cpp ChatGLM3 file whose header is `content`, and
-/// renames its tensors to the checkpoint's names.
-pub(crate) fn read(path: &Path, mut content: Content, file: File) -> Result<GgufModel> {
-    let meta = Metadata {
-        path,
-        content: &content,
-    };
-    let tokenizer = meta.text("tokenizer.ggml.model")?;
-    if tokenizer != "llama" {
-        return Err(meta.invalid(
-            "tokenizer.ggml.model",
-            tokenizer,
-            "only ChatGLM3 files (sentencepiece, \"llama\") are supported; GLM-4's tokenizer is not",
-        ));
+/// Rebuilds the `config.json` and `tokenizer.model` of a llama.cpp ChatGLM3 file; `None` when
+/// it is another architecture or tokenizer.
+pub(crate) fn import(meta: &Metadata<'_>, architecture: &str) -> Result<Option<Imported>> {
+    if architecture != ARCHITECTURE || meta.text("tokenizer.ggml.model")? != "llama" {
+        return Ok(None);
     }
     let tokens = meta.strings("tokenizer.ggml.tokens")?;
     let hidden = meta.count("chatglm.embedding_length")?;
@@ -76,9 +55,10 @@ pub(crate) fn read(path: &Path, mut content: Content, file: File) -> Result<Gguf
         }
     }
     let freq_base = meta.float("chatglm.rope.freq_base").unwrap_or(10_000.0);
-    let has_bias = content.tensor_infos.contains_key("blk.0.attn_qkv.bias");
+    let tensors = &meta.content.tensor_infos;
     let config = serde_json::json!({
-        "_name_or_path": meta_name(&content),
+        "_name_or_path": meta_name(meta),
+        "model_type": "chatglm",
         "num_layers": meta.count("chatglm.block_count")?,
         "hidden_size": hidden,
         "num_attention_heads": heads,
@@ -90,120 +70,31 @@ pub(crate) fn read(path: &Path, mut content: Content, file: File) -> Result<Gguf
         "seq_length": meta.count("chatglm.context_length")?,
         "layernorm_epsilon": meta.float("chatglm.attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
         "rmsnorm": true,
-        "add_qkv_bias": has_bias,
+        "add_qkv_bias": tensors.contains_key("blk.0.attn_qkv.bias"),
         "add_bias_linear": false,
         "post_layer_norm": true,
         "original_rope": true,
         "rope_ratio": freq_base / 10_000.0,
+        // llama.cpp ties the output layer to the embedding when the file has none.
+        "tie_word_embeddings": !tensors.contains_key("output.weight"),
         "eos_token_id": meta.count("tokenizer.ggml.eos_token_id").unwrap_or(2),
     });
-    let config: ModelConfig = serde_json::from_value(config).map_err(|source| Error::Json {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    config.validate(path)?;
-    let tokenizer_model = sentencepiece_model(&meta, tokens)?;
-    let quantization =
-        content
-            .tensor_infos
-            .get("blk.0.attn_qkv.weight")
-            .and_then(|info| match info.ggml_dtype {
-                GgmlDType::Q8_0 => Some(Quantization::Q8_0),
-                GgmlDType::Q4_0 => Some(Quantization::Q4_0),
-                GgmlDType::Q4K => Some(Quantization::Q4K),
-                _ => None,
-            });
-    rename_tensors(&mut content);
-    Ok(GgufModel {
-        content,
-        file,
-        config,
-        defaults: GenerationDefaults::default(),
+    let tokenizer_model = sentencepiece_model(meta, tokens)?;
+    let files = HashMap::from([
+        ("config.json".to_string(), config.to_string().into_bytes()),
+        ("tokenizer.model".to_string(), tokenizer_model),
+    ]);
+    Ok(Some(Imported {
         family: ModelFamily::ChatGlm3,
-        quantization,
-        tokenizer_model,
-    })
+        layout: super::LLAMA_CPP_NAMES.id.to_string(),
+        files,
+    }))
 }
 
-fn meta_name(content: &Content) -> String {
-    match content.metadata.get("general.name") {
+fn meta_name(meta: &Metadata<'_>) -> String {
+    match meta.find("general.name") {
         Some(Value::String(name)) => name.clone(),
         _ => "chatglm3 (llama.cpp GGUF)".into(),
-    }
-}
-
-/// Metadata lookups that name the file and key when something is missing.
-struct Metadata<'a> {
-    path: &'a Path,
-    content: &'a Content,
-}
-
-impl Metadata<'_> {
-    fn invalid(
-        &self,
-        field: &'static str,
-        value: impl Into<String>,
-        reason: &'static str,
-    ) -> Error {
-        Error::InvalidConfig {
-            path: self.path.to_path_buf(),
-            field,
-            value: value.into(),
-            reason,
-        }
-    }
-
-    fn get(&self, key: &'static str) -> Result<&Value> {
-        self.content
-            .metadata
-            .get(key)
-            .ok_or_else(|| self.invalid(key, "missing", "llama.cpp ChatGLM files have this key"))
-    }
-
-    fn text(&self, key: &'static str) -> Result<&str> {
-        match self.get(key)? {
-            Value::String(s) => Ok(s),
-            other => Err(self.invalid(key, format!("{other:?}"), "expected a string")),
-        }
-    }
-
-    fn count(&self, key: &'static str) -> Result<usize> {
-        let n = match self.get(key)? {
-            Value::U8(n) => Some(*n as u64),
-            Value::U16(n) => Some(*n as u64),
-            Value::U32(n) => Some(*n as u64),
-            Value::U64(n) => Some(*n),
-            Value::I32(n) => u64::try_from(*n).ok(),
-            Value::I64(n) => u64::try_from(*n).ok(),
-            _ => None,
-        };
-        n.map(|n| n as usize)
-            .ok_or_else(|| self.invalid(key, "not a count", "expected a non-negative integer"))
-    }
-
-    fn float(&self, key: &'static str) -> Result<f64> {
-        match self.get(key)? {
-            Value::F32(v) => Ok(*v as f64),
-            Value::F64(v) => Ok(*v),
-            other => Err(self.invalid(key, format!("{other:?}"), "expected a number")),
-        }
-    }
-
-    fn array(&self, key: &'static str) -> Result<&[Value]> {
-        match self.get(key)? {
-            Value::Array(values) => Ok(values),
-            _ => Err(self.invalid(key, "not an array", "expected an array")),
-        }
-    }
-
-    fn strings(&self, key: &'static str) -> Result<Vec<String>> {
-        self.array(key)?
-            .iter()
-            .map(|v| match v {
-                Value::String(s) => Ok(s.clone()),
-                _ => Err(self.invalid(key, "non-string item", "expected strings")),
-            })
-            .collect()
     }
 }
 
@@ -293,57 +184,6 @@ fn sentencepiece_model(meta: &Metadata<'_>, tokens: Vec<String>) -> Result<Vec<u
     Ok(proto.encode_to_vec())
 }
 
-/// The checkpoint's name for a llama.cpp tensor name (`None` for names ChatGLM does not use).
-fn checkpoint_name(name: &str) -> Option<String> {
-    let fixed = match name {
-        "token_embd.weight" => Some("transformer.embedding.word_embeddings.weight"),
-        "output_norm.weight" => Some("transformer.encoder.final_layernorm.weight"),
-        "output.weight" => Some("transformer.output_layer.weight"),
-        _ => None,
-    };
-    if let Some(fixed) = fixed {
-        return Some(fixed.to_string());
-    }
-    let rest = name.strip_prefix("blk.")?;
-    let (layer, part) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let part = match part {
-        "attn_norm.weight" => "input_layernorm.weight",
-        "attn_qkv.weight" => "self_attention.query_key_value.weight",
-        "attn_qkv.bias" => "self_attention.query_key_value.bias",
-        "attn_output.weight" => "self_attention.dense.weight",
-        "ffn_norm.weight" => "post_attention_layernorm.weight",
-        "ffn_up.weight" => "mlp.dense_h_to_4h.weight",
-        "ffn_down.weight" => "mlp.dense_4h_to_h.weight",
-        _ => return None,
-    };
-    Some(format!("transformer.encoder.layers.{layer}.{part}"))
-}
-
-/// Renames the tensors to the checkpoint's names; without an `output.weight`, the output layer
-/// is the embedding table (llama.cpp ties them in that case too).
-fn rename_tensors(content: &mut Content) {
-    let infos = std::mem::take(&mut content.tensor_infos);
-    for (name, info) in infos {
-        let name = checkpoint_name(&name).unwrap_or(name);
-        content.tensor_infos.insert(name, info);
-    }
-    let output = "transformer.output_layer.weight";
-    if !content.tensor_infos.contains_key(output) {
-        if let Some(embedding) = content
-            .tensor_infos
-            .get("transformer.embedding.word_embeddings.weight")
-        {
-            let tied = TensorInfo {
-                ggml_dtype: embedding.ggml_dtype,
-                shape: embedding.shape.clone(),
-                offset: embedding.offset,
-            };
-            content.tensor_infos.insert(output.to_string(), tied);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
@@ -352,8 +192,13 @@ mod tests {
     use candle_core::quantized::{gguf_file, QTensor};
     use candle_core::{Device, Tensor};
 
+    use std::fs::File;
+    use std::path::Path;
+
+    use candle_core::quantized::GgmlDType;
+
     use super::*;
-    use crate::{ChatRequest, Engine, Message};
+    use crate::{ChatRequest, Engine, Message, Quantization};
 
     fn fixtures() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -372,29 +217,10 @@ mod tests {
         }
         let mut named = Vec::new();
         for (name, tensor) in tensors {
-            let Some(short) = name.strip_prefix("transformer.") else {
+            // The rotary frequencies checkpoints carry are not written.
+            let Some(gguf) = super::super::NAMES.translate(&name, &super::super::LLAMA_CPP_NAMES)
+            else {
                 continue;
-            };
-            let gguf = match short {
-                "embedding.word_embeddings.weight" => "token_embd.weight".to_string(),
-                "encoder.final_layernorm.weight" => "output_norm.weight".to_string(),
-                "output_layer.weight" => "output.weight".to_string(),
-                "rotary_pos_emb.inv_freq" => continue,
-                _ => {
-                    let rest = short.strip_prefix("encoder.layers.").unwrap();
-                    let (layer, part) = rest.split_once('.').unwrap();
-                    let part = match part {
-                        "input_layernorm.weight" => "attn_norm.weight",
-                        "self_attention.query_key_value.weight" => "attn_qkv.weight",
-                        "self_attention.query_key_value.bias" => "attn_qkv.bias",
-                        "self_attention.dense.weight" => "attn_output.weight",
-                        "post_attention_layernorm.weight" => "ffn_norm.weight",
-                        "mlp.dense_h_to_4h.weight" => "ffn_up.weight",
-                        "mlp.dense_4h_to_h.weight" => "ffn_down.weight",
-                        other => panic!("unexpected tensor {other}"),
-                    };
-                    format!("blk.{layer}.{part}")
-                }
             };
             let tensor = tensor.to_dtype(candle_core::DType::F32).unwrap();
             // As the converter does: matrices in the chosen type, vectors in f32.
@@ -510,36 +336,5 @@ mod tests {
         let (request, prompt, _) = case("chatglm3_conv1_en.json");
         assert_eq!(engine.chat(&request).unwrap().prompt_token_ids, prompt);
         std::fs::remove_dir_all(&dir).ok();
-    }
-
-    #[test]
-    fn a_glm4_file_is_refused_by_name() {
-        let path = std::env::temp_dir().join(format!("chathub-glm4-{}.gguf", std::process::id()));
-        let metadata = [
-            ("general.architecture", Value::String("chatglm".into())),
-            ("tokenizer.ggml.model", Value::String("gpt2".into())),
-        ];
-        let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
-        gguf_file::write(&mut File::create(&path).unwrap(), &metadata, &[]).unwrap();
-        let error = Engine::load(&path).unwrap_err().to_string();
-        std::fs::remove_file(&path).ok();
-        assert!(
-            error.contains("tokenizer.ggml.model") && error.contains("GLM-4"),
-            "{error}"
-        );
-    }
-
-    #[test]
-    fn tensor_names_map_to_the_checkpoints() {
-        assert_eq!(
-            checkpoint_name("blk.27.attn_qkv.bias").as_deref(),
-            Some("transformer.encoder.layers.27.self_attention.query_key_value.bias")
-        );
-        assert_eq!(
-            checkpoint_name("output.weight").as_deref(),
-            Some("transformer.output_layer.weight")
-        );
-        assert_eq!(checkpoint_name("blk.x.attn_qkv.weight"), None);
-        assert_eq!(checkpoint_name("rope_freqs.weight"), None);
     }
 }
