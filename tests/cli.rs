@@ -12,7 +12,7 @@ fn chathub() -> Command {
 #[test]
 fn generate_json_reproduces_every_reference_case() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    for case in common::cases() {
+    for case in common::all_cases() {
         let request = tmp.path().join(format!("{}.json", case.id));
         std::fs::write(
             &request,

@@ -268,3 +268,147 @@ fn unknown_role_in_a_request_file_is_rejected() {
     assert!(err.to_string().contains("wizard"), "{err}");
     assert!(Message::new("tool", "x").is_err());
 }
+
+fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let mut value: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(path).expect("read")).expect("json");
+    edit(&mut value);
+    std::fs::write(path, value.to_string()).expect("write");
+}
+
+#[test]
+fn glm4_tokenizer_files_missing_or_corrupt_are_named() {
+    let (_tmp, dir) = copy_fixture("glm4-hf-tiny");
+    std::fs::remove_file(dir.join("tokenizer.json")).expect("rm");
+    let err = load_err(&dir);
+    assert!(
+        matches!(
+            err,
+            Error::MissingFile {
+                what: "tokenizer",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("tokenizer.json"), "{err}");
+
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        br#"{"model": {"type": "BPE", "vocab": 3}}"#,
+    )
+    .expect("write");
+    let err = load_err(&dir);
+    assert!(matches!(err, Error::Tokenizer { .. }), "{err:?}");
+    assert_eq!(err.kind(), ErrorKind::InvalidModel);
+    assert_eq!(
+        err.path(),
+        Some(dir.join("tokenizer.json").as_path()),
+        "{err}"
+    );
+
+    // A tokenizer.model that is neither a tiktoken file nor a sentencepiece protobuf.
+    let (_tmp, dir) = copy_fixture("glm4-chat-tiny");
+    std::fs::write(
+        dir.join("tokenizer.model"),
+        b"\x00\x01 not a tokenizer \xff",
+    )
+    .expect("write");
+    let err = load_err(&dir);
+    assert!(matches!(err, Error::Tokenizer { .. }), "{err:?}");
+    assert_eq!(
+        err.path(),
+        Some(dir.join("tokenizer.model").as_path()),
+        "{err}"
+    );
+}
+
+#[test]
+fn glm4_templates_that_fail_are_errors_not_panics() {
+    let (_tmp, dir) = copy_fixture("glm4-0414-tiny");
+    let config = dir.join("tokenizer_config.json");
+    edit_json(&config, |c| {
+        c["chat_template"] = "{% for m in messages %}".into()
+    });
+    let err = load_err(&dir);
+    assert!(matches!(err, Error::Template { .. }), "{err:?}");
+    assert_eq!(err.path(), Some(config.as_path()), "{err}");
+
+    // A template that refuses a conversation refuses that request, not the model.
+    edit_json(&config, |c| {
+        c["chat_template"] =
+            "{% if messages|length > 1 %}{{ raise_exception('one message only') }}{% endif %}[gMASK]<sop><|user|>\n{{ messages[0].content }}<|assistant|>".into()
+    });
+    let engine = Engine::load(&dir).expect("loads");
+    let ok = engine.chat(&ChatRequest::new("hi").max_new_tokens(1).greedy());
+    assert!(ok.is_ok(), "{ok:?}");
+    let err = engine
+        .chat(
+            &ChatRequest::new("hi")
+                .history(vec![Message::user("a"), Message::assistant("b")])
+                .max_new_tokens(1),
+        )
+        .expect_err("refused");
+    assert!(matches!(err, Error::ConversationRejected { .. }), "{err:?}");
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+    assert!(err.to_string().contains("one message only"), "{err}");
+}
+
+#[test]
+fn glm4_configs_that_contradict_themselves_or_the_weights() {
+    let (_tmp, dir) = copy_fixture("glm4-hf-tiny");
+    let config = dir.join("config.json");
+    edit_json(&config, |c| c["num_key_value_heads"] = 3.into());
+    let err = load_err(&dir);
+    assert!(
+        matches!(
+            err,
+            Error::InvalidConfig {
+                field: "num_kv_heads",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(err.path(), Some(config.as_path()), "{err}");
+
+    edit_json(&config, |c| {
+        c["num_key_value_heads"] = 2.into();
+        c["head_dim"] = 32.into();
+    });
+    let err = load_err(&dir);
+    assert!(matches!(err, Error::ShapeMismatch { .. }), "{err:?}");
+    assert!(err.to_string().contains("q_proj"), "{err}");
+
+    edit_json(&config, |c| {
+        c["head_dim"] = 16.into();
+        c["vocab_size"] = 1000.into();
+    });
+    let err = load_err(&dir);
+    assert!(
+        matches!(
+            err,
+            Error::InvalidConfig {
+                field: "vocab_size",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+
+    edit_json(&config, |c| {
+        c["vocab_size"] = 1216.into();
+        c["rope_parameters"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0});
+    });
+    let err = load_err(&dir);
+    assert!(
+        matches!(
+            err,
+            Error::InvalidConfig {
+                field: "rope_type",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}

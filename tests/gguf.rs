@@ -6,7 +6,7 @@ use chathub::{Engine, ModelOptions, Quantization};
 
 fn round_trip(quantization: Option<Quantization>) {
     let tmp = tempfile::tempdir().expect("tempdir");
-    for case in common::cases() {
+    for case in common::all_cases() {
         let options = ModelOptions {
             quantization,
             ..ModelOptions::default()

@@ -5,19 +5,15 @@ mod common;
 
 use chathub::{Engine, FinishReason, ModelFamily};
 
-fn glm4_dir(model: &str) -> std::path::PathBuf {
-    common::fixtures().join("glm4").join(model)
-}
-
 #[test]
 fn every_layout_reproduces_prompt_greedy_ids_and_text() {
     let cases = common::cases_in("glm4/expected");
     assert_eq!(cases.len(), 12, "all GLM-4 cases are present");
     let mut engines = std::collections::HashMap::new();
     for case in cases {
-        let engine = engines
-            .entry(case.model.clone())
-            .or_insert_with(|| Engine::load(glm4_dir(&case.model)).expect("fixture loads"));
+        let engine = engines.entry(case.model.clone()).or_insert_with(|| {
+            Engine::load(common::model_dir(&case.model)).expect("fixture loads")
+        });
         assert_eq!(engine.family(), ModelFamily::Glm4, "{}", case.id);
         let mut stops = engine.stop_ids().to_vec();
         stops.sort();
@@ -40,6 +36,121 @@ fn every_layout_reproduces_prompt_greedy_ids_and_text() {
             outcome.text, case.greedy_text_until_stop,
             "{}: text equals the official decode",
             case.id
+        );
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct TokenizerCases {
+    encode: Vec<EncodeCase>,
+    decode: Vec<DecodeCase>,
+}
+
+#[derive(serde::Deserialize)]
+struct EncodeCase {
+    text: String,
+    ids: Vec<u32>,
+    #[serde(default)]
+    ids_ordinary: Option<Vec<u32>>,
+    #[serde(default)]
+    ids_tokenizer_json: Option<Vec<u32>>,
+}
+
+#[derive(serde::Deserialize)]
+struct DecodeCase {
+    label: String,
+    ids: Vec<u32>,
+    text: String,
+    #[serde(default)]
+    text_tokenizer_json: Option<String>,
+}
+
+/// Both tokenizer formats, loaded as the engine loads them, against the official tokenizers:
+/// encoding (special-token text as ids, and as text) and decoding, whole and streamed.
+#[test]
+fn both_tokenizer_formats_match_the_official_tokenizers() {
+    let cases: TokenizerCases = serde_json::from_slice(
+        &std::fs::read(common::fixtures().join("glm4/tokenizer/encode_cases.json")).expect("read"),
+    )
+    .expect("parses");
+    for model in ["glm4-chat-tiny", "glm4-hf-tiny", "glm4-0414-tiny"] {
+        let tokenizer = chathub::load_tokenizer(common::model_dir(model)).expect("loads");
+        let json = model != "glm4-chat-tiny";
+        assert_eq!(tokenizer.special_id("<|user|>"), Some(1207), "{model}");
+        assert_eq!(tokenizer.special_id("<|endoftext|>"), Some(1200), "{model}");
+        assert_eq!(tokenizer.ordinary_vocab_size(), 1200, "{model}");
+        for case in &cases.encode {
+            let expected = match (&case.ids_tokenizer_json, json) {
+                (Some(ids), true) => ids,
+                _ => &case.ids,
+            };
+            let ids = tokenizer
+                .encode_with_special_text(&case.text, &[])
+                .expect("encodes");
+            assert_eq!(&ids, expected, "{model} encode {:?}", case.text);
+            let ordinary = case.ids_ordinary.as_ref().unwrap_or(expected);
+            assert_eq!(
+                &tokenizer.encode(&case.text).expect("encodes"),
+                ordinary,
+                "{model} plain encode {:?}",
+                case.text
+            );
+        }
+        for case in &cases.decode {
+            let expected = match (&case.text_tokenizer_json, json) {
+                (Some(text), true) => text,
+                _ => &case.text,
+            };
+            assert_eq!(
+                &tokenizer.decode(&case.ids),
+                expected,
+                "{model} decode {}",
+                case.label
+            );
+            let mut decoder = tokenizer.decoder();
+            let mut streamed = String::new();
+            for &id in &case.ids {
+                decoder.push(id, &mut streamed);
+            }
+            decoder.finish(&mut streamed);
+            assert_eq!(&streamed, expected, "{model} stream {}", case.label);
+        }
+    }
+}
+
+/// `SpecialText::Text` keeps special-token text a user typed as text; the default follows the
+/// official chat path and turns it into the role token.
+#[test]
+fn special_token_text_in_messages_can_stay_text() {
+    use chathub::{ChatRequest, SpecialText};
+    for model in ["glm4-chat-tiny", "glm4-hf-tiny", "glm4-0414-tiny"] {
+        let engine = Engine::load(common::model_dir(model)).expect("loads");
+        let user = engine.tokenizer().special_id("<|user|>").expect("has it");
+        let request = ChatRequest::new("a <|user|> b").max_new_tokens(1).greedy();
+        let official = engine.chat(&request).expect("chat").prompt_token_ids;
+        assert_eq!(
+            official.iter().filter(|&&id| id == user).count(),
+            2,
+            "{model}"
+        );
+        let literal = engine
+            .chat(&request.clone().special_text(SpecialText::Text))
+            .expect("chat")
+            .prompt_token_ids;
+        assert_eq!(
+            literal.iter().filter(|&&id| id == user).count(),
+            1,
+            "{model}"
+        );
+        // Without special-token text in the messages both give the same prompt.
+        let plain = ChatRequest::new("hello there").max_new_tokens(1).greedy();
+        assert_eq!(
+            engine.chat(&plain).expect("chat").prompt_token_ids,
+            engine
+                .chat(&plain.clone().special_text(SpecialText::Text))
+                .expect("chat")
+                .prompt_token_ids,
+            "{model}"
         );
     }
 }

@@ -59,7 +59,7 @@ fn conversation(model: &str, read_replies: bool) {
         }
         let run = reused.usage.prompt_tokens - reused.usage.cached_prompt_tokens;
         computed.push(run);
-        if turn > 0 && model == "chatglm3-tiny" {
+        if turn > 0 && model != "chatglm2-tiny" {
             // Everything up to the new question was pre-filled: the question's own tokens
             // and the `<|assistant|>` after them are all that runs (ChatGLM2's text-level
             // prompt may re-split a few tokens around "问：").
@@ -88,6 +88,13 @@ fn conversation(model: &str, read_replies: bool) {
 #[test]
 fn chatglm3_conversation_reuses_its_prefix_without_changing_replies() {
     conversation("chatglm3-tiny", true);
+}
+
+#[test]
+fn glm4_conversations_reuse_their_prefix_without_changing_replies() {
+    for model in ["glm4-chat-tiny", "glm4-hf-tiny", "glm4-0414-tiny"] {
+        conversation(model, true);
+    }
 }
 
 #[test]

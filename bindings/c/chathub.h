@@ -66,6 +66,12 @@
 #define CHATHUB_FAMILY_CHATGLM3 3
 
 /**
+ * GLM-4 (glm-4-9b-chat, its -hf layout, GLM-4-9B-0414): role tokens, the model's own chat
+ * template.
+ */
+#define CHATHUB_FAMILY_GLM4 4
+
+/**
  * Keep the weights dense.
  */
 #define CHATHUB_QUANT_NONE 0
@@ -197,7 +203,8 @@ typedef struct ChathubParams {
  */
 typedef struct ChathubLoadOptions {
   /**
-   * `CHATHUB_FAMILY_AUTO`, `CHATHUB_FAMILY_CHATGLM2` or `CHATHUB_FAMILY_CHATGLM3`.
+   * `CHATHUB_FAMILY_AUTO`, `CHATHUB_FAMILY_CHATGLM2`, `CHATHUB_FAMILY_CHATGLM3` or
+   * `CHATHUB_FAMILY_GLM4`.
    */
   int32_t family;
   /**
@@ -331,9 +338,11 @@ const char *chathub_last_error_message(void);
 int32_t chathub_params_default(struct ChathubParams *out_params);
 
 /**
- * Loads a model directory as THUDM publishes it (config.json, weights, tokenizer.model).
+ * Loads a model directory as THUDM publishes it (config.json, weights, tokenizer files), or a
+ * GGUF file (from `chathub convert` or llama.cpp).
  *
- * `family` is `CHATHUB_FAMILY_AUTO`, `CHATHUB_FAMILY_CHATGLM2` or `CHATHUB_FAMILY_CHATGLM3`.
+ * `family` is `CHATHUB_FAMILY_AUTO`, `CHATHUB_FAMILY_CHATGLM2`, `CHATHUB_FAMILY_CHATGLM3` or
+ * `CHATHUB_FAMILY_GLM4`.
  * On success `*out_model` owns the new model: free it once with `chathub_model_free`. On
  * failure `*out_model` is set to NULL. Blocks while the weights load. Any thread.
  *

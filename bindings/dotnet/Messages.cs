@@ -153,6 +153,8 @@ namespace ChatHub
         ChatGlm2 = 2,
         /// <summary>THUDM/chatglm3-6b.</summary>
         ChatGlm3 = 3,
+        /// <summary>THUDM/glm-4-9b-chat (and its -hf layout) and GLM-4-9B-0414.</summary>
+        Glm4 = 4,
     }
 
     /// <summary>Weight format chosen at load: smaller and faster on a CPU, slightly less exact.</summary>

@@ -61,6 +61,11 @@ namespace ChatHub.Native
         /// </summary>
         internal const int CHATHUB_FAMILY_CHATGLM3 = 3;
         /// <summary>
+        ///  GLM-4 (glm-4-9b-chat, its -hf layout, GLM-4-9B-0414): role tokens, the model's own chat
+        ///  template.
+        /// </summary>
+        internal const int CHATHUB_FAMILY_GLM4 = 4;
+        /// <summary>
         ///  Keep the weights dense.
         /// </summary>
         internal const int CHATHUB_QUANT_NONE = 0;
@@ -159,9 +164,11 @@ namespace ChatHub.Native
         internal static extern int chathub_params_default(ChathubParams* out_params);
 
         /// <summary>
-        ///  Loads a model directory as THUDM publishes it (config.json, weights, tokenizer.model).
+        ///  Loads a model directory as THUDM publishes it (config.json, weights, tokenizer files), or a
+        ///  GGUF file (from `chathub convert` or llama.cpp).
         ///
-        ///  `family` is `CHATHUB_FAMILY_AUTO`, `CHATHUB_FAMILY_CHATGLM2` or `CHATHUB_FAMILY_CHATGLM3`.
+        ///  `family` is `CHATHUB_FAMILY_AUTO`, `CHATHUB_FAMILY_CHATGLM2`, `CHATHUB_FAMILY_CHATGLM3` or
+        ///  `CHATHUB_FAMILY_GLM4`.
         ///  On success `*out_model` owns the new model: free it once with `chathub_model_free`. On
         ///  failure `*out_model` is set to NULL. Blocks while the weights load. Any thread.
         ///
@@ -280,7 +287,8 @@ namespace ChatHub.Native
     internal unsafe partial struct ChathubLoadOptions
     {
         /// <summary>
-        ///  `CHATHUB_FAMILY_AUTO`, `CHATHUB_FAMILY_CHATGLM2` or `CHATHUB_FAMILY_CHATGLM3`.
+        ///  `CHATHUB_FAMILY_AUTO`, `CHATHUB_FAMILY_CHATGLM2`, `CHATHUB_FAMILY_CHATGLM3` or
+        ///  `CHATHUB_FAMILY_GLM4`.
         /// </summary>
         public int family;
         /// <summary>

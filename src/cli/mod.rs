@@ -17,8 +17,8 @@ use clap::Args;
 /// Which model to load and how.
 #[derive(Debug, Args)]
 pub struct ModelArgs {
-    /// A model directory as downloaded from Hugging Face (e.g. THUDM/chatglm3-6b), or a .gguf
-    /// file written by `chathub convert`.
+    /// A model directory as downloaded from Hugging Face (THUDM/chatglm3-6b, glm-4-9b-chat,
+    /// glm-4-9b-chat-hf, GLM-4-9B-0414...), or a .gguf file (`chathub convert`, llama.cpp).
     #[arg(long, env = "CHATHUB_MODEL", conflicts_with = "demo")]
     pub model: Option<PathBuf>,
 
@@ -26,7 +26,7 @@ pub struct ModelArgs {
     #[arg(long, env = "CHATHUB_DEMO")]
     pub demo: bool,
 
-    /// Chat format, when detection from the files guesses wrong: chatglm2 or chatglm3.
+    /// Chat format, when detection from the files guesses wrong: chatglm2, chatglm3 or glm4.
     #[arg(long, env = "CHATHUB_FAMILY")]
     pub family: Option<ModelFamily>,
 

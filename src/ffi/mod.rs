@@ -49,6 +49,9 @@ pub const CHATHUB_FAMILY_AUTO: i32 = 0;
 pub const CHATHUB_FAMILY_CHATGLM2: i32 = 2;
 /// ChatGLM3: role tokens, system prompts.
 pub const CHATHUB_FAMILY_CHATGLM3: i32 = 3;
+/// GLM-4 (glm-4-9b-chat, its -hf layout, GLM-4-9B-0414): role tokens, the model's own chat
+/// template.
+pub const CHATHUB_FAMILY_GLM4: i32 = 4;
 
 /// Keep the weights dense.
 pub const CHATHUB_QUANT_NONE: i32 = 0;
@@ -91,7 +94,8 @@ pub struct ChathubModel {
 /// dense f32 weights on the CPU, the default prefix cache, next-turn pre-fill on.
 #[repr(C)]
 pub struct ChathubLoadOptions {
-    /// `CHATHUB_FAMILY_AUTO`, `CHATHUB_FAMILY_CHATGLM2` or `CHATHUB_FAMILY_CHATGLM3`.
+    /// `CHATHUB_FAMILY_AUTO`, `CHATHUB_FAMILY_CHATGLM2`, `CHATHUB_FAMILY_CHATGLM3` or
+    /// `CHATHUB_FAMILY_GLM4`.
     pub family: i32,
     /// `CHATHUB_QUANT_NONE`, `CHATHUB_QUANT_Q8_0`, `CHATHUB_QUANT_Q4_0` or `CHATHUB_QUANT_Q4K`.
     pub quantization: i32,
@@ -238,9 +242,11 @@ pub unsafe extern "C" fn chathub_params_default(out_params: *mut ChathubParams) 
     })
 }
 
-/// Loads a model directory as THUDM publishes it (config.json, weights, tokenizer.model).
+/// Loads a model directory as THUDM publishes it (config.json, weights, tokenizer files), or a
+/// GGUF file (from `chathub convert` or llama.cpp).
 ///
-/// `family` is `CHATHUB_FAMILY_AUTO`, `CHATHUB_FAMILY_CHATGLM2` or `CHATHUB_FAMILY_CHATGLM3`.
+/// `family` is `CHATHUB_FAMILY_AUTO`, `CHATHUB_FAMILY_CHATGLM2`, `CHATHUB_FAMILY_CHATGLM3` or
+/// `CHATHUB_FAMILY_GLM4`.
 /// On success `*out_model` owns the new model: free it once with `chathub_model_free`. On
 /// failure `*out_model` is set to NULL. Blocks while the weights load. Any thread.
 ///
@@ -330,9 +336,10 @@ fn model_options(o: &ChathubLoadOptions) -> Result<ModelOptions, FfiError> {
         CHATHUB_FAMILY_AUTO => None,
         CHATHUB_FAMILY_CHATGLM2 => Some(ModelFamily::ChatGlm2),
         CHATHUB_FAMILY_CHATGLM3 => Some(ModelFamily::ChatGlm3),
+        CHATHUB_FAMILY_GLM4 => Some(ModelFamily::Glm4),
         other => {
             return Err(FfiError::invalid(format!(
-                "invalid family {other}: expected 0 (auto), 2 (chatglm2) or 3 (chatglm3)"
+                "invalid family {other}: expected 0 (auto), 2 (chatglm2), 3 (chatglm3) or 4 (glm4)"
             )))
         }
     };

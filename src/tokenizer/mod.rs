@@ -25,6 +25,18 @@ use sentencepiece::{PieceBytes, SentencePiece};
 pub(crate) use byte_bpe::specials::GLM4_SPECIAL_TOKENS;
 pub(crate) use byte_bpe::tiktoken::{sniff, ModelFileKind};
 
+/// The bytes a GPT-2 byte-level token string stands for (`None` for a character outside the
+/// byte alphabet), to rebuild a vocabulary from GGUF's token strings.
+pub(crate) fn byte_level_token_bytes(token: &str) -> Option<Vec<u8>> {
+    byte_bpe::bytelevel::token_to_bytes(token)
+}
+
+/// The GPT-2 byte-level character standing for `byte` (tests write GGUF vocabularies with it).
+#[cfg(test)]
+pub(crate) fn byte_level_char(byte: u8) -> char {
+    byte_bpe::bytelevel::byte_to_char(byte)
+}
+
 /// Number of pieces in a serialized sentencepiece model.
 pub(crate) fn sentencepiece_size(model: &[u8]) -> std::result::Result<usize, String> {
     SentencePiece::from_bytes(model).map(|sp| sp.vocab_size())

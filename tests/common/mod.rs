@@ -11,8 +11,13 @@ pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
+/// A fixture model directory by name (`chatglm3-tiny`, `glm4-hf-tiny`, ...).
 pub fn model_dir(name: &str) -> PathBuf {
-    fixtures().join(name)
+    if name.starts_with("glm4-") {
+        fixtures().join("glm4").join(name)
+    } else {
+        fixtures().join(name)
+    }
 }
 
 pub fn load(name: &str) -> Engine {
@@ -52,6 +57,13 @@ impl Case {
 
 pub fn cases() -> Vec<Case> {
     cases_in("expected")
+}
+
+/// The ChatGLM2/3 and the GLM-4 cases.
+pub fn all_cases() -> Vec<Case> {
+    let mut cases = cases();
+    cases.extend(cases_in("glm4/expected"));
+    cases
 }
 
 /// The cases of `tests/fixtures/{dir}` (`expected`, `glm4/expected`).

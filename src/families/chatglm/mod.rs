@@ -57,7 +57,13 @@ pub(crate) const LLAMA_CPP_NAMES: TensorNames = TensorNames {
     embedding: "token_embd",
     layer: "blk.{i}",
     input_norm: "attn_norm",
-    qkv: QkvNames::Fused("attn_qkv"),
+    // The converter keeps ChatGLM's fused projection; glm-4-9b-chat-hf comes split.
+    qkv: QkvNames::Split {
+        q: "attn_q",
+        k: "attn_k",
+        v: "attn_v",
+        fused: "attn_qkv",
+    },
     attention_output: "attn_output",
     post_attention_norm: "ffn_norm",
     mlp_gate_up: "ffn_up",

@@ -84,6 +84,10 @@ pub(crate) const LLAMA_CPP_0414_NAMES: TensorNames = TensorNames {
     output: "output",
 };
 
+/// glm-4-9b-chat's chat template, for files that carry none (it is the same in every layout
+/// published before 0414).
+const DEFAULT_TEMPLATE: &str = include_str!("../../../assets/glm4-chat-template.jinja");
+
 /// The three published layouts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Layout {
@@ -213,8 +217,18 @@ pub(crate) fn open(source: &ModelSource) -> Result<Opened> {
     let tokenizer = load_tokenizer(source, layout, &tokenizer_config, &mut files)?;
 
     let jinja = source.read("chat_template.jinja")?;
+    let mut template_config = tokenizer_config.clone();
+    if jinja.is_none() && template_config.get("chat_template").is_none() {
+        tracing::warn!(
+            path = %source.path().display(),
+            "no chat template in the model's files: using glm-4-9b-chat's"
+        );
+        if let Some(config) = template_config.as_object_mut() {
+            config.insert("chat_template".into(), DEFAULT_TEMPLATE.into());
+        }
+    }
     let template = ChatTemplate::from_parts(
-        &tokenizer_config,
+        &template_config,
         jinja
             .as_ref()
             .map(|b| String::from_utf8_lossy(b).into_owned()),
