@@ -63,7 +63,8 @@ pub use crate::chat::request::{
 };
 pub use crate::engine::sampling::Sampling;
 pub use crate::engine::synthetic::{
-    bench_config, chatglm3_6b_config, demo_config, demo_model_dir, write_model_dir,
+    bench_config, chatglm3_6b_config, demo_config, demo_model_dir, glm4_9b_config,
+    glm4_tokenizer_model, write_model_dir,
 };
 pub use crate::engine::{Engine, ModelOptions};
 pub use crate::error::{Error, ErrorKind, Result};

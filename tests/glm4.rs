@@ -154,3 +154,39 @@ fn special_token_text_in_messages_can_stay_text() {
         );
     }
 }
+
+/// The synthetic writer makes glm-4-9b-chat-layout directories (what `chathub bench --synthetic
+/// glm4-9b` measures), which load as GLM-4 through the same path as a download.
+#[test]
+fn synthetic_glm4_directories_load_as_glm4() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("glm4-small");
+    let config = chathub::ChatGlmConfig {
+        num_layers: 2,
+        hidden_size: 128,
+        num_attention_heads: 4,
+        kv_channels: Some(32),
+        ffn_hidden_size: 256,
+        padded_vocab_size: 1216,
+        seq_length: 4096,
+        ..chathub::glm4_9b_config()
+    };
+    chathub::write_model_dir(&dir, &config, chathub::glm4_tokenizer_model(), 5, 1 << 20)
+        .expect("writes");
+    let engine = Engine::load(&dir).expect("loads");
+    assert_eq!(engine.family(), ModelFamily::Glm4);
+    assert_eq!(engine.arch().rope_base, 5_000_000.0);
+    let outcome = engine
+        .chat(&chathub::ChatRequest::new("你好").max_new_tokens(8).greedy())
+        .expect("chat");
+    assert_eq!(
+        &outcome.prompt_token_ids[..3],
+        &[1202, 1204, 1207],
+        "[gMASK]<sop><|user|>"
+    );
+    let parameters = chathub::glm4_9b_config().arch_spec().parameter_count();
+    assert!(
+        (9_300_000_000..9_500_000_000).contains(&parameters),
+        "GLM-4-9B's size: {parameters}"
+    );
+}

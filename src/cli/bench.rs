@@ -62,6 +62,10 @@ enum SyntheticSize {
     /// ChatGLM3-6B's shape: 6.2B parameters, hidden 4096, 28 layers, ffn 13696.
     #[value(name = "6b")]
     Chatglm3_6b,
+    /// GLM-4-9B's shape (glm-4-9b-chat layout): 9.4B parameters, hidden 4096, 40 layers,
+    /// vocabulary 151552.
+    #[value(name = "glm4-9b")]
+    Glm4_9b,
 }
 
 #[derive(Debug, Serialize)]
@@ -314,15 +318,19 @@ fn synthetic_dir(
     let (name, config) = match size {
         SyntheticSize::Mid785m => ("chathub-bench-785m-v2", chathub::bench_config()),
         SyntheticSize::Chatglm3_6b => ("chathub-bench-6b-v1", chathub::chatglm3_6b_config()),
+        SyntheticSize::Glm4_9b => ("chathub-bench-glm4-9b-v1", chathub::glm4_9b_config()),
     };
     let dir = work_dir.unwrap_or_else(|| std::env::temp_dir().join(name));
     if !dir.join("complete").is_file() {
         eprintln!(
-            "chathub: writing a synthetic {}-parameter ChatGLM3 to {} (once)",
+            "chathub: writing a synthetic {}-parameter model to {} (once)",
             config.arch_spec().parameter_count(),
             dir.display()
         );
-        let tokenizer = std::fs::read(chathub::demo_model_dir()?.join("tokenizer.model"))?;
+        let tokenizer = match size {
+            SyntheticSize::Glm4_9b => chathub::glm4_tokenizer_model().to_vec(),
+            _ => std::fs::read(chathub::demo_model_dir()?.join("tokenizer.model"))?,
+        };
         chathub::write_model_dir(&dir, &config, &tokenizer, 7, 1 << 30)?;
         return Ok((dir, true));
     }

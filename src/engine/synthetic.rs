@@ -14,9 +14,19 @@ use crate::chat::generation::TokenIds;
 use crate::engine::sampling::SplitMix64;
 use crate::error::{Error, Result};
 use crate::families::chatglm::config::ChatGlmConfig;
+use crate::families::chatglm::{NAMES, SPECIAL_TOKENS};
+use crate::nn::names::{QkvNames, TensorNames};
+use crate::nn::spec::ArchSpec;
+use crate::tokenizer::{sniff, ModelFileKind, GLM4_SPECIAL_TOKENS};
 
 /// The sentencepiece model of the demo (the 1000-piece BPE test tokenizer, ChatGLM-shaped).
 const DEMO_TOKENIZER: &[u8] = include_bytes!("../../assets/demo-tokenizer.model");
+
+/// A GLM-4 tiktoken `tokenizer.model` (1200 ranks trained with GLM-4's pre-tokenizer).
+const GLM4_TOKENIZER: &[u8] = include_bytes!("../../assets/glm4-tiny-tokenizer.model");
+
+/// glm-4-9b-chat's chat template.
+const GLM4_TEMPLATE: &str = include_str!("../../assets/glm4-chat-template.jinja");
 
 /// Bumped whenever the demo's weights or layout change, so stale copies are not reused.
 const DEMO_VERSION: u32 = 1;
@@ -74,6 +84,34 @@ pub fn chatglm3_6b_config() -> ChatGlmConfig {
     }
 }
 
+/// A byte-level BPE tokenizer in GLM-4's tiktoken format (the 1200-rank test tokenizer), for
+/// [`write_model_dir`] with [`glm4_9b_config`].
+pub fn glm4_tokenizer_model() -> &'static [u8] {
+    GLM4_TOKENIZER
+}
+
+/// GLM-4-9B's architecture in glm-4-9b-chat's layout (about 9.4B parameters: hidden 4096, 40
+/// layers, 2 key/value groups, vocabulary 151552): what `chathub bench --synthetic glm4-9b`
+/// measures memory and speed at without a download. Write it with
+/// [`glm4_tokenizer_model`].
+pub fn glm4_9b_config() -> ChatGlmConfig {
+    ChatGlmConfig {
+        num_layers: 40,
+        hidden_size: 4096,
+        num_attention_heads: 32,
+        kv_channels: Some(128),
+        multi_query_group_num: 2,
+        ffn_hidden_size: 13696,
+        padded_vocab_size: 151552,
+        seq_length: 131072,
+        layernorm_epsilon: 1.5625e-07,
+        rope_ratio: 500.0,
+        name_or_path: Some("chathub/bench-glm-4-9b-shape".into()),
+        eos_token_id: None,
+        ..demo_config()
+    }
+}
+
 /// Writes (once) and returns the directory of the built-in demo model, under the system's
 /// temporary directory. Safe to call from several processes at once.
 ///
@@ -88,12 +126,14 @@ pub fn demo_model_dir() -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// Writes a ChatGLM3-layout model directory with random f16 weights drawn from `seed`:
+/// Writes a model directory in ChatGLM's layout with random f16 weights drawn from `seed`:
 /// `config.json`, `generation_config.json`, `tokenizer_config.json`, `tokenizer.model`, and
 /// safetensors shards of at most `shard_bytes` with `model.safetensors.index.json`.
 ///
-/// The directory is built beside `dir` and renamed into place, so a reader never sees half of
-/// it. ``tokenizer_model` must have at most `padded_vocab_size - 9` pieces.
+/// A sentencepiece `tokenizer_model` makes a ChatGLM3 directory; a GLM-4 tiktoken one (such as
+/// [`glm4_tokenizer_model`]) a glm-4-9b-chat directory, with GLM-4's special tokens and chat
+/// template. The directory is built beside `dir` and renamed into place, so a reader never
+/// sees half of it. The tokenizer's ids must fit in `padded_vocab_size`.
 ///
 /// # Errors
 ///
@@ -121,17 +161,65 @@ pub fn write_model_dir(
     config_json["model_type"] = "chatglm".into();
     config_json["multi_query_attention"] = true.into();
     config_json["torch_dtype"] = "float16".into();
+    let tokenizer_path = staging.join("tokenizer.model");
+    // A ChatGLM2/3 directory gets a sentencepiece model, a glm-4-9b-chat one GLM-4's
+    // tiktoken file with its special tokens and chat template.
+    let (eos, used_rows, tokenizer_config) = if sniff(tokenizer_model) == ModelFileKind::Tiktoken {
+        let ranks = tokenizer_model
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .count() as u32;
+        let special = |text: &str| {
+            ranks
+                + GLM4_SPECIAL_TOKENS
+                    .iter()
+                    .position(|t| *t == text)
+                    .unwrap_or(0) as u32
+        };
+        let eos = vec![
+            special("<|endoftext|>"),
+            special("<|user|>"),
+            special("<|observation|>"),
+        ];
+        let tokenizer_config = serde_json::json!({
+            "name_or_path": config.name_or_path,
+            "additional_special_tokens": GLM4_SPECIAL_TOKENS,
+            "chat_template": GLM4_TEMPLATE,
+            "clean_up_tokenization_spaces": false,
+            "eos_token": "<|endoftext|>",
+            "pad_token": "<|endoftext|>",
+            "tokenizer_class": "ChatGLM4Tokenizer",
+        });
+        config_json["eos_token_id"] = eos.clone().into();
+        (
+            eos,
+            ranks as usize + GLM4_SPECIAL_TOKENS.len(),
+            tokenizer_config,
+        )
+    } else {
+        let sp_size = crate::tokenizer::sentencepiece_size(tokenizer_model).map_err(|reason| {
+            Error::Tokenizer {
+                path: tokenizer_path.clone(),
+                reason,
+            }
+        })? as u32;
+        let tokenizer_config = serde_json::json!({
+            "name_or_path": config.name_or_path,
+            "remove_space": false,
+            "do_lower_case": false,
+            "tokenizer_class": "ChatGLMTokenizer",
+        });
+        (
+            vec![2, sp_size + 6, sp_size + 8],
+            sp_size as usize + SPECIAL_TOKENS.len(),
+            tokenizer_config,
+        )
+    };
     write("config.json", &json(&config_json))?;
-    let sp_size = crate::tokenizer::sentencepiece_size(tokenizer_model).map_err(|reason| {
-        Error::Tokenizer {
-            path: staging.join("tokenizer.model"),
-            reason,
-        }
-    })? as u32;
     write(
         "generation_config.json",
         &json(&serde_json::json!({
-            "eos_token_id": [2, sp_size + 6, sp_size + 8],
+            "eos_token_id": eos,
             "pad_token_id": 0,
             "do_sample": true,
             "temperature": 0.8,
@@ -139,18 +227,11 @@ pub fn write_model_dir(
             "max_length": 8192,
         })),
     )?;
-    write(
-        "tokenizer_config.json",
-        &json(&serde_json::json!({
-            "name_or_path": config.name_or_path,
-            "remove_space": false,
-            "do_lower_case": false,
-            "tokenizer_class": "ChatGLMTokenizer",
-        })),
-    )?;
+    write("tokenizer_config.json", &json(&tokenizer_config))?;
     write("tokenizer.model", tokenizer_model)?;
 
-    let specs = tensor_specs(config);
+    let names = &NAMES;
+    let specs = tensor_specs(&config.arch_spec(), names);
     let mut shards: Vec<Vec<&TensorSpec>> = Vec::new();
     let mut current = 0;
     for spec in &specs {
@@ -175,11 +256,8 @@ pub fn write_model_dir(
         let mut tensors = HashMap::new();
         for spec in shard {
             let mut tensor = spec.generate(seed)?;
-            if spec.name == "transformer.output_layer.weight" {
-                tensor = zero_padding_rows(
-                    tensor,
-                    sp_size as usize + crate::families::chatglm::SPECIAL_TOKENS.len(),
-                )?;
+            if spec.name == names.global(names.output, "weight") {
+                tensor = zero_padding_rows(tensor, used_rows)?;
             }
             tensors.insert(spec.name.clone(), tensor);
             weight_map.insert(spec.name.clone(), file.clone().into());
@@ -287,61 +365,77 @@ fn zero_padding_rows(output: Tensor, used_rows: usize) -> Result<Tensor> {
     )?)
 }
 
-fn tensor_specs(cfg: &ChatGlmConfig) -> Vec<TensorSpec> {
-    let h = cfg.hidden_size;
-    let q = cfg.num_attention_heads * cfg.head_dim();
-    let qkv = q + 2 * cfg.kv_heads() * cfg.head_dim();
-    let ffn = cfg.ffn_hidden_size;
-    let spec = |name: String, shape: Vec<usize>, init| TensorSpec { name, shape, init };
+/// Every tensor of a ChatGLM-layout checkpoint of `spec`, named by `names`, with its init.
+fn tensor_specs(spec: &ArchSpec, names: &TensorNames) -> Vec<TensorSpec> {
+    let h = spec.hidden_size;
+    let q = spec.num_heads * spec.head_dim;
+    let ffn = spec.ffn_hidden_size;
+    let tensor = |name: String, shape: Vec<usize>, init| TensorSpec { name, shape, init };
     let inv = |fan_in: usize| Init::Normal(1.0 / (fan_in as f32).sqrt());
     let mut specs = vec![
-        spec(
-            "transformer.embedding.word_embeddings.weight".into(),
-            vec![cfg.padded_vocab_size, h],
+        tensor(
+            names.global(names.embedding, "weight"),
+            vec![spec.vocab_size, h],
             Init::Normal(1.0),
         ),
-        spec(
+        // The unused rotary frequencies ChatGLM checkpoints carry.
+        tensor(
             "transformer.rotary_pos_emb.inv_freq".into(),
-            vec![cfg.head_dim() / 4],
+            vec![spec.rotary_dims / 2],
             Init::InvFreq,
         ),
     ];
-    for i in 0..cfg.num_layers {
-        let p = |s: &str| format!("transformer.encoder.layers.{i}.{s}");
-        specs.push(spec(p("input_layernorm.weight"), vec![h], Init::Norm));
-        specs.push(spec(
-            p("self_attention.query_key_value.weight"),
-            vec![qkv, h],
-            inv(h),
-        ));
-        if cfg.add_qkv_bias {
-            specs.push(spec(
-                p("self_attention.query_key_value.bias"),
-                vec![qkv],
-                Init::Normal(0.1),
-            ));
-        }
-        specs.push(spec(p("self_attention.dense.weight"), vec![h, q], inv(q)));
-        specs.push(spec(
-            p("post_attention_layernorm.weight"),
+    let qkv = match names.qkv {
+        QkvNames::Fused(fused) | QkvNames::Split { fused, .. } => fused,
+    };
+    for i in 0..spec.num_layers {
+        let layer = |part: &str, suffix: &str| names.layer(i, part, suffix);
+        specs.push(tensor(
+            layer(names.input_norm, "weight"),
             vec![h],
             Init::Norm,
         ));
-        specs.push(spec(
-            p("mlp.dense_h_to_4h.weight"),
+        specs.push(tensor(
+            layer(qkv, "weight"),
+            vec![spec.qkv_rows(), h],
+            inv(h),
+        ));
+        if spec.qkv_bias {
+            specs.push(tensor(
+                layer(qkv, "bias"),
+                vec![spec.qkv_rows()],
+                Init::Normal(0.1),
+            ));
+        }
+        specs.push(tensor(
+            layer(names.attention_output, "weight"),
+            vec![h, q],
+            inv(q),
+        ));
+        specs.push(tensor(
+            layer(names.post_attention_norm, "weight"),
+            vec![h],
+            Init::Norm,
+        ));
+        specs.push(tensor(
+            layer(names.mlp_gate_up, "weight"),
             vec![2 * ffn, h],
             inv(h),
         ));
-        specs.push(spec(p("mlp.dense_4h_to_h.weight"), vec![h, ffn], inv(ffn)));
+        specs.push(tensor(
+            layer(names.mlp_down, "weight"),
+            vec![h, ffn],
+            inv(ffn),
+        ));
     }
-    specs.push(spec(
-        "transformer.encoder.final_layernorm.weight".into(),
+    specs.push(tensor(
+        names.global(names.final_norm, "weight"),
         vec![h],
         Init::Norm,
     ));
-    specs.push(spec(
-        "transformer.output_layer.weight".into(),
-        vec![cfg.padded_vocab_size, h],
+    specs.push(tensor(
+        names.global(names.output, "weight"),
+        vec![spec.vocab_size, h],
         Init::Normal(2.0 / (h as f32).sqrt()),
     ));
     specs
