@@ -17,20 +17,32 @@ use std::sync::LazyLock;
 
 use rayon::prelude::*;
 
-/// Whether this CPU runs the attention kernel (AVX-512F; checked once).
+use super::cpu;
+
+/// Whether the attention kernel runs here: on AVX-512, or its portable twin off x86 (or when
+/// tests force it). x86 CPUs without AVX-512 use candle's matmul-based attention, which
+/// vectorizes for them.
 pub(crate) fn available() -> bool {
-    *AVAILABLE
+    Path::detect().is_some()
 }
 
-static AVAILABLE: LazyLock<bool> = LazyLock::new(|| {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx512f")
+/// The kernels attention can run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+enum Path {
+    Avx512(cpu::Avx512),
+    Portable,
+}
+
+impl Path {
+    fn detect() -> Option<Self> {
+        *DETECTED
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+}
+
+static DETECTED: LazyLock<Option<Path>> = LazyLock::new(|| match cpu::avx512() {
+    Some(avx512) => Some(Path::Avx512(avx512)),
+    None => (!cfg!(target_arch = "x86_64") || cpu::capped()).then_some(Path::Portable),
 });
 
 /// The shapes of one attention call.
@@ -58,7 +70,11 @@ pub(crate) struct Shape {
 /// # Panics
 /// When [`available`] is false or the slices are shorter than `shape` says.
 pub(crate) fn attend(q: &[f32], k: &[f32], v: &[f32], shape: Shape, scale: f32) -> Vec<f32> {
-    assert!(available(), "the attention kernel needs AVX-512F");
+    let path = Path::detect().expect("the attention kernel runs here");
+    attend_on(path, q, k, v, shape, scale)
+}
+
+fn attend_on(path: Path, q: &[f32], k: &[f32], v: &[f32], shape: Shape, scale: f32) -> Vec<f32> {
     let Shape {
         tokens,
         start,
@@ -105,18 +121,81 @@ pub(crate) fn attend(q: &[f32], k: &[f32], v: &[f32], shape: Shape, scale: f32) 
                 scores.clear();
                 scores.resize(n * seen, 0.0);
                 let out = &mut out[pass * head_dim..][..n * head_dim];
-                // SAFETY: `available()` was checked above; `keys` and `values` hold `seen` rows
-                // of `head_dim` values; `queries` and `out` hold `n` rows.
-                unsafe {
-                    x86::scores(queries, n, keys, scale, scores);
-                    for row in scores.chunks_mut(seen) {
-                        x86::softmax(row);
+                match path {
+                    // SAFETY: the token proves AVX-512F; `keys` and `values` hold `seen` rows
+                    // of `head_dim` values; `queries` and `out` hold `n` rows.
+                    Path::Avx512(_) => unsafe {
+                        x86::scores(queries, n, keys, scale, scores);
+                        for row in scores.chunks_mut(seen) {
+                            x86::softmax(row);
+                        }
+                        x86::weighted_sum(scores, n, values, out);
+                    },
+                    Path::Portable => {
+                        portable::scores(queries, n, keys, scale, scores);
+                        for row in scores.chunks_mut(seen) {
+                            portable::softmax(row);
+                        }
+                        portable::weighted_sum(scores, n, values, out);
                     }
-                    x86::weighted_sum(scores, n, values, out);
                 }
             }
         });
     out
+}
+
+/// The portable twin of the AVX-512 kernel: the same sums in the same order where it is cheap
+/// to keep (weighted sums, dots in sixteen lanes), `f32::exp` in softmax.
+mod portable {
+    /// Lanes the dots are summed in, as the vector kernel does.
+    const LANES: usize = 16;
+
+    /// As `x86::scores`.
+    pub(super) fn scores(queries: &[f32], n: usize, keys: &[f32], scale: f32, scores: &mut [f32]) {
+        let head_dim = queries.len() / n;
+        let seen = scores.len() / n;
+        for j in 0..seen {
+            let key = &keys[j * head_dim..][..head_dim];
+            for i in 0..n {
+                let query = &queries[i * head_dim..][..head_dim];
+                let mut lanes = [0f32; LANES];
+                for (d, (q, k)) in query.iter().zip(key).enumerate() {
+                    lanes[d % LANES] = q.mul_add(*k, lanes[d % LANES]);
+                }
+                scores[i * seen + j] = lanes.iter().sum::<f32>() * scale;
+            }
+        }
+    }
+
+    /// `row = exp(row - max) / Σ exp(row - max)`.
+    pub(super) fn softmax(row: &mut [f32]) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut lanes = [0f32; LANES];
+        for (k, x) in row.iter_mut().enumerate() {
+            *x = (*x - max).exp();
+            lanes[k % LANES] += *x;
+        }
+        let sum: f32 = lanes.iter().sum();
+        for x in row.iter_mut() {
+            *x /= sum;
+        }
+    }
+
+    /// As `x86::weighted_sum`: each output a chain of fused multiply-adds in order of `j`.
+    pub(super) fn weighted_sum(weights: &[f32], n: usize, values: &[f32], out: &mut [f32]) {
+        let head_dim = out.len() / n;
+        let seen = weights.len() / n;
+        out.fill(0.0);
+        for j in 0..seen {
+            let value = &values[j * head_dim..][..head_dim];
+            for i in 0..n {
+                let w = weights[i * seen + j];
+                for (o, v) in out[i * head_dim..][..head_dim].iter_mut().zip(value) {
+                    *o = v.mul_add(w, *o);
+                }
+            }
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -373,11 +452,21 @@ mod tests {
         out
     }
 
+    /// Every path this process may run: AVX-512 where the CPU has it, and the portable twin.
+    fn paths() -> Vec<Path> {
+        let mut paths: Vec<Path> = cpu::avx512().map(Path::Avx512).into_iter().collect();
+        paths.push(Path::Portable);
+        paths
+    }
+
     #[test]
     fn matches_the_formula_with_groups_and_a_causal_mask() {
-        if !available() {
-            return;
+        for path in paths() {
+            matches_the_formula_on(path);
         }
+    }
+
+    fn matches_the_formula_on(path: Path) {
         // (tokens, start, heads, head_dim, spare capacity after the context)
         for (tokens, start, heads, head_dim, spare) in [
             (1, 40, 8, 128, 0),
@@ -400,9 +489,12 @@ mod tests {
             let k = values(2 * s.group_stride, 0.7);
             let v = values(2 * s.group_stride, 1.9);
             let scale = 1.0 / (head_dim as f32).sqrt();
-            let got = attend(&q, &k, &v, s, scale);
+            let got = attend_on(path, &q, &k, &v, s, scale);
             for (g, w) in got.iter().zip(reference(&q, &k, &v, s, scale)) {
-                assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{g} vs {w}");
+                assert!(
+                    (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                    "{path:?}: {g} vs {w}"
+                );
             }
         }
     }
@@ -411,17 +503,16 @@ mod tests {
     /// with identical values.
     #[test]
     fn a_rows_result_does_not_depend_on_its_batch() {
-        if !available() {
-            return;
-        }
         // 8 heads in one group: alone, a token's heads are split in two runs (one per thread),
         // in a batch they are one.
-        for (heads, kv_heads) in [(4, 2), (8, 1)] {
-            batch_invariance(heads, kv_heads);
+        for path in paths() {
+            for (heads, kv_heads) in [(4, 2), (8, 1)] {
+                batch_invariance(path, heads, kv_heads);
+            }
         }
     }
 
-    fn batch_invariance(heads: usize, kv_heads: usize) {
+    fn batch_invariance(path: Path, heads: usize, kv_heads: usize) {
         let (head_dim, context) = (128, 30);
         let q = values(context * heads * head_dim, 1.3);
         let k = values(context * kv_heads * head_dim, 0.8);
@@ -434,18 +525,18 @@ mod tests {
             head_dim,
             group_stride: context * head_dim,
         };
-        let all = attend(&q, &k, &v, shape(context, 0), 0.1);
+        let all = attend_on(path, &q, &k, &v, shape(context, 0), 0.1);
         let row = heads * head_dim;
         for t in 0..context {
-            let alone = attend(&q[t * row..], &k, &v, shape(1, t), 0.1);
-            assert_eq!(alone, all[t * row..][..row], "token {t}");
+            let alone = attend_on(path, &q[t * row..], &k, &v, shape(1, t), 0.1);
+            assert_eq!(alone, all[t * row..][..row], "{path:?} token {t}");
         }
     }
 
     /// The vector exp behind softmax, against f64 over what softmax feeds it (x <= 0).
     #[test]
     fn vector_exp_is_within_two_ulp() {
-        if !available() {
+        if cpu::avx512().is_none() {
             return;
         }
         #[cfg(target_arch = "x86_64")]

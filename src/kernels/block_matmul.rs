@@ -25,6 +25,8 @@ use candle_core::Device;
 use half::f16;
 use rayon::prelude::*;
 
+use super::cpu;
+
 /// Weights per block, in both formats.
 const BLOCK: usize = 32;
 /// Activation blocks are padded to a multiple of this, the scales one 512-bit register covers.
@@ -77,51 +79,43 @@ impl BlockFormat {
     }
 }
 
-/// The instruction set a product runs on, detected once per process.
+/// The instruction set a product runs on, chosen once per process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) enum KernelPath {
     /// AVX-512 with VNNI (`vpdpbusd`), F16C conversions.
-    Vnni,
+    Vnni(cpu::Vnni),
     /// AVX2, FMA and F16C (`vpmaddubsw`).
-    Avx2,
-    /// Plain Rust.
+    Avx2(cpu::Avx2),
+    /// Plain Rust, the twin of both.
     Portable,
 }
 
 impl KernelPath {
-    /// The best path this CPU runs.
+    /// The best path this process runs.
     pub(crate) fn detect() -> Self {
         *DETECTED
     }
 
-    /// Paths this CPU can run, best first (tests compare them).
+    /// Paths this process can run, best first (tests compare them).
     #[cfg(test)]
     fn available() -> Vec<Self> {
-        [KernelPath::Vnni, KernelPath::Avx2, KernelPath::Portable]
-            .into_iter()
-            .filter(|p| *p as u8 >= *DETECTED as u8)
-            .collect()
+        let mut paths = Vec::new();
+        paths.extend(cpu::vnni().map(KernelPath::Vnni));
+        paths.extend(cpu::avx2().map(KernelPath::Avx2));
+        paths.push(KernelPath::Portable);
+        paths
     }
 }
 
 static DETECTED: LazyLock<KernelPath> = LazyLock::new(|| {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::is_x86_feature_detected as has;
-        if has!("avx512f")
-            && has!("avx512bw")
-            && has!("avx512vl")
-            && has!("avx512vnni")
-            && has!("f16c")
-        {
-            return KernelPath::Vnni;
-        }
-        if has!("avx2") && has!("fma") && has!("f16c") {
-            return KernelPath::Avx2;
-        }
+    if let Some(vnni) = cpu::vnni() {
+        return KernelPath::Vnni(vnni);
     }
-    KernelPath::Portable
+    match cpu::avx2() {
+        Some(avx2) => KernelPath::Avx2(avx2),
+        None => KernelPath::Portable,
+    }
 });
 
 /// Bytes of a q4_K super-block: f16 scale, f16 minimum, 12 bytes of 6-bit scales and
@@ -369,7 +363,7 @@ impl BlockMatrix {
         assert_eq!(x.len() % self.cols, 0, "activations are not whole rows");
         let tokens = x.len() / self.cols;
         assert_eq!(out.len(), tokens * self.rows, "output has the wrong size");
-        let order = if path == KernelPath::Vnni && self.format.is_four_bit() {
+        let order = if matches!(path, KernelPath::Vnni(_)) && self.format.is_four_bit() {
             QuantOrder::NibbleHalves
         } else {
             QuantOrder::Natural
@@ -454,10 +448,9 @@ impl BlockMatrix {
         };
         #[cfg(target_arch = "x86_64")]
         match path {
-            // SAFETY: the path was detected on this CPU (or is a test's choice among detected
-            // ones); `quants` holds QUANT_PADDING bytes past this row's last block and every
+            // SAFETY: the path's token proves the CPU runs it; `quants` holds QUANT_PADDING bytes past this row's last block and every
             // activation array is padded to whole scale groups.
-            KernelPath::Vnni => {
+            KernelPath::Vnni(_) => {
                 return unsafe {
                     match self.format {
                         BlockFormat::Q8_0 => x86::q8_0_vnni(quants, scales, acts),
@@ -468,7 +461,7 @@ impl BlockMatrix {
                 }
             }
             // SAFETY: as above.
-            KernelPath::Avx2 => {
+            KernelPath::Avx2(_) => {
                 return unsafe {
                     match self.format {
                         BlockFormat::Q8_0 => x86::q8_0_avx2(quants, scales, acts),

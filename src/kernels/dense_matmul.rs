@@ -27,46 +27,48 @@ use candle_core::{Device, Tensor};
 
 use rayon::prelude::*;
 
+use super::cpu;
+
 /// Weight rows per panel: four 16-lane vectors.
 const PANEL_ROWS: usize = 64;
 /// Activation rows per pass over a panel.
 const TILE_TOKENS: usize = 6;
 
-/// Whether this CPU runs a panel kernel: AVX-512F/BW/VL, or AVX2 with FMA and F16C (checked
-/// once).
+/// Whether the panel kernels run here: AVX-512F/BW/VL, AVX2 with FMA and F16C, or the
+/// portable twin where fused multiply-adds are native (not x86) or tests force it.
 pub(crate) fn available() -> bool {
     KernelPath::detect().is_some()
 }
 
-/// The instruction sets a panel kernel is written for. Both compute every output as the same
-/// chain of fused multiply-adds, so they give the same bits (tested).
+/// The kernels a panel product can run on. All compute every output as the same chain of fused
+/// multiply-adds, so they give the same bits (tested).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 enum KernelPath {
     /// Four 16-lane vectors per panel column.
-    Avx512,
+    Avx512(cpu::Avx512),
     /// Eight 8-lane vectors per panel column (most laptops' CPUs).
-    Avx2,
+    Avx2(cpu::Avx2),
+    /// Scalar `mul_add` chains, the twin of both.
+    Portable,
 }
 
 impl KernelPath {
+    /// The best path for this process, `None` on an x86 CPU without AVX2 (where `mul_add` is a
+    /// library call, so candle's matmul is faster) unless `CHATHUB_CPU` forces the twin.
     fn detect() -> Option<Self> {
         *DETECTED
     }
 }
 
 static DETECTED: LazyLock<Option<KernelPath>> = LazyLock::new(|| {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::is_x86_feature_detected as has;
-        if has!("avx512f") && has!("avx512bw") && has!("avx512vl") {
-            return Some(KernelPath::Avx512);
-        }
-        if has!("avx2") && has!("fma") && has!("f16c") {
-            return Some(KernelPath::Avx2);
-        }
+    if let Some(avx512) = cpu::avx512() {
+        return Some(KernelPath::Avx512(avx512));
     }
-    None
+    if let Some(avx2) = cpu::avx2() {
+        return Some(KernelPath::Avx2(avx2));
+    }
+    (!cfg!(target_arch = "x86_64") || cpu::capped()).then_some(KernelPath::Portable)
 });
 
 /// A dense matrix's elements, row-major (or in panels once packed), in the dtype its products
@@ -474,11 +476,12 @@ unsafe fn tile<W: DenseWeight>(
         };
     }
     match path {
-        KernelPath::Avx512 => dispatch!(1, 2, 3, 4, 5, 6),
-        KernelPath::Avx2 if width < PANEL_ROWS => unsafe {
+        KernelPath::Avx512(_) => dispatch!(1, 2, 3, 4, 5, 6),
+        KernelPath::Avx2(_) if width < PANEL_ROWS => unsafe {
             narrow_panel(panel, width, x, m, cols, out, out_stride)
         },
-        KernelPath::Avx2 => match m {
+        KernelPath::Portable => unsafe { portable_tile(panel, width, x, m, cols, out, out_stride) },
+        KernelPath::Avx2(_) => match m {
             1 => unsafe { avx2::column(panel, x, cols, out) },
             2 => unsafe { avx2::tile::<W, 2>(panel, x, cols, out, out_stride) },
             3 => unsafe { avx2::tile::<W, 3>(panel, x, cols, out, out_stride) },
@@ -487,6 +490,40 @@ unsafe fn tile<W: DenseWeight>(
             6 => unsafe { avx2::tile::<W, 6>(panel, x, cols, out, out_stride) },
             _ => unreachable!("tile of {m} tokens"),
         },
+    }
+}
+
+/// The portable twin of the vector kernels: for each column, every row of the panel takes the
+/// column's weight times each activation into its running sum with one fused multiply-add,
+/// exactly the chains the vector kernels compute (so the same bits).
+///
+/// # Safety
+/// As [`tile`]'s.
+#[allow(clippy::too_many_arguments)]
+unsafe fn portable_tile<W: DenseWeight>(
+    panel: &[W],
+    width: usize,
+    x: &[f32],
+    m: usize,
+    cols: usize,
+    out: *mut f32,
+    out_stride: usize,
+) {
+    let mut acc = [[0f32; PANEL_ROWS]; TILE_TOKENS];
+    for k in 0..cols {
+        let weights = &panel[k * width..][..width];
+        for (j, acc) in acc.iter_mut().enumerate().take(m) {
+            let xk = x[j * cols + k];
+            for (acc, w) in acc.iter_mut().zip(weights) {
+                *acc = w.to_f32().mul_add(xk, *acc);
+            }
+        }
+    }
+    for (j, acc) in acc.iter().enumerate().take(m) {
+        for (i, value) in acc.iter().enumerate().take(width) {
+            // SAFETY: the caller gives room for `m` runs of `width` values.
+            unsafe { out.add(j * out_stride + i).write(*value) };
+        }
     }
 }
 
@@ -731,22 +768,13 @@ mod tests {
         out
     }
 
-    /// Every kernel path this CPU runs (an AVX-512 CPU runs both).
+    /// Every kernel path this process may run (an AVX-512 CPU runs all three).
     fn paths() -> Vec<KernelPath> {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::is_x86_feature_detected as has;
-            let mut paths = Vec::new();
-            if KernelPath::detect() == Some(KernelPath::Avx512) {
-                paths.push(KernelPath::Avx512);
-            }
-            if has!("avx2") && has!("fma") && has!("f16c") {
-                paths.push(KernelPath::Avx2);
-            }
-            paths
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        Vec::new()
+        let mut paths = Vec::new();
+        paths.extend(cpu::avx512().map(KernelPath::Avx512));
+        paths.extend(cpu::avx2().map(KernelPath::Avx2));
+        paths.push(KernelPath::Portable);
+        paths
     }
 
     /// Both paths compute the same chains of fused multiply-adds: the same bits, whichever

@@ -5,5 +5,6 @@
 
 pub(crate) mod attention;
 pub(crate) mod block_matmul;
+pub(crate) mod cpu;
 pub(crate) mod dense_matmul;
 pub(crate) mod elementwise;

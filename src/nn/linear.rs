@@ -9,7 +9,7 @@
 //! through its own block kernels ([`crate::kernels::block_matmul`]), and other block formats and GPUs
 //! through candle.
 
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
@@ -291,47 +291,22 @@ fn rows_dot<T: Sync>(
 trait HalfWeight: Copy + Send + Sync + 'static {
     /// Widens `src` into `dst` (same length).
     fn widen(src: &[Self], dst: &mut [f32]);
-    /// Dot product with f32 activations, widening on the fly.
-    fn dot(a: &[Self], b: &[f32]) -> f32;
+
+    /// Dot product with f32 activations, widening a block at a time.
+    fn dot(a: &[Self], b: &[f32]) -> f32 {
+        dot_widened(a, b)
+    }
 }
 
 impl HalfWeight for f16 {
     fn widen(src: &[Self], dst: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if *HAS_F16C {
-            // SAFETY: the CPU has AVX2, FMA and F16C, checked at run time.
-            return unsafe { simd::widen_f16(src, dst) };
-        }
         src.convert_to_f32_slice(dst);
-    }
-
-    fn dot(a: &[Self], b: &[f32]) -> f32 {
-        #[cfg(target_arch = "x86_64")]
-        if *HAS_F16C {
-            // SAFETY: the CPU has AVX2, FMA and F16C, checked at run time.
-            return unsafe { simd::dot_f16(a, b) };
-        }
-        dot_widened(a, b)
     }
 }
 
 impl HalfWeight for bf16 {
     fn widen(src: &[Self], dst: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if *HAS_F16C {
-            // SAFETY: the CPU has AVX2 and FMA, checked at run time.
-            return unsafe { simd::widen_bf16(src, dst) };
-        }
         src.convert_to_f32_slice(dst);
-    }
-
-    fn dot(a: &[Self], b: &[f32]) -> f32 {
-        #[cfg(target_arch = "x86_64")]
-        if *HAS_F16C {
-            // SAFETY: the CPU has AVX2 and FMA, checked at run time.
-            return unsafe { simd::dot_bf16(a, b) };
-        }
-        dot_widened(a, b)
     }
 }
 
@@ -366,101 +341,6 @@ fn widen_matrix<T: HalfWeight + candle_core::WithDType>(w: &Tensor) -> candle_co
     drop(storage);
     Tensor::from_vec(out, (rows, cols), &Device::Cpu)
 }
-
-#[cfg(target_arch = "x86_64")]
-mod simd {
-    use std::arch::x86_64::*;
-
-    use half::{bf16, f16};
-
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn sum8(v: __m256) -> f32 {
-        let hi = _mm256_extractf128_ps(v, 1);
-        let lo = _mm256_castps256_ps128(v);
-        let s = _mm_add_ps(hi, lo);
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
-    }
-
-    /// Eight f16 from `p`, widened.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn load_f16(p: *const f16) -> __m256 {
-        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
-    }
-
-    /// Eight bf16 from `p`, widened (a bf16 is the top half of an f32).
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn load_bf16(p: *const bf16) -> __m256 {
-        let halves = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
-        _mm256_castsi256_ps(_mm256_slli_epi32(halves, 16))
-    }
-
-    macro_rules! dot_impl {
-        ($name:ident, $t:ty, $load:ident, $features:literal) => {
-            #[target_feature(enable = $features)]
-            pub(super) unsafe fn $name(a: &[$t], b: &[f32]) -> f32 {
-                let n = a.len().min(b.len());
-                let main = n - n % 32;
-                let (pa, pb) = (a.as_ptr(), b.as_ptr());
-                let mut acc = [_mm256_setzero_ps(); 4];
-                let mut i = 0;
-                while i < main {
-                    for (j, acc) in acc.iter_mut().enumerate() {
-                        let w = $load(pa.add(i + 8 * j));
-                        let x = _mm256_loadu_ps(pb.add(i + 8 * j));
-                        *acc = _mm256_fmadd_ps(w, x, *acc);
-                    }
-                    i += 32;
-                }
-                let total =
-                    _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-                let mut sum = sum8(total);
-                for k in main..n {
-                    sum += a[k].to_f32() * b[k];
-                }
-                sum
-            }
-        };
-    }
-
-    macro_rules! widen_impl {
-        ($name:ident, $t:ty, $load:ident, $features:literal) => {
-            #[target_feature(enable = $features)]
-            pub(super) unsafe fn $name(src: &[$t], dst: &mut [f32]) {
-                let n = src.len().min(dst.len());
-                let main = n - n % 8;
-                let mut i = 0;
-                while i < main {
-                    _mm256_storeu_ps(dst.as_mut_ptr().add(i), $load(src.as_ptr().add(i)));
-                    i += 8;
-                }
-                for k in main..n {
-                    dst[k] = src[k].to_f32();
-                }
-            }
-        };
-    }
-
-    dot_impl!(dot_f16, f16, load_f16, "avx2,fma,f16c");
-    dot_impl!(dot_bf16, bf16, load_bf16, "avx2,fma");
-    widen_impl!(widen_f16, f16, load_f16, "avx2,fma,f16c");
-    widen_impl!(widen_bf16, bf16, load_bf16, "avx2,fma");
-}
-
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-static HAS_F16C: LazyLock<bool> = LazyLock::new(|| {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2")
-            && std::is_x86_feature_detected!("fma")
-            && std::is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-});
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -585,30 +465,8 @@ fn quantize_rows_in_parallel(
     Ok(parts)
 }
 
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-static HAS_AVX2: LazyLock<bool> = LazyLock::new(|| {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-});
-
+/// An f32 dot product (the matrix-vector product of layers the panel kernels do not take).
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if *HAS_AVX2 {
-        // SAFETY: the CPU supports AVX2, checked at run time above.
-        return unsafe { dot_avx2(a, b) };
-    }
-    dot_portable(a, b)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     dot_portable(a, b)
 }
 

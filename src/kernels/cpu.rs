@@ -1,0 +1,153 @@
+//! The CPU's vector extensions, detected once per process, and the tokens that prove them.
+//!
+//! A kernel written for an instruction set takes that set's token ([`Avx2`], [`Avx512`],
+//! [`Vnni`]); only this module makes tokens, and only after detection succeeded, so safe code
+//! elsewhere cannot choose a path the CPU does not run.
+//!
+//! `CHATHUB_CPU=portable|avx2|avx512` caps the level (never raises it), so the same test suite
+//! runs each kernel's portable twin and its AVX2 path on a machine with AVX-512.
+
+use std::sync::LazyLock;
+
+/// Instruction-set levels the kernels are written for, lowest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Level {
+    /// Plain Rust: every kernel's portable twin.
+    Portable,
+    /// AVX2 with FMA and F16C (most x86 laptops and desktops since 2013).
+    Avx2,
+    /// AVX-512F/BW/VL with F16C.
+    Avx512,
+    /// AVX-512 with VNNI (`vpdpbusd`).
+    Avx512Vnni,
+}
+
+impl Level {
+    /// The name `CHATHUB_CPU` takes for this level.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Level::Portable => "portable",
+            Level::Avx2 => "avx2",
+            Level::Avx512 => "avx512",
+            Level::Avx512Vnni => "avx512vnni",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        [
+            Level::Portable,
+            Level::Avx2,
+            Level::Avx512,
+            Level::Avx512Vnni,
+        ]
+        .into_iter()
+        .find(|l| l.as_str().eq_ignore_ascii_case(s.trim()))
+    }
+}
+
+/// What this CPU runs, before any cap.
+fn detect() -> Level {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::is_x86_feature_detected as has;
+        let avx2 = has!("avx2") && has!("fma") && has!("f16c");
+        let avx512 = avx2 && has!("avx512f") && has!("avx512bw") && has!("avx512vl");
+        if avx512 && has!("avx512vnni") {
+            return Level::Avx512Vnni;
+        }
+        if avx512 {
+            return Level::Avx512;
+        }
+        if avx2 {
+            return Level::Avx2;
+        }
+    }
+    Level::Portable
+}
+
+static LEVEL: LazyLock<Level> = LazyLock::new(|| {
+    let detected = *DETECTED;
+    let level = match std::env::var("CHATHUB_CPU") {
+        Ok(cap) => match Level::parse(&cap) {
+            Some(cap) => cap.min(detected),
+            None => {
+                tracing::warn!(
+                    value = %cap,
+                    "CHATHUB_CPU is not portable, avx2, avx512 or avx512vnni: ignored"
+                );
+                detected
+            }
+        },
+        Err(_) => detected,
+    };
+    if level != detected {
+        tracing::info!(
+            detected = detected.as_str(),
+            used = level.as_str(),
+            "kernels capped by CHATHUB_CPU"
+        );
+    }
+    level
+});
+
+/// The level the kernels use in this process: the CPU's, capped by `CHATHUB_CPU`.
+pub(crate) fn level() -> Level {
+    *LEVEL
+}
+
+/// Whether `CHATHUB_CPU` holds the kernels below what the CPU runs (tests of the fallbacks).
+pub(crate) fn capped() -> bool {
+    level() < *DETECTED
+}
+
+static DETECTED: LazyLock<Level> = LazyLock::new(detect);
+
+/// Proof that the CPU runs AVX2, FMA and F16C.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Avx2 {
+    _detected: (),
+}
+
+/// Proof that the CPU runs AVX-512F/BW/VL (and AVX2, FMA, F16C).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Avx512 {
+    _detected: (),
+}
+
+/// Proof that the CPU runs AVX-512 VNNI (and everything [`Avx512`] proves).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Vnni {
+    _detected: (),
+}
+
+/// The AVX2 token, when this process's level allows it.
+pub(crate) fn avx2() -> Option<Avx2> {
+    (level() >= Level::Avx2).then_some(Avx2 { _detected: () })
+}
+
+/// The AVX-512 token, when this process's level allows it.
+pub(crate) fn avx512() -> Option<Avx512> {
+    (level() >= Level::Avx512).then_some(Avx512 { _detected: () })
+}
+
+/// The VNNI token, when this process's level allows it.
+pub(crate) fn vnni() -> Option<Vnni> {
+    (level() >= Level::Avx512Vnni).then_some(Vnni { _detected: () })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_parse_and_order() {
+        assert_eq!(Level::parse("AVX2"), Some(Level::Avx2));
+        assert_eq!(Level::parse("portable"), Some(Level::Portable));
+        assert_eq!(Level::parse("sse"), None);
+        assert!(Level::Portable < Level::Avx2 && Level::Avx512 < Level::Avx512Vnni);
+        // Tokens exist exactly at or below the process's level.
+        assert_eq!(avx2().is_some(), level() >= Level::Avx2);
+        assert_eq!(avx512().is_some(), level() >= Level::Avx512);
+        assert_eq!(vnni().is_some(), level() >= Level::Avx512Vnni);
+    }
+}
