@@ -58,9 +58,11 @@ pub mod huge_pages;
 
 pub use crate::chat::generation::{GenerationDefaults, TokenIds};
 pub use crate::chat::message::{messages_to_tuple_history, parse_history, Message, Role};
+pub use crate::chat::reply::{Reply, ReplyKind};
 pub use crate::chat::request::{
     ChatOutcome, ChatRequest, FinishReason, SpecialText, Timings, Usage,
 };
+pub use crate::chat::tools::{Tool, ToolCall};
 pub use crate::engine::sampling::Sampling;
 pub use crate::engine::synthetic::{
     bench_config, chatglm3_6b_config, demo_config, demo_model_dir, glm4_9b_config,

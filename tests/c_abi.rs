@@ -62,17 +62,8 @@ fn c_program_passes_against_the_cdylib() {
         .expect("a C compiler (cc) is installed");
     assert!(status.success(), "C test failed to compile");
 
-    let case = common::cases()
-        .into_iter()
-        .find(|c| c.id == "chatglm3_conv1_en")
-        .expect("case");
-    let expected: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(common::fixtures().join("expected/chatglm3_conv1_en.json")).expect("read"),
-    )
-    .expect("json");
     let out = Command::new(&exe)
-        .arg(common::model_dir(&case.model))
-        .arg(expected["greedy_text_until_stop"].as_str().expect("text"))
+        .arg(common::fixtures())
         .output()
         .expect("runs");
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -56,6 +56,30 @@ fn generate_json_reproduces_every_reference_case() {
         assert_eq!(report["family"], case.family.as_str());
         assert_eq!(report["usage"]["completion_tokens"], 20);
         assert!(report["timings"]["ttft_ms"].as_f64().expect("number") > 0.0);
+        assert_eq!(report["raw_text"], case.greedy_text_until_stop.as_str());
+        // `response` is what the official chat() returns, where the fixture records it.
+        let dir = if case.family == "glm4" {
+            "glm4/expected"
+        } else {
+            "expected"
+        };
+        let fixture: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(
+                common::fixtures()
+                    .join(dir)
+                    .join(format!("{}.json", case.id)),
+            )
+            .expect("fixture"),
+        )
+        .expect("json");
+        if let Some(expected) = fixture.get("chat_response") {
+            assert_eq!(&report["response"], expected, "{}", case.id);
+            assert_eq!(
+                report["response_kind"], fixture["chat_response_kind"],
+                "{}",
+                case.id
+            );
+        }
         assert!(report["text"].is_string());
     }
 }
@@ -114,4 +138,55 @@ fn chat_reads_piped_messages_and_keeps_history() {
     );
     assert!(stderr.contains("history cleared"), "{stderr}");
     assert_eq!(stderr.matches("reply tokens").count(), 2, "{stderr}");
+}
+
+/// A request file with OpenAI-shaped tools and a past call in its history gives the official
+/// prompt (`expected_tools/`).
+#[test]
+fn generate_takes_tools_and_tool_calls_from_the_request_file() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    for (model, case) in [
+        (
+            "chatglm3-tiny",
+            "expected_tools/chatglm3_tools_own_system.json",
+        ),
+        (
+            "glm4-hf-tiny",
+            "glm4/expected_tools/glm4_hf_tools_weather.json",
+        ),
+    ] {
+        let fixture: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(common::fixtures().join(case)).expect("read"))
+                .expect("json");
+        let request = tmp.path().join("request.json");
+        std::fs::write(
+            &request,
+            serde_json::json!({
+                "prompt": fixture["request"]["prompt"],
+                "history": fixture["request"]["history"],
+                "tools": fixture["tools"],
+                "max_new_tokens": 1,
+                "greedy": true,
+            })
+            .to_string(),
+        )
+        .expect("write");
+        let out = chathub()
+            .args(["generate", "--json", "--model"])
+            .arg(common::model_dir(model))
+            .arg("--request")
+            .arg(&request)
+            .output()
+            .expect("runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        assert_eq!(
+            report["prompt_token_ids"], fixture["prompt_token_ids"],
+            "{case}"
+        );
+    }
 }

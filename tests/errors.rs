@@ -266,7 +266,12 @@ fn unknown_role_in_a_request_file_is_rejected() {
     let json = r#"{"prompt": "hi", "history": [{"role": "wizard", "content": "x"}]}"#;
     let err = serde_json::from_str::<ChatRequest>(json).expect_err("bad role");
     assert!(err.to_string().contains("wizard"), "{err}");
-    assert!(Message::new("tool", "x").is_err());
+    assert!(Message::new("function", "x").is_err());
+    // OpenAI's `tool` role is a tool's result: an observation.
+    assert_eq!(
+        Message::new("tool", "x").expect("known").role,
+        chathub::Role::Observation
+    );
 }
 
 fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {

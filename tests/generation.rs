@@ -14,22 +14,43 @@ fn conv1() -> common::Case {
         .expect("case exists")
 }
 
+/// Deltas arrive token by token and add up to the reply's text; the callback also runs (with
+/// "") after tokens that show nothing, so a caller can always cancel.
 #[test]
 fn streamed_deltas_add_up_to_the_reply() {
+    let case = common::cases()
+        .into_iter()
+        .find(|c| c.id == "chatglm2_conv4_zh")
+        .expect("case exists");
+    let engine = common::load(&case.model);
+    let mut streamed = String::new();
+    let (mut calls, mut pieces) = (0, 0);
+    let outcome = engine
+        .chat_stream(&case.request(), |delta| {
+            streamed.push_str(delta);
+            calls += 1;
+            pieces += usize::from(!delta.is_empty());
+            ControlFlow::Continue(())
+        })
+        .expect("chat");
+    assert_eq!(streamed, outcome.text);
+    assert!(pieces > 1, "{pieces} pieces");
+    assert!(calls <= outcome.completion_token_ids.len() + 1);
+
+    // ChatGLM3 writing a metadata line (a metadata reply) streams nothing, but still calls back.
     let engine = common::load("chatglm3-tiny");
-    let case = conv1();
     let mut streamed = String::new();
     let mut calls = 0;
     let outcome = engine
-        .chat_stream(&case.request(), |delta| {
-            assert!(!delta.is_empty());
+        .chat_stream(&conv1().request(), |delta| {
             streamed.push_str(delta);
             calls += 1;
             ControlFlow::Continue(())
         })
         .expect("chat");
-    assert_eq!(streamed, outcome.text);
-    assert!(calls > 1 && calls <= outcome.completion_token_ids.len());
+    assert_eq!((streamed.as_str(), outcome.text.as_str()), ("", ""));
+    assert!(matches!(outcome.reply, chathub::Reply::Metadata { .. }));
+    assert_eq!(calls, outcome.completion_token_ids.len());
 }
 
 #[test]
@@ -274,7 +295,7 @@ fn stop_strings_cut_the_reply_even_across_tokens() {
         })
         .expect("chat");
     assert_eq!(outcome.finish_reason, FinishReason::Stop);
-    assert_eq!(outcome.text, full[..at]);
+    assert_eq!(outcome.raw_text, full[..at]);
     assert_eq!(
         streamed, outcome.text,
         "nothing of the stop string was streamed"
@@ -287,7 +308,7 @@ fn stop_strings_cut_the_reply_even_across_tokens() {
             ..case.request()
         })
         .expect("chat");
-    assert_eq!(untouched.text, *full);
+    assert_eq!(untouched.raw_text, *full);
     assert_eq!(untouched.finish_reason, FinishReason::Length);
     let err = engine
         .chat(&ChatRequest {

@@ -33,7 +33,7 @@ fn every_layout_reproduces_prompt_greedy_ids_and_text() {
         );
         assert_eq!(outcome.finish_reason, FinishReason::Length, "{}", case.id);
         assert_eq!(
-            outcome.text, case.greedy_text_until_stop,
+            outcome.raw_text, case.greedy_text_until_stop,
             "{}: text equals the official decode",
             case.id
         );

@@ -31,7 +31,7 @@ struct TestServer {
 fn slow_model_dir() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join("chathub-grpc-slow-v2");
+        let dir = std::env::temp_dir().join("chathub-grpc-slow-v3");
         if !dir.join("never-stops").is_file() {
             let config = chathub::ChatGlmConfig {
                 num_layers: 4,
@@ -40,6 +40,9 @@ fn slow_model_dir() -> PathBuf {
                 kv_channels: Some(64),
                 ffn_hidden_size: 1024,
                 seq_length: 32768,
+                // ChatGLM2 streams a reply from its first token (ChatGLM3 and GLM-4 hold text
+                // back until the metadata line ends, which random weights may never write).
+                name_or_path: Some("chathub/grpc-slow-chatglm2".into()),
                 ..chathub::demo_config()
             };
             let tokenizer = std::fs::read(
@@ -75,7 +78,7 @@ fn slow_model_dir() -> PathBuf {
 
 impl TestServer {
     async fn start(options: ServeOptions, load_delay: Duration) -> TestServer {
-        Self::start_model(options, load_delay, common::model_dir("chatglm3-tiny")).await
+        Self::start_model(options, load_delay, common::model_dir("chatglm2-tiny")).await
     }
 
     async fn start_model(
@@ -180,10 +183,16 @@ impl TestServer {
     }
 }
 
+/// A reference case as AIHub sends it: ChatGLM2's `chatglm2_conv4_zh`, whose reply streams
+/// token by token and is plain text.
 fn conv1() -> (common::Case, ChatRequest) {
-    let case = common::cases()
+    case_request("chatglm2_conv4_zh")
+}
+
+fn case_request(id: &str) -> (common::Case, ChatRequest) {
+    let case = common::all_cases()
         .into_iter()
-        .find(|c| c.id == "chatglm3_conv1_en")
+        .find(|c| c.id == id)
         .expect("case");
     let request = ChatRequest {
         prompt: case.request.prompt.clone(),
@@ -196,8 +205,8 @@ fn conv1() -> (common::Case, ChatRequest) {
                 content: m.content.clone(),
             })
             .collect(),
-        // Prompt (60 tokens) + 20 reply tokens; a top_p this small keeps only the best token.
-        max_length: 80,
+        // The prompt + 20 reply tokens; a top_p this small keeps only the best token.
+        max_length: (case.prompt_token_ids.len() + 20) as i32,
         top_p: 1e-6,
         temperature: 0.0,
     };
@@ -607,4 +616,47 @@ async fn the_serve_command_exits_cleanly_on_sigterm() {
         .expect("joins")
         .expect("waits");
     assert_eq!(status.code(), Some(0), "exit status after SIGTERM");
+}
+
+/// ChatGLM3 and GLM-4 over gRPC: the reply as the official code hands it over (no metadata
+/// line), equal to the in-process engine's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chatglm3_and_glm4_replies_come_back_as_the_official_text() {
+    for (model, id) in [
+        ("chatglm3-tiny", "chatglm3_conv2_zh"),
+        ("chatglm3-tiny", "chatglm3_conv1_en"),
+        ("glm4-hf-tiny", "glm4_hf_system_user_zh"),
+        ("glm4-chat-tiny", "glm4_chat_multi_turn"),
+    ] {
+        let dir = common::model_dir(model);
+        let engine = chathub::Engine::load(&dir).expect("loads");
+        let (case, request) = case_request(id);
+        let local = engine.chat(&case.request()).expect("chat");
+        let want = match &local.reply {
+            chathub::Reply::Text(text) => text.clone(),
+            chathub::Reply::Metadata { content, .. } => content.trim().to_string(),
+            other => panic!("{id}: unexpected {other:?}"),
+        };
+        let server = TestServer::start_model(ServeOptions::default(), Duration::ZERO, dir).await;
+        server.wait_serving().await;
+        let mut client = server.client().await;
+        let reply = client
+            .chat(request.clone())
+            .await
+            .expect("chat")
+            .into_inner()
+            .response;
+        assert_eq!(reply, want, "{id}");
+        let mut stream = client
+            .streaming_chat(request)
+            .await
+            .expect("stream")
+            .into_inner();
+        let mut last = String::new();
+        while let Some(item) = stream.message().await.expect("item") {
+            last = item.response;
+        }
+        assert_eq!(last, want, "{id}: the last cumulative message is the reply");
+        server.stop().await;
+    }
 }

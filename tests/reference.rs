@@ -36,7 +36,7 @@ fn every_expected_case_reproduces_prompt_and_greedy_ids() {
         assert_eq!(outcome.finish_reason, FinishReason::Length, "{}", case.id);
         assert_eq!(outcome.usage.prompt_tokens, case.prompt_token_ids.len());
         assert_eq!(
-            outcome.text, case.greedy_text_until_stop,
+            outcome.raw_text, case.greedy_text_until_stop,
             "{}: text equals the official decode",
             case.id
         );

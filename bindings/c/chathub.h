@@ -12,7 +12,7 @@
  * Version of this C ABI. It changes whenever a function or struct changes incompatibly;
  * bindings check it at start-up.
  */
-#define CHATHUB_ABI_VERSION 2
+#define CHATHUB_ABI_VERSION 3
 
 /**
  * Success.
@@ -139,9 +139,38 @@
 #define CHATHUB_FINISH_CANCELLED 2
 
 /**
+ * The reply calls one of the request's tools (`CHATHUB_REPLY_TOOL_CALL`).
+ */
+#define CHATHUB_FINISH_TOOL_CALLS 3
+
+/**
+ * An ordinary answer: `chathub_reply_text` is the text.
+ */
+#define CHATHUB_REPLY_TEXT 0
+
+/**
+ * A call of one of the request's tools: `chathub_reply_tool_name` and
+ * `chathub_reply_arguments_json` say which and with what.
+ */
+#define CHATHUB_REPLY_TOOL_CALL 1
+
+/**
+ * A reply with a metadata line but no tools offered (or a tool call that could not be read):
+ * `chathub_reply_tool_name` is the metadata, `chathub_reply_text` the rest.
+ */
+#define CHATHUB_REPLY_METADATA 2
+
+/**
  * A loaded chat model. Opaque; safe to use from several threads at once.
  */
 typedef struct ChathubModel ChathubModel;
+
+/**
+ * A reply as the official code returns it (text, tool call or metadata reply), from
+ * `chathub_chat_reply`. Opaque; read it with the `chathub_reply_*` functions, from any thread,
+ * and free it once with `chathub_reply_free`. Its strings live as long as it does.
+ */
+typedef struct ChathubReply ChathubReply;
 
 /**
  * Generation parameters. Zero in any field means "the model's default", as in AIHub's proto;
@@ -195,6 +224,11 @@ typedef struct ChathubParams {
    * Number of strings at `stop`.
    */
   size_t stop_count;
+  /**
+   * Functions the model may call, as OpenAI's `tools` JSON array (`[{"type": "function",
+   * "function": {"name", "description", "parameters"}}]`); NULL for none.
+   */
+  const char *tools_json;
 } ChathubParams;
 
 /**
@@ -238,17 +272,27 @@ typedef struct ChathubLoadOptions {
 } ChathubLoadOptions;
 
 /**
- * One history message. Both strings are NUL-terminated UTF-8, borrowed for the call.
+ * One history message. Strings are NUL-terminated UTF-8, borrowed for the call.
  */
 typedef struct ChathubMessage {
   /**
-   * "system", "user", "assistant" or "observation".
+   * "system", "user", "assistant", "observation" or "tool" (a tool's result).
    */
   const char *role;
   /**
    * The message text.
    */
   const char *content;
+  /**
+   * For an assistant message that called tools: the calls as OpenAI's `tool_calls` JSON
+   * array (`[{"id", "type": "function", "function": {"name", "arguments"}}]`); NULL
+   * otherwise.
+   */
+  const char *tool_calls_json;
+  /**
+   * For a tool's result: the id of the call it answers (NULL when unknown).
+   */
+  const char *tool_call_id;
 } ChathubMessage;
 
 /**
@@ -291,12 +335,18 @@ typedef struct ChathubStats {
    * Prompt tokens taken from an earlier request's cache instead of being computed.
    */
   uint32_t cached_prompt_tokens;
+  /**
+   * `CHATHUB_REPLY_TEXT`, `CHATHUB_REPLY_TOOL_CALL` or `CHATHUB_REPLY_METADATA`.
+   */
+  int32_t reply_kind;
 } ChathubStats;
 
 /**
  * Receives each new piece of reply text: `len` bytes of whole UTF-8 characters at `utf8`
- * (not NUL-terminated, valid only during the call). Return true to continue, false to stop
- * generation. Called on the thread that called `chathub_chat_stream`; it must not free the
+ * (not NUL-terminated, valid only during the call). Called after every token; `len` is 0 when
+ * the token showed nothing (half a character, a metadata line, a tool call being written), so
+ * that returning false still stops generation within one token. Return true to continue,
+ * false to stop. Called on the thread that called `chathub_chat_stream`; it must not free the
  * model it is streaming from.
  */
 typedef bool (*ChathubStreamCallback)(void *user_data, const uint8_t *utf8, size_t len);
@@ -400,10 +450,12 @@ void chathub_model_free(struct ChathubModel *model);
  * Generates a whole reply to `prompt` given `history`.
  *
  * `history` points to `history_len` messages (NULL when `history_len` is 0). `params` may be
- * NULL for all defaults. On success `*out_reply` is a NUL-terminated UTF-8 string owned by the
- * caller (free it with `chathub_string_free`; if the reply itself contains NUL bytes, use
- * `*out_reply_len`), and `*out_stats` (when not NULL) is filled. On failure `*out_reply` is
- * NULL. Blocks until the reply ends. Any thread, concurrently on one model.
+ * NULL for all defaults. On success `*out_reply` is the reply's text as the official code
+ * returns it (no metadata line, stripped; empty when the reply is a tool call, see
+ * `chathub_chat_reply`): a NUL-terminated UTF-8 string owned by the caller (free it with
+ * `chathub_string_free`; if the reply itself contains NUL bytes, use `*out_reply_len`), and
+ * `*out_stats` (when not NULL) is filled. On failure `*out_reply` is NULL. Blocks until the
+ * reply ends. Any thread, concurrently on one model.
  *
  * # Safety
  *
@@ -420,9 +472,10 @@ int32_t chathub_chat(const struct ChathubModel *model,
 
 /**
  * Generates a reply, calling `callback(user_data, utf8, len)` with each new piece of text as
- * soon as it forms whole UTF-8 characters. When the callback returns false, generation stops
- * before the next token and the call returns `CHATHUB_OK` with finish reason
- * `CHATHUB_FINISH_CANCELLED`.
+ * soon as it forms whole UTF-8 characters. The pieces add up to the text `chathub_chat`
+ * returns (nothing is shown of a metadata line or a tool call). When the callback returns
+ * false, generation stops before the next token and the call returns `CHATHUB_OK` with finish
+ * reason `CHATHUB_FINISH_CANCELLED`.
  *
  * Arguments as for `chathub_chat`. The callback runs on the calling thread, which this call
  * blocks until the reply ends. `*out_stats` (when not NULL) is filled on success.
@@ -440,6 +493,102 @@ int32_t chathub_chat_stream(const struct ChathubModel *model,
                             ChathubStreamCallback callback,
                             void *user_data,
                             struct ChathubStats *out_stats);
+
+/**
+ * Generates a reply and returns it whole as the official code does: text, a tool call or a
+ * metadata reply, with the tools in `params->tools_json` and tool calls and results in
+ * `history`. `callback` may be NULL; when given it streams the reply's text as
+ * `chathub_chat_stream` does (nothing of a tool call).
+ *
+ * On success `*out_reply` owns a new reply (free it with `chathub_reply_free`) and
+ * `*out_stats` (when not NULL) is filled; on failure `*out_reply` is NULL. Blocks until the
+ * reply ends; the callback runs on the calling thread. Any thread, concurrently on one model.
+ *
+ * # Safety
+ *
+ * As for `chathub_chat_stream`, except that `callback` may be NULL; `out_reply` is NULL (an
+ * error) or writable.
+ */
+int32_t chathub_chat_reply(const struct ChathubModel *model,
+                           const char *prompt,
+                           const struct ChathubMessage *history,
+                           size_t history_len,
+                           const struct ChathubParams *params,
+                           ChathubStreamCallback callback,
+                           void *user_data,
+                           struct ChathubReply **out_reply,
+                           struct ChathubStats *out_stats);
+
+/**
+ * The reply's kind: `CHATHUB_REPLY_TEXT`, `CHATHUB_REPLY_TOOL_CALL` or
+ * `CHATHUB_REPLY_METADATA` (-1 for NULL). Any thread.
+ *
+ * # Safety
+ *
+ * `reply` is NULL or a live reply from `chathub_chat_reply`.
+ */
+int32_t chathub_reply_kind(const struct ChathubReply *reply);
+
+/**
+ * The reply's text: a text reply's text, a metadata reply's content, "" for a tool call.
+ * Borrowed: valid until `chathub_reply_free`. NULL for a NULL reply. Any thread.
+ *
+ * # Safety
+ *
+ * `reply` is NULL or a live reply from `chathub_chat_reply`.
+ */
+const char *chathub_reply_text(const struct ChathubReply *reply);
+
+/**
+ * The function a tool-call reply calls, or a metadata reply's metadata line; NULL for a text
+ * reply. Borrowed: valid until `chathub_reply_free`. Any thread.
+ *
+ * # Safety
+ *
+ * `reply` is NULL or a live reply from `chathub_chat_reply`.
+ */
+const char *chathub_reply_tool_name(const struct ChathubReply *reply);
+
+/**
+ * A tool call's arguments as a JSON object (text); NULL for other replies. Borrowed: valid
+ * until `chathub_reply_free`. Any thread.
+ *
+ * # Safety
+ *
+ * `reply` is NULL or a live reply from `chathub_chat_reply`.
+ */
+const char *chathub_reply_arguments_json(const struct ChathubReply *reply);
+
+/**
+ * The reply as the official `chat()` value in JSON: a string for text, `{"name",
+ * "parameters"}` for a tool call, `{"name", "content"}` for a metadata reply. Borrowed: valid
+ * until `chathub_reply_free`. NULL for a NULL reply. Any thread.
+ *
+ * # Safety
+ *
+ * `reply` is NULL or a live reply from `chathub_chat_reply`.
+ */
+const char *chathub_reply_json(const struct ChathubReply *reply);
+
+/**
+ * What the model wrote, decoded, metadata line included (for debugging). Borrowed: valid until
+ * `chathub_reply_free`. NULL for a NULL reply. Any thread.
+ *
+ * # Safety
+ *
+ * `reply` is NULL or a live reply from `chathub_chat_reply`.
+ */
+const char *chathub_reply_raw_text(const struct ChathubReply *reply);
+
+/**
+ * Frees a reply from `chathub_chat_reply`. NULL is ignored. Call once; the strings read from
+ * it are invalid afterwards.
+ *
+ * # Safety
+ *
+ * `reply` is NULL or came from `chathub_chat_reply` and was not freed before.
+ */
+void chathub_reply_free(struct ChathubReply *reply);
 
 /**
  * Frees a string returned by this library. NULL is ignored.

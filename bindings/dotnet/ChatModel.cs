@@ -127,6 +127,47 @@ namespace ChatHub
         }
 
         /// <summary>
+        /// Generates a reply and returns it as the official chat() does: text, a call of one of
+        /// <see cref="GenerationOptions.Tools"/>, or a metadata reply. History may hold earlier
+        /// calls (<see cref="Message.AssistantToolCalls"/>) and their results
+        /// (<see cref="Message.Tool"/>). Blocks the calling thread.
+        /// </summary>
+        /// <exception cref="ChatHubException">Invalid parameters or tools, unknown role, prompt too long.</exception>
+        public ChatReply Generate(string prompt, IList<Message> history = null, GenerationOptions options = null)
+        {
+            using (var request = new NativeRequest(prompt, history, options))
+            {
+                bool added = false;
+                ChathubReply* reply = null;
+                try
+                {
+                    AddRef(ref added);
+                    ChathubStats stats;
+                    var p = request.Params;
+                    int status = NativeMethods.chathub_chat_reply(handle.Pointer, request.Prompt, request.History,
+                        request.HistoryLength, &p, null, null, &reply, &stats);
+                    Interop.Check(status);
+                    var kind = (ReplyKind)NativeMethods.chathub_reply_kind(reply);
+                    string name = Interop.Utf8ToString(NativeMethods.chathub_reply_tool_name(reply));
+                    string arguments = Interop.Utf8ToString(NativeMethods.chathub_reply_arguments_json(reply));
+                    return new ChatReply(
+                        kind,
+                        Interop.Utf8ToString(NativeMethods.chathub_reply_text(reply)),
+                        kind == ReplyKind.ToolCall ? new ToolCall(name, arguments) : null,
+                        kind == ReplyKind.Metadata ? name : null,
+                        Interop.Utf8ToString(NativeMethods.chathub_reply_json(reply)),
+                        Interop.Utf8ToString(NativeMethods.chathub_reply_raw_text(reply)),
+                        new ChatStats(stats));
+                }
+                finally
+                {
+                    NativeMethods.chathub_reply_free(reply);
+                    if (added) handle.DangerousRelease();
+                }
+            }
+        }
+
+        /// <summary>
         /// Generates a whole reply on a worker thread. Cancelling the token stops generation within
         /// one token and throws <see cref="OperationCanceledException"/>.
         /// </summary>

@@ -145,6 +145,7 @@ namespace ChatHub
         /// <summary>Called on the generating thread for every delta; false stops generation.</summary>
         bool IDeltaSink.OnDelta(string delta)
         {
+            if (delta.Length == 0) return !stopRequested;
             while (!space.Wait(50))
             {
                 if (stopRequested) return false;

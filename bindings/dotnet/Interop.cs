@@ -165,6 +165,10 @@ namespace ChatHub
                         if (m == null) throw new ArgumentException("history[" + i + "] is null", nameof(history));
                         History[i].role = Copy(m.Role);
                         History[i].content = Copy(m.Content);
+                        History[i].tool_calls_json = m.ToolCalls.Count == 0
+                            ? null
+                            : Copy(Json.Array(m.ToolCalls, c => c.ToJson()));
+                        History[i].tool_call_id = m.ToolCallId == null ? null : Copy(m.ToolCallId);
                     }
                 }
                 HistoryLength = (UIntPtr)count;
@@ -183,6 +187,9 @@ namespace ChatHub
                     Params.stop = texts;
                     Params.stop_count = (UIntPtr)stop.Count;
                 }
+                var tools = options == null ? null : options.Tools;
+                if (tools != null && tools.Count > 0)
+                    Params.tools_json = Copy(Json.Array(tools, t => t.ToJson()));
             }
             catch
             {
@@ -217,11 +224,14 @@ namespace ChatHub
 
     internal static unsafe class StreamCallback
     {
-        /// <summary>Kept in a static field so the GC never collects the marshalled delegate.</summary>
+        /// <summary>Kept in static fields so the GC never collects the marshalled delegates.</summary>
         internal static readonly NativeMethods.chathub_chat_stream_callback_delegate Delegate = Invoke;
+        internal static readonly NativeMethods.chathub_chat_reply_callback_delegate ReplyDelegate = Invoke;
 
-        /// <summary>Runs on the native generating thread. Never lets an exception escape into
-        /// Rust: it is recorded on the sink's state and generation stops.</summary>
+        /// <summary>Runs on the native generating thread after every token (with an empty piece
+        /// when the token showed nothing, so cancellation still takes effect within one token).
+        /// Never lets an exception escape into Rust: it is recorded on the sink's state and
+        /// generation stops.</summary>
         static bool Invoke(void* userData, byte* utf8, UIntPtr len)
         {
             var holder = (SinkHolder)GCHandle.FromIntPtr((IntPtr)userData).Target;

@@ -1,26 +1,59 @@
-// Small value types of the ChatHub API: messages, options, results, errors.
+// Small value types of the ChatHub API: messages, tools, options, results, errors.
 // C# 7.2 so that Mono's mcs compiles it (see DESIGN.md): no nullable annotations, records,
 // async iterators or local functions.
 using System;
+using System.Collections.Generic;
 
 namespace ChatHub
 {
     /// <summary>One chat message, OpenAI-style. Immutable.</summary>
     public sealed class Message
     {
-        /// <summary>"system", "user", "assistant" or "observation".</summary>
+        static readonly ToolCall[] NoCalls = new ToolCall[0];
+
+        /// <summary>"system", "user", "assistant", "observation" or "tool" (a tool's result).</summary>
         public string Role { get; }
 
         /// <summary>The text.</summary>
         public string Content { get; }
 
+        /// <summary>The tools an assistant message called (empty otherwise).</summary>
+        public IReadOnlyList<ToolCall> ToolCalls { get; }
+
+        /// <summary>For a tool's result, the id of the call it answers (null when unknown).</summary>
+        public string ToolCallId { get; }
+
         /// <summary>A message with a role given as text (checked by the native library).</summary>
         public Message(string role, string content)
+            : this(role, content, null, null)
+        {
+        }
+
+        Message(string role, string content, IReadOnlyList<ToolCall> toolCalls, string toolCallId)
         {
             if (role == null) throw new ArgumentNullException(nameof(role));
             if (content == null) throw new ArgumentNullException(nameof(content));
             Role = role;
             Content = content;
+            ToolCalls = toolCalls ?? NoCalls;
+            ToolCallId = toolCallId;
+        }
+
+        /// <summary>An assistant message that called tools (<paramref name="content"/>: any text
+        /// written before the calls).</summary>
+        public static Message AssistantToolCalls(IList<ToolCall> calls, string content = "")
+        {
+            if (calls == null) throw new ArgumentNullException(nameof(calls));
+            var copy = new List<ToolCall>(calls);
+            if (copy.Contains(null)) throw new ArgumentException("a tool call is null", nameof(calls));
+            return new Message("assistant", content, copy.AsReadOnly(), null);
+        }
+
+        /// <summary>A tool's result, answering the call <paramref name="toolCallId"/> (OpenAI's
+        /// "tool" message; an observation for the model).</summary>
+        public static Message Tool(string content, string toolCallId = null)
+        {
+            return new Message("tool", content, null, toolCallId);
         }
 
         /// <summary>A user message.</summary>
@@ -37,6 +70,144 @@ namespace ChatHub
 
         /// <inheritdoc/>
         public override string ToString() { return Role + ": " + Content; }
+    }
+
+    /// <summary>A function the model may call. Immutable.</summary>
+    public sealed class Tool
+    {
+        /// <summary>The function's name, as the model writes it when calling.</summary>
+        public string Name { get; }
+        /// <summary>What it does, for the model.</summary>
+        public string Description { get; }
+        /// <summary>Its parameters as a JSON schema object (JSON text).</summary>
+        public string ParametersJson { get; }
+
+        /// <summary>A function tool.</summary>
+        public Tool(string name, string description, string parametersJson)
+        {
+            if (string.IsNullOrEmpty(name)) throw new ArgumentException("a tool needs a name", nameof(name));
+            Name = name;
+            Description = description ?? "";
+            ParametersJson = string.IsNullOrWhiteSpace(parametersJson) ? "{}" : parametersJson;
+        }
+
+        /// <summary>OpenAI's {"type": "function", "function": {...}}.</summary>
+        internal string ToJson()
+        {
+            return "{\"type\": \"function\", \"function\": {\"name\": " + Json.Quote(Name) +
+                ", \"description\": " + Json.Quote(Description) + ", \"parameters\": " + ParametersJson + "}}";
+        }
+    }
+
+    /// <summary>A call of a tool by the model, in a reply or in history. Immutable.</summary>
+    public sealed class ToolCall
+    {
+        /// <summary>The call's id (OpenAI's call_...), or null.</summary>
+        public string Id { get; }
+        /// <summary>The function called.</summary>
+        public string Name { get; }
+        /// <summary>Its arguments as a JSON object (JSON text).</summary>
+        public string ArgumentsJson { get; }
+
+        /// <summary>A call of <paramref name="name"/> with <paramref name="argumentsJson"/>.</summary>
+        public ToolCall(string name, string argumentsJson, string id = null)
+        {
+            if (string.IsNullOrEmpty(name)) throw new ArgumentException("a tool call needs a name", nameof(name));
+            Name = name;
+            ArgumentsJson = string.IsNullOrWhiteSpace(argumentsJson) ? "{}" : argumentsJson;
+            Id = id;
+        }
+
+        /// <summary>OpenAI's {"id", "type": "function", "function": {"name", "arguments"}}.</summary>
+        internal string ToJson()
+        {
+            var id = Id == null ? "" : "\"id\": " + Json.Quote(Id) + ", ";
+            return "{" + id + "\"type\": \"function\", \"function\": {\"name\": " + Json.Quote(Name) +
+                ", \"arguments\": " + Json.Quote(ArgumentsJson) + "}}";
+        }
+    }
+
+    /// <summary>The shape of a reply, as the official chat() returns it.</summary>
+    public enum ReplyKind
+    {
+        /// <summary>An answer: <see cref="ChatReply.Text"/>.</summary>
+        Text = 0,
+        /// <summary>A call of one of the request's tools: <see cref="ChatReply.ToolCall"/>.</summary>
+        ToolCall = 1,
+        /// <summary>A reply with a metadata line but no tools offered: its name and content.</summary>
+        Metadata = 2,
+    }
+
+    /// <summary>A reply as the official chat() returns it, from <see cref="ChatModel.Generate"/>.</summary>
+    public sealed class ChatReply
+    {
+        internal ChatReply(ReplyKind kind, string text, ToolCall toolCall, string metadataName, string json,
+            string rawText, ChatStats stats)
+        {
+            Kind = kind;
+            Text = text;
+            ToolCall = toolCall;
+            MetadataName = metadataName;
+            Json = json;
+            RawText = rawText;
+            Stats = stats;
+        }
+
+        /// <summary>Text, tool call or metadata reply.</summary>
+        public ReplyKind Kind { get; }
+        /// <summary>An answer's text, or a metadata reply's content; empty for a tool call.</summary>
+        public string Text { get; }
+        /// <summary>The call, for a tool-call reply (null otherwise).</summary>
+        public ToolCall ToolCall { get; }
+        /// <summary>A metadata reply's metadata line (null otherwise).</summary>
+        public string MetadataName { get; }
+        /// <summary>The official chat() value as JSON: a string, or {"name", "parameters"} or
+        /// {"name", "content"}.</summary>
+        public string Json { get; }
+        /// <summary>What the model wrote, metadata line included (for debugging).</summary>
+        public string RawText { get; }
+        /// <summary>Token counts, finish reason and timings.</summary>
+        public ChatStats Stats { get; }
+    }
+
+    /// <summary>JSON text for the native library's tool fields.</summary>
+    internal static class Json
+    {
+        /// <summary>A JSON string literal of <paramref name="text"/>.</summary>
+        internal static string Quote(string text)
+        {
+            var sb = new System.Text.StringBuilder(text.Length + 2);
+            sb.Append('"');
+            foreach (char c in text)
+            {
+                switch (c)
+                {
+                    case '"': sb.Append("\\\""); break;
+                    case '\\': sb.Append("\\\\"); break;
+                    case '\n': sb.Append("\\n"); break;
+                    case '\r': sb.Append("\\r"); break;
+                    case '\t': sb.Append("\\t"); break;
+                    default:
+                        if (c < ' ') sb.Append("\\u").Append(((int)c).ToString("x4"));
+                        else sb.Append(c);
+                        break;
+                }
+            }
+            sb.Append('"');
+            return sb.ToString();
+        }
+
+        /// <summary>A JSON array of the items' JSON.</summary>
+        internal static string Array<T>(IEnumerable<T> items, Func<T, string> toJson)
+        {
+            var parts = new List<string>();
+            foreach (var item in items)
+            {
+                if (item == null) throw new ArgumentException("a list item is null");
+                parts.Add(toJson(item));
+            }
+            return "[" + string.Join(", ", parts) + "]";
+        }
     }
 
     /// <summary>
@@ -72,6 +243,10 @@ namespace ChatHub
         /// <summary>Texts that end the reply when it produces one; the text itself is left out
         /// (null or empty: only the model's own stop tokens). Each must be non-empty.</summary>
         public System.Collections.Generic.IReadOnlyList<string> Stop { get; set; }
+
+        /// <summary>Functions the model may call (null or empty: none); its calls come back from
+        /// <see cref="ChatModel.Generate"/>.</summary>
+        public IReadOnlyList<Tool> Tools { get; set; }
     }
 
     /// <summary>
@@ -179,6 +354,8 @@ namespace ChatHub
         Length = 1,
         /// <summary>The caller cancelled.</summary>
         Cancelled = 2,
+        /// <summary>The reply calls one of the request's tools.</summary>
+        ToolCalls = 3,
     }
 
     /// <summary>What one chat call did.</summary>
@@ -195,6 +372,7 @@ namespace ChatHub
             DecodeTokensPerSecond = s.decode_tokens_per_s;
             TotalMs = s.total_ms;
             CachedPromptTokens = (int)s.cached_prompt_tokens;
+            ReplyKind = (ReplyKind)s.reply_kind;
         }
 
         /// <summary>Why the reply ended.</summary>
@@ -215,6 +393,8 @@ namespace ChatHub
         public double TotalMs { get; }
         /// <summary>Prompt tokens taken from an earlier call's cache (multi-turn reuse).</summary>
         public int CachedPromptTokens { get; }
+        /// <summary>Text, tool call or metadata reply.</summary>
+        public ReplyKind ReplyKind { get; }
     }
 
     /// <summary>A reply and what it took.</summary>

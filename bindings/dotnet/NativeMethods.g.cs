@@ -18,7 +18,7 @@ namespace ChatHub.Native
         ///  Version of this C ABI. It changes whenever a function or struct changes incompatibly;
         ///  bindings check it at start-up.
         /// </summary>
-        internal const uint CHATHUB_ABI_VERSION = 2;
+        internal const uint CHATHUB_ABI_VERSION = 3;
         /// <summary>
         ///  Success.
         /// </summary>
@@ -119,7 +119,28 @@ namespace ChatHub.Native
         ///  The stream callback returned false.
         /// </summary>
         internal const int CHATHUB_FINISH_CANCELLED = 2;
+        /// <summary>
+        ///  The reply calls one of the request's tools (`CHATHUB_REPLY_TOOL_CALL`).
+        /// </summary>
+        internal const int CHATHUB_FINISH_TOOL_CALLS = 3;
+        /// <summary>
+        ///  An ordinary answer: `chathub_reply_text` is the text.
+        /// </summary>
+        internal const int CHATHUB_REPLY_TEXT = 0;
+        /// <summary>
+        ///  A call of one of the request's tools: `chathub_reply_tool_name` and
+        ///  `chathub_reply_arguments_json` say which and with what.
+        /// </summary>
+        internal const int CHATHUB_REPLY_TOOL_CALL = 1;
+        /// <summary>
+        ///  A reply with a metadata line but no tools offered (or a tool call that could not be read):
+        ///  `chathub_reply_tool_name` is the metadata, `chathub_reply_text` the rest.
+        /// </summary>
+        internal const int CHATHUB_REPLY_METADATA = 2;
 
+
+        [UnmanagedFunctionPointer(CallingConvention.Cdecl)]
+        internal delegate bool chathub_chat_reply_callback_delegate(void* user_data, byte* utf8, System.UIntPtr len);
 
         [UnmanagedFunctionPointer(CallingConvention.Cdecl)]
         internal delegate bool chathub_chat_stream_callback_delegate(void* user_data, byte* utf8, System.UIntPtr len);
@@ -229,10 +250,12 @@ namespace ChatHub.Native
         ///  Generates a whole reply to `prompt` given `history`.
         ///
         ///  `history` points to `history_len` messages (NULL when `history_len` is 0). `params` may be
-        ///  NULL for all defaults. On success `*out_reply` is a NUL-terminated UTF-8 string owned by the
-        ///  caller (free it with `chathub_string_free`; if the reply itself contains NUL bytes, use
-        ///  `*out_reply_len`), and `*out_stats` (when not NULL) is filled. On failure `*out_reply` is
-        ///  NULL. Blocks until the reply ends. Any thread, concurrently on one model.
+        ///  NULL for all defaults. On success `*out_reply` is the reply's text as the official code
+        ///  returns it (no metadata line, stripped; empty when the reply is a tool call, see
+        ///  `chathub_chat_reply`): a NUL-terminated UTF-8 string owned by the caller (free it with
+        ///  `chathub_string_free`; if the reply itself contains NUL bytes, use `*out_reply_len`), and
+        ///  `*out_stats` (when not NULL) is filled. On failure `*out_reply` is NULL. Blocks until the
+        ///  reply ends. Any thread, concurrently on one model.
         ///
         ///  # Safety
         ///
@@ -243,9 +266,10 @@ namespace ChatHub.Native
 
         /// <summary>
         ///  Generates a reply, calling `callback(user_data, utf8, len)` with each new piece of text as
-        ///  soon as it forms whole UTF-8 characters. When the callback returns false, generation stops
-        ///  before the next token and the call returns `CHATHUB_OK` with finish reason
-        ///  `CHATHUB_FINISH_CANCELLED`.
+        ///  soon as it forms whole UTF-8 characters. The pieces add up to the text `chathub_chat`
+        ///  returns (nothing is shown of a metadata line or a tool call). When the callback returns
+        ///  false, generation stops before the next token and the call returns `CHATHUB_OK` with finish
+        ///  reason `CHATHUB_FINISH_CANCELLED`.
         ///
         ///  Arguments as for `chathub_chat`. The callback runs on the calling thread, which this call
         ///  blocks until the reply ends. `*out_stats` (when not NULL) is filled on success.
@@ -257,6 +281,102 @@ namespace ChatHub.Native
         /// </summary>
         [DllImport(__DllName, EntryPoint = "chathub_chat_stream", CallingConvention = CallingConvention.Cdecl, ExactSpelling = true)]
         internal static extern int chathub_chat_stream(ChathubModel* model, byte* prompt, ChathubMessage* history, System.UIntPtr history_len, ChathubParams* @params, chathub_chat_stream_callback_delegate callback, void* user_data, ChathubStats* out_stats);
+
+        /// <summary>
+        ///  Generates a reply and returns it whole as the official code does: text, a tool call or a
+        ///  metadata reply, with the tools in `params-&gt;tools_json` and tool calls and results in
+        ///  `history`. `callback` may be NULL; when given it streams the reply's text as
+        ///  `chathub_chat_stream` does (nothing of a tool call).
+        ///
+        ///  On success `*out_reply` owns a new reply (free it with `chathub_reply_free`) and
+        ///  `*out_stats` (when not NULL) is filled; on failure `*out_reply` is NULL. Blocks until the
+        ///  reply ends; the callback runs on the calling thread. Any thread, concurrently on one model.
+        ///
+        ///  # Safety
+        ///
+        ///  As for `chathub_chat_stream`, except that `callback` may be NULL; `out_reply` is NULL (an
+        ///  error) or writable.
+        /// </summary>
+        [DllImport(__DllName, EntryPoint = "chathub_chat_reply", CallingConvention = CallingConvention.Cdecl, ExactSpelling = true)]
+        internal static extern int chathub_chat_reply(ChathubModel* model, byte* prompt, ChathubMessage* history, System.UIntPtr history_len, ChathubParams* @params, chathub_chat_reply_callback_delegate callback, void* user_data, ChathubReply** out_reply, ChathubStats* out_stats);
+
+        /// <summary>
+        ///  The reply's kind: `CHATHUB_REPLY_TEXT`, `CHATHUB_REPLY_TOOL_CALL` or
+        ///  `CHATHUB_REPLY_METADATA` (-1 for NULL). Any thread.
+        ///
+        ///  # Safety
+        ///
+        ///  `reply` is NULL or a live reply from `chathub_chat_reply`.
+        /// </summary>
+        [DllImport(__DllName, EntryPoint = "chathub_reply_kind", CallingConvention = CallingConvention.Cdecl, ExactSpelling = true)]
+        internal static extern int chathub_reply_kind(ChathubReply* reply);
+
+        /// <summary>
+        ///  The reply's text: a text reply's text, a metadata reply's content, "" for a tool call.
+        ///  Borrowed: valid until `chathub_reply_free`. NULL for a NULL reply. Any thread.
+        ///
+        ///  # Safety
+        ///
+        ///  `reply` is NULL or a live reply from `chathub_chat_reply`.
+        /// </summary>
+        [DllImport(__DllName, EntryPoint = "chathub_reply_text", CallingConvention = CallingConvention.Cdecl, ExactSpelling = true)]
+        internal static extern byte* chathub_reply_text(ChathubReply* reply);
+
+        /// <summary>
+        ///  The function a tool-call reply calls, or a metadata reply's metadata line; NULL for a text
+        ///  reply. Borrowed: valid until `chathub_reply_free`. Any thread.
+        ///
+        ///  # Safety
+        ///
+        ///  `reply` is NULL or a live reply from `chathub_chat_reply`.
+        /// </summary>
+        [DllImport(__DllName, EntryPoint = "chathub_reply_tool_name", CallingConvention = CallingConvention.Cdecl, ExactSpelling = true)]
+        internal static extern byte* chathub_reply_tool_name(ChathubReply* reply);
+
+        /// <summary>
+        ///  A tool call's arguments as a JSON object (text); NULL for other replies. Borrowed: valid
+        ///  until `chathub_reply_free`. Any thread.
+        ///
+        ///  # Safety
+        ///
+        ///  `reply` is NULL or a live reply from `chathub_chat_reply`.
+        /// </summary>
+        [DllImport(__DllName, EntryPoint = "chathub_reply_arguments_json", CallingConvention = CallingConvention.Cdecl, ExactSpelling = true)]
+        internal static extern byte* chathub_reply_arguments_json(ChathubReply* reply);
+
+        /// <summary>
+        ///  The reply as the official `chat()` value in JSON: a string for text, `{"name",
+        ///  "parameters"}` for a tool call, `{"name", "content"}` for a metadata reply. Borrowed: valid
+        ///  until `chathub_reply_free`. NULL for a NULL reply. Any thread.
+        ///
+        ///  # Safety
+        ///
+        ///  `reply` is NULL or a live reply from `chathub_chat_reply`.
+        /// </summary>
+        [DllImport(__DllName, EntryPoint = "chathub_reply_json", CallingConvention = CallingConvention.Cdecl, ExactSpelling = true)]
+        internal static extern byte* chathub_reply_json(ChathubReply* reply);
+
+        /// <summary>
+        ///  What the model wrote, decoded, metadata line included (for debugging). Borrowed: valid until
+        ///  `chathub_reply_free`. NULL for a NULL reply. Any thread.
+        ///
+        ///  # Safety
+        ///
+        ///  `reply` is NULL or a live reply from `chathub_chat_reply`.
+        /// </summary>
+        [DllImport(__DllName, EntryPoint = "chathub_reply_raw_text", CallingConvention = CallingConvention.Cdecl, ExactSpelling = true)]
+        internal static extern byte* chathub_reply_raw_text(ChathubReply* reply);
+
+        /// <summary>
+        ///  Frees a reply from `chathub_chat_reply`. NULL is ignored. Call once; the strings read from
+        ///  it are invalid afterwards.
+        ///
+        ///  # Safety
+        ///
+        ///  `reply` is NULL or came from `chathub_chat_reply` and was not freed before.
+        /// </summary>
+        [DllImport(__DllName, EntryPoint = "chathub_reply_free", CallingConvention = CallingConvention.Cdecl, ExactSpelling = true)]
+        internal static extern void chathub_reply_free(ChathubReply* reply);
 
         /// <summary>
         ///  Frees a string returned by this library. NULL is ignored.
@@ -276,6 +396,16 @@ namespace ChatHub.Native
     /// </summary>
     [StructLayout(LayoutKind.Sequential)]
     internal unsafe partial struct ChathubModel
+    {
+    }
+
+    /// <summary>
+    ///  A reply as the official code returns it (text, tool call or metadata reply), from
+    ///  `chathub_chat_reply`. Opaque; read it with the `chathub_reply_*` functions, from any thread,
+    ///  and free it once with `chathub_reply_free`. Its strings live as long as it does.
+    /// </summary>
+    [StructLayout(LayoutKind.Sequential)]
+    internal unsafe partial struct ChathubReply
     {
     }
 
@@ -322,19 +452,29 @@ namespace ChatHub.Native
     }
 
     /// <summary>
-    ///  One history message. Both strings are NUL-terminated UTF-8, borrowed for the call.
+    ///  One history message. Strings are NUL-terminated UTF-8, borrowed for the call.
     /// </summary>
     [StructLayout(LayoutKind.Sequential)]
     internal unsafe partial struct ChathubMessage
     {
         /// <summary>
-        ///  "system", "user", "assistant" or "observation".
+        ///  "system", "user", "assistant", "observation" or "tool" (a tool's result).
         /// </summary>
         public byte* role;
         /// <summary>
         ///  The message text.
         /// </summary>
         public byte* content;
+        /// <summary>
+        ///  For an assistant message that called tools: the calls as OpenAI's `tool_calls` JSON
+        ///  array (`[{"id", "type": "function", "function": {"name", "arguments"}}]`); NULL
+        ///  otherwise.
+        /// </summary>
+        public byte* tool_calls_json;
+        /// <summary>
+        ///  For a tool's result: the id of the call it answers (NULL when unknown).
+        /// </summary>
+        public byte* tool_call_id;
     }
 
     /// <summary>
@@ -391,6 +531,11 @@ namespace ChatHub.Native
         ///  Number of strings at `stop`.
         /// </summary>
         public System.UIntPtr stop_count;
+        /// <summary>
+        ///  Functions the model may call, as OpenAI's `tools` JSON array (`[{"type": "function",
+        ///  "function": {"name", "description", "parameters"}}]`); NULL for none.
+        /// </summary>
+        public byte* tools_json;
     }
 
     /// <summary>
@@ -435,6 +580,10 @@ namespace ChatHub.Native
         ///  Prompt tokens taken from an earlier request's cache instead of being computed.
         /// </summary>
         public uint cached_prompt_tokens;
+        /// <summary>
+        ///  `CHATHUB_REPLY_TEXT`, `CHATHUB_REPLY_TOOL_CALL` or `CHATHUB_REPLY_METADATA`.
+        /// </summary>
+        public int reply_kind;
     }
 
 

@@ -48,15 +48,19 @@ JSON
 done
 export DOTNET_SYSTEM_GLOBALIZATION_INVARIANT=1
 
-text() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['greedy_text_until_stop'], end='')" "$1"; }
+field() { python3 -c "import json,sys; v=json.load(open(sys.argv[1])); [v := v[k] for k in sys.argv[2:]]; print(v, end='')" "$@"; }
 fixtures=tests/fixtures
-conv1=$(text $fixtures/expected/chatglm3_conv1_en.json)
-conv2=$(text $fixtures/expected/chatglm3_conv2_zh.json)
+conv1=$(field $fixtures/expected/chatglm2_conv4_zh.json chat_response)
+conv2=$(field $fixtures/expected/chatglm3_conv2_zh.json chat_response)
+glm4=$(field $fixtures/glm4/expected/glm4_hf_user_only_en.json greedy_text_until_stop)
+meta_name=$(field $fixtures/expected/chatglm3_conv1_en.json chat_response name)
+meta_content=$(field $fixtures/expected/chatglm3_conv1_en.json chat_response content)
+args=("$fixtures" "$conv1" "$conv2" "$glm4" "$meta_name" "$meta_content" "$soak")
 
 echo "-- tests on Mono"
-mono "$out/mono/ChatHubTests.exe" "$fixtures" "$conv1" "$conv2" "$soak"
+mono "$out/mono/ChatHubTests.exe" "${args[@]}"
 echo "-- tests on CoreCLR ($fx)"
-"$dotnet" "$out/core/ChatHubTests.exe" "$fixtures" "$conv1" "$conv2" "$soak"
+"$dotnet" "$out/core/ChatHubTests.exe" "${args[@]}"
 
 sample_input=$'你好\nWhat can you do?\n/reset\nhello again\n/exit\n'
 for runtime in mono core; do

@@ -5,6 +5,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::chat::tools::ToolCall;
 use crate::error::Error;
 
 /// Who wrote a message.
@@ -17,7 +18,8 @@ pub enum Role {
     User,
     /// The model's earlier replies.
     Assistant,
-    /// A tool's result (ChatGLM3 tool calling).
+    /// A tool's result (ChatGLM3/GLM-4's `observation`, OpenAI's `tool`).
+    #[serde(alias = "tool")]
     Observation,
 }
 
@@ -42,13 +44,14 @@ impl fmt::Display for Role {
 impl FromStr for Role {
     type Err = Error;
 
-    /// Parses `system`, `user`, `assistant` or `observation` (exact, lower-case).
+    /// Parses `system`, `user`, `assistant`, `observation` or OpenAI's `tool` (an
+    /// observation) (exact, lower-case).
     fn from_str(s: &str) -> Result<Self, Error> {
         match s {
             "system" => Ok(Role::System),
             "user" => Ok(Role::User),
             "assistant" => Ok(Role::Assistant),
-            "observation" => Ok(Role::Observation),
+            "observation" | "tool" => Ok(Role::Observation),
             _ => Err(Error::UnknownRole {
                 index: 0,
                 role: s.to_string(),
@@ -68,12 +71,25 @@ impl FromStr for Role {
 /// assert_eq!(Message::new("assistant", "hi")?.role, Role::Assistant);
 /// # Ok::<(), chathub::Error>(())
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Message {
     /// Who wrote it.
     pub role: Role,
-    /// What was written.
+    /// What was written (`null` in JSON reads as empty, as OpenAI sends it for a message that
+    /// only calls tools).
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub content: String,
+    /// The tools an assistant message called (OpenAI's `tool_calls`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// Which call a tool result answers (OpenAI's `tool_call_id`; the models do not use it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(deserializer)?.unwrap_or_default())
 }
 
 impl Message {
@@ -83,42 +99,60 @@ impl Message {
     ///
     /// [`Error::UnknownRole`] for anything but `system`, `user`, `assistant`, `observation`.
     pub fn new(role: &str, content: impl Into<String>) -> Result<Self, Error> {
-        Ok(Message {
-            role: role.parse()?,
+        Ok(Self::with_role(role.parse()?, content))
+    }
+
+    pub(crate) fn with_role(role: Role, content: impl Into<String>) -> Self {
+        Message {
+            role,
             content: content.into(),
-        })
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+        }
     }
 
     /// A `system` message.
     pub fn system(content: impl Into<String>) -> Self {
-        Message {
-            role: Role::System,
-            content: content.into(),
-        }
+        Self::with_role(Role::System, content)
     }
 
     /// A `user` message.
     pub fn user(content: impl Into<String>) -> Self {
-        Message {
-            role: Role::User,
-            content: content.into(),
-        }
+        Self::with_role(Role::User, content)
     }
 
     /// An `assistant` message.
     pub fn assistant(content: impl Into<String>) -> Self {
+        Self::with_role(Role::Assistant, content)
+    }
+
+    /// An assistant message that calls tools (its `content` is any text written before the
+    /// calls, often empty).
+    ///
+    /// ```
+    /// use chathub::{Message, ToolCall};
+    /// let m = Message::assistant_tool_calls("", vec![ToolCall::new("add", serde_json::json!({"a": 1}))]);
+    /// assert_eq!(m.tool_calls[0].name, "add");
+    /// ```
+    pub fn assistant_tool_calls(content: impl Into<String>, tool_calls: Vec<ToolCall>) -> Self {
         Message {
-            role: Role::Assistant,
-            content: content.into(),
+            tool_calls,
+            ..Self::with_role(Role::Assistant, content)
+        }
+    }
+
+    /// A tool's result, answering the call with id `tool_call_id` (OpenAI's `tool` message; an
+    /// `observation` for the models).
+    pub fn tool_result(content: impl Into<String>, tool_call_id: Option<String>) -> Self {
+        Message {
+            tool_call_id,
+            ..Self::with_role(Role::Observation, content)
         }
     }
 
     /// An `observation` (tool result) message.
     pub fn observation(content: impl Into<String>) -> Self {
-        Message {
-            role: Role::Observation,
-            content: content.into(),
-        }
+        Self::with_role(Role::Observation, content)
     }
 }
 
@@ -135,10 +169,7 @@ where
         .into_iter()
         .enumerate()
         .map(|(index, (role, content))| match role.parse() {
-            Ok(role) => Ok(Message {
-                role,
-                content: content.to_string(),
-            }),
+            Ok(role) => Ok(Message::with_role(role, content)),
             Err(_) => Err(Error::UnknownRole {
                 index,
                 role: role.to_string(),

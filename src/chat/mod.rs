@@ -2,4 +2,6 @@
 
 pub(crate) mod generation;
 pub(crate) mod message;
+pub(crate) mod reply;
 pub(crate) mod request;
+pub(crate) mod tools;

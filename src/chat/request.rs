@@ -4,6 +4,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::chat::generation::GenerationDefaults;
 use crate::chat::message::Message;
+use crate::chat::reply::Reply;
+use crate::chat::tools::Tool;
 use crate::error::{Error, Result};
 
 /// One chat turn to generate: the proto's fields plus extras the proto cannot carry.
@@ -30,6 +32,10 @@ pub struct ChatRequest {
     /// Earlier messages, oldest first.
     #[serde(default)]
     pub history: Vec<Message>,
+    /// Functions the model may call (OpenAI-shaped); its calls come back as
+    /// [`Reply::ToolCall`].
+    #[serde(default)]
+    pub tools: Vec<Tool>,
     /// Prompt plus reply tokens, as in ChatGLM's `model.chat`. `None` or 0: model default.
     #[serde(default)]
     pub max_length: Option<usize>,
@@ -93,6 +99,19 @@ impl ChatRequest {
     #[must_use]
     pub fn special_text(mut self, special_text: SpecialText) -> Self {
         self.special_text = special_text;
+        self
+    }
+
+    /// Offers the model `tools` to call.
+    ///
+    /// ```
+    /// let weather = chathub::Tool::function("get_weather", "Weather of a city", serde_json::json!({}));
+    /// let r = chathub::ChatRequest::new("Weather in Paris?").tools(vec![weather]);
+    /// assert_eq!(r.tools.len(), 1);
+    /// ```
+    #[must_use]
+    pub fn tools(mut self, tools: Vec<Tool>) -> Self {
+        self.tools = tools;
         self
     }
 
@@ -270,6 +289,7 @@ pub(crate) struct ResolvedParams {
 /// Why generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum FinishReason {
     /// The model produced a stop token (end of sequence or a role token).
     Stop,
@@ -277,6 +297,9 @@ pub enum FinishReason {
     Length,
     /// The caller asked to stop (callback returned `Break`, stream dropped, token cancelled).
     Cancelled,
+    /// The reply is a call of one of the request's tools ([`Reply::ToolCall`]).
+    #[serde(rename = "tool_calls")]
+    ToolCalls,
 }
 
 /// Token counts of one request.
@@ -309,10 +332,22 @@ pub struct Timings {
 }
 
 /// The result of one chat request.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChatOutcome {
-    /// The reply text (stop tokens never appear in it).
+    /// The reply as the official `chat()` returns it: its text, or a tool call, or a metadata
+    /// reply. ChatGLM3/GLM-4's metadata line is split off and text replies are stripped.
+    /// Serialized as `response`, the official value's JSON.
+    #[serde(rename = "response")]
+    pub reply: Reply,
+    /// The text shown to a user: a text reply's text (everything the streaming callback was
+    /// given, concatenated), empty for a tool call or metadata reply.
     pub text: String,
+    /// What the model wrote, decoded (metadata line included; stop tokens and stop strings
+    /// never appear in it).
+    pub raw_text: String,
+    /// Why a tool call in the reply could not be read (it then comes back as
+    /// [`Reply::Metadata`]); it is never executed.
+    pub tool_call_error: Option<String>,
     /// Why generation ended.
     pub finish_reason: FinishReason,
     /// The prompt as the model saw it.

@@ -3,7 +3,7 @@
 use std::io::{BufRead, IsTerminal, Write};
 use std::ops::ControlFlow;
 
-use chathub::{ChatRequest, FinishReason, Message};
+use chathub::{ChatRequest, FinishReason, Message, Reply, ToolCall};
 use clap::Args;
 
 use super::{ModelArgs, SamplingArgs};
@@ -70,7 +70,15 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
                 ControlFlow::Continue(())
             }
         })?;
-        writeln!(stdout)?;
+        match &outcome.reply {
+            Reply::ToolCall { name, arguments } => writeln!(
+                stdout,
+                "[tool call] {name} {}",
+                serde_json::Value::Object(arguments.clone())
+            )?,
+            Reply::Metadata { name, content } => writeln!(stdout, "[{name}]\n{content}")?,
+            _ => writeln!(stdout)?,
+        }
         eprintln!(
             "[{} prompt + {} reply tokens, {:.1} tokens/s, first token after {:.0} ms, {}]",
             outcome.usage.prompt_tokens,
@@ -81,10 +89,18 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
                 FinishReason::Stop => "stop",
                 FinishReason::Length => "length limit",
                 FinishReason::Cancelled => "cancelled",
+                FinishReason::ToolCalls => "tool call",
+                _ => "finished",
             }
         );
         history.push(Message::user(prompt));
-        history.push(Message::assistant(outcome.text));
+        history.push(match outcome.reply {
+            Reply::ToolCall { name, arguments } => Message::assistant_tool_calls(
+                "",
+                vec![ToolCall::new(&name, serde_json::Value::Object(arguments))],
+            ),
+            _ => Message::assistant(outcome.text),
+        });
     }
     Ok(())
 }

@@ -20,11 +20,13 @@ pub struct GenerateArgs {
 
     /// A JSON file shaped like `{"prompt": "...", "history": [{"role": "user", "content":
     /// "..."}], "max_new_tokens": 20, "greedy": true}`, plus the proto's `max_length`, `top_p`,
-    /// `temperature`; `-` reads stdin.
+    /// `temperature`, OpenAI-shaped `tools`, and history with assistant `tool_calls` and `tool`
+    /// results; `-` reads stdin.
     #[arg(long)]
     request: PathBuf,
 
-    /// Print prompt and completion token ids, finish reason, usage and timings as JSON.
+    /// Print the reply as the official code returns it (`response`), the raw decode, prompt and
+    /// completion token ids, finish reason, usage and timings as JSON.
     #[arg(long)]
     json: bool,
 }
@@ -33,6 +35,8 @@ pub struct GenerateArgs {
 struct Report<'a> {
     model: String,
     family: &'a str,
+    /// `text`, `tool_call` or `metadata`: the shape of `response`.
+    response_kind: &'static str,
     #[serde(flatten)]
     outcome: &'a chathub::ChatOutcome,
 }
@@ -56,11 +60,15 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         let report = Report {
             model: engine.dir().display().to_string(),
             family: engine.family().as_str(),
+            response_kind: outcome.reply.kind().as_str(),
             outcome: &outcome,
         };
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        println!("{}", outcome.text);
+        match &outcome.reply {
+            chathub::Reply::Text(text) => println!("{text}"),
+            other => println!("{}", other.to_official_json()),
+        }
     }
     Ok(())
 }

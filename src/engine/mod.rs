@@ -12,17 +12,22 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device};
+use serde_json::Value;
 
 use crate::chat::generation::GenerationDefaults;
 use crate::chat::message::Message;
+use crate::chat::reply::Reply;
 use crate::chat::request::{
     ChatOutcome, ChatRequest, FinishReason, ResolvedParams, SpecialText, Timings, Usage,
 };
+use crate::chat::tools::ToolCall;
 use crate::engine::next_turn::NextTurnWarmer;
 use crate::engine::prefix_cache::PrefixCache;
 use crate::engine::sampling::Sampler;
 use crate::engine::stop::StopGate;
 use crate::error::{Error, Result};
+use crate::families::reply::parse_reply;
+use crate::families::reply::stream::ReplyStream;
 use crate::families::source::{self, ModelSource};
 use crate::families::{ChatFormat, Conversation, ModelFamily, Prompt};
 use crate::nn::names::TensorNames;
@@ -358,6 +363,7 @@ impl Engine {
         let conversation = Conversation {
             history,
             prompt,
+            tools: &[],
             special_text: SpecialText::default(),
         };
         self.format.build(&self.tokenizer, &conversation)
@@ -404,10 +410,16 @@ impl Engine {
     /// The ids any next prompt of this conversation starts with: history, this turn's question
     /// and `reply` as the prompt builder encodes them, up to where the next question's text
     /// begins (found by building with two different questions).
-    fn next_prompt_start(&self, request: &ChatRequest, reply: &str) -> Vec<u32> {
+    fn next_prompt_start(&self, request: &ChatRequest, reply: &Reply) -> Vec<u32> {
         let mut history = request.history.clone();
         history.push(Message::user(request.prompt.clone()));
-        history.push(Message::assistant(reply));
+        history.push(match reply {
+            Reply::ToolCall { name, arguments } => Message::assistant_tool_calls(
+                "",
+                vec![ToolCall::new(name, Value::Object(arguments.clone()))],
+            ),
+            other => Message::assistant(other.as_text().unwrap_or_default()),
+        });
         let build = |prompt| {
             self.format
                 .build(
@@ -415,6 +427,7 @@ impl Engine {
                     &Conversation {
                         history: &history,
                         prompt,
+                        tools: &request.tools,
                         special_text: request.special_text,
                     },
                 )
@@ -445,6 +458,7 @@ impl Engine {
             &Conversation {
                 history: &request.history,
                 prompt: &request.prompt,
+                tools: &request.tools,
                 special_text: request.special_text,
             },
             limit,
@@ -513,6 +527,9 @@ impl Engine {
         let mut completion = Vec::new();
         let mut decoder = self.tokenizer.decoder();
         let mut gate = StopGate::new(&request.stop);
+        // What a user may see of the reply so far: the official reply's text, never the
+        // metadata line or a tool call.
+        let mut reply_gate = ReplyStream::new(self.format.reply_style(), !request.tools.is_empty());
         let mut delta = String::new();
         let mut ttft = None;
         let decode_started = Instant::now();
@@ -527,23 +544,32 @@ impl Engine {
             context.push(token);
             delta.clear();
             decoder.push(token, &mut delta);
-            if !delta.is_empty() {
-                let (shown, hit) = gate.push(&delta);
-                if !shown.is_empty() && on_delta(&gate.text()[shown]).is_break() {
-                    break FinishReason::Cancelled;
-                }
-                if hit {
-                    break FinishReason::Stop;
-                }
+            let (shown, hit) = gate.push(&delta);
+            let visible = reply_gate.push(&gate.text()[shown]);
+            // Called every token, with "" when nothing became visible, so that a caller can
+            // cancel within one token whatever the model is writing.
+            if on_delta(&visible).is_break() {
+                break FinishReason::Cancelled;
+            }
+            if hit {
+                break FinishReason::Stop;
             }
             if completion.len() >= max_new {
                 break FinishReason::Length;
             }
             logits = self.model.forward(&[token], &mut cache)?;
         };
-        if finish_reason != FinishReason::Cancelled {
-            // Bytes of an unfinished character, then whatever a stop string held back. The
-            // caller who cancelled gets no more callbacks.
+        let (reply, tool_call_error, text) = if finish_reason == FinishReason::Cancelled {
+            // The caller who cancelled gets no more callbacks.
+            let parsed = parse_reply(
+                self.format.reply_style(),
+                gate.text(),
+                !request.tools.is_empty(),
+            );
+            let text = reply_gate.display_text().to_string();
+            (parsed.reply, parsed.tool_call_error, text)
+        } else {
+            // Bytes of an unfinished character, then whatever a stop string held back.
             delta.clear();
             decoder.finish(&mut delta);
             let (shown, hit) = gate.push(&delta);
@@ -553,17 +579,24 @@ impl Engine {
             } else {
                 shown.start..gate.finish().end
             };
-            if !rest.is_empty() {
-                let _ = on_delta(&gate.text()[rest]);
+            let mut visible = reply_gate.push(&gate.text()[rest]);
+            let end = reply_gate.finish();
+            visible.push_str(&end.delta);
+            if !visible.is_empty() {
+                let _ = on_delta(&visible);
             }
+            (end.reply.reply, end.reply.tool_call_error, end.display_text)
+        };
+        if matches!(reply, Reply::ToolCall { .. }) && finish_reason != FinishReason::Cancelled {
+            finish_reason = FinishReason::ToolCalls;
         }
-        let text = gate.into_text();
+        let raw_text = gate.into_text();
         let decode = decode_started.elapsed();
         self.prefix_cache
             .put(context[..cache.len()].to_vec(), cache);
         if finish_reason != FinishReason::Cancelled && !request.skip_prefix_cache {
             if let Some(next_turn) = &self.next_turn {
-                next_turn.submit(self.next_prompt_start(request, &text));
+                next_turn.submit(self.next_prompt_start(request, &reply));
             }
         }
         let decode_steps = completion.len().saturating_sub(1);
@@ -585,7 +618,10 @@ impl Engine {
             "chat finished"
         );
         Ok(ChatOutcome {
+            reply,
             text,
+            raw_text,
+            tool_call_error: tool_call_error.map(|e| e.to_string()),
             finish_reason,
             usage: Usage {
                 prompt_tokens: prompt_len,

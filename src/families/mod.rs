@@ -8,9 +8,7 @@
 
 pub(crate) mod chatglm;
 pub(crate) mod glm4;
-#[allow(dead_code)] // the reply contract (tool calls, parsed replies) wires the rest in
 pub(crate) mod python;
-#[allow(dead_code)] // the reply contract wires this in
 pub(crate) mod reply;
 pub(crate) mod source;
 pub(crate) mod template;
@@ -24,11 +22,13 @@ use serde::{Deserialize, Serialize};
 use crate::chat::generation::GenerationDefaults;
 use crate::chat::message::{Message, Role};
 use crate::chat::request::SpecialText;
+use crate::chat::tools::Tool;
 use crate::error::{Error, Result};
 use crate::formats::gguf::Metadata;
 use crate::nn::names::TensorNames;
 use crate::nn::spec::ArchSpec;
 use crate::tokenizer::Tokenizer;
+use reply::ReplyStyle;
 use source::{Imported, ModelSource};
 
 /// Which chat format, tokenizer and special tokens a checkpoint uses.
@@ -98,13 +98,20 @@ impl FromStr for ModelFamily {
 pub(crate) struct Conversation<'a> {
     pub history: &'a [Message],
     pub prompt: &'a str,
+    /// Functions offered to the model.
+    pub tools: &'a [Tool],
     pub special_text: SpecialText,
 }
 
-/// A family's chat format: prompts at token level, and the ids that end a reply.
+/// A family's chat format: prompts at token level, and how replies come back.
 pub(crate) trait ChatFormat: Send + Sync + fmt::Debug {
     /// The prompt exactly as the official builder makes it, whole history included.
     fn build(&self, tokenizer: &Tokenizer, conversation: &Conversation<'_>) -> Result<Vec<u32>>;
+
+    /// Which official `process_response` turns this family's raw replies into [`Reply`]s.
+    ///
+    /// [`Reply`]: crate::Reply
+    fn reply_style(&self) -> ReplyStyle;
 }
 
 /// A prompt ready for the model.

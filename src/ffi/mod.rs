@@ -25,7 +25,7 @@ use crate::{Engine, ModelFamily, ModelOptions, Quantization};
 
 /// Version of this C ABI. It changes whenever a function or struct changes incompatibly;
 /// bindings check it at start-up.
-pub const CHATHUB_ABI_VERSION: u32 = 2;
+pub const CHATHUB_ABI_VERSION: u32 = 3;
 
 /// Success.
 pub const CHATHUB_OK: i32 = 0;
@@ -84,10 +84,33 @@ pub const CHATHUB_FINISH_STOP: i32 = 0;
 pub const CHATHUB_FINISH_LENGTH: i32 = 1;
 /// The stream callback returned false.
 pub const CHATHUB_FINISH_CANCELLED: i32 = 2;
+/// The reply calls one of the request's tools (`CHATHUB_REPLY_TOOL_CALL`).
+pub const CHATHUB_FINISH_TOOL_CALLS: i32 = 3;
+
+/// An ordinary answer: `chathub_reply_text` is the text.
+pub const CHATHUB_REPLY_TEXT: i32 = 0;
+/// A call of one of the request's tools: `chathub_reply_tool_name` and
+/// `chathub_reply_arguments_json` say which and with what.
+pub const CHATHUB_REPLY_TOOL_CALL: i32 = 1;
+/// A reply with a metadata line but no tools offered (or a tool call that could not be read):
+/// `chathub_reply_tool_name` is the metadata, `chathub_reply_text` the rest.
+pub const CHATHUB_REPLY_METADATA: i32 = 2;
 
 /// A loaded chat model. Opaque; safe to use from several threads at once.
 pub struct ChathubModel {
     engine: Engine,
+}
+
+/// A reply as the official code returns it (text, tool call or metadata reply), from
+/// `chathub_chat_reply`. Opaque; read it with the `chathub_reply_*` functions, from any thread,
+/// and free it once with `chathub_reply_free`. Its strings live as long as it does.
+pub struct ChathubReply {
+    kind: i32,
+    text: std::ffi::CString,
+    tool_name: Option<std::ffi::CString>,
+    arguments_json: Option<std::ffi::CString>,
+    json: std::ffi::CString,
+    raw_text: std::ffi::CString,
 }
 
 /// How to load a model. Zeros (from `chathub_load_options_default`) mean: detect the family,
@@ -115,13 +138,19 @@ pub struct ChathubLoadOptions {
     pub disable_next_turn_warmup: u8,
 }
 
-/// One history message. Both strings are NUL-terminated UTF-8, borrowed for the call.
+/// One history message. Strings are NUL-terminated UTF-8, borrowed for the call.
 #[repr(C)]
 pub struct ChathubMessage {
-    /// "system", "user", "assistant" or "observation".
+    /// "system", "user", "assistant", "observation" or "tool" (a tool's result).
     pub role: *const c_char,
     /// The message text.
     pub content: *const c_char,
+    /// For an assistant message that called tools: the calls as OpenAI's `tool_calls` JSON
+    /// array (`[{"id", "type": "function", "function": {"name", "arguments"}}]`); NULL
+    /// otherwise.
+    pub tool_calls_json: *const c_char,
+    /// For a tool's result: the id of the call it answers (NULL when unknown).
+    pub tool_call_id: *const c_char,
 }
 
 /// Generation parameters. Zero in any field means "the model's default", as in AIHub's proto;
@@ -153,6 +182,9 @@ pub struct ChathubParams {
     pub stop: *const *const c_char,
     /// Number of strings at `stop`.
     pub stop_count: usize,
+    /// Functions the model may call, as OpenAI's `tools` JSON array (`[{"type": "function",
+    /// "function": {"name", "description", "parameters"}}]`); NULL for none.
+    pub tools_json: *const c_char,
 }
 
 /// What a chat call did.
@@ -176,11 +208,15 @@ pub struct ChathubStats {
     pub total_ms: f64,
     /// Prompt tokens taken from an earlier request's cache instead of being computed.
     pub cached_prompt_tokens: u32,
+    /// `CHATHUB_REPLY_TEXT`, `CHATHUB_REPLY_TOOL_CALL` or `CHATHUB_REPLY_METADATA`.
+    pub reply_kind: i32,
 }
 
 /// Receives each new piece of reply text: `len` bytes of whole UTF-8 characters at `utf8`
-/// (not NUL-terminated, valid only during the call). Return true to continue, false to stop
-/// generation. Called on the thread that called `chathub_chat_stream`; it must not free the
+/// (not NUL-terminated, valid only during the call). Called after every token; `len` is 0 when
+/// the token showed nothing (half a character, a metadata line, a tool call being written), so
+/// that returning false still stops generation within one token. Return true to continue,
+/// false to stop. Called on the thread that called `chathub_chat_stream`; it must not free the
 /// model it is streaming from.
 pub type ChathubStreamCallback =
     Option<unsafe extern "C" fn(user_data: *mut c_void, utf8: *const u8, len: usize) -> bool>;
@@ -235,6 +271,7 @@ pub unsafe extern "C" fn chathub_params_default(out_params: *mut ChathubParams) 
             greedy: 0,
             stop: std::ptr::null(),
             stop_count: 0,
+            tools_json: std::ptr::null(),
         };
         // SAFETY: non-null and writable, as the caller promises.
         unsafe { out_params.write(params) };
@@ -433,10 +470,12 @@ pub unsafe extern "C" fn chathub_model_free(model: *mut ChathubModel) {
 /// Generates a whole reply to `prompt` given `history`.
 ///
 /// `history` points to `history_len` messages (NULL when `history_len` is 0). `params` may be
-/// NULL for all defaults. On success `*out_reply` is a NUL-terminated UTF-8 string owned by the
-/// caller (free it with `chathub_string_free`; if the reply itself contains NUL bytes, use
-/// `*out_reply_len`), and `*out_stats` (when not NULL) is filled. On failure `*out_reply` is
-/// NULL. Blocks until the reply ends. Any thread, concurrently on one model.
+/// NULL for all defaults. On success `*out_reply` is the reply's text as the official code
+/// returns it (no metadata line, stripped; empty when the reply is a tool call, see
+/// `chathub_chat_reply`): a NUL-terminated UTF-8 string owned by the caller (free it with
+/// `chathub_string_free`; if the reply itself contains NUL bytes, use `*out_reply_len`), and
+/// `*out_stats` (when not NULL) is filled. On failure `*out_reply` is NULL. Blocks until the
+/// reply ends. Any thread, concurrently on one model.
 ///
 /// # Safety
 ///
@@ -477,9 +516,10 @@ pub unsafe extern "C" fn chathub_chat(
 }
 
 /// Generates a reply, calling `callback(user_data, utf8, len)` with each new piece of text as
-/// soon as it forms whole UTF-8 characters. When the callback returns false, generation stops
-/// before the next token and the call returns `CHATHUB_OK` with finish reason
-/// `CHATHUB_FINISH_CANCELLED`.
+/// soon as it forms whole UTF-8 characters. The pieces add up to the text `chathub_chat`
+/// returns (nothing is shown of a metadata line or a tool call). When the callback returns
+/// false, generation stops before the next token and the call returns `CHATHUB_OK` with finish
+/// reason `CHATHUB_FINISH_CANCELLED`.
 ///
 /// Arguments as for `chathub_chat`. The callback runs on the calling thread, which this call
 /// blocks until the reply ends. `*out_stats` (when not NULL) is filled on success.
@@ -520,6 +560,156 @@ pub unsafe extern "C" fn chathub_chat_stream(
         }
         Ok(())
     })
+}
+
+/// Generates a reply and returns it whole as the official code does: text, a tool call or a
+/// metadata reply, with the tools in `params->tools_json` and tool calls and results in
+/// `history`. `callback` may be NULL; when given it streams the reply's text as
+/// `chathub_chat_stream` does (nothing of a tool call).
+///
+/// On success `*out_reply` owns a new reply (free it with `chathub_reply_free`) and
+/// `*out_stats` (when not NULL) is filled; on failure `*out_reply` is NULL. Blocks until the
+/// reply ends; the callback runs on the calling thread. Any thread, concurrently on one model.
+///
+/// # Safety
+///
+/// As for `chathub_chat_stream`, except that `callback` may be NULL; `out_reply` is NULL (an
+/// error) or writable.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)] // a C signature: one argument per input and output
+pub unsafe extern "C" fn chathub_chat_reply(
+    model: *const ChathubModel,
+    prompt: *const c_char,
+    history: *const ChathubMessage,
+    history_len: usize,
+    params: *const ChathubParams,
+    callback: ChathubStreamCallback,
+    user_data: *mut c_void,
+    out_reply: *mut *mut ChathubReply,
+    out_stats: *mut ChathubStats,
+) -> i32 {
+    guard(|| {
+        if out_reply.is_null() {
+            return Err(FfiError::invalid("out_reply is NULL"));
+        }
+        // SAFETY: non-null and writable.
+        unsafe { out_reply.write(std::ptr::null_mut()) };
+        // SAFETY: the caller promises valid pointers.
+        let (engine, request) = unsafe { read_call(model, prompt, history, history_len, params) }?;
+        let outcome = engine.chat_stream(&request, |delta| match callback {
+            // SAFETY: the caller promises a valid callback; the bytes live for the call.
+            Some(callback) => {
+                if unsafe { callback(user_data, delta.as_ptr(), delta.len()) } {
+                    ControlFlow::Continue(())
+                } else {
+                    ControlFlow::Break(())
+                }
+            }
+            _ => ControlFlow::Continue(()),
+        })?;
+        if !out_stats.is_null() {
+            // SAFETY: non-null and writable.
+            unsafe { out_stats.write(support::stats_from(&outcome)) };
+        }
+        let reply = Box::new(support::reply_from(&outcome));
+        // SAFETY: non-null and writable.
+        unsafe { out_reply.write(Box::into_raw(reply)) };
+        Ok(())
+    })
+}
+
+/// The reply's kind: `CHATHUB_REPLY_TEXT`, `CHATHUB_REPLY_TOOL_CALL` or
+/// `CHATHUB_REPLY_METADATA` (-1 for NULL). Any thread.
+///
+/// # Safety
+///
+/// `reply` is NULL or a live reply from `chathub_chat_reply`.
+#[no_mangle]
+pub unsafe extern "C" fn chathub_reply_kind(reply: *const ChathubReply) -> i32 {
+    // SAFETY: NULL or live, as the caller promises.
+    unsafe { reply.as_ref() }.map_or(-1, |r| r.kind)
+}
+
+/// The reply's text: a text reply's text, a metadata reply's content, "" for a tool call.
+/// Borrowed: valid until `chathub_reply_free`. NULL for a NULL reply. Any thread.
+///
+/// # Safety
+///
+/// `reply` is NULL or a live reply from `chathub_chat_reply`.
+#[no_mangle]
+pub unsafe extern "C" fn chathub_reply_text(reply: *const ChathubReply) -> *const c_char {
+    // SAFETY: NULL or live, as the caller promises.
+    unsafe { reply.as_ref() }.map_or(std::ptr::null(), |r| r.text.as_ptr())
+}
+
+/// The function a tool-call reply calls, or a metadata reply's metadata line; NULL for a text
+/// reply. Borrowed: valid until `chathub_reply_free`. Any thread.
+///
+/// # Safety
+///
+/// `reply` is NULL or a live reply from `chathub_chat_reply`.
+#[no_mangle]
+pub unsafe extern "C" fn chathub_reply_tool_name(reply: *const ChathubReply) -> *const c_char {
+    // SAFETY: NULL or live, as the caller promises.
+    unsafe { reply.as_ref() }
+        .and_then(|r| r.tool_name.as_ref())
+        .map_or(std::ptr::null(), |s| s.as_ptr())
+}
+
+/// A tool call's arguments as a JSON object (text); NULL for other replies. Borrowed: valid
+/// until `chathub_reply_free`. Any thread.
+///
+/// # Safety
+///
+/// `reply` is NULL or a live reply from `chathub_chat_reply`.
+#[no_mangle]
+pub unsafe extern "C" fn chathub_reply_arguments_json(reply: *const ChathubReply) -> *const c_char {
+    // SAFETY: NULL or live, as the caller promises.
+    unsafe { reply.as_ref() }
+        .and_then(|r| r.arguments_json.as_ref())
+        .map_or(std::ptr::null(), |s| s.as_ptr())
+}
+
+/// The reply as the official `chat()` value in JSON: a string for text, `{"name",
+/// "parameters"}` for a tool call, `{"name", "content"}` for a metadata reply. Borrowed: valid
+/// until `chathub_reply_free`. NULL for a NULL reply. Any thread.
+///
+/// # Safety
+///
+/// `reply` is NULL or a live reply from `chathub_chat_reply`.
+#[no_mangle]
+pub unsafe extern "C" fn chathub_reply_json(reply: *const ChathubReply) -> *const c_char {
+    // SAFETY: NULL or live, as the caller promises.
+    unsafe { reply.as_ref() }.map_or(std::ptr::null(), |r| r.json.as_ptr())
+}
+
+/// What the model wrote, decoded, metadata line included (for debugging). Borrowed: valid until
+/// `chathub_reply_free`. NULL for a NULL reply. Any thread.
+///
+/// # Safety
+///
+/// `reply` is NULL or a live reply from `chathub_chat_reply`.
+#[no_mangle]
+pub unsafe extern "C" fn chathub_reply_raw_text(reply: *const ChathubReply) -> *const c_char {
+    // SAFETY: NULL or live, as the caller promises.
+    unsafe { reply.as_ref() }.map_or(std::ptr::null(), |r| r.raw_text.as_ptr())
+}
+
+/// Frees a reply from `chathub_chat_reply`. NULL is ignored. Call once; the strings read from
+/// it are invalid afterwards.
+///
+/// # Safety
+///
+/// `reply` is NULL or came from `chathub_chat_reply` and was not freed before.
+#[no_mangle]
+pub unsafe extern "C" fn chathub_reply_free(reply: *mut ChathubReply) {
+    guard(|| {
+        if !reply.is_null() {
+            // SAFETY: the caller passes ownership of a reply from chathub_chat_reply.
+            drop(unsafe { Box::from_raw(reply) });
+        }
+        Ok(())
+    });
 }
 
 /// Frees a string returned by this library. NULL is ignored.

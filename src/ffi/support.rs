@@ -6,10 +6,10 @@ use std::ffi::{c_char, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use super::{
-    ChathubMessage, ChathubParams, ChathubStats, CHATHUB_ERR_INVALID_ARGUMENT, CHATHUB_ERR_PANIC,
-    CHATHUB_OK,
+    ChathubMessage, ChathubParams, ChathubReply, ChathubStats, CHATHUB_ERR_INVALID_ARGUMENT,
+    CHATHUB_ERR_PANIC, CHATHUB_OK,
 };
-use crate::{ChatOutcome, ChatRequest, Error, FinishReason, Message};
+use crate::{ChatOutcome, ChatRequest, Error, FinishReason, Message, Reply, Tool, ToolCall};
 
 /// A failure on its way to C: a status code and a message.
 pub(super) struct FfiError {
@@ -147,11 +147,42 @@ pub(super) unsafe fn history_arg(
                     role: role.to_string(),
                 })
             })?;
-            Ok(Message {
-                role,
-                content: content.to_string(),
-            })
+            let mut message = Message::with_role(role, content);
+            if !m.tool_calls_json.is_null() {
+                // SAFETY: non-null, so NUL-terminated as the caller promises.
+                let text = unsafe {
+                    str_arg(m.tool_calls_json, &format!("history[{i}].tool_calls_json"))
+                }?;
+                message.tool_calls = json_list(
+                    text,
+                    &format!("history[{i}].tool_calls_json"),
+                    ToolCall::from_json,
+                )?;
+            }
+            if !m.tool_call_id.is_null() {
+                // SAFETY: as above.
+                let id = unsafe { str_arg(m.tool_call_id, &format!("history[{i}].tool_call_id")) }?;
+                message.tool_call_id = Some(id.to_string());
+            }
+            Ok(message)
         })
+        .collect()
+}
+
+/// Parses a JSON array whose items `item` reads, naming `field` in errors.
+fn json_list<T>(
+    text: &str,
+    field: &str,
+    item: impl Fn(&serde_json::Value) -> Result<T, Error>,
+) -> Result<Vec<T>, FfiError> {
+    let value: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| FfiError::invalid(format!("{field} is not valid JSON: {e}")))?;
+    let serde_json::Value::Array(items) = value else {
+        return Err(FfiError::invalid(format!("{field} must be a JSON array")));
+    };
+    items
+        .iter()
+        .map(|v| item(v).map_err(FfiError::from))
         .collect()
 }
 
@@ -188,6 +219,11 @@ pub(super) unsafe fn request_from(
     request.repetition_penalty = real(p.repetition_penalty);
     request.seed = (p.has_seed != 0).then_some(p.seed);
     request.greedy = p.greedy != 0;
+    if !p.tools_json.is_null() {
+        // SAFETY: non-null, so NUL-terminated as the caller promises.
+        let text = unsafe { str_arg(p.tools_json, "tools_json") }?;
+        request.tools = json_list(text, "tools_json", Tool::from_json)?;
+    }
     if p.stop_count > 0 {
         if p.stop.is_null() {
             return Err(FfiError::invalid(format!(
@@ -215,6 +251,7 @@ pub(super) fn stats_from(outcome: &ChatOutcome) -> ChathubStats {
             FinishReason::Stop => super::CHATHUB_FINISH_STOP,
             FinishReason::Length => super::CHATHUB_FINISH_LENGTH,
             FinishReason::Cancelled => super::CHATHUB_FINISH_CANCELLED,
+            FinishReason::ToolCalls => super::CHATHUB_FINISH_TOOL_CALLS,
         },
         prompt_tokens: saturate(outcome.usage.prompt_tokens),
         completion_tokens: saturate(outcome.usage.completion_tokens),
@@ -224,6 +261,41 @@ pub(super) fn stats_from(outcome: &ChatOutcome) -> ChathubStats {
         decode_tokens_per_s: outcome.timings.decode_tokens_per_s,
         total_ms: outcome.timings.total_ms,
         cached_prompt_tokens: saturate(outcome.usage.cached_prompt_tokens),
+        reply_kind: reply_kind(&outcome.reply),
+    }
+}
+
+fn reply_kind(reply: &Reply) -> i32 {
+    match reply {
+        Reply::ToolCall { .. } => super::CHATHUB_REPLY_TOOL_CALL,
+        Reply::Metadata { .. } => super::CHATHUB_REPLY_METADATA,
+        Reply::Text(_) => super::CHATHUB_REPLY_TEXT,
+    }
+}
+
+/// A C string of `text`, NUL bytes inside shown as `\0` (C strings cannot hold them).
+fn c_string(text: &str) -> CString {
+    CString::new(text.replace('\0', "\\0")).unwrap_or_default()
+}
+
+/// The C reply object of an outcome.
+pub(super) fn reply_from(outcome: &ChatOutcome) -> ChathubReply {
+    let (text, tool_name, arguments_json) = match &outcome.reply {
+        Reply::ToolCall { name, arguments } => (
+            String::new(),
+            Some(name.as_str()),
+            Some(serde_json::Value::Object(arguments.clone()).to_string()),
+        ),
+        Reply::Metadata { name, content } => (content.clone(), Some(name.as_str()), None),
+        Reply::Text(_) => (outcome.text.clone(), None, None),
+    };
+    ChathubReply {
+        kind: reply_kind(&outcome.reply),
+        text: c_string(&text),
+        tool_name: tool_name.map(c_string),
+        arguments_json: arguments_json.as_deref().map(c_string),
+        json: c_string(&outcome.reply.to_official_json().to_string()),
+        raw_text: c_string(&outcome.raw_text),
     }
 }
 

@@ -171,11 +171,13 @@ struct Admitted {
 }
 
 impl Admitted {
-    /// Runs the generation; `on_text` gets the cumulative text and says whether to go on.
+    /// Runs the generation; `on_text` gets the cumulative text when it grew (`None` after a
+    /// token that showed nothing, to check the client is still there) and says whether to go
+    /// on.
     fn generate(
         self,
         cancel: &AtomicBool,
-        mut on_text: impl FnMut(&str) -> bool,
+        mut on_text: impl FnMut(Option<&str>) -> bool,
     ) -> Result<ChatOutcome, Status> {
         let metrics = &self.service.inner.metrics;
         metrics.active.fetch_add(1, Ordering::Relaxed);
@@ -187,7 +189,8 @@ impl Admitted {
                 expired = true;
                 return ControlFlow::Break(());
             }
-            if cancel.load(Ordering::Relaxed) || !on_text(&text) {
+            let shown = (!delta.is_empty()).then_some(text.as_str());
+            if cancel.load(Ordering::Relaxed) || !on_text(shown) {
                 return ControlFlow::Break(());
             }
             ControlFlow::Continue(())
@@ -195,6 +198,13 @@ impl Admitted {
         metrics.active.fetch_sub(1, Ordering::Relaxed);
         drop(self.permit);
         let outcome = result.map_err(Status::from)?;
+        // The official stream yields the processed reply each time, so it may drop text it
+        // showed (a reply that turns into a tool call after an `<|assistant|>`): the last
+        // cumulative message is the final reply's text.
+        let final_text = reply_text(&outcome);
+        if final_text != text && outcome.finish_reason != crate::FinishReason::Cancelled {
+            on_text(Some(&final_text));
+        }
         metrics
             .generated_tokens
             .fetch_add(outcome.usage.completion_tokens as u64, Ordering::Relaxed);
@@ -258,7 +268,7 @@ impl ChatHub for ChatHubService {
         }
         .map_err(|e| Status::internal(format!("generation task failed: {e}")))??;
         Ok(Response::new(proto::ChatReply {
-            response: outcome.text,
+            response: reply_text(&outcome),
         }))
     }
 
@@ -273,18 +283,31 @@ impl ChatHub for ChatHubService {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         tokio::task::spawn_blocking(move || {
             let cancel = AtomicBool::new(false);
-            let result = admitted.generate(&cancel, |text| {
+            let result = admitted.generate(&cancel, |text| match text {
                 // A failed send means the client is gone: stop generating.
-                tx.blocking_send(Ok(proto::ChatReply {
-                    response: text.to_string(),
-                }))
-                .is_ok()
+                Some(text) => tx
+                    .blocking_send(Ok(proto::ChatReply {
+                        response: text.to_string(),
+                    }))
+                    .is_ok(),
+                None => !tx.is_closed(),
             });
             if let Err(status) = result {
                 let _ = tx.blocking_send(Err(status));
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// The text a `ChatReply` carries: a text reply's text; for a reply the model wrote with a
+/// metadata line (which only makes sense with tools, which this protocol cannot send), its
+/// content, stripped; nothing for a tool call.
+fn reply_text(outcome: &ChatOutcome) -> String {
+    match &outcome.reply {
+        crate::Reply::Metadata { content, .. } => content.trim().to_string(),
+        crate::Reply::ToolCall { .. } => String::new(),
+        _ => outcome.text.clone(),
     }
 }
 

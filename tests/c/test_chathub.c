@@ -1,8 +1,10 @@
 /* The C ABI exercised from C against the generated header.
  *
- * Usage: test_chathub MODEL_DIR EXPECTED_GREEDY_TEXT
- * MODEL_DIR is the chatglm3-tiny fixture; EXPECTED_GREEDY_TEXT is what the official code decodes
- * for the chatglm3_conv1_en case. Prints "N passed, M failed" and exits non-zero on failure. */
+ * Usage: test_chathub FIXTURES_DIR
+ * FIXTURES_DIR is tests/fixtures; the expected replies are the official code's for the
+ * chatglm3_conv2_zh case (a text reply), chatglm3_conv1_en (a metadata reply) and
+ * glm4_hf_user_only_en, given here as C strings. Prints "N passed, M failed" and exits non-zero
+ * on failure. */
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -29,12 +31,29 @@ static const char *last_message(void) {
   return m ? m : "(null)";
 }
 
+/* chatglm3_conv2_zh: the official chat() answers with text. */
 static const ChathubMessage HISTORY[] = {
-    {"system", "You are a helpful assistant."},
-    {"user", "Hello! How are you today?"},
-    {"assistant", "I am fine, thank you. What can I do for you?"},
+    {"system", "你是一个人工智能助手，请用中文回答问题。", NULL, NULL},
+    {"user", "你好", NULL, NULL},
+    {"assistant", "你好👋！我是人工智能助手，很高兴见到你，欢迎问我任何问题。", NULL, NULL},
 };
-static const char *PROMPT = "What is the capital of France?";
+static const char *PROMPT = "晚上睡不着应该怎么办？";
+static const char *EXPECTED = "ary城市WistpulX\xef\xbf\xbd出是双语机器 helpnformerA<|system|> key智 y果m";
+static const unsigned PROMPT_TOKENS = 55;
+
+/* chatglm3_conv1_en: the reply's first line is not empty, so chat() returns {"name", "content"}. */
+static const ChathubMessage HISTORY1[] = {
+    {"system", "You are a helpful assistant.", NULL, NULL},
+    {"user", "Hello! How are you today?", NULL, NULL},
+    {"assistant", "I am fine, thank you. What can I do for you?", NULL, NULL},
+};
+static const char *PROMPT1 = "What is the capital of France?";
+static const char *META_NAME = "ad\xef\xbf\xbd从数 in";
+static const char *META_CONTENT = "\xef\xbf\xbd" "apit十e和练;\xef\xbf\xbd能\xef\xbf\xbd二gsipt\xef\xbf\xbd很former";
+
+/* expected_tools/chatglm3_tools_*: tools and a past call, as THUDM's OpenAI demo maps them. */
+static const char *TOOLS =
+    "[{\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"description\": \"查询城市的实时天气\", \"parameters\": {\"type\": \"object\", \"properties\": {\"city\": {\"type\": \"string\", \"description\": \"城市名\"}, \"unit\": {\"type\": \"string\", \"enum\": [\"c\", \"f\"]}}, \"required\": [\"city\"]}}}, {\"type\": \"function\", \"function\": {\"name\": \"add\", \"description\": \"Add two integers\", \"parameters\": {\"type\": \"object\", \"properties\": {\"a\": {\"type\": \"integer\"}, \"b\": {\"type\": \"integer\"}}, \"required\": [\"a\", \"b\"]}}}]";
 
 static ChathubParams greedy_params(int max_new_tokens) {
   ChathubParams p;
@@ -83,12 +102,17 @@ static void *error_thread(void *p) {
   return NULL;
 }
 
+static void tools_and_replies(const ChathubModel *model);
+static void glm4_round_trip(const char *fixtures);
+
 int main(int argc, char **argv) {
-  if (argc != 3) {
-    fprintf(stderr, "usage: %s MODEL_DIR EXPECTED_TEXT\n", argv[0]);
+  if (argc != 2) {
+    fprintf(stderr, "usage: %s FIXTURES_DIR\n", argv[0]);
     return 2;
   }
-  const char *dir = argv[1], *expected = argv[2];
+  char dir[4096];
+  snprintf(dir, sizeof dir, "%s/chatglm3-tiny", argv[1]);
+  const char *expected = EXPECTED;
 
   CHECK(chathub_abi_version() == CHATHUB_ABI_VERSION, "abi %u", chathub_abi_version());
   CHECK(chathub_version() && strlen(chathub_version()) > 0, "version");
@@ -161,8 +185,9 @@ int main(int argc, char **argv) {
   CHECK(rc == CHATHUB_OK, "%s", last_message());
   CHECK(reply && strcmp(reply, expected) == 0, "reply %s", reply ? reply : "(null)");
   CHECK(reply_len == strlen(expected), "len %zu", reply_len);
-  CHECK(stats.completion_tokens == 20 && stats.prompt_tokens == 60, "tokens %u %u",
+  CHECK(stats.completion_tokens == 20 && stats.prompt_tokens == PROMPT_TOKENS, "tokens %u %u",
         stats.prompt_tokens, stats.completion_tokens);
+  CHECK(stats.reply_kind == CHATHUB_REPLY_TEXT, "kind %d", stats.reply_kind);
   CHECK(stats.finish_reason == CHATHUB_FINISH_LENGTH, "finish %d", stats.finish_reason);
   CHECK(stats.ttft_ms > 0, "ttft");
 
@@ -200,14 +225,14 @@ int main(int argc, char **argv) {
   chathub_model_free(no_reuse);
 
   /* Stop strings end the reply before them. */
-  const char *stop_texts[] = {"not in the reply", "apit"};
+  const char *stop_texts[] = {"not in the reply", "双语"};
   ChathubParams with_stop = greedy_params(20);
   with_stop.stop = stop_texts;
   with_stop.stop_count = 2;
   char *stopped = NULL;
   CHECK(chathub_chat(model, PROMPT, HISTORY, 3, &with_stop, &stopped, NULL, &stats) == CHATHUB_OK,
         "%s", last_message());
-  size_t cut = (size_t)(strstr(expected, "apit") - expected);
+  size_t cut = (size_t)(strstr(expected, "双语") - expected);
   CHECK(stopped && strlen(stopped) == cut && strncmp(stopped, expected, cut) == 0, "stopped: %s",
         stopped ? stopped : "(null)");
   CHECK(stats.finish_reason == CHATHUB_FINISH_STOP, "finish %d", stats.finish_reason);
@@ -256,12 +281,12 @@ int main(int argc, char **argv) {
   CHECK(strstr(last_message(), "prompt is not valid UTF-8") != NULL, "%s", last_message());
   CHECK(chathub_chat(model, "", NULL, 0, &params, &none, NULL, NULL) == CHATHUB_ERR_INVALID_ARGUMENT,
         "empty prompt");
-  ChathubMessage bad_role[] = {{"wizard", "hi"}};
+  ChathubMessage bad_role[] = {{"wizard", "hi", NULL, NULL}};
   CHECK(chathub_chat(model, PROMPT, bad_role, 1, &params, &none, NULL, NULL) ==
             CHATHUB_ERR_INVALID_ARGUMENT,
         "unknown role");
   CHECK(strstr(last_message(), "wizard") != NULL, "%s", last_message());
-  ChathubMessage null_content[] = {{"user", NULL}};
+  ChathubMessage null_content[] = {{"user", NULL, NULL, NULL}};
   CHECK(chathub_chat(model, PROMPT, null_content, 1, &params, &none, NULL, NULL) ==
             CHATHUB_ERR_INVALID_ARGUMENT,
         "NULL content");
@@ -309,11 +334,115 @@ int main(int argc, char **argv) {
     chathub_string_free(args[i].reply);
   }
 
+  tools_and_replies(model);
   chathub_string_free(reply);
   chathub_string_free(NULL);
   chathub_model_free(model);
   chathub_model_free(NULL);
+  glm4_round_trip(argv[1]);
 
   printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
+}
+
+/* The reply object: the official chat() value, tools in, tool calls and results in history. */
+static void tools_and_replies(const ChathubModel *model) {
+  ChathubParams params = greedy_params(20);
+  ChathubReply *reply = (ChathubReply *)1;
+  ChathubStats stats;
+  CHECK(chathub_chat_reply(model, PROMPT1, HISTORY1, 3, &params, NULL, NULL, &reply, &stats) ==
+            CHATHUB_OK,
+        "%s", last_message());
+  CHECK(chathub_reply_kind(reply) == CHATHUB_REPLY_METADATA, "kind %d", chathub_reply_kind(reply));
+  CHECK(stats.reply_kind == CHATHUB_REPLY_METADATA, "stats kind %d", stats.reply_kind);
+  const char *name = chathub_reply_tool_name(reply);
+  CHECK(name && strcmp(name, META_NAME) == 0, "name %s", name ? name : "(null)");
+  const char *content = chathub_reply_text(reply);
+  CHECK(content && strcmp(content, META_CONTENT) == 0, "content %s", content ? content : "(null)");
+  CHECK(chathub_reply_arguments_json(reply) == NULL, "no arguments");
+  const char *json = chathub_reply_json(reply);
+  CHECK(json && strstr(json, "\"name\"") && strstr(json, "\"content\""), "json %s",
+        json ? json : "(null)");
+  const char *raw = chathub_reply_raw_text(reply);
+  CHECK(raw && strncmp(raw, META_NAME, strlen(META_NAME)) == 0 && raw[strlen(META_NAME)] == '\n',
+        "raw %s", raw ? raw : "(null)");
+  chathub_reply_free(reply);
+  chathub_reply_free(NULL);
+  CHECK(chathub_reply_kind(NULL) == -1 && chathub_reply_text(NULL) == NULL, "NULL reply");
+
+  /* A text reply streams its text through the callback too. */
+  struct collector c = {{0}, 0, 0, 0};
+  CHECK(chathub_chat_reply(model, PROMPT, HISTORY, 3, &params, collect, &c, &reply, NULL) ==
+            CHATHUB_OK,
+        "%s", last_message());
+  CHECK(chathub_reply_kind(reply) == CHATHUB_REPLY_TEXT, "kind");
+  CHECK(strcmp(chathub_reply_text(reply), EXPECTED) == 0 && strcmp(c.text, EXPECTED) == 0,
+        "text %s / streamed %s", chathub_reply_text(reply), c.text);
+  chathub_reply_free(reply);
+
+  /* Tools without history: the demo's default system message (970 prompt tokens). */
+  ChathubParams with_tools = greedy_params(1);
+  with_tools.tools_json = TOOLS;
+  CHECK(chathub_chat_reply(model, "北京今天天气怎么样？", NULL, 0, &with_tools, NULL, NULL, &reply,
+                           &stats) == CHATHUB_OK,
+        "%s", last_message());
+  CHECK(stats.prompt_tokens == 970, "prompt %u", stats.prompt_tokens);
+  chathub_reply_free(reply);
+
+  /* A past call and its result in the history, the request's own system text (1011). */
+  ChathubMessage history[] = {
+      {"system", "You are a careful assistant.", NULL, NULL},
+      {"user", "What is 2 + 40?", NULL, NULL},
+      {"assistant", "",
+       "[{\"id\": \"call_1\", \"type\": \"function\", \"function\": {\"name\": \"add\", "
+       "\"arguments\": \"{\\\"a\\\": 2, \\\"b\\\": 40}\"}}]",
+       NULL},
+      {"tool", "{\"result\": 42}", NULL, "call_1"},
+  };
+  CHECK(chathub_chat_reply(model, "Thanks. And the weather in Paris, in f?", history, 4,
+                           &with_tools, NULL, NULL, &reply, &stats) == CHATHUB_OK,
+        "%s", last_message());
+  CHECK(stats.prompt_tokens == 1011, "prompt %u", stats.prompt_tokens);
+  chathub_reply_free(reply);
+
+  /* Bad JSON is an argument error naming the field. */
+  with_tools.tools_json = "[{\"type\": \"function\"}";
+  CHECK(chathub_chat_reply(model, PROMPT, NULL, 0, &with_tools, NULL, NULL, &reply, NULL) ==
+            CHATHUB_ERR_INVALID_ARGUMENT,
+        "bad tools");
+  CHECK(reply == NULL && strstr(last_message(), "tools_json") != NULL, "%s", last_message());
+  history[2].tool_calls_json = "{}";
+  with_tools.tools_json = TOOLS;
+  CHECK(chathub_chat_reply(model, PROMPT, history, 4, &with_tools, NULL, NULL, &reply, NULL) ==
+            CHATHUB_ERR_INVALID_ARGUMENT,
+        "tool calls not an array");
+  CHECK(strstr(last_message(), "history[2].tool_calls_json") != NULL, "%s", last_message());
+  CHECK(chathub_chat_reply(model, PROMPT, NULL, 0, NULL, NULL, NULL, NULL, NULL) ==
+            CHATHUB_ERR_INVALID_ARGUMENT,
+        "NULL out_reply");
+}
+
+/* GLM-4 through the same calls: glm4_hf_user_only_en, token for token. */
+static void glm4_round_trip(const char *fixtures) {
+  char dir[4096];
+  snprintf(dir, sizeof dir, "%s/glm4/glm4-hf-tiny", fixtures);
+  ChathubModel *glm4 = NULL;
+  CHECK(chathub_model_load(dir, CHATHUB_FAMILY_GLM4, &glm4) == CHATHUB_OK, "%s", last_message());
+  if (!glm4) {
+    return;
+  }
+  ChathubParams params = greedy_params(20);
+  ChathubReply *reply = NULL;
+  ChathubStats stats;
+  CHECK(chathub_chat_reply(glm4, "What is the capital of France?", NULL, 0, &params, NULL, NULL,
+                           &reply, &stats) == CHATHUB_OK,
+        "%s", last_message());
+  CHECK(stats.prompt_tokens == 12 && stats.completion_tokens == 20, "tokens %u %u",
+        stats.prompt_tokens, stats.completion_tokens);
+  const char *raw = chathub_reply_raw_text(reply);
+  CHECK(raw && strncmp(raw, "aying do\xef\xbf\xbd.\n\n然后就走了", strlen("aying do\xef\xbf\xbd.\n\n然后就走了")) == 0,
+        "raw %s", raw ? raw : "(null)");
+  CHECK(chathub_reply_kind(reply) == CHATHUB_REPLY_METADATA, "kind %d", chathub_reply_kind(reply));
+  chathub_reply_free(reply);
+  chathub_model_free(glm4);
 }

@@ -78,3 +78,79 @@ pub fn cases_in(dir: &str) -> Vec<Case> {
         .map(|p| serde_json::from_slice(&std::fs::read(p).expect("readable")).expect("case parses"))
         .collect()
 }
+
+/// Writes a GLM-4 model (glm-4-9b-chat layout, the tiny fixture's sizes and tokenizer) that
+/// always answers `reply` and then `<|observation|>`, whatever it is asked: a real checkpoint
+/// whose weights make it a lookup table. Its attention and MLP weights are zero, so each step's
+/// logits depend on the last token alone; the embedding gives every token of the reply its own
+/// direction and the output layer maps each to the next. The reply's tokens must be distinct.
+pub fn scripted_glm4(dir: &std::path::Path, reply: &str) {
+    use chathub::candle_core::{DType, Device, Tensor};
+    let source = fixtures().join("glm4/glm4-chat-tiny");
+    std::fs::create_dir_all(dir).expect("mkdir");
+    for file in [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(source.join(file), dir.join(file)).expect("copy");
+    }
+    let tokenizer = chathub::load_tokenizer(&source).expect("tokenizer");
+    let mut path = vec![tokenizer.special_id("<|assistant|>").expect("assistant")];
+    path.extend(tokenizer.encode(reply).expect("encodes"));
+    path.push(
+        tokenizer
+            .special_id("<|observation|>")
+            .expect("observation"),
+    );
+    let mut seen = std::collections::HashSet::new();
+    assert!(
+        path.iter().all(|id| seen.insert(*id)),
+        "the scripted reply repeats a token: {path:?}"
+    );
+    let (vocab, hidden, layers, qkv, ffn) = (1216, 64, 2, 128, 128);
+    assert!(path.len() <= hidden, "reply too long to script");
+    let mut embedding = vec![0f32; vocab * hidden];
+    let mut output = vec![0f32; vocab * hidden];
+    for (k, pair) in path.windows(2).enumerate() {
+        let (current, next) = (pair[0] as usize, pair[1] as usize);
+        embedding[current * hidden + k] = 1.0;
+        output[next * hidden + k] = 10.0;
+    }
+    let tensor = |values: Vec<f32>, shape: &[usize]| {
+        Tensor::from_vec(values, shape, &Device::Cpu)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .expect("tensor")
+    };
+    let zeros = |shape: &[usize]| tensor(vec![0.0; shape.iter().product()], shape);
+    let ones = |n: usize| tensor(vec![1.0; n], &[n]);
+    let mut tensors = std::collections::HashMap::new();
+    tensors.insert(
+        "transformer.embedding.word_embeddings.weight".to_string(),
+        tensor(embedding, &[vocab, hidden]),
+    );
+    tensors.insert(
+        "transformer.output_layer.weight".to_string(),
+        tensor(output, &[vocab, hidden]),
+    );
+    tensors.insert(
+        "transformer.encoder.final_layernorm.weight".to_string(),
+        ones(hidden),
+    );
+    for i in 0..layers {
+        let p = |s: &str| format!("transformer.encoder.layers.{i}.{s}");
+        tensors.insert(p("input_layernorm.weight"), ones(hidden));
+        tensors.insert(p("post_attention_layernorm.weight"), ones(hidden));
+        tensors.insert(
+            p("self_attention.query_key_value.weight"),
+            zeros(&[qkv, hidden]),
+        );
+        tensors.insert(p("self_attention.query_key_value.bias"), zeros(&[qkv]));
+        tensors.insert(p("self_attention.dense.weight"), zeros(&[hidden, hidden]));
+        tensors.insert(p("mlp.dense_h_to_4h.weight"), zeros(&[2 * ffn, hidden]));
+        tensors.insert(p("mlp.dense_4h_to_h.weight"), zeros(&[hidden, ffn]));
+    }
+    chathub::candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))
+        .expect("saves");
+}

@@ -1,8 +1,11 @@
 // Tests of the C# wrapper against the real native library and the reference fixtures.
 // Compiled with mcs and run on Mono and on CoreCLR by .ci/run (bindings/dotnet/run-tests.sh).
 //
-// Usage: ChatHubTests.exe FIXTURES_DIR CONV1_TEXT CONV2_TEXT [SOAK_CALLS]
-// CONV*_TEXT are the official greedy decodes of expected/chatglm3_conv{1,2}_*.json.
+// Usage: ChatHubTests.exe FIXTURES_DIR CONV1_TEXT CONV2_TEXT GLM4_TEXT META_NAME META_CONTENT [SOAK_CALLS]
+// CONV1_TEXT and CONV2_TEXT are the official replies of expected/chatglm2_conv4_zh.json and
+// expected/chatglm3_conv2_zh.json, GLM4_TEXT the official greedy decode of
+// glm4/expected/glm4_hf_user_only_en.json, META_NAME and META_CONTENT the official chat() value
+// of expected/chatglm3_conv1_en.json (a metadata reply).
 using System;
 using System.Collections.Generic;
 using System.IO;
@@ -14,17 +17,17 @@ using ChatHub;
 
 static class ChatHubTests
 {
-    static string fixtures, conv1Text, conv2Text;
+    static string fixtures, conv1Text, conv2Text, glm4Text, metaName, metaContent;
     static int soakCalls = 2000;
-    static ChatModel glm3;
+    static ChatModel model;
 
+    // chatglm2_conv4_zh, on the ChatGLM2 fixture: a text reply that streams token by token.
     static readonly List<Message> Conv1History = new List<Message>
     {
-        Message.System("You are a helpful assistant."),
-        Message.User("Hello! How are you today?"),
-        Message.Assistant("I am fine, thank you. What can I do for you?"),
+        Message.User("你好"),
+        Message.Assistant("你好👋！我是人工智能助手，很高兴见到你，欢迎问我任何问题。"),
     };
-    const string Conv1Prompt = "What is the capital of France?";
+    const string Conv1Prompt = "晚上睡不着应该怎么办？";
 
     static GenerationOptions Greedy(int n)
     {
@@ -103,12 +106,12 @@ static class ChatHubTests
 
     static void ChatReproducesTheReference()
     {
-        var result = glm3.ChatWithStats(Conv1Prompt, Conv1History, Greedy(20));
+        var result = model.ChatWithStats(Conv1Prompt, Conv1History, Greedy(20));
         Equal(conv1Text, result.Text, "greedy reply");
         Equal(60, result.Stats.PromptTokens, "prompt tokens");
         Equal(20, result.Stats.CompletionTokens, "completion tokens");
         Equal(FinishReason.Length, result.Stats.FinishReason, "finish reason");
-        var again = glm3.ChatWithStats(Conv1Prompt, Conv1History, Greedy(20));
+        var again = model.ChatWithStats(Conv1Prompt, Conv1History, Greedy(20));
         Equal(conv1Text, again.Text, "repeated chat");
         Assert(again.Stats.CachedPromptTokens > 0, "the repeated prompt reuses the cached prefix");
     }
@@ -123,17 +126,20 @@ static class ChatHubTests
             Message.Assistant("你好👋！我是人工智能助手，很高兴见到你，欢迎问我任何问题。"),
         };
         const string prompt = "晚上睡不着应该怎么办？";
-        var result = glm3.ChatWithStats(prompt, history, Greedy(20));
-        Equal(55, result.Stats.PromptTokens, "prompt tokens (UTF-8 reached the tokenizer intact)");
-        Equal(conv2Text, result.Text, "greedy reply");
-        var deltas = Collect(glm3.StreamingChatDeltas(prompt, history, Greedy(20)), 0, out _);
-        Equal(conv2Text, string.Concat(deltas), "streamed deltas");
+        using (var glm3 = ChatModel.Load(Path.Combine(fixtures, "chatglm3-tiny")))
+        {
+            var result = glm3.ChatWithStats(prompt, history, Greedy(20));
+            Equal(55, result.Stats.PromptTokens, "prompt tokens (UTF-8 reached the tokenizer intact)");
+            Equal(conv2Text, result.Text, "greedy reply");
+            var deltas = Collect(glm3.StreamingChatDeltas(prompt, history, Greedy(20)), 0, out _);
+            Equal(conv2Text, string.Concat(deltas), "streamed deltas");
+        }
     }
 
     static void StreamingIsCumulativeLikeTheGrpcServer()
     {
         ChatStreamEnumerator e;
-        var items = Collect(glm3.StreamingChat(Conv1Prompt, Conv1History, Greedy(20)), 0, out e);
+        var items = Collect(model.StreamingChat(Conv1Prompt, Conv1History, Greedy(20)), 0, out e);
         Assert(items.Count > 1, "several items");
         for (int i = 1; i < items.Count; i++)
             Assert(items[i].StartsWith(items[i - 1], StringComparison.Ordinal), "item " + i + " extends the previous");
@@ -143,14 +149,14 @@ static class ChatHubTests
 
     static void DeltasAddUpToTheReply()
     {
-        var deltas = Collect(glm3.StreamingChatDeltas(Conv1Prompt, Conv1History, Greedy(20)), 0, out _);
+        var deltas = Collect(model.StreamingChatDeltas(Conv1Prompt, Conv1History, Greedy(20)), 0, out _);
         Equal(conv1Text, string.Concat(deltas), "deltas");
     }
 
     static void BreakingOutOfTheLoopStopsGeneration()
     {
         ChatStreamEnumerator e;
-        var items = Collect(glm3.StreamingChatDeltas(Conv1Prompt, Conv1History, Greedy(200)), 2, out e);
+        var items = Collect(model.StreamingChatDeltas(Conv1Prompt, Conv1History, Greedy(200)), 2, out e);
         Equal(2, items.Count, "items before break");
         Equal(FinishReason.Cancelled, e.Stats.FinishReason, "native generation was cancelled");
         Assert(e.Stats.CompletionTokens < 2 + 64 + 2, "stopped within the queue bound: " + e.Stats.CompletionTokens);
@@ -160,7 +166,7 @@ static class ChatHubTests
     static void CancellingTheTokenStopsGeneration()
     {
         var cts = new CancellationTokenSource();
-        var stream = glm3.StreamingChatDeltas(Conv1Prompt, Conv1History, Greedy(200), cts.Token);
+        var stream = model.StreamingChatDeltas(Conv1Prompt, Conv1History, Greedy(200), cts.Token);
         var e = (ChatStreamEnumerator)stream.GetAsyncEnumerator();
         int n = 0;
         Throws<OperationCanceledException>(() =>
@@ -176,10 +182,10 @@ static class ChatHubTests
 
         var cts2 = new CancellationTokenSource();
         cts2.Cancel();
-        Throws<OperationCanceledException>(() => glm3.ChatAsync(Conv1Prompt, Conv1History, Greedy(200), cts2.Token).GetAwaiter().GetResult(),
+        Throws<OperationCanceledException>(() => model.ChatAsync(Conv1Prompt, Conv1History, Greedy(200), cts2.Token).GetAwaiter().GetResult(),
             "ChatAsync with a cancelled token");
         // The model is fine afterwards.
-        Equal(conv1Text, glm3.ChatAsync(Conv1Prompt, Conv1History, Greedy(20)).GetAwaiter().GetResult(), "ChatAsync");
+        Equal(conv1Text, model.ChatAsync(Conv1Prompt, Conv1History, Greedy(20)).GetAwaiter().GetResult(), "ChatAsync");
     }
 
     static void ChatGlm2HistoryRule()
@@ -201,7 +207,7 @@ static class ChatHubTests
 
     static void QuantizedModelsLoad()
     {
-        using (var q8 = ChatModel.Load(Path.Combine(fixtures, "chatglm3-tiny"), ModelFamily.Auto, Quantization.Q8_0))
+        using (var q8 = ChatModel.Load(Path.Combine(fixtures, "chatglm2-tiny"), ModelFamily.Auto, Quantization.Q8_0))
         {
             var result = q8.ChatWithStats(Conv1Prompt, Conv1History, Greedy(5));
             Equal(60, result.Stats.PromptTokens, "prompt tokens");
@@ -213,7 +219,7 @@ static class ChatHubTests
 
     static void LoadOptionsReachTheLibrary()
     {
-        var dir = Path.Combine(fixtures, "chatglm3-tiny");
+        var dir = Path.Combine(fixtures, "chatglm2-tiny");
         using (var half = ChatModel.Load(dir, LoadOptions.Default.WithWeightType(WeightType.F16)))
         {
             Equal(conv1Text, half.Chat(Conv1Prompt, Conv1History, Greedy(20)), "f16 greedy reply");
@@ -245,13 +251,81 @@ static class ChatHubTests
     static void StopStringsEndTheReply()
     {
         var options = Greedy(20);
-        options.Stop = new[] { "not in the reply", "apit" };
-        var result = glm3.ChatWithStats(Conv1Prompt, Conv1History, options);
-        Equal(conv1Text.Substring(0, conv1Text.IndexOf("apit", StringComparison.Ordinal)), result.Text, "reply before the stop text");
+        options.Stop = new[] { "not in the reply", "晚上睡" };
+        var result = model.ChatWithStats(Conv1Prompt, Conv1History, options);
+        Equal(conv1Text.Substring(0, conv1Text.IndexOf("晚上睡", StringComparison.Ordinal)), result.Text, "reply before the stop text");
         Equal(FinishReason.Stop, result.Stats.FinishReason, "finish reason");
         options.Stop = new[] { "" };
-        var bad = Throws<ChatHubException>(() => glm3.Chat(Conv1Prompt, Conv1History, options), "empty stop text");
+        var bad = Throws<ChatHubException>(() => model.Chat(Conv1Prompt, Conv1History, options), "empty stop text");
         Equal(ChatHubStatus.InvalidArgument, bad.Status, "status");
+    }
+
+    static void RepliesAreTheOfficialValue()
+    {
+        using (var glm3 = ChatModel.Load(Path.Combine(fixtures, "chatglm3-tiny")))
+        {
+            // chatglm3_conv1_en: the reply's first line is metadata, so chat() returns a dict.
+            var history = new List<Message>
+            {
+                Message.System("You are a helpful assistant."),
+                Message.User("Hello! How are you today?"),
+                Message.Assistant("I am fine, thank you. What can I do for you?"),
+            };
+            var reply = glm3.Generate("What is the capital of France?", history, Greedy(20));
+            Equal(ReplyKind.Metadata, reply.Kind, "kind");
+            Equal(metaName, reply.MetadataName, "metadata line");
+            Equal(metaContent, reply.Text, "content");
+            Assert(reply.ToolCall == null, "no tool call");
+            Assert(reply.Json.Contains("\"name\"") && reply.Json.Contains("\"content\""), "json " + reply.Json);
+            Assert(reply.RawText.StartsWith(metaName + "\n"), "raw text " + reply.RawText);
+            Equal(ReplyKind.Metadata, reply.Stats.ReplyKind, "stats kind");
+            Equal("", glm3.Chat("What is the capital of France?", history, Greedy(20)), "Chat shows no text of it");
+        }
+    }
+
+    static void ToolsReachThePrompt()
+    {
+        // expected_tools/chatglm3_tools_*: THUDM's OpenAI demo's prompts (970 and 1011 tokens).
+        var tools = new[]
+        {
+            new Tool("get_weather", "查询城市的实时天气",
+                "{\"type\": \"object\", \"properties\": {\"city\": {\"type\": \"string\", \"description\": \"城市名\"}, " +
+                "\"unit\": {\"type\": \"string\", \"enum\": [\"c\", \"f\"]}}, \"required\": [\"city\"]}"),
+            new Tool("add", "Add two integers",
+                "{\"type\": \"object\", \"properties\": {\"a\": {\"type\": \"integer\"}, \"b\": {\"type\": \"integer\"}}, " +
+                "\"required\": [\"a\", \"b\"]}"),
+        };
+        var options = Greedy(1);
+        options.Tools = tools;
+        using (var glm3 = ChatModel.Load(Path.Combine(fixtures, "chatglm3-tiny")))
+        {
+            Equal(970, glm3.Generate("北京今天天气怎么样？", null, options).Stats.PromptTokens, "tools, no history");
+            var history = new List<Message>
+            {
+                Message.System("You are a careful assistant."),
+                Message.User("What is 2 + 40?"),
+                Message.AssistantToolCalls(new[] { new ToolCall("add", "{\"a\": 2, \"b\": 40}", "call_1") }),
+                Message.Tool("{\"result\": 42}", "call_1"),
+            };
+            Equal(1011, glm3.Generate("Thanks. And the weather in Paris, in f?", history, options).Stats.PromptTokens,
+                "a past call and its result");
+            options.Tools = new[] { new Tool("broken", "", "{not json") };
+            var bad = Throws<ChatHubException>(() => glm3.Generate("hi", null, options), "bad parameters JSON");
+            Equal(ChatHubStatus.InvalidArgument, bad.Status, "status");
+            Assert(bad.Message.Contains("tools_json"), "message names the field: " + bad.Message);
+        }
+        Throws<ArgumentException>(() => new Tool("", "x", "{}"), "a tool needs a name");
+    }
+
+    static void Glm4RoundTrip()
+    {
+        using (var glm4 = ChatModel.Load(Path.Combine(fixtures, "glm4", "glm4-hf-tiny"), ModelFamily.Glm4))
+        {
+            var reply = glm4.Generate("What is the capital of France?", null, Greedy(20));
+            Equal(12, reply.Stats.PromptTokens, "prompt tokens");
+            Equal(20, reply.Stats.CompletionTokens, "completion tokens");
+            Equal(glm4Text, reply.RawText, "greedy decode");
+        }
     }
 
     static void BadInputGivesClearErrors()
@@ -269,23 +343,23 @@ static class ChatHubTests
         {
             Directory.Delete(empty);
         }
-        Throws<ArgumentNullException>(() => glm3.Chat(null), "null prompt");
+        Throws<ArgumentNullException>(() => model.Chat(null), "null prompt");
         Throws<ArgumentNullException>(() => Message.User(null), "null content");
-        var bad = Throws<ChatHubException>(() => glm3.Chat("hi", null, new GenerationOptions { TopP = 1.5f }), "top_p");
+        var bad = Throws<ChatHubException>(() => model.Chat("hi", null, new GenerationOptions { TopP = 1.5f }), "top_p");
         Equal(ChatHubStatus.InvalidArgument, bad.Status, "status");
         Assert(bad.Message.Contains("top_p"), bad.Message);
-        bad = Throws<ChatHubException>(() => glm3.Chat("hi", null, new GenerationOptions { MaxLength = -1 }), "max_length");
+        bad = Throws<ChatHubException>(() => model.Chat("hi", null, new GenerationOptions { MaxLength = -1 }), "max_length");
         Assert(bad.Message.Contains("max_length"), bad.Message);
-        bad = Throws<ChatHubException>(() => glm3.Chat("hi", null, new GenerationOptions { Temperature = float.NaN }), "NaN");
+        bad = Throws<ChatHubException>(() => model.Chat("hi", null, new GenerationOptions { Temperature = float.NaN }), "NaN");
         Assert(bad.Message.Contains("temperature"), bad.Message);
-        bad = Throws<ChatHubException>(() => glm3.Chat("hi", new[] { new Message("wizard", "x") }), "role");
+        bad = Throws<ChatHubException>(() => model.Chat("hi", new[] { new Message("wizard", "x") }), "role");
         Assert(bad.Message.Contains("wizard"), bad.Message);
-        bad = Throws<ChatHubException>(() => glm3.Chat(""), "empty prompt");
+        bad = Throws<ChatHubException>(() => model.Chat(""), "empty prompt");
         Equal(ChatHubStatus.InvalidArgument, bad.Status, "status");
-        bad = Throws<ChatHubException>(() => glm3.Chat("hi", null, new GenerationOptions { MaxLength = 4 }), "too long");
+        bad = Throws<ChatHubException>(() => model.Chat("hi", null, new GenerationOptions { MaxLength = 4 }), "too long");
         Equal(ChatHubStatus.PromptTooLong, bad.Status, "status");
         // Errors from the stream surface from MoveNextAsync.
-        Throws<ChatHubException>(() => Collect(glm3.StreamingChat("hi", null, new GenerationOptions { TopP = 2 }), 0, out _), "stream error");
+        Throws<ChatHubException>(() => Collect(model.StreamingChat("hi", null, new GenerationOptions { TopP = 2 }), 0, out _), "stream error");
 
         var disposed = ChatModel.LoadDemo();
         Assert(disposed.Chat("hi", null, Greedy(2)) != null, "demo chats");
@@ -298,7 +372,7 @@ static class ChatHubTests
     static void ManyThreadsShareOneModel()
     {
         var tasks = Enumerable.Range(0, 6)
-            .Select(i => Task.Run(() => glm3.Chat(Conv1Prompt, Conv1History, Greedy(20))))
+            .Select(i => Task.Run(() => model.Chat(Conv1Prompt, Conv1History, Greedy(20))))
             .ToArray();
         Task.WaitAll(tasks);
         foreach (var t in tasks) Equal(conv1Text, t.Result, "thread reply");
@@ -308,7 +382,7 @@ static class ChatHubTests
     {
         var options = Greedy(1);
         var history = new List<Message> { Message.User("你好"), Message.Assistant("你好👋") };
-        for (int i = 0; i < 200; i++) glm3.Chat("warm up", history, options);
+        for (int i = 0; i < 200; i++) model.Chat("warm up", history, options);
         GC.Collect();
         GC.WaitForPendingFinalizers();
         long managedBefore = GC.GetTotalMemory(true);
@@ -316,8 +390,8 @@ static class ChatHubTests
         var watch = System.Diagnostics.Stopwatch.StartNew();
         for (int i = 0; i < soakCalls; i++)
         {
-            glm3.Chat("soak " + i, history, options);
-            if (i % 4 == 0) Collect(glm3.StreamingChatDeltas("stream " + i, history, options), 0, out _);
+            model.Chat("soak " + i, history, options);
+            if (i % 4 == 0) Collect(model.StreamingChatDeltas("stream " + i, history, options), 0, out _);
         }
         GC.Collect();
         GC.WaitForPendingFinalizers();
@@ -334,15 +408,18 @@ static class ChatHubTests
     static int Main(string[] args)
     {
         Console.OutputEncoding = new UTF8Encoding(false);
-        if (args.Length < 3)
+        if (args.Length < 6)
         {
-            Console.Error.WriteLine("usage: ChatHubTests.exe FIXTURES_DIR CONV1_TEXT CONV2_TEXT [SOAK_CALLS]");
+            Console.Error.WriteLine("usage: ChatHubTests.exe FIXTURES_DIR CONV1_TEXT CONV2_TEXT GLM4_TEXT META_NAME META_CONTENT [SOAK_CALLS]");
             return 2;
         }
         fixtures = args[0];
         conv1Text = args[1];
         conv2Text = args[2];
-        if (args.Length > 3) soakCalls = int.Parse(args[3]);
+        glm4Text = args[3];
+        metaName = args[4];
+        metaContent = args[5];
+        if (args.Length > 6) soakCalls = int.Parse(args[6]);
 
         var tests = new List<KeyValuePair<string, Action>>
         {
@@ -357,6 +434,9 @@ static class ChatHubTests
             new KeyValuePair<string, Action>("QuantizedModelsLoad", QuantizedModelsLoad),
             new KeyValuePair<string, Action>("LoadOptionsReachTheLibrary", LoadOptionsReachTheLibrary),
             new KeyValuePair<string, Action>("StopStringsEndTheReply", StopStringsEndTheReply),
+            new KeyValuePair<string, Action>("RepliesAreTheOfficialValue", RepliesAreTheOfficialValue),
+            new KeyValuePair<string, Action>("ToolsReachThePrompt", ToolsReachThePrompt),
+            new KeyValuePair<string, Action>("Glm4RoundTrip", Glm4RoundTrip),
             new KeyValuePair<string, Action>("BadInputGivesClearErrors", BadInputGivesClearErrors),
             new KeyValuePair<string, Action>("ManyThreadsShareOneModel", ManyThreadsShareOneModel),
             new KeyValuePair<string, Action>("SoakKeepsMemoryFlat", SoakKeepsMemoryFlat),
@@ -364,7 +444,7 @@ static class ChatHubTests
         int passed = 0, failed = 0;
         try
         {
-            glm3 = ChatModel.Load(Path.Combine(fixtures, "chatglm3-tiny"));
+            model = ChatModel.Load(Path.Combine(fixtures, "chatglm2-tiny"));
         }
         catch (Exception e)
         {
@@ -386,7 +466,7 @@ static class ChatHubTests
                 Console.WriteLine("FAIL " + test.Key + ": " + e);
             }
         }
-        glm3.Dispose();
+        model.Dispose();
         Console.WriteLine(passed + " passed, " + failed + " failed");
         return failed == 0 ? 0 : 1;
     }

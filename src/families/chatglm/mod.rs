@@ -13,8 +13,10 @@ use std::collections::HashMap;
 use super::source::{Imported, ModelSource};
 use super::{add_stop_ids, ChatFormat, Conversation, ModelFamily, Opened};
 use crate::chat::generation::GenerationDefaults;
-use crate::chat::message::{messages_to_tuple_history, Role};
+use crate::chat::message::{messages_to_tuple_history, Message, Role};
 use crate::error::{Error, Result};
+use crate::families::python::format::{json_dumps, python_tool_call, JsonDumpsOptions};
+use crate::families::reply::ReplyStyle;
 use crate::formats::gguf::Metadata;
 use crate::nn::names::{QkvNames, TensorNames};
 use crate::tokenizer::Tokenizer;
@@ -232,7 +234,18 @@ impl ChatGlm2Format {
 }
 
 impl ChatFormat for ChatGlm2Format {
+    fn reply_style(&self) -> ReplyStyle {
+        ReplyStyle::ChatGlm2
+    }
+
     fn build(&self, tokenizer: &Tokenizer, conversation: &Conversation<'_>) -> Result<Vec<u32>> {
+        if !conversation.tools.is_empty() {
+            return Err(Error::invalid(
+                "tools",
+                conversation.tools.len(),
+                "ChatGLM2 cannot call tools",
+            ));
+        }
         let tuples = messages_to_tuple_history(conversation.history);
         let mut text = String::new();
         for (i, (query, response)) in tuples.iter().enumerate() {
@@ -282,27 +295,129 @@ impl ChatGlm3Format {
         }
     }
 
+    /// `build_single_message`: `<|role|> sp(metadata + "\n") sp(content)`.
     fn message(
         &self,
         tokenizer: &Tokenizer,
         role: Role,
+        metadata: &str,
         content: &str,
         ids: &mut Vec<u32>,
     ) -> Result<()> {
         ids.push(self.roles[&role]);
-        ids.extend(tokenizer.encode("\n")?);
+        ids.extend(tokenizer.encode(&format!("{metadata}\n"))?);
         ids.extend(tokenizer.encode(content)?);
         Ok(())
     }
 }
 
+/// The system message THUDM's OpenAI demo gives ChatGLM3 when a request offers tools and has no
+/// system message of its own.
+const TOOLS_SYSTEM_PROMPT: &str =
+    "Answer the following questions as best as you can. You have access to the following tools:";
+
+/// A message as ChatGLM3's `build_chat_input` takes it: role, metadata line, content.
+struct ChatGlm3Message<'a> {
+    role: Role,
+    metadata: std::borrow::Cow<'a, str>,
+    content: std::borrow::Cow<'a, str>,
+}
+
+/// The history in ChatGLM3's terms, as its OpenAI demo (`openai_api_demo/utils.py`) maps an
+/// OpenAI request: tools become a system message (the request's own system text, else the demo's
+/// sentence) whose content is followed by `json.dumps(functions, indent=4,
+/// ensure_ascii=False)`; a past call becomes an assistant message with the function's name as
+/// metadata and `tool_call(k=v, ...)` in a Python fence as content; a tool's result becomes an
+/// observation.
+fn chatglm3_messages<'a>(conversation: &Conversation<'a>) -> Vec<ChatGlm3Message<'a>> {
+    use std::borrow::Cow;
+    let mut messages = Vec::with_capacity(conversation.history.len() + 2);
+    let mut system_used = None;
+    if !conversation.tools.is_empty() {
+        system_used = conversation
+            .history
+            .iter()
+            .position(|m| m.role == Role::System);
+        let text = system_used.map_or(TOOLS_SYSTEM_PROMPT, |i| {
+            conversation.history[i].content.as_str()
+        });
+        let functions = serde_json::Value::Array(
+            conversation
+                .tools
+                .iter()
+                .map(|t| serde_json::Value::Object(t.function.clone()))
+                .collect(),
+        );
+        let dumped = json_dumps(
+            &functions,
+            &JsonDumpsOptions {
+                indent: Some(4),
+                ensure_ascii: false,
+                ..JsonDumpsOptions::default()
+            },
+        );
+        messages.push(ChatGlm3Message {
+            role: Role::System,
+            metadata: Cow::Borrowed(""),
+            content: Cow::Owned(format!("{text}\n{dumped}")),
+        });
+    }
+    for (i, message) in conversation.history.iter().enumerate() {
+        if Some(i) == system_used {
+            continue;
+        }
+        push_message(&mut messages, message);
+    }
+    messages.push(ChatGlm3Message {
+        role: Role::User,
+        metadata: Cow::Borrowed(""),
+        content: Cow::Borrowed(conversation.prompt),
+    });
+    messages
+}
+
+fn push_message<'a>(messages: &mut Vec<ChatGlm3Message<'a>>, message: &'a Message) {
+    use std::borrow::Cow;
+    if message.role == Role::Assistant && !message.tool_calls.is_empty() {
+        if !message.content.is_empty() {
+            messages.push(ChatGlm3Message {
+                role: Role::Assistant,
+                metadata: Cow::Borrowed(""),
+                content: Cow::Borrowed(&message.content),
+            });
+        }
+        for call in &message.tool_calls {
+            messages.push(ChatGlm3Message {
+                role: Role::Assistant,
+                metadata: Cow::Borrowed(&call.name),
+                content: Cow::Owned(python_tool_call(&call.arguments)),
+            });
+        }
+        return;
+    }
+    messages.push(ChatGlm3Message {
+        role: message.role,
+        metadata: Cow::Borrowed(""),
+        content: Cow::Borrowed(&message.content),
+    });
+}
+
 impl ChatFormat for ChatGlm3Format {
+    fn reply_style(&self) -> ReplyStyle {
+        ReplyStyle::ChatGlm3
+    }
+
     fn build(&self, tokenizer: &Tokenizer, conversation: &Conversation<'_>) -> Result<Vec<u32>> {
         let mut ids = self.prefix.to_vec();
-        for message in conversation.history {
-            self.message(tokenizer, message.role, &message.content, &mut ids)?;
+        for message in chatglm3_messages(conversation) {
+            self.message(
+                tokenizer,
+                message.role,
+                &message.metadata,
+                &message.content,
+                &mut ids,
+            )?;
         }
-        self.message(tokenizer, Role::User, conversation.prompt, &mut ids)?;
         ids.push(self.assistant);
         Ok(ids)
     }

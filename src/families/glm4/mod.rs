@@ -24,8 +24,12 @@ use super::source::{Imported, ModelSource};
 use super::template::{ChatTemplate, TemplateError};
 use super::{add_stop_ids, ChatFormat, Conversation, ModelFamily, Opened};
 use crate::chat::generation::GenerationDefaults;
+use crate::chat::message::Role;
 use crate::chat::request::SpecialText;
+use crate::chat::tools::Tool;
 use crate::error::{Error, Result};
+use crate::families::python::format::{json_dumps, JsonDumpsOptions};
+use crate::families::reply::ReplyStyle;
 use crate::formats::gguf::Metadata;
 use crate::nn::names::{QkvNames, TensorNames};
 use crate::tokenizer::{sniff, ModelFileKind, Tokenizer, GLM4_SPECIAL_TOKENS};
@@ -260,7 +264,10 @@ pub(crate) fn open(source: &ModelSource) -> Result<Opened> {
             .chain(config_eos.iter())
             .flat_map(|ids| ids.to_vec()),
     );
-    let format = Glm4Format { template };
+    let format = Glm4Format {
+        template,
+        tools_in_system_message: layout != Layout::V0414,
+    };
     Ok(Opened {
         family: ModelFamily::Glm4,
         spec,
@@ -323,6 +330,61 @@ fn load_tokenizer(
 #[derive(Debug)]
 struct Glm4Format {
     template: ChatTemplate,
+    /// glm-4-9b-chat's template reads tools from a leading system message (as GLM-4's own
+    /// server sends them); 0414's from the `tools` argument.
+    tools_in_system_message: bool,
+}
+
+/// One message as the chat template gets it; `content` is kept apart so it can be marked.
+struct TemplateMessage<'a> {
+    role: &'static str,
+    metadata: Option<&'a str>,
+    content: std::borrow::Cow<'a, str>,
+}
+
+/// The conversation as GLM-4's own OpenAI server (`glm_server.py`) hands it to the template: a
+/// past call becomes an assistant message with the function's name as `metadata` and the
+/// arguments' JSON as content (what the model writes when it calls), a tool's result an
+/// `observation`.
+fn template_messages<'a>(conversation: &Conversation<'a>) -> Vec<TemplateMessage<'a>> {
+    use std::borrow::Cow;
+    let mut messages = Vec::with_capacity(conversation.history.len() + 1);
+    for message in conversation.history {
+        if message.role == Role::Assistant && !message.tool_calls.is_empty() {
+            if !message.content.is_empty() {
+                messages.push(TemplateMessage {
+                    role: "assistant",
+                    metadata: None,
+                    content: Cow::Borrowed(&message.content),
+                });
+            }
+            for call in &message.tool_calls {
+                messages.push(TemplateMessage {
+                    role: "assistant",
+                    metadata: Some(&call.name),
+                    content: Cow::Owned(json_dumps(
+                        &Value::Object(call.arguments.clone()),
+                        &JsonDumpsOptions {
+                            ensure_ascii: false,
+                            ..JsonDumpsOptions::default()
+                        },
+                    )),
+                });
+            }
+            continue;
+        }
+        messages.push(TemplateMessage {
+            role: message.role.as_str(),
+            metadata: None,
+            content: Cow::Borrowed(&message.content),
+        });
+    }
+    messages.push(TemplateMessage {
+        role: "user",
+        metadata: None,
+        content: Cow::Borrowed(conversation.prompt),
+    });
+    messages
 }
 
 /// Marks a message's content in the rendered prompt, so it can be kept as text.
@@ -334,9 +396,7 @@ struct Placeholders {
 impl Placeholders {
     /// Private-use characters no content contains.
     fn choose(contents: &[&str]) -> Option<Self> {
-        let candidates = ('\u{F8F0}'..='\u{F8FF}').collect::<Vec<_>>();
-        let free: Vec<char> = candidates
-            .into_iter()
+        let free: Vec<char> = ('\u{F8F0}'..='\u{F8FF}')
             .filter(|c| contents.iter().all(|t| !t.contains(*c)))
             .take(2)
             .collect();
@@ -352,20 +412,29 @@ impl Placeholders {
 }
 
 impl Glm4Format {
-    fn messages(&self, conversation: &Conversation<'_>, contents: &[String]) -> Vec<Value> {
-        let mut messages = Vec::with_capacity(conversation.history.len() + 1);
-        for (message, content) in conversation.history.iter().zip(contents) {
-            messages.push(json!({"role": message.role.as_str(), "content": content}));
+    /// The template's `messages` (and `tools` argument) with each content as `contents` gives it.
+    fn render(
+        &self,
+        conversation: &Conversation<'_>,
+        messages: &[TemplateMessage<'_>],
+        contents: &[String],
+    ) -> Result<String> {
+        let tools: Vec<Value> = conversation.tools.iter().map(Tool::to_json).collect();
+        let mut values = Vec::with_capacity(messages.len() + 1);
+        if !tools.is_empty() && self.tools_in_system_message {
+            values.push(json!({"role": "system", "content": "", "tools": tools}));
         }
-        if let Some(prompt) = contents.get(conversation.history.len()) {
-            messages.push(json!({"role": "user", "content": prompt}));
+        for (message, content) in messages.iter().zip(contents) {
+            let mut value = json!({"role": message.role, "content": content});
+            if let Some(metadata) = message.metadata {
+                value["metadata"] = metadata.into();
+            }
+            values.push(value);
         }
-        messages
-    }
-
-    fn render(&self, messages: &[Value]) -> Result<String> {
+        let tools_argument =
+            (!tools.is_empty() && !self.tools_in_system_message).then_some(tools.as_slice());
         self.template
-            .render(messages, None, true)
+            .render(&values, tools_argument, true)
             .map_err(|e| match e {
                 TemplateError::Raised(_)
                 | TemplateError::LimitExceeded(_)
@@ -381,16 +450,16 @@ impl Glm4Format {
 }
 
 impl ChatFormat for Glm4Format {
+    fn reply_style(&self) -> ReplyStyle {
+        ReplyStyle::Glm4
+    }
+
     fn build(&self, tokenizer: &Tokenizer, conversation: &Conversation<'_>) -> Result<Vec<u32>> {
-        let contents: Vec<&str> = conversation
-            .history
-            .iter()
-            .map(|m| m.content.as_str())
-            .chain(std::iter::once(conversation.prompt))
-            .collect();
+        let messages = template_messages(conversation);
+        let contents: Vec<&str> = messages.iter().map(|m| m.content.as_ref()).collect();
         if conversation.special_text == SpecialText::Tokens {
             let owned: Vec<String> = contents.iter().map(|c| c.to_string()).collect();
-            let text = self.render(&self.messages(conversation, &owned))?;
+            let text = self.render(conversation, &messages, &owned)?;
             return tokenizer.encode_with_special_text(&text, &[]);
         }
         // Render with a marker in place of each non-empty content, then put the contents back
@@ -413,7 +482,7 @@ impl ChatFormat for Glm4Format {
                 }
             })
             .collect();
-        let rendered = self.render(&self.messages(conversation, &marked))?;
+        let rendered = self.render(conversation, &messages, &marked)?;
         let mut text = String::with_capacity(rendered.len());
         let mut protected = Vec::new();
         let mut rest = rendered.as_str();

@@ -307,6 +307,7 @@ fn write_str_repr(out: &mut String, s: &str) {
     out.push(quote);
 }
 
+#[cfg(test)]
 /// Formats `value` as Python's `repr()` of the object `json.loads` would build from it:
 /// `{'a': [1, 2.0, None, True, 'x']}`.
 ///

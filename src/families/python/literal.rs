@@ -298,6 +298,7 @@ pub fn parse_tool_call(code: &str) -> Result<Map<String, Value>, LiteralError> {
     Ok(args)
 }
 
+#[cfg(test)]
 /// Parse one Python literal expression (a value as accepted inside `tool_call(...)`) into JSON.
 ///
 /// # Examples

@@ -51,12 +51,14 @@ pub fn python_strip(s: &str) -> &str {
     s.trim_matches(python_isspace)
 }
 
+#[cfg(test)]
 /// Python's `s.lstrip()`: `s` without leading [`python_isspace`] characters.
 #[must_use]
 pub fn python_lstrip(s: &str) -> &str {
     s.trim_start_matches(python_isspace)
 }
 
+#[cfg(test)]
 /// Python's `s.rstrip()`: `s` without trailing [`python_isspace`] characters.
 #[must_use]
 pub fn python_rstrip(s: &str) -> &str {

@@ -43,6 +43,7 @@ pub(crate) mod stream;
 
 use serde_json::{Map, Value};
 
+pub(crate) use crate::chat::reply::Reply;
 use crate::families::python::literal::{parse_tool_call, LiteralError, MAX_INPUT_BYTES};
 use crate::families::python::strings::{python_is_blank, python_strip};
 
@@ -64,101 +65,6 @@ pub enum ReplyStyle {
     ChatGlm3,
     /// GLM-4 (all three layouts): metadata line; tool calls are JSON.
     Glm4,
-}
-
-/// A reply as the official `chat()` returns it.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Reply {
-    /// A plain text answer (official: a `str`).
-    Text(String),
-    /// A tool call (official: `{"name": ..., "parameters": {...}}`).
-    ToolCall {
-        /// The function name: the metadata line, stripped.
-        name: String,
-        /// The keyword arguments (ChatGLM3) or the JSON object (GLM-4), in the order written.
-        arguments: Map<String, Value>,
-    },
-    /// A reply with a metadata line but no tools in the conversation, or a tool call that could not
-    /// be parsed (official: `{"name": ..., "content": ...}`).
-    Metadata {
-        /// The metadata line, stripped.
-        name: String,
-        /// Everything after the metadata line, not stripped.
-        content: String,
-    },
-}
-
-/// The three shapes of [`Reply`], named as in the fixtures' `chat_response_kind`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ReplyKind {
-    /// [`Reply::Text`]: `"text"`.
-    Text,
-    /// [`Reply::ToolCall`]: `"tool_call"`.
-    ToolCall,
-    /// [`Reply::Metadata`]: `"metadata"`.
-    Metadata,
-}
-
-impl ReplyKind {
-    /// `"text"`, `"tool_call"` or `"metadata"`.
-    #[must_use]
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            ReplyKind::Text => "text",
-            ReplyKind::ToolCall => "tool_call",
-            ReplyKind::Metadata => "metadata",
-        }
-    }
-}
-
-impl Reply {
-    /// Which of the three shapes this is.
-    #[must_use]
-    pub const fn kind(&self) -> ReplyKind {
-        match self {
-            Reply::Text(_) => ReplyKind::Text,
-            Reply::ToolCall { .. } => ReplyKind::ToolCall,
-            Reply::Metadata { .. } => ReplyKind::Metadata,
-        }
-    }
-
-    /// The text of a [`Reply::Text`], `None` otherwise.
-    #[must_use]
-    pub fn as_text(&self) -> Option<&str> {
-        match self {
-            Reply::Text(t) => Some(t),
-            _ => None,
-        }
-    }
-
-    /// The reply as the official Python value would be written as JSON: a string for text, else
-    /// an object with keys `name` then `parameters` (tool call) or `content` (metadata).
-    ///
-    /// # Examples
-    ///
-    /// ```text
-    /// use reply::reply::Reply;
-    /// let r = Reply::Metadata { name: "f".into(), content: "x".into() };
-    /// assert_eq!(r.to_official_json().to_string(), r#"{"name":"f","content":"x"}"#);
-    /// ```
-    #[must_use]
-    pub fn to_official_json(&self) -> Value {
-        match self {
-            Reply::Text(t) => Value::String(t.clone()),
-            Reply::ToolCall { name, arguments } => {
-                let mut m = Map::new();
-                m.insert("name".to_owned(), Value::String(name.clone()));
-                m.insert("parameters".to_owned(), Value::Object(arguments.clone()));
-                Value::Object(m)
-            }
-            Reply::Metadata { name, content } => {
-                let mut m = Map::new();
-                m.insert("name".to_owned(), Value::String(name.clone()));
-                m.insert("content".to_owned(), Value::String(content.clone()));
-                Value::Object(m)
-            }
-        }
-    }
 }
 
 /// Why a tool call's arguments could not be read.
@@ -333,6 +239,7 @@ pub fn parse_json_arguments(content: &str) -> Result<Map<String, Value>, ToolCal
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chat::reply::ReplyKind;
     use serde_json::json;
 
     fn text(style: ReplyStyle, raw: &str) -> String {

@@ -46,6 +46,7 @@ use crate::families::reply::{
     TRAINING_TIME_REPLACEMENT,
 };
 
+#[cfg(test)]
 /// What the stream knows about the current segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StreamPhase {
@@ -221,12 +222,7 @@ impl ReplyStream {
         &self.display
     }
 
-    /// The raw text fed so far.
-    #[must_use]
-    pub fn raw_text(&self) -> &str {
-        &self.raw
-    }
-
+    #[cfg(test)]
     /// What is known about the current segment.
     #[must_use]
     pub fn phase(&self) -> StreamPhase {
@@ -237,6 +233,7 @@ impl ReplyStream {
         }
     }
 
+    #[cfg(test)]
     /// Whether text was shown before a new `<|assistant|>` segment started (see the module docs).
     #[must_use]
     pub fn diverged(&self) -> bool {
