@@ -1,10 +1,13 @@
-//! Run ChatGLM-family chat models (ChatGLM2-6B, ChatGLM3-6B) in-process on [candle].
+//! Run ChatGLM-family chat models (ChatGLM2-6B, ChatGLM3-6B, GLM-4: glm-4-9b-chat, its -hf
+//! layout and GLM-4-9B-0414) in-process on [candle].
 //!
 //! `chathub` loads a model directory exactly as THUDM publishes it on Hugging Face
-//! (`config.json`, sharded safetensors or PyTorch weights, the sentencepiece `tokenizer.model`),
-//! turns OpenAI-style chat history into the prompt each model expects, token for token as the
-//! official Python code builds it, and generates replies with streaming, cancellation and
-//! per-request key/value caches, so one loaded [`Engine`] serves many threads at once.
+//! (`config.json`, sharded safetensors or PyTorch weights, the tokenizer files, the chat
+//! template), or a GGUF file (its own or llama.cpp's), turns OpenAI-style chat history and tools
+//! into the prompt each model expects, token for token as the official Python code builds it,
+//! and generates replies with streaming, cancellation and per-request key/value caches, so one
+//! loaded [`Engine`] serves many threads at once. Replies come back as the official `chat()`
+//! returns them ([`Reply`]): text, or a parsed tool call.
 //!
 //! [candle]: https://github.com/huggingface/candle
 //!

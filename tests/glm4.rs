@@ -190,3 +190,42 @@ fn synthetic_glm4_directories_load_as_glm4() {
         "GLM-4-9B's size: {parameters}"
     );
 }
+
+/// transformers 5 writes `dtype` and `rope_parameters` where 4.x wrote `torch_dtype` and
+/// `rope_theta`: both load to the same model.
+#[test]
+fn transformers_5_config_keys_load_the_same_model() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("glm4-0414-tiny");
+    std::fs::create_dir(&dir).expect("mkdir");
+    let source = common::model_dir("glm4-0414-tiny");
+    for entry in std::fs::read_dir(&source).expect("fixture") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).expect("copy");
+    }
+    let config_path = dir.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config_path).expect("read")).expect("json");
+    let config_map = config.as_object_mut().expect("object");
+    let theta = config_map.remove("rope_theta").expect("rope_theta");
+    let dtype = config_map.remove("torch_dtype").expect("torch_dtype");
+    config_map.insert("dtype".into(), dtype);
+    config_map.insert(
+        "rope_parameters".into(),
+        serde_json::json!({"rope_type": "default", "rope_theta": theta, "partial_rotary_factor": 0.5}),
+    );
+    std::fs::write(&config_path, config.to_string()).expect("write");
+    let case = common::cases_in("glm4/expected")
+        .into_iter()
+        .find(|c| c.id == "glm4_0414_multi_turn")
+        .expect("case");
+    let outcome = Engine::load(&dir)
+        .expect("loads")
+        .chat(&case.request())
+        .expect("chat");
+    assert_eq!(outcome.prompt_token_ids, case.prompt_token_ids);
+    assert_eq!(
+        outcome.completion_token_ids,
+        case.greedy_token_ids_until_stop
+    );
+}

@@ -11,6 +11,7 @@ use crate::error::Error;
 /// Who wrote a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum Role {
     /// Instructions for the assistant (honoured by ChatGLM3; ChatGLM2 has no place for them).
     System,

@@ -31,6 +31,7 @@ pub enum Reply {
 
 /// The three shapes of [`Reply`], named as in the fixtures' `chat_response_kind`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum ReplyKind {
     /// [`Reply::Text`]: `"text"`.
     Text,

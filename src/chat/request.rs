@@ -364,6 +364,7 @@ pub struct ChatOutcome {
 
 /// How the next token is chosen.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub enum Sampling {
     /// Always the most likely token (deterministic; what the reference fixtures use).
     ArgMax,

@@ -14,6 +14,7 @@ use crate::error::Error;
 /// embedding table stays f32; the output layer uses q8_0 whatever is chosen, since its errors
 /// land directly on the logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Quantization {
     /// 8-bit, blocks of 32 (8.5 bits per weight): nearly lossless.
     Q8_0,
