@@ -198,3 +198,42 @@ fn a_text_reply_streams_without_its_metadata_line() {
     assert_eq!(deltas.concat(), "Hello there!", "{deltas:?}");
     assert!(deltas.iter().all(|d| !d.starts_with('\n')), "{deltas:?}");
 }
+
+/// A tool's result as the new message (the official `chat(..., role="observation")`): the prompt
+/// is the fixture's with that result as the last history message, up to where the next user
+/// message would start, then `<|assistant|>`.
+#[test]
+fn a_tool_result_can_be_the_new_message() {
+    let engine = common::load("chatglm3-tiny");
+    let case = read("expected_tools/chatglm3_tools_own_system.json");
+    let full = ids(&case["prompt_token_ids"]);
+    let mut request = request_with_tools(&case);
+    let result = request
+        .history
+        .pop()
+        .expect("the fixture ends with a tool result");
+    assert_eq!(result.role, chathub::Role::Observation);
+    request.prompt = result.content;
+    request.prompt_role = chathub::Role::Observation;
+    let outcome = engine.chat(&request).expect("chat");
+    let ids = outcome.prompt_token_ids;
+    let user = engine.tokenizer().special_id("<|user|>").expect("user");
+    let assistant = engine
+        .tokenizer()
+        .special_id("<|assistant|>")
+        .expect("assistant");
+    let user_at = full.iter().rposition(|&id| id == user).expect("user turn");
+    assert_eq!(ids[..ids.len() - 1], full[..user_at]);
+    assert_eq!(ids.last(), Some(&assistant));
+
+    // Only the user's messages and tools' results may be the new message.
+    request.prompt_role = chathub::Role::Assistant;
+    let err = engine.validate(&request).expect_err("an assistant prompt");
+    assert_eq!(err.kind(), chathub::ErrorKind::InvalidArgument, "{err}");
+    // ChatGLM2 has no tool role.
+    let chatglm2 = common::load("chatglm2-tiny");
+    let err = chatglm2
+        .validate(&ChatRequest::tool_result("{}"))
+        .expect_err("ChatGLM2 observation");
+    assert!(err.to_string().contains("ChatGLM2"), "{err}");
+}

@@ -9,13 +9,14 @@ use crate::chat::tools::ToolCall;
 use crate::error::Error;
 
 /// Who wrote a message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 #[non_exhaustive]
 pub enum Role {
     /// Instructions for the assistant (honoured by ChatGLM3; ChatGLM2 has no place for them).
     System,
-    /// The person chatting.
+    /// The person chatting (the default: who asks a new question).
+    #[default]
     User,
     /// The model's earlier replies.
     Assistant,

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::chat::generation::GenerationDefaults;
-use crate::chat::message::Message;
+use crate::chat::message::{Message, Role};
 use crate::chat::reply::Reply;
 use crate::chat::tools::Tool;
 use crate::error::{Error, Result};
@@ -27,8 +27,12 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChatRequest {
-    /// The new user message.
+    /// The new message: the user's question, or a tool's result (see `prompt_role`).
     pub prompt: String,
+    /// Who wrote `prompt`: [`Role::User`] (the default) or [`Role::Observation`] for a tool's
+    /// result the model answers from (the official `chat(..., role="observation")`).
+    #[serde(default, skip_serializing_if = "is_user")]
+    pub prompt_role: Role,
     /// Earlier messages, oldest first.
     #[serde(default)]
     pub history: Vec<Message>,
@@ -80,12 +84,31 @@ pub struct ChatRequest {
     pub special_text: SpecialText,
 }
 
+fn is_user(role: &Role) -> bool {
+    *role == Role::User
+}
+
 impl ChatRequest {
     /// A request with no history and model defaults.
     pub fn new(prompt: impl Into<String>) -> Self {
         ChatRequest {
             prompt: prompt.into(),
+            prompt_role: Role::User,
             ..Default::default()
+        }
+    }
+
+    /// A request answering a tool's result: `result` is the new message, in the
+    /// observation role, after the assistant's tool call in `history`.
+    ///
+    /// ```
+    /// let r = chathub::ChatRequest::tool_result("{\"temperature\": 21}");
+    /// assert_eq!(r.prompt_role, chathub::Role::Observation);
+    /// ```
+    pub fn tool_result(result: impl Into<String>) -> Self {
+        ChatRequest {
+            prompt_role: Role::Observation,
+            ..ChatRequest::new(result)
         }
     }
 
@@ -197,6 +220,13 @@ impl ChatRequest {
     pub(crate) fn resolve(&self, defaults: &GenerationDefaults) -> Result<ResolvedParams> {
         if self.prompt.is_empty() {
             return Err(Error::invalid("prompt", "\"\"", "must not be empty"));
+        }
+        if !matches!(self.prompt_role, Role::User | Role::Observation) {
+            return Err(Error::invalid(
+                "prompt_role",
+                self.prompt_role,
+                "the new message must be the user's or a tool's result (observation)",
+            ));
         }
         let max_length = match self.max_length {
             None | Some(0) => defaults.max_length,

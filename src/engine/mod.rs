@@ -15,7 +15,7 @@ use candle_core::{DType, Device};
 use serde_json::Value;
 
 use crate::chat::generation::GenerationDefaults;
-use crate::chat::message::Message;
+use crate::chat::message::{Message, Role};
 use crate::chat::reply::Reply;
 use crate::chat::request::{
     ChatOutcome, ChatRequest, FinishReason, ResolvedParams, SpecialText, Timings, Usage,
@@ -363,6 +363,7 @@ impl Engine {
         let conversation = Conversation {
             history,
             prompt,
+            prompt_role: Role::User,
             tools: &[],
             special_text: SpecialText::default(),
         };
@@ -412,7 +413,10 @@ impl Engine {
     /// begins (found by building with two different questions).
     fn next_prompt_start(&self, request: &ChatRequest, reply: &Reply) -> Vec<u32> {
         let mut history = request.history.clone();
-        history.push(Message::user(request.prompt.clone()));
+        history.push(Message {
+            role: request.prompt_role,
+            ..Message::user(request.prompt.clone())
+        });
         history.push(match reply {
             Reply::ToolCall { name, arguments } => Message::assistant_tool_calls(
                 "",
@@ -427,6 +431,7 @@ impl Engine {
                     &Conversation {
                         history: &history,
                         prompt,
+                        prompt_role: Role::User,
                         tools: &request.tools,
                         special_text: request.special_text,
                     },
@@ -458,6 +463,7 @@ impl Engine {
             &Conversation {
                 history: &request.history,
                 prompt: &request.prompt,
+                prompt_role: request.prompt_role,
                 tools: &request.tools,
                 special_text: request.special_text,
             },

@@ -93,11 +93,13 @@ impl FromStr for ModelFamily {
     }
 }
 
-/// A conversation as a prompt builder takes it: the history and the new user message.
+/// A conversation as a prompt builder takes it: the history and the new message.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Conversation<'a> {
     pub history: &'a [Message],
     pub prompt: &'a str,
+    /// Who wrote `prompt`: the user, or a tool (an observation).
+    pub prompt_role: Role,
     /// Functions offered to the model.
     pub tools: &'a [Tool],
     pub special_text: SpecialText,

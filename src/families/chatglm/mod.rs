@@ -246,6 +246,13 @@ impl ChatFormat for ChatGlm2Format {
                 "ChatGLM2 cannot call tools",
             ));
         }
+        if conversation.prompt_role != Role::User {
+            return Err(Error::invalid(
+                "prompt_role",
+                conversation.prompt_role,
+                "ChatGLM2 takes only the user's questions (it has no tool role)",
+            ));
+        }
         let tuples = messages_to_tuple_history(conversation.history);
         let mut text = String::new();
         for (i, (query, response)) in tuples.iter().enumerate() {
@@ -369,7 +376,7 @@ fn chatglm3_messages<'a>(conversation: &Conversation<'a>) -> Vec<ChatGlm3Message
         push_message(&mut messages, message);
     }
     messages.push(ChatGlm3Message {
-        role: Role::User,
+        role: conversation.prompt_role,
         metadata: Cow::Borrowed(""),
         content: Cow::Borrowed(conversation.prompt),
     });

@@ -380,7 +380,7 @@ fn template_messages<'a>(conversation: &Conversation<'a>) -> Vec<TemplateMessage
         });
     }
     messages.push(TemplateMessage {
-        role: "user",
+        role: conversation.prompt_role.as_str(),
         metadata: None,
         content: Cow::Borrowed(conversation.prompt),
     });
