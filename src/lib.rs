@@ -33,9 +33,13 @@
 //!
 //! # Feature Flags
 //!
-//! - `grpc` (off by default): the gRPC server in the `grpc` module and `chathub serve`, speaking AIHub's
-//!   `aihub.ChatHub` protocol, with health and reflection services. Built without a system
-//!   `protoc`.
+//! - `grpc` (off by default): the gRPC server in the `grpc` module and `chathub serve --listen`,
+//!   speaking AIHub's `aihub.ChatHub` protocol, with health and reflection services. Built
+//!   without a system `protoc`.
+//! - `http` (off by default): the OpenAI-compatible HTTP server in the `http` module and
+//!   `chathub serve --http` (`/v1/chat/completions`, `/v1/models`, `/health`, `/metrics` and a
+//!   web chat page at `/`).
+//! - `server`: both of them (what `chathub serve` is usually built with).
 //! - `cuda` (off by default): run on an NVIDIA GPU through candle's CUDA backend; pass a CUDA
 //!   [`candle_core::Device`] in [`ModelOptions`]. Needs the CUDA toolkit at build time.
 #![deny(missing_docs)]
@@ -43,8 +47,11 @@
 pub mod ffi;
 #[cfg(feature = "grpc")]
 pub mod grpc;
+#[cfg(feature = "http")]
+pub mod http;
+#[cfg(any(feature = "grpc", feature = "http"))]
+pub mod server;
 
-// The core, in layers: each module imports only the ones listed after it (see README, "Layout").
 // The core, in layers; each imports only those below it (README, "Layout"): engine, families,
 // chat (the shared vocabulary), nn, tokenizer, formats, kernels, then huge_pages and error.
 mod chat;

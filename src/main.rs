@@ -4,7 +4,7 @@ mod cli;
 
 use clap::{Parser, Subcommand};
 
-/// Run ChatGLM-family chat models (ChatGLM2-6B, ChatGLM3-6B) locally on the CPU.
+/// Run ChatGLM-family chat models (ChatGLM2-6B, ChatGLM3-6B, GLM-4) locally.
 #[derive(Debug, Parser)]
 #[command(name = "chathub", version, about)]
 struct Cli {
@@ -40,8 +40,9 @@ enum Command {
     /// seconds: `--model FILE.gguf` then works everywhere a model directory does.
     #[command(arg_required_else_help = true)]
     Convert(cli::convert::ConvertArgs),
-    /// Serve AIHub's `aihub.ChatHub` gRPC protocol (with health and reflection services).
-    #[cfg(feature = "grpc")]
+    /// Serve the model: AIHub's `aihub.ChatHub` gRPC protocol (`--listen`) and an
+    /// OpenAI-compatible HTTP API with a web chat page (`--http`), either or both.
+    #[cfg(any(feature = "grpc", feature = "http"))]
     Serve(cli::serve::ServeArgs),
 }
 
@@ -56,7 +57,7 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(args) => cli::generate::run(args),
         Command::Bench(args) => cli::bench::run(args),
         Command::Convert(args) => cli::convert::run(args),
-        #[cfg(feature = "grpc")]
+        #[cfg(any(feature = "grpc", feature = "http"))]
         Command::Serve(args) => cli::serve::run(args),
     }
 }

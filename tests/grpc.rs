@@ -4,7 +4,6 @@
 mod common;
 
 use std::path::PathBuf;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use chathub::grpc::proto::chat_hub_client::ChatHubClient;
@@ -22,58 +21,6 @@ struct TestServer {
     service: ChatHubService,
     stop: Option<oneshot::Sender<()>>,
     handle: tokio::task::JoinHandle<Result<(), chathub::grpc::ServeError>>,
-}
-
-/// A model big enough that a long reply takes seconds in any build: these tests cancel at
-/// 300 ms, which a release build of the tiny fixture outruns (2000 tokens in about 0.1 s). Its
-/// output rows for the special and end-of-text ids are zero, so greedy decoding never stops
-/// on its own (the random model's largest logit is positive). Written once per machine.
-fn slow_model_dir() -> PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join("chathub-grpc-slow-v3");
-        if !dir.join("never-stops").is_file() {
-            let config = chathub::ChatGlmConfig {
-                num_layers: 4,
-                hidden_size: 512,
-                num_attention_heads: 8,
-                kv_channels: Some(64),
-                ffn_hidden_size: 1024,
-                seq_length: 32768,
-                // ChatGLM2 streams a reply from its first token (ChatGLM3 and GLM-4 hold text
-                // back until the metadata line ends, which random weights may never write).
-                name_or_path: Some("chathub/grpc-slow-chatglm2".into()),
-                ..chathub::demo_config()
-            };
-            let tokenizer = std::fs::read(
-                chathub::demo_model_dir()
-                    .expect("demo model")
-                    .join("tokenizer.model"),
-            )
-            .expect("tokenizer");
-            chathub::write_model_dir(&dir, &config, &tokenizer, 11, usize::MAX).expect("written");
-            let weights = dir.join("model.safetensors");
-            let mut tensors = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu)
-                .expect("weights");
-            let name = "transformer.output_layer.weight";
-            let output = &tensors[name];
-            let rows: Vec<f32> = (0..config.padded_vocab_size)
-                .map(|id| if (3..1000).contains(&id) { 1.0 } else { 0.0 })
-                .collect();
-            let keep =
-                candle_core::Tensor::from_vec(rows, (config.padded_vocab_size, 1), output.device())
-                    .and_then(|k| k.to_dtype(output.dtype()))
-                    .expect("mask");
-            let masked = output.broadcast_mul(&keep).expect("masked");
-            tensors.insert(name.to_string(), masked);
-            let staging = dir.join("model.safetensors.partial");
-            candle_core::safetensors::save(&tensors, &staging).expect("saved");
-            std::fs::rename(&staging, &weights).expect("renamed");
-            std::fs::write(dir.join("never-stops"), b"").expect("marker");
-        }
-        dir
-    })
-    .clone()
 }
 
 impl TestServer {
@@ -121,7 +68,7 @@ impl TestServer {
 
     /// A server over [`slow_model_dir`], for tests that stop a reply midway.
     async fn ready_slow(options: ServeOptions) -> TestServer {
-        let server = Self::start_model(options, Duration::ZERO, slow_model_dir()).await;
+        let server = Self::start_model(options, Duration::ZERO, common::slow_model_dir()).await;
         server.wait_serving().await;
         server
     }

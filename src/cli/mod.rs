@@ -4,7 +4,7 @@ pub mod bench;
 pub mod chat;
 pub mod convert;
 pub mod generate;
-#[cfg(feature = "grpc")]
+#[cfg(any(feature = "grpc", feature = "http"))]
 pub mod serve;
 
 use std::path::PathBuf;
@@ -53,6 +53,20 @@ fn parse_dtype(s: &str) -> Result<DType, String> {
 }
 
 impl ModelArgs {
+    /// The name servers report for the model: the directory's or file's name, or
+    /// `chathub-demo`.
+    pub fn name(&self) -> String {
+        match &self.model {
+            Some(path) => path
+                .file_stem()
+                .and_then(|n| n.to_str())
+                .filter(|n| !n.is_empty())
+                .unwrap_or("chathub")
+                .to_string(),
+            None => "chathub-demo".to_string(),
+        }
+    }
+
     /// Loads the model (the demo when no directory is given), saying so on stderr.
     pub fn load(&self) -> anyhow::Result<Engine> {
         let dir = match &self.model {

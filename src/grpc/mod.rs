@@ -28,12 +28,15 @@ use std::future::Future;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, watch};
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio::sync::watch;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
-pub use service::{ChatHubService, MetricsSnapshot};
+pub use crate::server::{MetricsSnapshot, ServeOptions};
+pub use service::ChatHubService;
 
+use crate::server::accept::{self, ConnectionLimits};
+use crate::server::{Gate, LoadState};
 use crate::Engine;
 
 /// Code generated from `proto/chat.proto` by tonic: messages, server and client.
@@ -46,37 +49,17 @@ pub mod proto {
         include_bytes!(concat!(env!("OUT_DIR"), "/aihub_descriptor.bin"));
 }
 
-/// How the server runs.
-#[derive(Debug, Clone)]
-pub struct ServeOptions {
-    /// Generations that run at once; each holds its own KV cache and competes for the cores.
-    pub max_concurrent: usize,
-    /// Requests that may wait for a free slot; beyond this they get RESOURCE_EXHAUSTED at once.
-    pub max_queue: usize,
-    /// After a shutdown signal, how long running requests may take to finish.
-    pub grace_period: Duration,
-    /// Log prompt text (off by default: prompts are user data).
-    pub log_prompts: bool,
-}
-
-impl Default for ServeOptions {
-    fn default() -> Self {
-        ServeOptions {
-            max_concurrent: 1,
-            max_queue: 16,
-            grace_period: Duration::from_secs(30),
-            log_prompts: false,
-        }
-    }
-}
+/// A connection's write that makes no progress for this long closes it: HTTP/2's own flow
+/// control normally keeps writes from blocking, so this only catches a dead peer.
+const WRITE_STALL: Duration = Duration::from_secs(60);
 
 /// Why the server stopped with an error.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ServeError {
-    /// The model failed to load.
+    /// The model failed to load (the message says why).
     #[error("model failed to load: {0}")]
-    Load(#[from] crate::Error),
+    Load(String),
     /// The transport failed (the listener broke).
     #[error("gRPC transport failed: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -132,8 +115,28 @@ where
     L: FnOnce() -> crate::Result<Engine> + Send + 'static,
     S: Future<Output = ()> + Send + 'static,
 {
+    service.gate().load_in_background(load);
+    serve_gate(listener, service.gate().clone(), grace, shutdown).await
+}
+
+/// Serves `aihub.ChatHub` over a [`Gate`] shared with other front-ends (the HTTP server): the
+/// caller loads the model into the gate. Stops when `shutdown` completes or loading fails.
+///
+/// # Errors
+///
+/// As for [`serve`].
+pub async fn serve_gate<S>(
+    listener: TcpListener,
+    gate: Gate,
+    grace: Duration,
+    shutdown: S,
+) -> Result<(), ServeError>
+where
+    S: Future<Output = ()> + Send + 'static,
+{
     use proto::chat_hub_server::ChatHubServer;
 
+    let service = ChatHubService::from_gate(gate.clone());
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_not_serving::<ChatHubServer<ChatHubService>>()
@@ -143,46 +146,40 @@ where
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
 
-    // One signal, observed by the transport (stop accepting), the grace timer and the loader.
-    let (stop_tx, mut stop_rx) = watch::channel(false);
-    let (failed_tx, mut failed_rx) = oneshot::channel::<crate::Error>();
+    // One signal, observed by the accept loop, the transport and the grace timer.
+    let (stop_tx, stop_rx) = watch::channel(false);
     let external_stop = stop_tx.clone();
     tokio::spawn(async move {
         shutdown.await;
-        tracing::info!("shutdown requested: no new connections, running requests may finish");
+        tracing::info!("shutdown requested: no new gRPC connections, running requests may finish");
         let _ = external_stop.send(true);
     });
-
-    let slot = service.clone();
+    let mut load_state = gate.load_state();
     let load_reporter = reporter.clone();
     let load_stop = stop_tx.clone();
     tokio::spawn(async move {
-        match tokio::task::spawn_blocking(load).await {
-            Ok(Ok(engine)) => {
-                slot.set_engine(engine);
+        let state = load_state
+            .wait_for(|s| *s != LoadState::Loading)
+            .await
+            .map(|s| s.clone());
+        match state {
+            Ok(LoadState::Ready) => {
                 load_reporter
                     .set_serving::<ChatHubServer<ChatHubService>>()
                     .await;
-                tracing::info!("model loaded: serving");
             }
-            Ok(Err(err)) => {
-                let _ = failed_tx.send(err);
-                let _ = load_stop.send(true);
-            }
-            Err(join) => {
-                tracing::error!(error = %join, "model loader panicked");
+            _ => {
                 let _ = load_stop.send(true);
             }
         }
     });
 
-    // Replies stream one small message per token: without TCP_NODELAY, Nagle's algorithm holds
-    // each one back waiting for an acknowledgement.
-    let incoming = TcpListenerStream::new(listener).map(|stream| {
-        let stream = stream?;
-        stream.set_nodelay(true)?;
-        Ok::<_, std::io::Error>(stream)
-    });
+    let limits = ConnectionLimits {
+        max_connections: gate.options().max_connections,
+        write_stall: WRITE_STALL,
+    };
+    let incoming = ReceiverStream::new(accept::incoming(listener, limits, stop_rx.clone()))
+        .map(Ok::<_, std::io::Error>);
     let mut transport_stop = stop_rx.clone();
     let server = tonic::transport::Server::builder()
         .add_service(health)
@@ -191,8 +188,9 @@ where
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = transport_stop.wait_for(|stop| *stop).await;
         });
+    let mut grace_stop = stop_rx;
     let grace_timer = async move {
-        let _ = stop_rx.wait_for(|stop| *stop).await;
+        let _ = grace_stop.wait_for(|stop| *stop).await;
         reporter
             .set_not_serving::<ChatHubServer<ChatHubService>>()
             .await;
@@ -201,11 +199,11 @@ where
     tokio::select! {
         result = server => result?,
         () = grace_timer => {
-            tracing::warn!(seconds = grace.as_secs_f64(), "grace period over: closing the remaining requests");
+            tracing::warn!(seconds = grace.as_secs_f64(), "grace period over: closing the remaining gRPC requests");
         }
     }
-    if let Ok(err) = failed_rx.try_recv() {
-        return Err(ServeError::Load(err));
+    if let LoadState::Failed(reason) = &*gate.load_state().borrow() {
+        return Err(ServeError::Load(reason.clone()));
     }
     Ok(())
 }
