@@ -1124,3 +1124,54 @@ fn the_chat_page_in_a_real_browser() {
         "Stop cancelled a generation: {metrics:?}"
     );
 }
+
+/// A client that sends half a request head, or leaves a kept-alive connection idle, is cut off
+/// after the header timeout; one that sends its body too slowly gets 408.
+#[test]
+fn slow_and_idle_clients_are_cut_off() {
+    let server = Server::ready(
+        common::model_dir("chatglm3-tiny"),
+        ServeOptions::default(),
+        HttpOptions::default().header_timeout(Duration::from_millis(500)),
+    );
+    let closed_within = |mut stream: TcpStream, limit: Duration| {
+        stream.set_read_timeout(Some(limit)).expect("timeout");
+        let start = Instant::now();
+        let mut rest = Vec::new();
+        // EOF (or a reset) once the server gives up; a read timeout means it never did.
+        let ended = match stream.read_to_end(&mut rest) {
+            Ok(_) => true,
+            Err(e) => {
+                e.kind() != std::io::ErrorKind::WouldBlock
+                    && e.kind() != std::io::ErrorKind::TimedOut
+            }
+        };
+        assert!(ended, "the server kept the connection open");
+        (start.elapsed(), rest)
+    };
+
+    let mut half = TcpStream::connect(server.address).expect("connect");
+    half.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .expect("write");
+    let (elapsed, _) = closed_within(half, Duration::from_secs(10));
+    assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
+
+    let mut idle = TcpStream::connect(server.address).expect("connect");
+    idle.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("write");
+    let mut reader = BufReader::new(idle.try_clone().expect("clone"));
+    let mut status = String::new();
+    reader.read_line(&mut status).expect("a response");
+    assert!(status.contains("200"), "{status}");
+    closed_within(idle, Duration::from_secs(10));
+
+    let mut slow = TcpStream::connect(server.address).expect("connect");
+    slow.write_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"messages\":",
+    )
+    .expect("write");
+    let mut reader = BufReader::new(slow);
+    let mut status = String::new();
+    reader.read_line(&mut status).expect("a response");
+    assert!(status.contains("408"), "{status}");
+}
