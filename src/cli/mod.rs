@@ -55,6 +55,7 @@ fn parse_dtype(s: &str) -> Result<DType, String> {
 impl ModelArgs {
     /// The name servers report for the model: the directory's or file's name, or
     /// `chathub-demo`.
+    #[cfg(any(feature = "grpc", feature = "http"))]
     pub fn name(&self) -> String {
         match &self.model {
             Some(path) => path
