@@ -29,8 +29,16 @@ fn build_cdylib(root: &std::path::Path) {
     cargo
         .args(["build", "--lib", "--profile", profile, "--manifest-path"])
         .arg(root.join("Cargo.toml"));
-    if cfg!(feature = "grpc") {
-        cargo.arg("--features=grpc");
+    let features: Vec<&str> = [
+        ("grpc", cfg!(feature = "grpc")),
+        ("http", cfg!(feature = "http")),
+        ("cuda", cfg!(feature = "cuda")),
+    ]
+    .into_iter()
+    .filter_map(|(name, on)| on.then_some(name))
+    .collect();
+    if !features.is_empty() {
+        cargo.arg(format!("--features={}", features.join(",")));
     }
     let status = cargo.status().expect("cargo runs");
     assert!(status.success(), "cargo build --lib failed");
