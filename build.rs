@@ -41,6 +41,7 @@ fn compile_proto() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        .codec_path("crate::grpc::codec::StrictCodec")
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -607,3 +607,52 @@ async fn chatglm3_and_glm4_replies_come_back_as_the_official_text() {
         server.stop().await;
     }
 }
+
+/// Request bytes that do not decode (truncated, or a string that is not UTF-8) are the client's
+/// mistake: INVALID_ARGUMENT, not INTERNAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malformed_protobuf_is_invalid_argument() {
+    use prost::bytes::BufMut;
+    use tonic::codec::{BufferSettings, Codec, EncodeBuf, Encoder};
+
+    /// Sends its bytes as they are.
+    struct Raw;
+    struct RawEncoder;
+    impl Encoder for RawEncoder {
+        type Item = Vec<u8>;
+        type Error = tonic::Status;
+        fn encode(&mut self, item: Vec<u8>, buf: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+            buf.put_slice(&item);
+            Ok(())
+        }
+    }
+    impl Codec for Raw {
+        type Encode = Vec<u8>;
+        type Decode = chathub::grpc::proto::ChatReply;
+        type Encoder = RawEncoder;
+        type Decoder = tonic_prost::ProstDecoder<chathub::grpc::proto::ChatReply>;
+        fn encoder(&mut self) -> RawEncoder {
+            RawEncoder
+        }
+        fn decoder(&mut self) -> Self::Decoder {
+            tonic_prost::ProstDecoder::new(BufferSettings::default())
+        }
+    }
+
+    let server = TestServer::ready(ServeOptions::default()).await;
+    for bytes in [vec![0x0a, 0xff], vec![0x0a, 0x02, 0xff, 0xfe]] {
+        let mut grpc = tonic::client::Grpc::new(server.channel().await);
+        grpc.ready().await.expect("ready");
+        let status = grpc
+            .unary(
+                tonic::Request::new(bytes.clone()),
+                tonic::codegen::http::uri::PathAndQuery::from_static("/aihub.ChatHub/Chat"),
+                Raw,
+            )
+            .await
+            .expect_err("malformed");
+        assert_eq!(status.code(), Code::InvalidArgument, "{bytes:?}: {status:?}");
+    }
+    assert_eq!(server.service.metrics().active, 0);
+    server.stop().await;
+}

@@ -9,7 +9,6 @@ pub mod serve;
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use chathub::candle_core::{DType, Device};
 use chathub::{ChatRequest, Engine, ModelFamily, ModelOptions, Quantization};
 use clap::Args;
@@ -68,8 +67,9 @@ impl ModelArgs {
         }
     }
 
-    /// Loads the model (the demo when no directory is given), saying so on stderr.
-    pub fn load(&self) -> anyhow::Result<Engine> {
+    /// Loads the model (the demo when no directory is given), saying so on stderr. Errors keep
+    /// the core's kind (a missing file is still `NotFound` when `serve` reports it).
+    pub fn load(&self) -> chathub::Result<Engine> {
         let dir = match &self.model {
             Some(dir) => dir.clone(),
             None => {
@@ -81,7 +81,7 @@ impl ModelArgs {
             }
         };
         let device = if self.cuda {
-            Device::new_cuda(0).context("opening CUDA device 0")?
+            Device::new_cuda(0).map_err(chathub::Error::Compute)?
         } else {
             Device::Cpu
         };
@@ -93,7 +93,6 @@ impl ModelArgs {
             options = options.quantization(quantization);
         }
         Engine::load_with(&dir, &options)
-            .with_context(|| format!("loading model from {}", dir.display()))
     }
 }
 

@@ -176,16 +176,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
 
     let model = args.model;
-    gate.load_in_background(move || {
-        model
-            .load()
-            .map_err(|e| match e.downcast::<chathub::Error>() {
-                Ok(err) => err,
-                Err(other) => {
-                    chathub::Error::Compute(chathub::candle_core::Error::Msg(format!("{other:#}")))
-                }
-            })
-    });
+    gate.load_in_background(move || model.load());
     tokio::spawn(async move {
         shutdown_signal().await;
         let _ = stop_tx.send(true);

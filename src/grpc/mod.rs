@@ -22,6 +22,7 @@
 //! # }
 //! ```
 
+pub mod codec;
 mod service;
 
 use std::future::Future;

@@ -192,16 +192,22 @@ fn to_core_request(message: proto::ChatRequest) -> Result<ChatRequest, Status> {
             message.max_length
         )));
     }
-    let real = |value: f32, field: &str, max: f32| -> Result<Option<f64>, Status> {
-        if value.is_nan() || value < 0.0 || value > max {
-            return Err(Status::invalid_argument(format!(
-                "invalid {field} {value}: must be in [0, {max}] (0 means the model default)"
-            )));
-        }
-        Ok((value != 0.0).then_some(value as f64))
-    };
-    let top_p = real(message.top_p, "top_p", 1.0)?;
-    let temperature = real(message.temperature, "temperature", f32::MAX)?;
+    // Proto3 sends an unset field as 0: 0 is "the model default", then the core's own ranges
+    // and wording apply.
+    if message.top_p.is_nan() || !(0.0..=1.0).contains(&message.top_p) {
+        return Err(Status::invalid_argument(format!(
+            "invalid top_p {}: must be in (0, 1] (0 means the model default)",
+            message.top_p
+        )));
+    }
+    if !message.temperature.is_finite() || message.temperature < 0.0 {
+        return Err(Status::invalid_argument(format!(
+            "invalid temperature {}: must be a finite number > 0 (0 means the model default)",
+            message.temperature
+        )));
+    }
+    let top_p = (message.top_p != 0.0).then_some(f64::from(message.top_p));
+    let temperature = (message.temperature != 0.0).then_some(f64::from(message.temperature));
     let history = parse_history(
         message
             .history
