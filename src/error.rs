@@ -149,6 +149,25 @@ pub enum Error {
         limit: usize,
     },
 
+    /// A file could not be written (disk full, no permission); nothing was left behind.
+    #[error("writing {}: {reason}", path.display())]
+    Write {
+        /// The file being written.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+
+    /// An output path names something that must not be replaced (a directory, a device, a
+    /// FIFO, a symbolic link).
+    #[error("refusing to write {}: {reason}", path.display())]
+    OutputRefused {
+        /// The output path as given.
+        path: PathBuf,
+        /// What is there.
+        reason: &'static str,
+    },
+
     /// A tensor computation failed at run time (out of memory on a device, a backend error).
     #[error("model computation failed: {0}")]
     Compute(#[from] candle_core::Error),
@@ -195,9 +214,10 @@ impl Error {
             | Error::Template { .. } => ErrorKind::InvalidModel,
             Error::InvalidArgument { .. }
             | Error::UnknownRole { .. }
-            | Error::ConversationRejected { .. } => ErrorKind::InvalidArgument,
+            | Error::ConversationRejected { .. }
+            | Error::OutputRefused { .. } => ErrorKind::InvalidArgument,
             Error::PromptTooLong { .. } => ErrorKind::PromptTooLong,
-            Error::Compute(_) => ErrorKind::Internal,
+            Error::Compute(_) | Error::Write { .. } => ErrorKind::Internal,
             Error::WithPath { err, .. } => err.kind(),
         }
     }
@@ -218,6 +238,8 @@ impl Error {
             | Error::ShapeMismatch { path, .. }
             | Error::Tokenizer { path, .. }
             | Error::Template { path, .. }
+            | Error::Write { path, .. }
+            | Error::OutputRefused { path, .. }
             | Error::WithPath { path, .. } => Some(path),
             Error::MissingFile { dir, .. } => Some(dir),
             _ => None,

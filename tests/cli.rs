@@ -190,3 +190,113 @@ fn generate_takes_tools_and_tool_calls_from_the_request_file() {
         );
     }
 }
+
+/// `generate --request /dev/zero` stops at the size limit instead of filling the memory.
+#[test]
+fn generate_refuses_a_request_beyond_the_size_limit() {
+    let out = chathub()
+        .args(["generate", "--demo", "--request", "/dev/zero"])
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("larger than"), "{stderr}");
+}
+
+/// A line that is too long or not UTF-8 is reported and skipped; the session goes on.
+#[test]
+fn chat_skips_bad_lines_and_goes_on() {
+    let mut child = chathub()
+        .args([
+            "chat",
+            "--demo",
+            "--greedy",
+            "--max-new-tokens",
+            "2",
+            "--max-line-bytes",
+            "1000",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawns");
+    let mut input = Vec::new();
+    input.extend(std::iter::repeat_n(b'x', 300_000));
+    input.extend(b"\nfirst\n\xff\xfe bad bytes\nsecond\n");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let writer = std::thread::spawn(move || stdin.write_all(&input));
+    let out = child.wait_with_output().expect("exits");
+    writer.join().expect("joins").expect("written");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("line 1 is longer than 1000 bytes"), "{stderr}");
+    assert!(stderr.contains("line 3 is not valid UTF-8"), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("> first"), "{stdout}");
+    assert!(stdout.contains("> second"), "{stdout}");
+    assert_eq!(stderr.matches("reply tokens").count(), 2, "{stderr}");
+}
+
+/// `convert --out` never replaces what is not a regular file, follows no link, and leaves no
+/// staging file behind when it fails.
+#[cfg(unix)]
+#[test]
+fn convert_refuses_outputs_that_are_not_regular_files() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let model = common::model_dir("chatglm2-tiny");
+    let convert = |out: &std::path::Path| {
+        chathub()
+            .args(["convert", "--model"])
+            .arg(&model)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .expect("runs")
+    };
+    let target = tmp.path().join("precious.txt");
+    std::fs::write(&target, b"keep me").expect("write");
+    let link = tmp.path().join("link.gguf");
+    std::os::unix::fs::symlink(&target, &link).expect("symlink");
+    let fifo = tmp.path().join("fifo.gguf");
+    assert!(Command::new("mkfifo").arg(&fifo).status().expect("mkfifo").success());
+    let dir = tmp.path().join("dir.gguf");
+    std::fs::create_dir(&dir).expect("mkdir");
+    let mut refused = vec![link.clone(), fifo.clone(), dir.clone()];
+    if std::path::Path::new("/dev/full").exists() {
+        refused.push("/dev/full".into());
+    }
+    for out in &refused {
+        let result = convert(out);
+        assert!(!result.status.success(), "{}", out.display());
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert!(stderr.contains("refusing to write"), "{}: {stderr}", out.display());
+    }
+    assert_eq!(std::fs::read(&target).expect("read"), b"keep me");
+    assert!(std::fs::symlink_metadata(&link).expect("link").file_type().is_symlink());
+    use std::os::unix::fs::FileTypeExt;
+    assert!(std::fs::metadata(&fifo).expect("fifo").file_type().is_fifo());
+    if std::path::Path::new("/dev/full").exists() {
+        assert!(std::fs::metadata("/dev/full").expect("dev").file_type().is_char_device());
+    }
+
+    // A directory that does not exist: a write error that says so, and nothing left behind.
+    let missing = tmp.path().join("no/such/dir/model.gguf");
+    let result = convert(&missing);
+    assert!(!result.status.success());
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(stderr.contains("writing"), "{stderr}");
+
+    // A regular file is replaced, and no staging file stays beside it.
+    let out = tmp.path().join("model.gguf");
+    std::fs::write(&out, b"old").expect("write");
+    let result = convert(&out);
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    assert!(std::fs::metadata(&out).expect("written").len() > 1000);
+    let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+        .expect("list")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}

@@ -20,6 +20,58 @@ pub struct ChatArgs {
     /// A system prompt (honoured by ChatGLM3; ChatGLM2's format has no place for one).
     #[arg(long)]
     system: Option<String>,
+
+    /// Longest input line, in bytes; a longer one is reported and skipped.
+    #[arg(long, env = "CHATHUB_MAX_LINE_BYTES", default_value_t = 1 << 20)]
+    max_line_bytes: usize,
+}
+
+/// Why an input line was skipped.
+enum BadLine {
+    TooLong,
+    NotUtf8,
+}
+
+/// The next line of `input` without its newline, reading at most `limit` bytes of it into
+/// memory (the rest of a longer line is read and dropped); `None` at the end of input.
+fn next_line(
+    input: &mut impl BufRead,
+    limit: usize,
+) -> std::io::Result<Option<Result<String, BadLine>>> {
+    let mut line = Vec::new();
+    let mut too_long = false;
+    let mut any = false;
+    loop {
+        let buffer = input.fill_buf()?;
+        if buffer.is_empty() {
+            break;
+        }
+        any = true;
+        let (chunk, ends) = match buffer.iter().position(|&b| b == b'\n') {
+            Some(i) => (&buffer[..i], Some(i + 1)),
+            None => (buffer, None),
+        };
+        if !too_long {
+            if line.len() + chunk.len() > limit {
+                too_long = true;
+                line = Vec::new();
+            } else {
+                line.extend_from_slice(chunk);
+            }
+        }
+        let used = ends.unwrap_or(buffer.len());
+        input.consume(used);
+        if ends.is_some() {
+            break;
+        }
+    }
+    if !any {
+        return Ok(None);
+    }
+    if too_long {
+        return Ok(Some(Err(BadLine::TooLong)));
+    }
+    Ok(Some(String::from_utf8(line).map_err(|_| BadLine::NotUtf8)))
 }
 
 /// Runs the chat loop until end of input or `/exit`.
@@ -37,13 +89,30 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
     }
     let mut stdout = std::io::stdout();
     let stdin = std::io::stdin();
-    let mut lines = stdin.lock().lines();
+    let mut input = stdin.lock();
+    let mut number = 0usize;
     loop {
         if interactive {
             eprint!("\n> ");
         }
-        let Some(line) = lines.next() else { break };
-        let line = line?;
+        let Some(line) = next_line(&mut input, args.max_line_bytes)? else {
+            break;
+        };
+        number += 1;
+        let line = match line {
+            Ok(line) => line,
+            Err(BadLine::TooLong) => {
+                eprintln!(
+                    "chathub: line {number} is longer than {} bytes (--max-line-bytes): skipped",
+                    args.max_line_bytes
+                );
+                continue;
+            }
+            Err(BadLine::NotUtf8) => {
+                eprintln!("chathub: line {number} is not valid UTF-8: skipped");
+                continue;
+            }
+        };
         let prompt = line.trim_end_matches('\r');
         match prompt.trim() {
             "" => continue,

@@ -1,6 +1,6 @@
 //! `chathub generate`: one request from a JSON file, the debugging view of a reply.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use chathub::ChatRequest;
@@ -25,6 +25,11 @@ pub struct GenerateArgs {
     #[arg(long)]
     request: PathBuf,
 
+    /// Largest request file read, in bytes: a request is text, and reading `/dev/zero` by
+    /// mistake should fail, not fill the memory.
+    #[arg(long, env = "CHATHUB_MAX_REQUEST_BYTES", default_value_t = 64 << 20)]
+    max_request_bytes: u64,
+
     /// Print the reply as the official code returns it (`response`), the raw decode, prompt and
     /// completion token ids, finish reason, usage and timings as JSON.
     #[arg(long)]
@@ -43,14 +48,8 @@ struct Report<'a> {
 
 /// Runs the request and prints the result.
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    let bytes = if args.request.as_os_str() == "-" {
-        let mut buf = Vec::new();
-        std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)?;
-        buf
-    } else {
-        std::fs::read(&args.request)
-            .with_context(|| format!("reading {}", args.request.display()))?
-    };
+    let bytes = read_limited(&args.request, args.max_request_bytes)
+        .with_context(|| format!("reading {}", args.request.display()))?;
     let request: ChatRequest = serde_json::from_slice(&bytes)
         .with_context(|| format!("invalid request JSON in {}", args.request.display()))?;
     let request = args.sampling.apply(request);
@@ -71,4 +70,20 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The file (`-`: stdin), refused once it passes `limit` bytes.
+fn read_limited(path: &Path, limit: u64) -> anyhow::Result<Vec<u8>> {
+    use std::io::Read;
+    let reader: Box<dyn Read> = if path.as_os_str() == "-" {
+        Box::new(std::io::stdin())
+    } else {
+        Box::new(std::fs::File::open(path)?)
+    };
+    let mut bytes = Vec::new();
+    reader.take(limit.saturating_add(1)).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        anyhow::bail!("larger than {limit} bytes (--max-request-bytes)");
+    }
+    Ok(bytes)
 }

@@ -147,24 +147,81 @@ pub(crate) fn bytes_value(bytes: &[u8]) -> Value {
     }
 }
 
-/// Writes a GGUF file of `metadata` and `tensors` to `path`, through a staging file renamed
-/// into place, so a reader never sees half a file.
+/// Writes a GGUF file of `metadata` and `tensors` to `path`, through a staging file beside it
+/// renamed into place, so a reader never sees half a file. An existing `path` that is not a
+/// regular file (a directory, device, FIFO or symbolic link) is refused, never replaced; on any
+/// error the staging file is removed.
 pub(crate) fn write(
     path: &Path,
     metadata: &[(&str, Value)],
     tensors: &[(String, std::sync::Arc<QTensor>)],
 ) -> Result<()> {
+    refuse_special(path)?;
     let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
     let tensors: Vec<(&str, &QTensor)> = tensors
         .iter()
         .map(|(n, t)| (n.as_str(), t.as_ref()))
         .collect();
-    let staging = path.with_extension("gguf.partial");
-    let mut file = File::create(&staging).map_err(|e| Error::io(&staging, e))?;
-    gguf_file::write(&mut file, &metadata, &tensors).map_err(|source| Error::Weights {
-        path: staging.clone(),
-        source,
-    })?;
-    file.sync_all().map_err(|e| Error::io(&staging, e))?;
-    std::fs::rename(&staging, path).map_err(|e| Error::io(path, e))
+    let failed = |reason: String| Error::Write {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let (staging, mut file) = create_staging(path).map_err(|e| failed(e.to_string()))?;
+    let written = gguf_file::write(&mut file, &metadata, &tensors)
+        .map_err(|e| failed(e.to_string()))
+        .and_then(|()| file.sync_all().map_err(|e| failed(e.to_string())))
+        .and_then(|()| {
+            drop(file);
+            std::fs::rename(&staging, path).map_err(|e| failed(e.to_string()))
+        });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&staging);
+    }
+    written
+}
+
+/// Errors when `path` exists and is not a regular file (looked at without following a link).
+fn refuse_special(path: &Path) -> Result<()> {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    let kind = meta.file_type();
+    let reason = if kind.is_symlink() {
+        "it is a symbolic link (give the path it points to)"
+    } else if kind.is_dir() {
+        "it is a directory"
+    } else if kind.is_file() {
+        return Ok(());
+    } else {
+        "it exists and is not a regular file (a device, FIFO or socket)"
+    };
+    Err(Error::OutputRefused {
+        path: path.to_path_buf(),
+        reason,
+    })
+}
+
+/// A new file beside `path` that did not exist before (never a link someone planted).
+fn create_staging(path: &Path) -> std::io::Result<(std::path::PathBuf, File)> {
+    let name = path
+        .file_name()
+        .map_or_else(|| "model.gguf".into(), |n| n.to_string_lossy().into_owned());
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    for attempt in 0..100u32 {
+        let staging_name = format!(".{name}.{}.{attempt}.partial", std::process::id());
+        let staging = dir.map_or_else(|| staging_name.clone().into(), |d| d.join(&staging_name));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&staging)
+        {
+            Ok(file) => return Ok((staging, file)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AlreadyExists,
+        "no free staging file name beside the output",
+    ))
 }
