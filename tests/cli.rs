@@ -230,7 +230,10 @@ fn chat_skips_bad_lines_and_goes_on() {
     writer.join().expect("joins").expect("written");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert!(stderr.contains("line 1 is longer than 1000 bytes"), "{stderr}");
+    assert!(
+        stderr.contains("line 1 is longer than 1000 bytes"),
+        "{stderr}"
+    );
     assert!(stderr.contains("line 3 is not valid UTF-8"), "{stderr}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("> first"), "{stdout}");
@@ -259,7 +262,11 @@ fn convert_refuses_outputs_that_are_not_regular_files() {
     let link = tmp.path().join("link.gguf");
     std::os::unix::fs::symlink(&target, &link).expect("symlink");
     let fifo = tmp.path().join("fifo.gguf");
-    assert!(Command::new("mkfifo").arg(&fifo).status().expect("mkfifo").success());
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo")
+        .success());
     let dir = tmp.path().join("dir.gguf");
     std::fs::create_dir(&dir).expect("mkdir");
     let mut refused = vec![link.clone(), fifo.clone(), dir.clone()];
@@ -270,14 +277,27 @@ fn convert_refuses_outputs_that_are_not_regular_files() {
         let result = convert(out);
         assert!(!result.status.success(), "{}", out.display());
         let stderr = String::from_utf8_lossy(&result.stderr);
-        assert!(stderr.contains("refusing to write"), "{}: {stderr}", out.display());
+        assert!(
+            stderr.contains("refusing to write"),
+            "{}: {stderr}",
+            out.display()
+        );
     }
     assert_eq!(std::fs::read(&target).expect("read"), b"keep me");
-    assert!(std::fs::symlink_metadata(&link).expect("link").file_type().is_symlink());
+    assert!(std::fs::symlink_metadata(&link)
+        .expect("link")
+        .file_type()
+        .is_symlink());
     use std::os::unix::fs::FileTypeExt;
-    assert!(std::fs::metadata(&fifo).expect("fifo").file_type().is_fifo());
+    assert!(std::fs::metadata(&fifo)
+        .expect("fifo")
+        .file_type()
+        .is_fifo());
     if std::path::Path::new("/dev/full").exists() {
-        assert!(std::fs::metadata("/dev/full").expect("dev").file_type().is_char_device());
+        assert!(std::fs::metadata("/dev/full")
+            .expect("dev")
+            .file_type()
+            .is_char_device());
     }
 
     // A directory that does not exist: a write error that says so, and nothing left behind.
@@ -291,7 +311,11 @@ fn convert_refuses_outputs_that_are_not_regular_files() {
     let out = tmp.path().join("model.gguf");
     std::fs::write(&out, b"old").expect("write");
     let result = convert(&out);
-    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
     assert!(std::fs::metadata(&out).expect("written").len() > 1000);
     let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
         .expect("list")

@@ -316,9 +316,14 @@ async fn a_client_that_leaves_stops_the_generation() {
         "stopped right away: {metrics:?}"
     );
 
-    // Dropping a unary call's future stops its generation as well.
+    // Dropping a unary call's future stops its generation as well (aborted once it runs: the
+    // slow model never finishes on its own).
     let call = tokio::spawn(async move { client.chat(long("Tell me more")).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let start = Instant::now();
+    while server.service.metrics().active == 0 {
+        assert!(start.elapsed() < Duration::from_secs(20), "never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     call.abort();
     server.wait_idle().await;
     assert_eq!(server.service.metrics().cancelled, 2);
@@ -372,12 +377,13 @@ async fn requests_beyond_the_queue_are_turned_away() {
     running.message().await.expect("item");
     let mut second = server.client().await;
     let queued = tokio::spawn(async move { second.chat(conv1().1).await });
+    // The running stream is not read, so it stays in its slot; wait until the second request
+    // sits in the queue (the gate's own count, not a guess at timing).
     let start = Instant::now();
-    while server.service.metrics().requests < 2 {
-        assert!(start.elapsed() < Duration::from_secs(10));
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    while server.service.metrics().queued < 1 {
+        assert!(start.elapsed() < Duration::from_secs(20), "never queued");
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    tokio::time::sleep(Duration::from_millis(50)).await;
     let mut third = server.client().await;
     let status = third.chat(conv1().1).await.expect_err("queue full");
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
@@ -651,8 +657,134 @@ async fn malformed_protobuf_is_invalid_argument() {
             )
             .await
             .expect_err("malformed");
-        assert_eq!(status.code(), Code::InvalidArgument, "{bytes:?}: {status:?}");
+        assert_eq!(
+            status.code(),
+            Code::InvalidArgument,
+            "{bytes:?}: {status:?}"
+        );
     }
     assert_eq!(server.service.metrics().active, 0);
     server.stop().await;
+}
+
+/// A connection that never sends HTTP/2's preface is closed after the handshake timeout, and
+/// does not hold up a shutdown for the grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn silent_connections_are_closed_and_do_not_delay_shutdown() {
+    use tokio::io::AsyncReadExt;
+    let options = ServeOptions {
+        handshake_timeout: Duration::from_millis(300),
+        grace_period: Duration::from_secs(30),
+        ..ServeOptions::default()
+    };
+    let server = TestServer::ready(options).await;
+    let address = server.address.trim_start_matches("http://").to_string();
+    let mut silent = tokio::net::TcpStream::connect(&address)
+        .await
+        .expect("connect");
+    let start = Instant::now();
+    let mut buffer = [0u8; 64];
+    // The server's own preface may arrive first; then EOF (or a reset) once it gives up.
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), silent.read(&mut buffer)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(_)) => continue,
+            Err(_) => panic!("the silent connection was kept open"),
+        }
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+
+    let _another = tokio::net::TcpStream::connect(&address)
+        .await
+        .expect("connect");
+    let start = Instant::now();
+    server.stop().await;
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "shutdown waited {:?} for a connection that never spoke",
+        start.elapsed()
+    );
+}
+
+/// Huge prompts are refused before any tokenizing: over the size limit at once, and with the
+/// queue full at once; meanwhile health answers in milliseconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn huge_prompts_cannot_starve_the_server() {
+    let options = ServeOptions {
+        max_concurrent: 1,
+        max_queue: 0,
+        ..ServeOptions::default()
+    };
+    let server = TestServer::ready_slow(options).await;
+    let huge = "你好".repeat(650_000); // 3.9 MB
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(server.client().await);
+    }
+    let calls: Vec<_> = clients
+        .into_iter()
+        .map(|mut client| {
+            let huge = huge.clone();
+            async move {
+                let start = Instant::now();
+                let status = client.chat(long(&huge)).await.expect_err("too big");
+                (status, start.elapsed())
+            }
+        })
+        .collect();
+    let health_start = Instant::now();
+    let (results, health) = tokio::join!(futures_join_all(calls), server.health());
+    assert_eq!(health, ServingStatus::Serving);
+    assert!(health_start.elapsed() < Duration::from_secs(2));
+    for (status, took) in results {
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("prompt"), "{status:?}");
+        assert!(took < Duration::from_secs(5), "{took:?}");
+    }
+
+    // The only slot busy and no queue: a big prompt under the limit is turned away before it
+    // is tokenized.
+    let mut client = server.client().await;
+    let mut running = client
+        .streaming_chat(long("hold the slot"))
+        .await
+        .expect("runs")
+        .into_inner();
+    running.message().await.expect("item");
+    let big = "你好".repeat(170_000); // 1 MB, under the limit
+    let start = Instant::now();
+    let status = server
+        .client()
+        .await
+        .chat(long(&big))
+        .await
+        .expect_err("busy");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    drop(running);
+    server.wait_idle().await;
+    server.stop().await;
+}
+
+/// Awaits every future (the tests avoid a `futures` dependency for this one helper).
+async fn futures_join_all<F: std::future::Future + Send + 'static>(
+    futures: Vec<F>,
+) -> Vec<F::Output>
+where
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
+    let mut outputs = Vec::new();
+    for handle in handles {
+        outputs.push(handle.await.expect("joins"));
+    }
+    outputs
 }

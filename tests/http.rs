@@ -1175,3 +1175,62 @@ fn slow_and_idle_clients_are_cut_off() {
     reader.read_line(&mut status).expect("a response");
     assert!(status.contains("408"), "{status}");
 }
+
+/// CPU time (user + system) of a process so far, in clock ticks (Linux).
+#[cfg(target_os = "linux")]
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat[stat.rfind(')').expect("comm") + 2..]
+        .split_whitespace()
+        .collect();
+    fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+}
+
+/// Out of file descriptors, the server backs off instead of spinning on accept, and serves
+/// again once connections close.
+#[cfg(target_os = "linux")]
+#[test]
+fn running_out_of_file_descriptors_does_not_spin() {
+    let port = free_port();
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n 64 && exec \"$0\" serve --demo --http 127.0.0.1:{port} --max-connections 1000 --header-timeout 3"
+        ))
+        .arg(env!("CARGO_BIN_EXE_chathub"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawns");
+    let address: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
+    let start = Instant::now();
+    while !(TcpStream::connect(address).is_ok() && get(address, "/health").status == 200) {
+        assert!(start.elapsed() < Duration::from_secs(60), "never healthy");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let flood: Vec<TcpStream> = (0..120)
+        .filter_map(|_| TcpStream::connect(address).ok())
+        .collect();
+    assert!(flood.len() > 64, "the backlog takes the flood");
+    std::thread::sleep(Duration::from_millis(300));
+    let before = cpu_ticks(child.id());
+    std::thread::sleep(Duration::from_secs(2));
+    let spent = cpu_ticks(child.id()) - before;
+    // A spinning accept loop burns the whole 2 s (200 ticks at 100 Hz).
+    assert!(
+        spent < 40,
+        "{spent} ticks of CPU in 2 s while out of descriptors"
+    );
+    drop(flood);
+    let start = Instant::now();
+    loop {
+        let healthy = TcpStream::connect(address).is_ok() && get(address, "/health").status == 200;
+        if healthy {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "never recovered");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -81,7 +81,9 @@ fn read_limited(path: &Path, limit: u64) -> anyhow::Result<Vec<u8>> {
         Box::new(std::fs::File::open(path)?)
     };
     let mut bytes = Vec::new();
-    reader.take(limit.saturating_add(1)).read_to_end(&mut bytes)?;
+    reader
+        .take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)?;
     if bytes.len() as u64 > limit {
         anyhow::bail!("larger than {limit} bytes (--max-request-bytes)");
     }

@@ -54,6 +54,11 @@ pub mod proto {
 /// control normally keeps writes from blocking, so this only catches a dead peer.
 const WRITE_STALL: Duration = Duration::from_secs(60);
 
+/// HTTP/2 pings on a connection idle this long, and closes it when the peer does not answer:
+/// a client that vanished without a FIN frees its slot.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Why the server stopped with an error.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -178,11 +183,16 @@ where
     let limits = ConnectionLimits {
         max_connections: gate.options().max_connections,
         write_stall: WRITE_STALL,
+        // A connection that never sends HTTP/2's preface holds a slot and would hold up a
+        // graceful shutdown.
+        handshake: Some(gate.options().handshake_timeout),
     };
     let incoming = ReceiverStream::new(accept::incoming(listener, limits, stop_rx.clone()))
         .map(Ok::<_, std::io::Error>);
     let mut transport_stop = stop_rx.clone();
     let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_service(health)
         .add_service(reflection)
         .add_service(ChatHubServer::new(service))

@@ -189,6 +189,8 @@ where
     let limits = ConnectionLimits {
         max_connections: gate.options().max_connections,
         write_stall: options.idle_timeout,
+        // hyper's header timeout covers HTTP/1.1 clients that never send a request.
+        handshake: None,
     };
     let mut incoming = accept::incoming(listener, limits, stop_rx.clone());
     let router = routes::router(gate.clone(), options.clone());

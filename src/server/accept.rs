@@ -25,7 +25,14 @@ pub(crate) struct ConnectionLimits {
     /// A write that makes no progress for this long (a client that stopped reading its
     /// stream) closes the connection, which cancels its generation.
     pub write_stall: Duration,
+    /// A connection that has not sent [`HANDSHAKE_BYTES`] within this long is closed (HTTP/2
+    /// clients send a 24-byte preface and their settings first); `None` leaves it to the
+    /// protocol.
+    pub handshake: Option<Duration>,
 }
+
+/// Bytes a client must send within the handshake time: HTTP/2's connection preface.
+pub(crate) const HANDSHAKE_BYTES: usize = 24;
 
 /// An accepted connection: it holds one of the open-connection slots until dropped, and fails
 /// a write that has been stuck longer than the stall limit.
@@ -34,6 +41,8 @@ pub(crate) struct Conn {
     _slot: OwnedSemaphorePermit,
     write_stall: Duration,
     stalled: Option<Pin<Box<Sleep>>>,
+    /// Until the client has sent its first [`HANDSHAKE_BYTES`]: the deadline and the count.
+    handshake: Option<(Pin<Box<Sleep>>, usize)>,
 }
 
 impl Conn {
@@ -71,7 +80,28 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.stream).poll_read(cx, buf);
+        let Some((deadline, received)) = &mut self.handshake else {
+            return poll;
+        };
+        match poll {
+            Poll::Ready(Ok(())) => {
+                *received += buf.filled().len() - before;
+                if *received >= HANDSHAKE_BYTES {
+                    self.handshake = None;
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                ready!(deadline.as_mut().poll(cx));
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client did not complete its handshake in time",
+                )))
+            }
+        }
     }
 }
 
@@ -128,6 +158,8 @@ pub(crate) fn incoming(
     let (tx, rx) = mpsc::channel(1);
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     tokio::spawn(async move {
+        // Warn once per episode of exhaustion, not ten times a second.
+        let mut exhausted = false;
         loop {
             let slot = tokio::select! {
                 slot = slots.clone().acquire_owned() => match slot {
@@ -143,7 +175,10 @@ pub(crate) fn incoming(
             let stream = match accepted {
                 Ok((stream, _)) => stream,
                 Err(err) if is_exhaustion(&err) => {
-                    tracing::warn!(error = %err, "cannot accept connections: out of resources; pausing");
+                    if !exhausted {
+                        tracing::warn!(error = %err, "cannot accept connections: out of resources; retrying every 100 ms");
+                        exhausted = true;
+                    }
                     tokio::time::sleep(EXHAUSTED_BACKOFF).await;
                     continue;
                 }
@@ -153,6 +188,10 @@ pub(crate) fn incoming(
                     continue;
                 }
             };
+            if exhausted {
+                tracing::info!("accepting connections again");
+                exhausted = false;
+            }
             // Replies stream one small write per token: without TCP_NODELAY, Nagle's algorithm
             // holds each one back waiting for an acknowledgement.
             if let Err(err) = stream.set_nodelay(true) {
@@ -163,6 +202,9 @@ pub(crate) fn incoming(
                 _slot: slot,
                 write_stall: limits.write_stall,
                 stalled: None,
+                handshake: limits
+                    .handshake
+                    .map(|limit| (Box::pin(tokio::time::sleep(limit)), 0)),
             };
             if tx.send(conn).await.is_err() {
                 return;

@@ -50,6 +50,8 @@ pub struct ServeOptions {
     pub max_prompt_bytes: usize,
     /// Open connections at once, per protocol; more wait in the kernel's backlog.
     pub max_connections: usize,
+    /// Time a new gRPC connection has to send HTTP/2's preface before it is closed.
+    pub handshake_timeout: Duration,
 }
 
 impl Default for ServeOptions {
@@ -61,6 +63,7 @@ impl Default for ServeOptions {
             log_prompts: false,
             max_prompt_bytes: 1 << 20,
             max_connections: 256,
+            handshake_timeout: Duration::from_secs(10),
         }
     }
 }
