@@ -417,3 +417,155 @@ fn glm4_configs_that_contradict_themselves_or_the_weights() {
         "{err:?}"
     );
 }
+
+/// Rewrites a safetensors file's header (the data stays as it is).
+fn edit_safetensors_header(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let bytes = std::fs::read(path).expect("read");
+    let len = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + len]).expect("header");
+    edit(&mut header);
+    let mut text = header.to_string().into_bytes();
+    while text.len() < len {
+        text.push(b' ');
+    }
+    assert_eq!(text.len(), len, "the edited header must keep its length");
+    let mut out = bytes[..8].to_vec();
+    out.extend(text);
+    out.extend(&bytes[8 + len..]);
+    std::fs::write(path, out).expect("write");
+}
+
+#[test]
+fn overlapping_safetensors_tensors_are_refused() {
+    let (_tmp, dir) = copy_fixture("chatglm3-tiny");
+    let weights = dir.join("model-00001-of-00002.safetensors");
+    edit_safetensors_header(&weights, |header| {
+        // Two tensors of one size: the second now starts inside the first.
+        let offsets = |v: &serde_json::Value| {
+            (
+                v["data_offsets"][0].as_u64().unwrap(),
+                v["data_offsets"][1].as_u64().unwrap(),
+            )
+        };
+        let names: Vec<String> = header
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter(|k| *k != "__metadata__")
+            .cloned()
+            .collect();
+        let (a, b) = names
+            .iter()
+            .flat_map(|a| names.iter().map(move |b| (a, b)))
+            .find(|(a, b)| {
+                let (sa, ea) = offsets(&header[a.as_str()]);
+                let (sb, eb) = offsets(&header[b.as_str()]);
+                a != b && ea - sa == eb - sb && ea - sa >= 4
+            })
+            .map(|(a, b)| (a.clone(), b.clone()))
+            .expect("two tensors of one size");
+        let (start, end) = offsets(&header[a.as_str()]);
+        let shift = (end - start) / 2;
+        header[b.as_str()]["data_offsets"] = serde_json::json!([start + shift, end + shift]);
+    });
+    let err = load_err(&dir);
+    assert_eq!(err.kind(), ErrorKind::InvalidModel, "{err}");
+    assert!(err.to_string().contains("overlap"), "{err}");
+}
+
+#[test]
+fn a_shard_index_may_not_leave_the_model_directory() {
+    for shard in [
+        "../model.safetensors",
+        "/etc/passwd",
+        "sub/../../x.safetensors",
+    ] {
+        let (_tmp, dir) = copy_fixture("chatglm2-tiny");
+        let index = serde_json::json!({"weight_map": {"transformer.embedding.word_embeddings.weight": shard}});
+        std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).expect("write");
+        match load_err(&dir) {
+            Error::InvalidConfig { field, value, .. } => {
+                assert_eq!(field, "weight_map");
+                assert_eq!(value, shard);
+            }
+            other => panic!("{shard}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn config_sizes_that_would_abort_the_allocator_are_refused() {
+    for (key, value) in [
+        ("padded_vocab_size", 1u64 << 40),
+        ("seq_length", 1 << 40),
+        ("hidden_size", 1 << 30),
+        ("num_layers", 1 << 20),
+        ("ffn_hidden_size", 1 << 40),
+    ] {
+        let (_tmp, dir) = copy_fixture("chatglm2-tiny");
+        edit_json(&dir.join("config.json"), |config| {
+            config[key] = value.into()
+        });
+        let err = load_err(&dir);
+        assert_eq!(err.kind(), ErrorKind::InvalidModel, "{key}: {err}");
+        assert!(matches!(err, Error::InvalidConfig { .. }), "{key}: {err:?}");
+    }
+}
+
+/// A GGUF file written by hand (version 3): `tensors` as (name, dims, ggml type, offset), then
+/// `data` after the header padded to 32 bytes.
+fn write_gguf(path: &Path, tensors: &[(&str, &[u64], u32, u64)], data: &[u8]) {
+    let string = |out: &mut Vec<u8>, s: &str| {
+        out.extend((s.len() as u64).to_le_bytes());
+        out.extend(s.as_bytes());
+    };
+    let mut out = b"GGUF".to_vec();
+    out.extend(3u32.to_le_bytes());
+    out.extend((tensors.len() as u64).to_le_bytes());
+    out.extend(1u64.to_le_bytes());
+    string(&mut out, "general.architecture");
+    out.extend(8u32.to_le_bytes()); // string
+    string(&mut out, "llama");
+    for (name, dims, kind, offset) in tensors {
+        string(&mut out, name);
+        out.extend((dims.len() as u32).to_le_bytes());
+        for d in *dims {
+            out.extend(d.to_le_bytes());
+        }
+        out.extend(kind.to_le_bytes());
+        out.extend(offset.to_le_bytes());
+    }
+    while out.len() % 32 != 0 {
+        out.push(0);
+    }
+    out.extend(data);
+    std::fs::write(path, out).expect("write");
+}
+
+#[test]
+fn gguf_tensor_directories_that_do_not_match_the_bytes_are_refused() {
+    const F32: u32 = 0;
+    const Q8_0: u32 = 8;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = tmp.path().join("model.gguf");
+    let cases: [(&[(&str, &[u64], u32, u64)], usize, &str); 4] = [
+        // Not at a multiple of the alignment.
+        (&[("a", &[8], F32, 4)], 64, "alignment"),
+        // A q8_0 tensor (34 bytes per 32 values) relabelled f32 runs into the next one.
+        (
+            &[("a", &[32], F32, 0), ("b", &[32], Q8_0, 64)],
+            128,
+            "overlap",
+        ),
+        // Past the end of the file.
+        (&[("a", &[1024], F32, 0)], 64, "truncated"),
+        // Not whole blocks.
+        (&[("a", &[33], Q8_0, 0)], 64, "blocks"),
+    ];
+    for (tensors, data, expected) in cases {
+        write_gguf(&path, tensors, &vec![0u8; data]);
+        let err = load_err(&path);
+        assert_eq!(err.kind(), ErrorKind::InvalidModel, "{expected}: {err}");
+        assert!(err.to_string().contains(expected), "{expected}: {err}");
+    }
+}

@@ -34,6 +34,11 @@ impl GgufFile {
             path: path.to_path_buf(),
             source,
         })?;
+        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        check_layout(&content, len).map_err(|reason| Error::Weights {
+            path: path.to_path_buf(),
+            source: candle_core::Error::Msg(reason),
+        })?;
         Ok(GgufFile {
             path: path.to_path_buf(),
             content,
@@ -48,6 +53,70 @@ impl GgufFile {
             content: &self.content,
         }
     }
+}
+
+/// Checks the tensor directory against the file: every tensor a whole number of blocks, at an
+/// aligned offset, inside the file, and no two sharing bytes. A tensor relabelled with another
+/// type (a q8_0 tensor read as f32) then fails here rather than loading as noise.
+fn check_layout(content: &Content, file_len: u64) -> std::result::Result<(), String> {
+    let alignment = match content.metadata.get("general.alignment") {
+        None => 32,
+        Some(Value::U32(a)) => u64::from(*a),
+        Some(Value::U64(a)) => *a,
+        Some(other) => return Err(format!("general.alignment is {other:?}, not an integer")),
+    };
+    if alignment == 0 || !alignment.is_power_of_two() {
+        return Err(format!(
+            "general.alignment {alignment} is not a power of two"
+        ));
+    }
+    let mut extents = Vec::with_capacity(content.tensor_infos.len());
+    for (name, info) in &content.tensor_infos {
+        let dtype = info.ggml_dtype;
+        let elements = info
+            .shape
+            .dims()
+            .iter()
+            .try_fold(1u64, |n, &d| n.checked_mul(d as u64))
+            .ok_or_else(|| format!("tensor {name}: shape {:?} is too large", info.shape))?;
+        let block = dtype.block_size() as u64;
+        if elements % block != 0 {
+            return Err(format!(
+                "tensor {name}: {elements} elements are not whole {dtype:?} blocks of {block}"
+            ));
+        }
+        let bytes = (elements / block)
+            .checked_mul(dtype.type_size() as u64)
+            .ok_or_else(|| format!("tensor {name} is too large"))?;
+        if info.offset % alignment != 0 {
+            return Err(format!(
+                "tensor {name}: offset {} is not a multiple of the alignment {alignment}",
+                info.offset
+            ));
+        }
+        let end = content
+            .tensor_data_offset
+            .checked_add(info.offset)
+            .and_then(|start| start.checked_add(bytes))
+            .filter(|&end| end <= file_len)
+            .ok_or_else(|| {
+                format!(
+                    "truncated: tensor {name} ({dtype:?}, {bytes} bytes at offset {}) runs past the end of the file ({file_len} bytes)",
+                    info.offset
+                )
+            })?;
+        extents.push((info.offset, end - content.tensor_data_offset, name.as_str()));
+    }
+    extents.sort_unstable();
+    for pair in extents.windows(2) {
+        let ((_, end, first), (start, _, second)) = (pair[0], pair[1]);
+        if start < end {
+            return Err(format!(
+                "tensors {first} and {second} overlap (one ends at data offset {end}, the other starts at {start}): a tensor's type or shape does not match its bytes"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Typed metadata lookups that name the file and key when something is missing or mistyped.

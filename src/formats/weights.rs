@@ -190,18 +190,28 @@ impl SafetensorsFile {
                 other => return Err(bad(format!("tensor {name} has unsupported dtype {other}"))),
             };
             let (start, end) = entry.data_offsets;
-            let expected = entry.shape.iter().product::<usize>() * dtype.size();
-            if end < start || (end - start) as usize != expected {
+            let expected = entry
+                .shape
+                .iter()
+                .try_fold(dtype.size() as u64, |bytes, &d| bytes.checked_mul(d as u64))
+                .ok_or_else(|| {
+                    bad(format!(
+                        "tensor {name}: shape {:?} is too large",
+                        entry.shape
+                    ))
+                })?;
+            if end < start || end - start != expected {
                 return Err(bad(format!(
                     "tensor {name}: {} bytes stored for shape {:?}",
                     end.saturating_sub(start),
                     entry.shape
                 )));
             }
-            if data_start + end > len {
+            let needed = data_start.checked_add(end).filter(|&n| n <= len);
+            if needed.is_none() {
                 return Err(bad(format!(
                     "truncated: tensor {name} needs bytes up to {} but the file has {len}",
-                    data_start + end
+                    data_start.saturating_add(end)
                 )));
             }
             tensors.insert(
@@ -213,6 +223,21 @@ impl SafetensorsFile {
                     end,
                 },
             );
+        }
+        // The format forbids tensors sharing bytes: overlapping ranges are a damaged (or
+        // crafted) header, and would load one tensor's bytes as another's.
+        let mut ranges: Vec<(u64, u64, &str)> = tensors
+            .iter()
+            .map(|(name, t)| (t.start, t.end, name.as_str()))
+            .collect();
+        ranges.sort_unstable();
+        for pair in ranges.windows(2) {
+            let ((_, end, first), (start, _, second)) = (pair[0], pair[1]);
+            if start < end {
+                return Err(bad(format!(
+                    "tensors {first} and {second} overlap in the data (bytes {start}..{end})"
+                )));
+            }
         }
         Ok(SafetensorsFile {
             file,
@@ -378,6 +403,20 @@ impl Weights {
             files.sort();
             files.dedup();
             for file in files {
+                // Shards live in the model directory: an index naming `../x` or `/etc/x`
+                // is damaged or hostile.
+                let inside = !file.is_empty()
+                    && Path::new(file)
+                        .components()
+                        .all(|c| matches!(c, std::path::Component::Normal(_)));
+                if !inside {
+                    return Err(Error::InvalidConfig {
+                        path: catalogue.clone(),
+                        field: "weight_map",
+                        value: file.clone(),
+                        reason: "a shard must be a file inside the model directory",
+                    });
+                }
                 let path = dir.join(file);
                 if !path.is_file() {
                     return Err(Error::MissingFile {

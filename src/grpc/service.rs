@@ -66,6 +66,7 @@ impl ChatHubService {
         // Field checks cost nothing: a malformed request is refused even when the queue is full.
         let core =
             to_core_request(request.into_inner()).inspect_err(|_| self.gate.count_failed())?;
+        self.gate.check_size(&core)?;
         let admission = self.gate.admit().await.map_err(refusal_status)?;
         // Tokenizing a long prompt takes a while: off the async threads.
         let gate = self.gate.clone();

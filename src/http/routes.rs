@@ -375,6 +375,9 @@ async fn chat_completions(State(app): State<App>, request: Request) -> Response 
             return err.into_response();
         }
     };
+    if let Err(err) = app.gate.check_size(&completion.request) {
+        return ApiError::from_core(&err).into_response();
+    }
     let admission = match app.gate.admit().await {
         Ok(admission) => admission,
         Err(refused) => return refusal(refused),

@@ -90,6 +90,60 @@ impl ArchSpec {
                 return Err((field, value.to_string(), "must be positive"));
             }
         }
+        // Far beyond any released model, and small enough that the sizes computed from them
+        // (parameter counts, cache bytes) cannot overflow: a damaged config is an error here,
+        // not an allocation the process aborts on.
+        for (field, value, limit, reason) in [
+            (
+                "hidden_size",
+                self.hidden_size,
+                1 << 17,
+                "must be at most 131072",
+            ),
+            (
+                "num_layers",
+                self.num_layers,
+                1 << 10,
+                "must be at most 1024",
+            ),
+            ("num_heads", self.num_heads, 1 << 12, "must be at most 4096"),
+            (
+                "num_kv_heads",
+                self.num_kv_heads,
+                1 << 12,
+                "must be at most 4096",
+            ),
+            ("head_dim", self.head_dim, 1 << 12, "must be at most 4096"),
+            (
+                "ffn_hidden_size",
+                self.ffn_hidden_size,
+                1 << 20,
+                "must be at most 1048576",
+            ),
+            (
+                "vocab_size",
+                self.vocab_size,
+                1 << 23,
+                "must be at most 8388608",
+            ),
+            (
+                "max_positions",
+                self.max_positions,
+                1 << 24,
+                "must be at most 16777216",
+            ),
+        ] {
+            if value > limit {
+                return Err((field, value.to_string(), reason));
+            }
+        }
+        if self.parameter_count() > 1 << 40 {
+            return Err((
+                "hidden_size",
+                self.hidden_size.to_string(),
+                "the config describes more than 2^40 parameters",
+            ));
+        }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err((
                 "num_kv_heads",

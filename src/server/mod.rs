@@ -355,6 +355,21 @@ impl Gate {
         self.inner.metrics.failed.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Refuses a request whose text is over the size limit: costs a sum of lengths, so it runs
+    /// before the request queues (a flood of huge prompts is refused without tokenizing any).
+    pub(crate) fn check_size(&self, request: &ChatRequest) -> crate::Result<()> {
+        let bytes = request_bytes(request);
+        if bytes > self.inner.options.max_prompt_bytes {
+            self.count_failed();
+            return Err(crate::Error::InvalidArgument {
+                field: "prompt",
+                value: format!("{bytes} bytes of text"),
+                reason: "more than the server accepts (--max-prompt-bytes)",
+            });
+        }
+        Ok(())
+    }
+
     /// What [`Gate::admit`] would refuse at once now, if anything: lets a front-end answer
     /// before it reads a request.
     #[cfg_attr(not(feature = "http"), allow(dead_code))]
@@ -431,21 +446,12 @@ impl Gate {
 }
 
 impl Admission {
-    /// Checks `request` (size, roles, parameters, prompt length) the way generation will.
+    /// Checks `request` (roles, parameters, prompt length) the way generation will.
     /// Tokenizes the prompt: call it on a blocking thread.
     pub(crate) fn validate(&self, gate: &Gate, request: &ChatRequest) -> crate::Result<()> {
-        let bytes = request_bytes(request);
-        if bytes > gate.options().max_prompt_bytes {
-            gate.counters().failed.fetch_add(1, Ordering::Relaxed);
-            return Err(crate::Error::InvalidArgument {
-                field: "prompt",
-                value: format!("{bytes} bytes of text"),
-                reason: "more than the server accepts (--max-prompt-bytes)",
-            });
-        }
-        self.engine.validate(request).inspect_err(|_| {
-            gate.counters().failed.fetch_add(1, Ordering::Relaxed);
-        })
+        self.engine
+            .validate(request)
+            .inspect_err(|_| gate.count_failed())
     }
 
     /// Runs the generation on the calling (blocking) thread. `on_text` gets each new piece of
