@@ -512,9 +512,12 @@ fn config_sizes_that_would_abort_the_allocator_are_refused() {
     }
 }
 
-/// A GGUF file written by hand (version 3): `tensors` as (name, dims, ggml type, offset), then
-/// `data` after the header padded to 32 bytes.
-fn write_gguf(path: &Path, tensors: &[(&str, &[u64], u32, u64)], data: &[u8]) {
+/// A tensor directory entry: name, dims, ggml type, offset.
+type GgufEntry<'a> = (&'a str, &'a [u64], u32, u64);
+
+/// A GGUF file written by hand (version 3): `tensors`, then `data` after the header padded to
+/// 32 bytes.
+fn write_gguf(path: &Path, tensors: &[GgufEntry<'_>], data: &[u8]) {
     let string = |out: &mut Vec<u8>, s: &str| {
         out.extend((s.len() as u64).to_le_bytes());
         out.extend(s.as_bytes());
@@ -535,7 +538,7 @@ fn write_gguf(path: &Path, tensors: &[(&str, &[u64], u32, u64)], data: &[u8]) {
         out.extend(kind.to_le_bytes());
         out.extend(offset.to_le_bytes());
     }
-    while out.len() % 32 != 0 {
+    while !out.len().is_multiple_of(32) {
         out.push(0);
     }
     out.extend(data);
@@ -548,7 +551,7 @@ fn gguf_tensor_directories_that_do_not_match_the_bytes_are_refused() {
     const Q8_0: u32 = 8;
     let tmp = tempfile::tempdir().expect("tempdir");
     let path = tmp.path().join("model.gguf");
-    let cases: [(&[(&str, &[u64], u32, u64)], usize, &str); 4] = [
+    let cases: [(&[GgufEntry<'_>], usize, &str); 4] = [
         // Not at a multiple of the alignment.
         (&[("a", &[8], F32, 4)], 64, "alignment"),
         // A q8_0 tensor (34 bytes per 32 values) relabelled f32 runs into the next one.
