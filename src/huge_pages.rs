@@ -46,7 +46,8 @@ pub fn filled<T: Copy + Default + Send + Sync>(len: usize) -> Vec<T> {
                 slot.write(T::default());
             }
         });
-    // SAFETY: the first `len` slots were all written just above.
+    // SAFETY: `len <= capacity` (`vec_with_capacity(len)`), and the first `len` slots were all
+    // initialised just above (`spare_capacity_mut()[..len]`).
     unsafe { v.set_len(len) };
     v
 }
@@ -61,7 +62,8 @@ fn advise(ptr: *const u8, bytes: usize) {
     let start = (ptr as usize).next_multiple_of(PAGE);
     let end = (ptr as usize + bytes) & !(PAGE - 1);
     if end > start {
-        // SAFETY: the range lies inside an allocation this process owns; MADV_HUGEPAGE changes
+        // SAFETY: `start .. end` is `ptr .. ptr + bytes` rounded inward to whole 4 KiB pages, so
+        // it lies inside the vector's allocation, which this process owns; MADV_HUGEPAGE changes
         // how its pages are backed, never their contents. A refusal (no THP in this kernel,
         // `transparent_hugepage=never`) leaves 4 KiB pages, which are correct, only slower.
         unsafe {

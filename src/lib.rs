@@ -43,6 +43,8 @@
 //! - `cuda` (off by default): run on an NVIDIA GPU through candle's CUDA backend; pass a CUDA
 //!   [`candle_core::Device`] in [`ModelOptions`]. Needs the CUDA toolkit at build time.
 #![deny(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 
 pub mod ffi;
 #[cfg(feature = "grpc")]
@@ -62,6 +64,10 @@ mod formats;
 mod kernels;
 mod nn;
 mod tokenizer;
+
+#[cfg(fuzzing)]
+#[doc(hidden)] // entry points for `cargo fuzz` (fuzz/), built only with `--cfg fuzzing`
+pub mod fuzzing;
 
 #[doc(hidden)] // for `chathub bench`'s bandwidth probe, which reads what weights are read from
 pub mod huge_pages;

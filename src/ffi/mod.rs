@@ -273,7 +273,9 @@ pub unsafe extern "C" fn chathub_params_default(out_params: *mut ChathubParams) 
             stop_count: 0,
             tools_json: std::ptr::null(),
         };
-        // SAFETY: non-null and writable, as the caller promises.
+        // SAFETY: `out_params` was checked non-null above, and the caller promises it points to
+        // writable memory for one `ChathubParams` (see `# Safety`); `write` neither reads nor drops
+        // what was there.
         unsafe { out_params.write(params) };
         Ok(())
     })
@@ -300,7 +302,8 @@ pub unsafe extern "C" fn chathub_model_load(
         family,
         ..LOAD_DEFAULTS
     };
-    // SAFETY: forwarded as the caller promised; `options` lives for the call.
+    // SAFETY: `model_dir` and `out_model` come with this function's contract, which is the one
+    // `chathub_model_load_with` asks for them; `options` is a local that outlives the call.
     unsafe { chathub_model_load_with(model_dir, &options, out_model) }
 }
 
@@ -315,7 +318,8 @@ pub unsafe extern "C" fn chathub_load_options_default(out_options: *mut ChathubL
         if out_options.is_null() {
             return Err(FfiError::invalid("out_options is NULL"));
         }
-        // SAFETY: non-null and writable, as the caller promises.
+        // SAFETY: `out_options` was checked non-null above, and the caller promises it is writable
+        // for one `ChathubLoadOptions`; `write` neither reads nor drops what was there.
         unsafe { out_options.write(LOAD_DEFAULTS) };
         Ok(())
     })
@@ -341,16 +345,19 @@ pub unsafe extern "C" fn chathub_model_load_with(
         if out_model.is_null() {
             return Err(FfiError::invalid("out_model is NULL"));
         }
-        // SAFETY: non-null and writable.
+        // SAFETY: `out_model` was checked non-null just above, and the caller promises it is
+        // writable for one pointer.
         unsafe { out_model.write(std::ptr::null_mut()) };
-        // SAFETY: the caller promises NUL termination.
+        // SAFETY: the caller promises `model_dir` is NULL (which `str_arg` reports) or a
+        // NUL-terminated string that stays valid for this call, longer than `dir` is used.
         let dir = unsafe { str_arg(model_dir, "model_dir") }?;
-        // SAFETY: NULL or valid, as the caller promises.
+        // SAFETY: the caller promises `options` is NULL (`as_ref` gives `None`) or points to an
+        // initialised, aligned `ChathubLoadOptions` that stays valid for this call.
         let options = unsafe { options.as_ref() }.unwrap_or(&LOAD_DEFAULTS);
         let options = model_options(options)?;
         let engine = Engine::load_with(dir, &options)?;
         let model = Box::into_raw(Box::new(ChathubModel { engine }));
-        // SAFETY: non-null and writable.
+        // SAFETY: `out_model` was checked non-null above and is writable, as the caller promises.
         unsafe { out_model.write(model) };
         Ok(())
     })
@@ -443,7 +450,9 @@ pub unsafe extern "C" fn chathub_model_load_demo(out_model: *mut *mut ChathubMod
         let dir = crate::demo_model_dir()?;
         let dir = std::ffi::CString::new(dir.to_string_lossy().as_bytes())
             .map_err(|_| FfiError::invalid("temporary directory path contains NUL"))?;
-        // SAFETY: `dir` is NUL-terminated; `out_model` is as the caller promised.
+        // SAFETY: `dir` is a `CString` (NUL-terminated) that lives until after the call, and
+        // `out_model` comes with this function's contract (NULL or writable), which is what
+        // `chathub_model_load` asks.
         match unsafe { chathub_model_load(dir.as_ptr(), CHATHUB_FAMILY_AUTO, out_model) } {
             CHATHUB_OK => Ok(()),
             code => Err(FfiError::from_last(code)),
@@ -460,7 +469,9 @@ pub unsafe extern "C" fn chathub_model_load_demo(out_model: *mut *mut ChathubMod
 pub unsafe extern "C" fn chathub_model_free(model: *mut ChathubModel) {
     guard(|| {
         if !model.is_null() {
-            // SAFETY: the caller passes ownership of a model from chathub_model_load.
+            // SAFETY: non-null, so, as the caller promises, a pointer from `Box::into_raw` in
+            // `chathub_model_load_with` that was not freed before and that no call is still using:
+            // the box takes it back and drops it once.
             drop(unsafe { Box::from_raw(model) });
         }
         Ok(())
@@ -496,20 +507,24 @@ pub unsafe extern "C" fn chathub_chat(
         if out_reply.is_null() {
             return Err(FfiError::invalid("out_reply is NULL"));
         }
-        // SAFETY: non-null and writable.
+        // SAFETY: `out_reply` was checked non-null just above, and the caller promises it is
+        // writable for one pointer.
         unsafe { out_reply.write(std::ptr::null_mut()) };
-        // SAFETY: the caller promises valid pointers.
+        // SAFETY: `read_call`'s contract is this function's: `model` NULL or live, `prompt` NULL or
+        // NUL-terminated, `history` valid for `history_len` messages, `params` NULL or valid, all
+        // for the duration of this call.
         let (engine, request) = unsafe { read_call(model, prompt, history, history_len, params) }?;
         let outcome = engine.chat(&request)?;
         if !out_reply_len.is_null() {
-            // SAFETY: non-null and writable.
+            // SAFETY: checked non-null just above; the caller promises it is writable (`# Safety`).
             unsafe { out_reply_len.write(outcome.text.len()) };
         }
         if !out_stats.is_null() {
-            // SAFETY: non-null and writable.
+            // SAFETY: checked non-null just above; the caller promises it is writable (`# Safety`).
             unsafe { out_stats.write(support::stats_from(&outcome)) };
         }
-        // SAFETY: non-null and writable.
+        // SAFETY: `out_reply` was checked non-null at the start and is writable, as the caller
+        // promises.
         unsafe { out_reply.write(support::string_to_c(&outcome.text)) };
         Ok(())
     })
@@ -544,10 +559,14 @@ pub unsafe extern "C" fn chathub_chat_stream(
         let Some(callback) = callback else {
             return Err(FfiError::invalid("callback is NULL"));
         };
-        // SAFETY: the caller promises valid pointers.
+        // SAFETY: `read_call`'s contract is this function's, as for `chathub_chat`: `model` NULL or
+        // live, `prompt` NULL or NUL-terminated, `history` valid for `history_len` messages,
+        // `params` NULL or valid, all for the duration of this call.
         let (engine, request) = unsafe { read_call(model, prompt, history, history_len, params) }?;
         let outcome = engine.chat_stream(&request, |delta| {
-            // SAFETY: the caller promises a valid callback; the bytes live for the call.
+            // SAFETY: the caller promises `callback` is a valid function taking these arguments;
+            // `user_data` is passed through untouched, and `delta`'s `len` bytes stay alive for the
+            // callback's duration, which is all the documented contract lets it rely on.
             if unsafe { callback(user_data, delta.as_ptr(), delta.len()) } {
                 ControlFlow::Continue(())
             } else {
@@ -555,7 +574,7 @@ pub unsafe extern "C" fn chathub_chat_stream(
             }
         })?;
         if !out_stats.is_null() {
-            // SAFETY: non-null and writable.
+            // SAFETY: checked non-null just above; the caller promises it is writable (`# Safety`).
             unsafe { out_stats.write(support::stats_from(&outcome)) };
         }
         Ok(())
@@ -592,13 +611,18 @@ pub unsafe extern "C" fn chathub_chat_reply(
         if out_reply.is_null() {
             return Err(FfiError::invalid("out_reply is NULL"));
         }
-        // SAFETY: non-null and writable.
+        // SAFETY: `out_reply` was checked non-null just above, and the caller promises it is
+        // writable for one pointer.
         unsafe { out_reply.write(std::ptr::null_mut()) };
-        // SAFETY: the caller promises valid pointers.
+        // SAFETY: `read_call`'s contract is this function's, as for `chathub_chat`: `model` NULL or
+        // live, `prompt` NULL or NUL-terminated, `history` valid for `history_len` messages,
+        // `params` NULL or valid, all for the duration of this call.
         let (engine, request) = unsafe { read_call(model, prompt, history, history_len, params) }?;
         let outcome = engine.chat_stream(&request, |delta| match callback {
-            // SAFETY: the caller promises a valid callback; the bytes live for the call.
             Some(callback) => {
+                // SAFETY: the caller promises a non-NULL `callback` is a valid function taking
+                // these arguments; `user_data` is passed through untouched, and `delta`'s `len`
+                // bytes stay alive for the callback's duration, as documented.
                 if unsafe { callback(user_data, delta.as_ptr(), delta.len()) } {
                     ControlFlow::Continue(())
                 } else {
@@ -608,11 +632,12 @@ pub unsafe extern "C" fn chathub_chat_reply(
             _ => ControlFlow::Continue(()),
         })?;
         if !out_stats.is_null() {
-            // SAFETY: non-null and writable.
+            // SAFETY: checked non-null just above; the caller promises it is writable (`# Safety`).
             unsafe { out_stats.write(support::stats_from(&outcome)) };
         }
         let reply = Box::new(support::reply_from(&outcome));
-        // SAFETY: non-null and writable.
+        // SAFETY: `out_reply` was checked non-null at the start and is writable, as the caller
+        // promises.
         unsafe { out_reply.write(Box::into_raw(reply)) };
         Ok(())
     })
@@ -705,7 +730,9 @@ pub unsafe extern "C" fn chathub_reply_raw_text(reply: *const ChathubReply) -> *
 pub unsafe extern "C" fn chathub_reply_free(reply: *mut ChathubReply) {
     guard(|| {
         if !reply.is_null() {
-            // SAFETY: the caller passes ownership of a reply from chathub_chat_reply.
+            // SAFETY: non-null, so, as the caller promises, a pointer from `Box::into_raw` in
+            // `chathub_chat_reply` that was not freed before: the box takes it back and drops
+            // it once.
             drop(unsafe { Box::from_raw(reply) });
         }
         Ok(())
@@ -720,7 +747,8 @@ pub unsafe extern "C" fn chathub_reply_free(reply: *mut ChathubReply) {
 #[no_mangle]
 pub unsafe extern "C" fn chathub_string_free(text: *mut c_char) {
     guard(|| {
-        // SAFETY: as the caller promises.
+        // SAFETY: the caller promises `text` is NULL or a string from this library (all of them
+        // come from `string_to_c`) not freed before, which is `free_c_string`'s contract.
         unsafe { support::free_c_string(text) };
         Ok(())
     });
@@ -730,7 +758,11 @@ pub unsafe extern "C" fn chathub_string_free(text: *mut c_char) {
 ///
 /// # Safety
 ///
-/// As documented on `chathub_chat`.
+/// As documented on `chathub_chat`: `model` is NULL or a live model from `chathub_model_load*`
+/// that stays alive (not freed) for `'a`; `prompt` is NULL or NUL-terminated UTF-8 valid for
+/// `'a`; `history` is NULL (an error unless `history_len` is 0) or points to `history_len`
+/// messages whose strings are NULL or NUL-terminated, valid for the call; `params` is NULL or
+/// points to a valid `ChathubParams` whose `stop` and `tools_json` are as `request_from` asks.
 unsafe fn read_call<'a>(
     model: *const ChathubModel,
     prompt: *const c_char,
@@ -741,13 +773,20 @@ unsafe fn read_call<'a>(
     if model.is_null() {
         return Err(FfiError::invalid("model is NULL"));
     }
-    // SAFETY: non-null; the caller promises a live model.
+    // SAFETY: `model` is non-null (checked above) and, as the caller promises, a model from
+    // `chathub_model_load*` that is not freed while `'a` lasts; only shared access is taken.
     let engine = unsafe { &(*model).engine };
-    // SAFETY: the caller promises NUL-terminated strings and `history_len` messages.
+    // SAFETY: the caller promises `prompt` is NULL (reported) or NUL-terminated and valid for
+    // `'a`.
     let prompt = unsafe { str_arg(prompt, "prompt") }?;
+    // SAFETY: the caller promises `history` is NULL (reported unless `history_len` is 0) or
+    // points to `history_len` messages whose strings are NULL or NUL-terminated, all valid for
+    // this call: `history_arg`'s contract.
     let history = unsafe { support::history_arg(history, history_len) }?;
-    // SAFETY: NULL or a valid struct, as the caller promises.
+    // SAFETY: the caller promises `params` is NULL (`None`) or points to an initialised,
+    // aligned `ChathubParams` valid for this call.
     let params = unsafe { params.as_ref() };
-    // SAFETY: `params` is as the caller of the exported function promised.
+    // SAFETY: the caller promises `params`' `stop` (`stop_count` pointers) and `tools_json` are
+    // as `request_from` asks: NULL or valid NUL-terminated strings for this call.
     Ok((engine, unsafe { request_from(prompt, history, params) }?))
 }

@@ -99,12 +99,14 @@ pub(super) fn guard(body: impl FnOnce() -> Result<(), FfiError>) -> i32 {
 ///
 /// # Safety
 ///
-/// `ptr` is NULL or points to a NUL-terminated string that outlives the returned borrow.
+/// `ptr` is NULL or points to a NUL-terminated string that outlives the returned borrow (`'a`)
+/// and is not modified during it.
 pub(super) unsafe fn str_arg<'a>(ptr: *const c_char, name: &str) -> Result<&'a str, FfiError> {
     if ptr.is_null() {
         return Err(FfiError::invalid(format!("{name} is NULL")));
     }
-    // SAFETY: non-null, and the caller promises NUL termination and lifetime.
+    // SAFETY: `ptr` is non-null (checked above), and the caller promises it is NUL-terminated,
+    // readable up to the NUL and left unchanged for `'a`, what `CStr::from_ptr` asks.
     let bytes = unsafe { CStr::from_ptr(ptr) }.to_bytes();
     std::str::from_utf8(bytes).map_err(|e| {
         FfiError::invalid(format!(
@@ -118,8 +120,9 @@ pub(super) unsafe fn str_arg<'a>(ptr: *const c_char, name: &str) -> Result<&'a s
 ///
 /// # Safety
 ///
-/// `history` is NULL (then `len` must be 0) or points to `len` messages whose strings are valid
-/// for the call.
+/// `history` is NULL (an error unless `len` is 0) or points to `len` initialised messages
+/// (aligned, readable, unchanged for the call) whose `role`, `content`, `tool_calls_json` and
+/// `tool_call_id` are each NULL or a NUL-terminated string valid for the call.
 pub(super) unsafe fn history_arg(
     history: *const ChathubMessage,
     len: usize,
@@ -132,14 +135,17 @@ pub(super) unsafe fn history_arg(
             "history is NULL but history_len is {len}"
         )));
     }
-    // SAFETY: non-null, and the caller promises `len` readable messages.
+    // SAFETY: `history` is non-null (checked above) and `len > 0`; the caller promises `len`
+    // initialised, aligned messages there, unchanged while `messages` is used (this call).
     let messages = unsafe { std::slice::from_raw_parts(history, len) };
     messages
         .iter()
         .enumerate()
         .map(|(i, m)| {
-            // SAFETY: the caller promises each string is NULL or NUL-terminated.
+            // SAFETY: the caller promises each message's strings are NULL (`str_arg` reports
+            // it) or NUL-terminated and valid for this call, longer than `role` is used.
             let role = unsafe { str_arg(m.role, &format!("history[{i}].role")) }?;
+            // SAFETY: as for `role`: NULL or NUL-terminated, valid for this call.
             let content = unsafe { str_arg(m.content, &format!("history[{i}].content")) }?;
             let role = role.parse().map_err(|_| {
                 FfiError::from(Error::UnknownRole {
@@ -149,7 +155,8 @@ pub(super) unsafe fn history_arg(
             })?;
             let mut message = Message::with_role(role, content);
             if !m.tool_calls_json.is_null() {
-                // SAFETY: non-null, so NUL-terminated as the caller promises.
+                // SAFETY: non-null, so NUL-terminated and valid for this call, as the caller
+                // promises.
                 let text = unsafe {
                     str_arg(m.tool_calls_json, &format!("history[{i}].tool_calls_json"))
                 }?;
@@ -160,7 +167,8 @@ pub(super) unsafe fn history_arg(
                 )?;
             }
             if !m.tool_call_id.is_null() {
-                // SAFETY: as above.
+                // SAFETY: non-null, so NUL-terminated and valid for this call, as the caller
+                // promises.
                 let id = unsafe { str_arg(m.tool_call_id, &format!("history[{i}].tool_call_id")) }?;
                 message.tool_call_id = Some(id.to_string());
             }
@@ -190,8 +198,9 @@ fn json_list<T>(
 ///
 /// # Safety
 ///
-/// `params`' `stop` is NULL or points to `stop_count` pointers, each NULL or NUL-terminated,
-/// all valid for the call.
+/// `params`' `stop` is NULL (an error unless `stop_count` is 0) or points to `stop_count`
+/// pointers, each NULL or NUL-terminated, and `tools_json` is NULL or NUL-terminated, all valid
+/// for the call.
 pub(super) unsafe fn request_from(
     prompt: &str,
     history: Vec<Message>,
@@ -220,7 +229,7 @@ pub(super) unsafe fn request_from(
     request.seed = (p.has_seed != 0).then_some(p.seed);
     request.greedy = p.greedy != 0;
     if !p.tools_json.is_null() {
-        // SAFETY: non-null, so NUL-terminated as the caller promises.
+        // SAFETY: non-null, so NUL-terminated and valid for this call, as the caller promises.
         let text = unsafe { str_arg(p.tools_json, "tools_json") }?;
         request.tools = json_list(text, "tools_json", Tool::from_json)?;
     }
@@ -231,12 +240,14 @@ pub(super) unsafe fn request_from(
                 p.stop_count
             )));
         }
-        // SAFETY: the caller promises `stop_count` readable pointers at `stop`.
+        // SAFETY: `stop` is non-null (checked above) and `stop_count > 0`; the caller promises
+        // `stop_count` initialised, aligned pointers there, unchanged for this call.
         let texts = unsafe { std::slice::from_raw_parts(p.stop, p.stop_count) };
         request.stop = texts
             .iter()
             .enumerate()
-            // SAFETY: each is NULL (an error) or NUL-terminated, as the caller promises.
+            // SAFETY: each is NULL (`str_arg` reports it) or NUL-terminated and valid for this
+            // call, as the caller promises; the text is copied into a `String` at once.
             .map(|(i, &text)| unsafe { str_arg(text, &format!("stop[{i}]")) }.map(String::from))
             .collect::<Result<_, _>>()?;
     }
@@ -312,7 +323,8 @@ pub(super) fn string_to_c(text: &str) -> *mut c_char {
     buffer.extend_from_slice(text.as_bytes());
     buffer.push(0);
     let raw = Box::into_raw(buffer.into_boxed_slice()) as *mut u8;
-    // SAFETY: the allocation is HEADER + len + 1 bytes long.
+    // SAFETY: `raw` is the start of the boxed slice of `HEADER + text.len() + 1` bytes, so
+    // offset `HEADER` stays inside that allocation.
     unsafe { raw.add(HEADER) as *mut c_char }
 }
 
@@ -320,12 +332,15 @@ pub(super) fn string_to_c(text: &str) -> *mut c_char {
 ///
 /// # Safety
 ///
-/// `ptr` is NULL or came from [`string_to_c`] and was not freed before.
+/// `ptr` is NULL or came from [`string_to_c`] and was not freed before (nor is it used after).
 pub(super) unsafe fn free_c_string(ptr: *mut c_char) {
     if ptr.is_null() {
         return;
     }
-    // SAFETY: the caller promises `ptr` came from string_to_c, which put a header before it.
+    // SAFETY: the caller promises `ptr` came from `string_to_c` and was not freed: it is
+    // `HEADER` bytes into a `Box<[u8]>` whose first `HEADER` bytes hold the text's length
+    // (read unaligned, as written), so `start` and `HEADER + len + 1` are that box's pointer
+    // and length, and `Box::from_raw` frees it with the layout it was allocated with.
     unsafe {
         let start = (ptr as *mut u8).sub(HEADER);
         let len = usize::from_ne_bytes(std::ptr::read_unaligned(start as *const [u8; HEADER]));

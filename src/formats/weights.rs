@@ -273,7 +273,10 @@ impl SafetensorsFile {
         if stored == want && stored != DType::F32 && cfg!(target_endian = "little") {
             // Read straight into the tensor's buffer: a 16-bit table is never held twice.
             let mut bits: Vec<u16> = crate::huge_pages::filled(len / 2);
-            // SAFETY: any byte pattern is a valid u16; the view covers exactly `bits`.
+            // SAFETY: `bits` holds `bits.len()` initialised u16s, so its buffer is `2 * bits.len()`
+            // initialised bytes, which a u8 view may cover (alignment 1); any byte pattern is a
+            // valid u16, so what `read_exact` writes keeps `bits` valid; and `bits` is not
+            // touched while `view` (an exclusive borrow of it) is in use.
             let view = unsafe {
                 std::slice::from_raw_parts_mut(bits.as_mut_ptr().cast::<u8>(), bits.len() * 2)
             };
@@ -696,5 +699,24 @@ impl Shard {
                 .get(name)
                 .map(|info| info.shape.dims().to_vec()),
         }
+    }
+}
+
+/// For `cargo fuzz`: a safetensors file's checks, then each tensor read back as f32.
+#[cfg(fuzzing)]
+pub(crate) fn fuzz_safetensors(path: &Path) {
+    if let Ok(file) = SafetensorsFile::open(path) {
+        let names: Vec<String> = file.tensors.keys().cloned().collect();
+        for name in names {
+            let _ = file.load_rows(&name, DType::F32);
+        }
+    }
+}
+
+/// For `cargo fuzz`: a pickle checkpoint's tensor directory.
+#[cfg(fuzzing)]
+pub(crate) fn fuzz_pickle(path: &Path) {
+    if let Ok(tensors) = PthTensors::new(path, None) {
+        let _ = tensors.tensor_infos().len();
     }
 }

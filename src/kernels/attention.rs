@@ -122,8 +122,11 @@ fn attend_on(path: Path, q: &[f32], k: &[f32], v: &[f32], shape: Shape, scale: f
                 scores.resize(n * seen, 0.0);
                 let out = &mut out[pass * head_dim..][..n * head_dim];
                 match path {
-                    // SAFETY: the token proves AVX-512F; `keys` and `values` hold `seen` rows
-                    // of `head_dim` values; `queries` and `out` hold `n` rows.
+                    // SAFETY: the Avx512 token is made only once detection found AVX-512F.
+                    // `1 <= n <= 8` (HEADS_PER_PASS); `keys` and `values` hold `seen` rows of
+                    // `head_dim` values, `queries` and `out` `n` rows of `head_dim`, and
+                    // `scores` `n` rows of `seen` (all sized just above), which is what the
+                    // kernels' contracts ask.
                     Path::Avx512(_) => unsafe {
                         x86::scores(queries, n, keys, scale, scores);
                         for row in scores.chunks_mut(seen) {
@@ -214,7 +217,9 @@ mod x86 {
     /// all `n` queries.
     ///
     /// # Safety
-    /// AVX-512F; the slices hold what is said above.
+    /// The CPU has AVX-512F; `keys` holds at least `seen * head_dim` values, where
+    /// `head_dim = queries.len() / n` and `seen = scores.len() / n` (an `n` outside `1..=8`
+    /// panics).
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn scores(
         queries: &[f32],
@@ -226,7 +231,11 @@ mod x86 {
         macro_rules! dispatch {
             ($($n:literal),*) => {
                 match n {
-                    $($n => scores_of::<$n>(queries, keys, scale, scores),)*
+                    $($n => {
+                        // SAFETY: `N = n`, so this is the caller's contract: AVX-512F, and
+                        // `keys` as long as `scores_of` asks.
+                        unsafe { scores_of::<$n>(queries, keys, scale, scores) }
+                    })*
                     _ => unreachable!("{n} heads in a pass"),
                 }
             };
@@ -234,6 +243,12 @@ mod x86 {
         dispatch!(1, 2, 3, 4, 5, 6, 7, 8)
     }
 
+    /// [`scores`] for `N` query rows.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `keys` holds at least `seen * head_dim` values, where
+    /// `head_dim = queries.len() / N` and `seen = scores.len() / N` (`queries` and `scores`
+    /// are then read and written unchecked, within their lengths).
     #[target_feature(enable = "avx512f")]
     unsafe fn scores_of<const N: usize>(
         queries: &[f32],
@@ -244,20 +259,29 @@ mod x86 {
         let head_dim = queries.len() / N;
         let seen = scores.len() / N;
         for j in 0..seen {
-            let key = keys.as_ptr().add(j * head_dim);
+            // SAFETY: `j < seen`, so key `j` starts inside `keys`' `seen * head_dim` values.
+            let key = unsafe { keys.as_ptr().add(j * head_dim) };
             let mut acc = [_mm512_setzero_ps(); N];
             let mut d = 0;
             while d < head_dim {
                 let mask = lanes(d, head_dim);
-                let k = _mm512_maskz_loadu_ps(mask, key.add(d));
+                // SAFETY: `d < head_dim`, and `mask` keeps only the lanes of columns `d ..
+                // head_dim`, all inside key `j`; masked-off lanes are never read.
+                let k = unsafe { _mm512_maskz_loadu_ps(mask, key.add(d)) };
                 for (i, acc) in acc.iter_mut().enumerate() {
-                    let q = _mm512_maskz_loadu_ps(mask, queries.as_ptr().add(i * head_dim + d));
+                    // SAFETY: as for the key: `i < N`, so the kept lanes are columns `d ..
+                    // head_dim` of query row `i`, inside `queries`' `N * head_dim` values.
+                    let q = unsafe {
+                        _mm512_maskz_loadu_ps(mask, queries.as_ptr().add(i * head_dim + d))
+                    };
                     *acc = _mm512_fmadd_ps(q, k, *acc);
                 }
                 d += 16;
             }
             for (i, acc) in acc.iter().enumerate() {
-                *scores.get_unchecked_mut(i * seen + j) = _mm512_reduce_add_ps(*acc) * scale;
+                // SAFETY: `i < N` and `j < seen`: `i * seen + j < N * seen <= scores.len()`.
+                *unsafe { scores.get_unchecked_mut(i * seen + j) } =
+                    _mm512_reduce_add_ps(*acc) * scale;
             }
         }
     }
@@ -266,7 +290,7 @@ mod x86 {
     /// in order, then across).
     ///
     /// # Safety
-    /// AVX-512F.
+    /// The CPU has AVX-512F.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn softmax(row: &mut [f32]) {
         let n = row.len();
@@ -275,7 +299,10 @@ mod x86 {
         let mut k = 0;
         while k < n {
             let mask = lanes(k, n);
-            max = _mm512_mask_max_ps(max, mask, max, _mm512_maskz_loadu_ps(mask, p.add(k)));
+            // SAFETY: `k < n`, and `mask` keeps only the lanes of elements `k .. n` of `row`;
+            // masked-off lanes are never read.
+            let x = unsafe { _mm512_maskz_loadu_ps(mask, p.add(k)) };
+            max = _mm512_mask_max_ps(max, mask, max, x);
             k += 16;
         }
         let max = _mm512_set1_ps(_mm512_reduce_max_ps(max));
@@ -283,8 +310,14 @@ mod x86 {
         let mut k = 0;
         while k < n {
             let mask = lanes(k, n);
-            let e = exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, p.add(k)), max));
-            _mm512_mask_storeu_ps(p.add(k), mask, e);
+            // SAFETY: as above, the load and the store touch only elements `k .. n` of `row`,
+            // which `p` (from the exclusive borrow) may write; `exp` needs AVX-512F, which the
+            // caller guarantees.
+            let e = unsafe {
+                let e = exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, p.add(k)), max));
+                _mm512_mask_storeu_ps(p.add(k), mask, e);
+                e
+            };
             sum = _mm512_mask_add_ps(sum, mask, sum, e);
             k += 16;
         }
@@ -292,8 +325,11 @@ mod x86 {
         let mut k = 0;
         while k < n {
             let mask = lanes(k, n);
-            let e = _mm512_maskz_loadu_ps(mask, p.add(k));
-            _mm512_mask_storeu_ps(p.add(k), mask, _mm512_div_ps(e, sum));
+            // SAFETY: as above: only elements `k .. n` of `row` are read and written.
+            unsafe {
+                let e = _mm512_maskz_loadu_ps(mask, p.add(k));
+                _mm512_mask_storeu_ps(p.add(k), mask, _mm512_div_ps(e, sum));
+            }
             k += 16;
         }
     }
@@ -303,6 +339,9 @@ mod x86 {
     ///
     /// `x = m ln 2 + r` with `|r| <= ln 2 / 2`, `e^r` by its degree-7 Taylor polynomial, then
     /// scaled by `2^m`.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F.
     #[target_feature(enable = "avx512f")]
     #[inline]
     pub(super) unsafe fn exp(x: __m512) -> __m512 {
@@ -341,13 +380,19 @@ mod x86 {
     /// `n`.
     ///
     /// # Safety
-    /// AVX-512F; the slices hold what is said above.
+    /// The CPU has AVX-512F; `values` holds at least `seen * head_dim` values, where
+    /// `head_dim = out.len() / n` and `seen = weights.len() / n` (an `n` outside `1..=8`
+    /// panics).
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn weighted_sum(weights: &[f32], n: usize, values: &[f32], out: &mut [f32]) {
         macro_rules! dispatch {
             ($($n:literal),*) => {
                 match n {
-                    $($n => weighted_sum_of::<$n>(weights, values, out),)*
+                    $($n => {
+                        // SAFETY: `N = n`, so this is the caller's contract: AVX-512F, and
+                        // `values` as long as `weighted_sum_of` asks.
+                        unsafe { weighted_sum_of::<$n>(weights, values, out) }
+                    })*
                     _ => unreachable!("{n} heads in a pass"),
                 }
             };
@@ -355,6 +400,12 @@ mod x86 {
         dispatch!(1, 2, 3, 4, 5, 6, 7, 8)
     }
 
+    /// [`weighted_sum`] for `N` rows.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `values` holds at least `seen * head_dim` values, where
+    /// `head_dim = out.len() / N` and `seen = weights.len() / N` (`weights` and `out` are then
+    /// read and written unchecked, within their lengths).
     #[target_feature(enable = "avx512f")]
     unsafe fn weighted_sum_of<const N: usize>(weights: &[f32], values: &[f32], out: &mut [f32]) {
         // 32 columns of up to 8 heads: 16 accumulators.
@@ -373,11 +424,22 @@ mod x86 {
             });
             let mut acc = [[_mm512_setzero_ps(); VECTORS]; N];
             for j in 0..seen {
-                let row = values.as_ptr().add(j * head_dim + first);
-                let x: [__m512; VECTORS] =
-                    std::array::from_fn(|c| _mm512_maskz_loadu_ps(masks[c], row.add(16 * c)));
+                // SAFETY: `j < seen` and `first < head_dim`: inside `values`' `seen *
+                // head_dim` values.
+                let row = unsafe { values.as_ptr().add(j * head_dim + first) };
+                // SAFETY: `masks[c]` keeps only the lanes of columns `first + 16 * c ..
+                // head_dim` of value row `j`, all inside `values`; masked-off lanes are never
+                // read. When `first + 16 > head_dim` (head_dim % 32 in 1..=15) the second
+                // vector's address lies past the end of `values` with a mask of 0: computed
+                // with `wrapping_add`, which (unlike `add`) may leave the allocation, and
+                // never dereferenced.
+                let x: [__m512; VECTORS] = std::array::from_fn(|c| unsafe {
+                    _mm512_maskz_loadu_ps(masks[c], row.wrapping_add(16 * c))
+                });
                 for (i, acc) in acc.iter_mut().enumerate() {
-                    let p = _mm512_set1_ps(*weights.get_unchecked(i * seen + j));
+                    // SAFETY: `i < N` and `j < seen`: `i * seen + j < N * seen <=
+                    // weights.len()`.
+                    let p = _mm512_set1_ps(*unsafe { weights.get_unchecked(i * seen + j) });
                     for (acc, x) in acc.iter_mut().zip(&x) {
                         *acc = _mm512_fmadd_ps(*x, p, *acc);
                     }
@@ -385,8 +447,15 @@ mod x86 {
             }
             for (i, acc) in acc.iter().enumerate() {
                 for (c, acc) in acc.iter().enumerate() {
-                    let o = out.as_mut_ptr().add(i * head_dim + first + 16 * c);
-                    _mm512_mask_storeu_ps(o, masks[c], *acc);
+                    // SAFETY: `masks[c]` keeps only columns `first + 16 * c .. head_dim` of
+                    // output row `i < N`, inside `out`'s `N * head_dim` values, which `out`'s
+                    // exclusive borrow lets us write. As for the loads, with a mask of 0 `o`
+                    // can lie past the end of `out` (the last row): `wrapping_add`, never
+                    // dereferenced.
+                    unsafe {
+                        let o = out.as_mut_ptr().wrapping_add(i * head_dim + first + 16 * c);
+                        _mm512_mask_storeu_ps(o, masks[c], *acc);
+                    }
                 }
             }
             first += 16 * VECTORS;
@@ -398,14 +467,26 @@ mod x86 {
 mod x86 {
     pub(super) const HEADS_PER_PASS: usize = 8;
 
+    /// Never called: there is no AVX-512 token off x86-64.
+    ///
+    /// # Safety
+    /// None needed (it only panics); `unsafe` to match the x86-64 kernel's signature.
     pub(super) unsafe fn scores(_q: &[f32], _n: usize, _k: &[f32], _x: f32, _o: &mut [f32]) {
         unreachable!("the attention kernel runs on x86-64 only")
     }
 
+    /// Never called: there is no AVX-512 token off x86-64.
+    ///
+    /// # Safety
+    /// None needed (it only panics); `unsafe` to match the x86-64 kernel's signature.
     pub(super) unsafe fn softmax(_row: &mut [f32]) {
         unreachable!("the attention kernel runs on x86-64 only")
     }
 
+    /// Never called: there is no AVX-512 token off x86-64.
+    ///
+    /// # Safety
+    /// None needed (it only panics); `unsafe` to match the x86-64 kernel's signature.
     pub(super) unsafe fn weighted_sum(_w: &[f32], _n: usize, _v: &[f32], _o: &mut [f32]) {
         unreachable!("the attention kernel runs on x86-64 only")
     }

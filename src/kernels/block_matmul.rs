@@ -446,11 +446,18 @@ impl BlockMatrix {
             BlockFormat::Q4K => Some(&self.minimums[row * blocks..][..blocks]),
             _ => None,
         };
+        // What both x86 paths rely on: `scales` (and `minimums`) are this row's `blocks` entries;
+        // `quants` runs from this row's first block to the end of the buffer, so it holds the
+        // row's `blocks * quant_bytes` bytes and then at least QUANT_PADDING (64) more (the
+        // next rows' and the padding `from_ggml_bytes` / `read_ggml` append); every activation
+        // row was quantized from `cols` values, so it holds `blocks` blocks padded to whole
+        // scale groups (quants, scales and sums).
         #[cfg(target_arch = "x86_64")]
         match path {
-            // SAFETY: the path's token proves the CPU runs it; `quants` holds QUANT_PADDING bytes past this row's last block and every
-            // activation array is padded to whole scale groups.
             KernelPath::Vnni(_) => {
+                // SAFETY: the Vnni token is made only once detection found AVX-512F/BW/VL,
+                // VNNI and F16C; the slices are as said above, which is what the kernels'
+                // contracts ask.
                 return unsafe {
                     match self.format {
                         BlockFormat::Q8_0 => x86::q8_0_vnni(quants, scales, acts),
@@ -458,10 +465,11 @@ impl BlockMatrix {
                             x86::q4_vnni(quants, scales, minimums, acts)
                         }
                     }
-                }
+                };
             }
-            // SAFETY: as above.
             KernelPath::Avx2(_) => {
+                // SAFETY: the Avx2 token is made only once detection found AVX2, FMA and F16C;
+                // the slices are as said above, which is what the kernels' contracts ask.
                 return unsafe {
                     match self.format {
                         BlockFormat::Q8_0 => x86::q8_0_avx2(quants, scales, acts),
@@ -469,7 +477,7 @@ impl BlockMatrix {
                             x86::q4_avx2(quants, scales, minimums, acts)
                         }
                     }
-                }
+                };
             }
             KernelPath::Portable => {}
         }
@@ -585,6 +593,9 @@ mod x86 {
     use super::{Activations, BLOCK, SCALE_GROUP};
 
     /// Sum of eight lanes.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn sum8(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
@@ -594,6 +605,9 @@ mod x86 {
     }
 
     /// Sixteen block scales (fewer at a row's end, the rest zero) as f32.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F/BW/VL; `min(count, 16)` f16 values are readable at `scales`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     unsafe fn load_scales(scales: *const f16, count: usize) -> __m512 {
         let mask = if count >= SCALE_GROUP {
@@ -601,10 +615,15 @@ mod x86 {
         } else {
             (1u16 << count) - 1
         };
-        _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, scales as *const i16))
+        // SAFETY: `mask` keeps the first `min(count, 16)` lanes, which the caller guarantees
+        // are readable; a masked load does not touch (or fault on) the others.
+        _mm512_cvtph_ps(unsafe { _mm256_maskz_loadu_epi16(mask, scales as *const i16) })
     }
 
     /// Lane `i` of the result is lane `i / lanes_per_block + first` of `v`.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F.
     #[target_feature(enable = "avx512f")]
     unsafe fn spread(v: __m512, index: __m512i) -> __m512 {
         _mm512_permutexvar_ps(index, v)
@@ -612,6 +631,9 @@ mod x86 {
 
     /// For the sixteen blocks from `group`: each token's weight scale × activation scale, and
     /// `offsets[t] += weight_offsets × the activation blocks' sums` (the unsigned offset's part).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; every `acts[t]` holds at least `group + 16` scales and sums.
     #[target_feature(enable = "avx512f")]
     unsafe fn group_scales<const T: usize>(
         weight_scales: __m512,
@@ -622,22 +644,39 @@ mod x86 {
     ) -> [__m512; T] {
         let mut combined = [_mm512_setzero_ps(); T];
         for t in 0..T {
-            let x_scales = _mm512_loadu_ps(acts[t].scales.as_ptr().add(group));
+            // SAFETY: the caller guarantees `group + 16` scales and sums in `acts[t]`: both
+            // 16-lane loads stay inside them (`loadu` needs no alignment).
+            let (x_scales, sums) = unsafe {
+                (
+                    _mm512_loadu_ps(acts[t].scales.as_ptr().add(group)),
+                    _mm512_loadu_ps(acts[t].sums.as_ptr().add(group)),
+                )
+            };
             combined[t] = _mm512_mul_ps(weight_scales, x_scales);
-            let sums = _mm512_loadu_ps(acts[t].sums.as_ptr().add(group));
             offsets[t] = _mm512_fmadd_ps(weight_offsets, sums, offsets[t]);
         }
         combined
     }
 
     /// `acc + dot × scales` with each lane's block scale picked out of `combined` by `index`.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F.
     #[target_feature(enable = "avx512f")]
     #[inline]
     unsafe fn add_scaled(acc: __m512, dot: __m512i, combined: __m512, index: __m512i) -> __m512 {
-        _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), spread(combined, index), acc)
+        // SAFETY: `spread` needs only AVX-512F, which the caller guarantees.
+        _mm512_fmadd_ps(
+            _mm512_cvtepi32_ps(dot),
+            unsafe { spread(combined, index) },
+            acc,
+        )
     }
 
     /// Each token's dot product: its lanes summed, less `offset` times its offset sums.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F.
     #[target_feature(enable = "avx512f")]
     unsafe fn totals<const T: usize>(
         acc: [__m512; T],
@@ -652,6 +691,13 @@ mod x86 {
     }
 
     /// q8_0 × q8 activations: a 64-byte load is two blocks, lanes 0..8 the first.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F/BW/VL, AVX-512 VNNI and F16C. `quants` holds the row's
+    /// `32 * scales.len()` bytes of quants and then at least 32 more readable bytes (a 64-byte
+    /// load covers two blocks, so a row with an odd number of blocks reads one block past its
+    /// end). Each of `acts` holds at least `scales.len()` blocks rounded up to a multiple of
+    /// [`SCALE_GROUP`]: 32 quants and one scale and one sum per block.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
     pub(super) unsafe fn q8_0_vnni<const T: usize>(
         quants: &[u8],
@@ -666,29 +712,52 @@ mod x86 {
         let mut group = 0;
         while group < blocks {
             let count = (blocks - group).min(SCALE_GROUP);
-            let weight_scales = load_scales(scales.as_ptr().add(group), count);
-            let combined = group_scales(weight_scales, weight_scales, &acts, group, &mut offsets);
+            // SAFETY: `group < blocks`, and `count <= blocks - group` scales follow it in
+            // `scales`; `group` is a multiple of 16 below `blocks`, so every activation row
+            // (padded to whole groups of 16) holds `group + 16` scales and sums. AVX-512 as the
+            // caller guarantees.
+            let combined = unsafe {
+                let weight_scales = load_scales(scales.as_ptr().add(group), count);
+                group_scales(weight_scales, weight_scales, &acts, group, &mut offsets)
+            };
             let mut pair = 0;
             while pair * 2 < count {
                 let at = (group + pair * 2) * BLOCK;
-                let w = _mm512_loadu_si512(quants.as_ptr().add(at) as *const __m512i);
+                // SAFETY: blocks `group + 2 * pair` (below `blocks`) and the next, whose 32
+                // bytes are either the row's or the at least 32 readable bytes the caller
+                // guarantees after it; `loadu` needs no alignment.
+                let w = unsafe { _mm512_loadu_si512(quants.as_ptr().add(at) as *const __m512i) };
                 let w = _mm512_xor_si512(w, flip);
                 let index = _mm512_add_epi32(halves, _mm512_set1_epi32(pair as i32 * 2));
                 for t in 0..T {
-                    let x = _mm512_loadu_si512(acts[t].quants.as_ptr().add(at) as *const __m512i);
+                    // SAFETY: blocks `group + 2 * pair` and the next are below `group + 16`,
+                    // inside the activation row's padded blocks of 32 quants.
+                    let x = unsafe {
+                        _mm512_loadu_si512(acts[t].quants.as_ptr().add(at) as *const __m512i)
+                    };
                     let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x);
-                    acc[t] = add_scaled(acc[t], dot, combined[t], index);
+                    // SAFETY: `add_scaled` needs AVX-512F, which the caller guarantees.
+                    acc[t] = unsafe { add_scaled(acc[t], dot, combined[t], index) };
                 }
                 pair += 1;
             }
             group += SCALE_GROUP;
         }
-        totals(acc, offsets, 128.0)
+        // SAFETY: `totals` needs AVX-512F, which the caller guarantees.
+        unsafe { totals(acc, offsets, 128.0) }
     }
 
     /// 4-bit blocks × q8 activations in nibble-halves order: a 64-byte load is four blocks; its
     /// low nibbles meet the first 64 activation bytes of the group, its high nibbles the next
     /// 64. `minimums` are q4_K's; without them the nibbles are q4_0's `w + 8`.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F/BW/VL, AVX-512 VNNI and F16C. `quants` holds the row's
+    /// `16 * scales.len()` bytes of quants and then at least 48 more readable bytes (a 64-byte
+    /// load covers four blocks, so a row whose block count is not a multiple of four reads up
+    /// to three blocks past its end). `minimums`, when given, holds at least `scales.len()`
+    /// values. Each of `acts` holds at least `scales.len()` blocks rounded up to a multiple of
+    /// [`SCALE_GROUP`]: 32 quants and one scale and one sum per block.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
     pub(super) unsafe fn q4_vnni<const T: usize>(
         quants: &[u8],
@@ -704,35 +773,63 @@ mod x86 {
         let mut group = 0;
         while group < blocks {
             let count = (blocks - group).min(SCALE_GROUP);
-            let weight_scales = load_scales(scales.as_ptr().add(group), count);
-            let weight_offsets = match minimums {
-                Some(m) => load_scales(m.as_ptr().add(group), count),
-                None => _mm512_mul_ps(weight_scales, _mm512_set1_ps(8.0)),
+            // SAFETY: `group < blocks`, and `count <= blocks - group` values follow it in
+            // `scales` and in `minimums` (which the caller guarantees holds `blocks`); AVX-512
+            // as the caller guarantees.
+            let (weight_scales, weight_offsets) = unsafe {
+                let weight_scales = load_scales(scales.as_ptr().add(group), count);
+                let weight_offsets = match minimums {
+                    Some(m) => load_scales(m.as_ptr().add(group), count),
+                    None => _mm512_mul_ps(weight_scales, _mm512_set1_ps(8.0)),
+                };
+                (weight_scales, weight_offsets)
             };
-            let combined = group_scales(weight_scales, weight_offsets, &acts, group, &mut offsets);
+            // SAFETY: `group` is a multiple of 16 below `blocks`, so every activation row
+            // (padded to whole groups of 16) holds `group + 16` scales and sums; AVX-512F as
+            // the caller guarantees.
+            let combined =
+                unsafe { group_scales(weight_scales, weight_offsets, &acts, group, &mut offsets) };
             let mut quad = 0;
             while quad * 4 < count {
                 let first_block = group + quad * 4;
-                let v = _mm512_loadu_si512(quants.as_ptr().add(first_block * 16) as *const __m512i);
+                // SAFETY: blocks `first_block` (below `blocks`) to `first_block + 3`, 16 bytes
+                // each: the row's, or within the 48 readable bytes the caller guarantees after
+                // it; `loadu` needs no alignment.
+                let v = unsafe {
+                    _mm512_loadu_si512(quants.as_ptr().add(first_block * 16) as *const __m512i)
+                };
                 let lo = _mm512_and_si512(v, low);
                 let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
                 let index = _mm512_add_epi32(quarters, _mm512_set1_epi32(quad as i32 * 4));
                 for t in 0..T {
-                    let x = acts[t].quants.as_ptr().add(first_block * BLOCK);
-                    let x_lo = _mm512_loadu_si512(x as *const __m512i);
-                    let x_hi = _mm512_loadu_si512(x.add(64) as *const __m512i);
+                    // SAFETY: the 128 bytes of blocks `first_block .. first_block + 4`, below
+                    // `group + 16`, inside the activation row's padded blocks of 32 quants.
+                    let (x_lo, x_hi) = unsafe {
+                        let x = acts[t].quants.as_ptr().add(first_block * BLOCK);
+                        (
+                            _mm512_loadu_si512(x as *const __m512i),
+                            _mm512_loadu_si512(x.add(64) as *const __m512i),
+                        )
+                    };
                     let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, x_lo);
                     let dot = _mm512_dpbusd_epi32(dot, hi, x_hi);
-                    acc[t] = add_scaled(acc[t], dot, combined[t], index);
+                    // SAFETY: `add_scaled` needs AVX-512F, which the caller guarantees.
+                    acc[t] = unsafe { add_scaled(acc[t], dot, combined[t], index) };
                 }
                 quad += 1;
             }
             group += SCALE_GROUP;
         }
-        totals(acc, offsets, 1.0)
+        // SAFETY: `totals` needs AVX-512F, which the caller guarantees.
+        unsafe { totals(acc, offsets, 1.0) }
     }
 
     /// q8_0 × q8 activations, one block per 256-bit register: |w| times x with w's sign.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C. `quants` holds at least `32 * scales.len()` bytes, and
+    /// each of `acts` at least `scales.len()` blocks of 32 quants (its scales are indexed with
+    /// bounds checks).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn q8_0_avx2<const T: usize>(
         quants: &[u8],
@@ -742,12 +839,17 @@ mod x86 {
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); T];
         for (b, scale) in scales.iter().enumerate() {
-            let w = _mm256_loadu_si256(quants.as_ptr().add(b * BLOCK) as *const __m256i);
+            // SAFETY: `b < scales.len()`, so block `b`'s 32 bytes are inside `quants`; `loadu`
+            // needs no alignment.
+            let w = unsafe { _mm256_loadu_si256(quants.as_ptr().add(b * BLOCK) as *const __m256i) };
             let magnitude = _mm256_sign_epi8(w, w);
             let scale = scale.to_f32();
             for t in 0..T {
-                let x =
-                    _mm256_loadu_si256(acts[t].quants.as_ptr().add(b * BLOCK) as *const __m256i);
+                // SAFETY: block `b`'s 32 quants are inside the activation row, which holds at
+                // least `scales.len()` blocks.
+                let x = unsafe {
+                    _mm256_loadu_si256(acts[t].quants.as_ptr().add(b * BLOCK) as *const __m256i)
+                };
                 let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x, w));
                 let dot = _mm256_madd_epi16(pairs, ones);
                 let s = _mm256_set1_ps(scale * acts[t].scales[b]);
@@ -756,13 +858,19 @@ mod x86 {
         }
         let mut out = [0f32; T];
         for t in 0..T {
-            out[t] = sum8(acc[t]);
+            // SAFETY: `sum8` needs AVX2 and FMA, which the caller guarantees.
+            out[t] = unsafe { sum8(acc[t]) };
         }
         out
     }
 
     /// 4-bit blocks × q8 activations, one block per 256-bit register: nibbles times x, the
     /// offset (q4_0's 8, q4_K's minimum) taken off per block.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C. `quants` holds at least `16 * scales.len()` bytes, and
+    /// each of `acts` at least `scales.len()` blocks of 32 quants (its scales and sums, and
+    /// `minimums`, are indexed with bounds checks).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn q4_avx2<const T: usize>(
         quants: &[u8],
@@ -775,7 +883,9 @@ mod x86 {
         let mut acc = [_mm256_setzero_ps(); T];
         let mut offsets = [0f32; T];
         for (b, scale) in scales.iter().enumerate() {
-            let v = _mm_loadu_si128(quants.as_ptr().add(b * 16) as *const __m128i);
+            // SAFETY: `b < scales.len()`, so block `b`'s 16 bytes are inside `quants`; `loadu`
+            // needs no alignment.
+            let v = unsafe { _mm_loadu_si128(quants.as_ptr().add(b * 16) as *const __m128i) };
             let lo = _mm_and_si128(v, low);
             let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), low);
             let w = _mm256_set_m128i(hi, lo);
@@ -785,8 +895,11 @@ mod x86 {
                 None => 8.0 * scale,
             };
             for t in 0..T {
-                let x =
-                    _mm256_loadu_si256(acts[t].quants.as_ptr().add(b * BLOCK) as *const __m256i);
+                // SAFETY: block `b`'s 32 quants are inside the activation row, which holds at
+                // least `scales.len()` blocks.
+                let x = unsafe {
+                    _mm256_loadu_si256(acts[t].quants.as_ptr().add(b * BLOCK) as *const __m256i)
+                };
                 let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);
                 let s = _mm256_set1_ps(scale * acts[t].scales[b]);
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[t]);
@@ -795,7 +908,8 @@ mod x86 {
         }
         let mut out = [0f32; T];
         for t in 0..T {
-            out[t] = sum8(acc[t]) - offsets[t];
+            // SAFETY: `sum8` needs AVX2 and FMA, which the caller guarantees.
+            out[t] = unsafe { sum8(acc[t]) } - offsets[t];
         }
         out
     }

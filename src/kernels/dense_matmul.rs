@@ -232,14 +232,22 @@ mod loads {
     use super::DenseWeight;
 
     impl DenseWeight for f32 {
+        /// # Safety
+        /// As [`DenseWeight::load16`]'s.
         #[inline(always)]
         unsafe fn load16(p: *const Self, mask: u16) -> __m512 {
-            load_f32(p, mask)
+            // SAFETY: the caller guarantees AVX-512F/BW/VL (what `load_f32` enables) and
+            // that the lanes `mask` keeps are readable at `p`.
+            unsafe { load_f32(p, mask) }
         }
 
+        /// # Safety
+        /// As [`DenseWeight::load8`]'s.
         #[inline(always)]
         unsafe fn load8(p: *const Self) -> __m256 {
-            load8_f32(p)
+            // SAFETY: the caller guarantees AVX2 and F16C (what `load8_f32` enables) and
+            // eight readable elements at `p`.
+            unsafe { load8_f32(p) }
         }
 
         fn to_f32(self) -> f32 {
@@ -248,14 +256,22 @@ mod loads {
     }
 
     impl DenseWeight for f16 {
+        /// # Safety
+        /// As [`DenseWeight::load16`]'s.
         #[inline(always)]
         unsafe fn load16(p: *const Self, mask: u16) -> __m512 {
-            load_f16(p, mask)
+            // SAFETY: the caller guarantees AVX-512F/BW/VL (what `load_f16` enables) and
+            // that the lanes `mask` keeps are readable at `p`.
+            unsafe { load_f16(p, mask) }
         }
 
+        /// # Safety
+        /// As [`DenseWeight::load8`]'s.
         #[inline(always)]
         unsafe fn load8(p: *const Self) -> __m256 {
-            load8_f16(p)
+            // SAFETY: the caller guarantees AVX2 and F16C (what `load8_f16` enables) and
+            // eight readable elements at `p`.
+            unsafe { load8_f16(p) }
         }
 
         fn to_f32(self) -> f32 {
@@ -264,14 +280,22 @@ mod loads {
     }
 
     impl DenseWeight for bf16 {
+        /// # Safety
+        /// As [`DenseWeight::load16`]'s.
         #[inline(always)]
         unsafe fn load16(p: *const Self, mask: u16) -> __m512 {
-            load_bf16(p, mask)
+            // SAFETY: the caller guarantees AVX-512F/BW/VL (what `load_bf16` enables) and
+            // that the lanes `mask` keeps are readable at `p`.
+            unsafe { load_bf16(p, mask) }
         }
 
+        /// # Safety
+        /// As [`DenseWeight::load8`]'s.
         #[inline(always)]
         unsafe fn load8(p: *const Self) -> __m256 {
-            load8_bf16(p)
+            // SAFETY: the caller guarantees AVX2 and F16C (what `load8_bf16` enables) and
+            // eight readable elements at `p`.
+            unsafe { load8_bf16(p) }
         }
 
         fn to_f32(self) -> f32 {
@@ -279,53 +303,95 @@ mod loads {
         }
     }
 
+    /// Eight f32 at `p`.
+    ///
+    /// # Safety
+    /// The CPU has AVX2; eight `f32` (32 bytes) are readable at `p` (any alignment).
     #[target_feature(enable = "avx2")]
     #[inline]
     unsafe fn load8_f32(p: *const f32) -> __m256 {
-        _mm256_loadu_ps(p)
+        // SAFETY: the caller guarantees 32 readable bytes at `p`; `loadu` needs no alignment.
+        unsafe { _mm256_loadu_ps(p) }
     }
 
+    /// Eight f16 at `p`, widened.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and F16C; eight `f16` (16 bytes) are readable at `p` (any alignment).
     #[target_feature(enable = "avx2,f16c")]
     #[inline]
     unsafe fn load8_f16(p: *const f16) -> __m256 {
-        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+        // SAFETY: the caller guarantees 16 readable bytes at `p`; `loadu` needs no alignment.
+        _mm256_cvtph_ps(unsafe { _mm_loadu_si128(p as *const __m128i) })
     }
 
+    /// Eight bf16 at `p`, widened.
+    ///
+    /// # Safety
+    /// The CPU has AVX2; eight `bf16` (16 bytes) are readable at `p` (any alignment).
     #[target_feature(enable = "avx2")]
     #[inline]
     unsafe fn load8_bf16(p: *const bf16) -> __m256 {
-        let halves = _mm_loadu_si128(p as *const __m128i);
+        // SAFETY: the caller guarantees 16 readable bytes at `p`; `loadu` needs no alignment.
+        let halves = unsafe { _mm_loadu_si128(p as *const __m128i) };
         _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(halves)))
     }
 
+    /// Sixteen f32 at `p`, the lanes outside `mask` zero.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; the elements at `p` whose lanes `mask` keeps are readable (all
+    /// sixteen when `mask` is `u16::MAX`; lanes masked off are never touched).
     #[target_feature(enable = "avx512f")]
     #[inline]
     unsafe fn load_f32(p: *const f32, mask: u16) -> __m512 {
         if mask == u16::MAX {
-            _mm512_loadu_ps(p)
+            // SAFETY: every lane is kept, so the caller guarantees 64 readable bytes at `p`;
+            // `loadu` needs no alignment.
+            unsafe { _mm512_loadu_ps(p) }
         } else {
-            _mm512_maskz_loadu_ps(mask, p)
+            // SAFETY: a masked load reads only the lanes `mask` keeps, which the caller
+            // guarantees are readable (masked-off lanes do not fault).
+            unsafe { _mm512_maskz_loadu_ps(mask, p) }
         }
     }
 
+    /// Sixteen f16 at `p`, widened, the lanes outside `mask` zero.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F/BW/VL; the elements at `p` whose lanes `mask` keeps are readable
+    /// (all sixteen when `mask` is `u16::MAX`).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     #[inline]
     unsafe fn load_f16(p: *const f16, mask: u16) -> __m512 {
         let halves = if mask == u16::MAX {
-            _mm256_loadu_si256(p as *const __m256i)
+            // SAFETY: every lane is kept, so the caller guarantees 32 readable bytes at `p`;
+            // `loadu` needs no alignment.
+            unsafe { _mm256_loadu_si256(p as *const __m256i) }
         } else {
-            _mm256_maskz_loadu_epi16(mask, p as *const i16)
+            // SAFETY: a masked load reads only the lanes `mask` keeps, which the caller
+            // guarantees are readable.
+            unsafe { _mm256_maskz_loadu_epi16(mask, p as *const i16) }
         };
         _mm512_cvtph_ps(halves)
     }
 
+    /// Sixteen bf16 at `p`, widened, the lanes outside `mask` zero.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F/BW/VL; the elements at `p` whose lanes `mask` keeps are readable
+    /// (all sixteen when `mask` is `u16::MAX`).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     #[inline]
     unsafe fn load_bf16(p: *const bf16, mask: u16) -> __m512 {
         let halves = if mask == u16::MAX {
-            _mm256_loadu_si256(p as *const __m256i)
+            // SAFETY: every lane is kept, so the caller guarantees 32 readable bytes at `p`;
+            // `loadu` needs no alignment.
+            unsafe { _mm256_loadu_si256(p as *const __m256i) }
         } else {
-            _mm256_maskz_loadu_epi16(mask, p as *const i16)
+            // SAFETY: a masked load reads only the lanes `mask` keeps, which the caller
+            // guarantees are readable.
+            unsafe { _mm256_maskz_loadu_epi16(mask, p as *const i16) }
         };
         // A bf16 is the top half of an f32.
         _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(halves)))
@@ -387,9 +453,12 @@ fn matmul<W: DenseWeight>(
                 let mut t = 0;
                 for m in token_groups(tokens) {
                     let x_rows = &x[t * cols..][..m * cols];
-                    // SAFETY: rows `row .. row + width` of tokens `t .. t + m` lie inside
-                    // `out` (the sizes were checked above) and belong to this task alone;
-                    // `path` was detected on this CPU.
+                    // SAFETY: `path` was detected on this CPU (its token is made only after
+                    // detection). `panel` is `width * cols` weights and `x_rows` `m * cols`
+                    // activations (sliced just above), `1 <= m <= 6` (token_groups), `width <=
+                    // 64` and `cols > 0` (else `x.len() / cols` would have panicked). Rows
+                    // `row .. row + width` of tokens `t .. t + m` lie inside `out` (its size was
+                    // checked above: `tokens * rows`) and belong to this task alone.
                     unsafe {
                         tile(
                             path,
@@ -412,15 +481,22 @@ fn matmul<W: DenseWeight>(
 #[derive(Clone, Copy)]
 struct SharedOut(*mut f32);
 
-// SAFETY: tasks write disjoint elements, and the buffer outlives them (rayon joins before
-// `matmul` returns).
+// SAFETY: the pointer is only used by `matmul`'s tasks, which write disjoint elements (each
+// its own panels' rows), and the buffer it points into is borrowed mutably by `matmul`, which
+// outlives them (rayon joins before it returns).
 unsafe impl Send for SharedOut {}
+// SAFETY: as for `Send`: sharing the pointer lets each task write only its own elements, and
+// nothing reads the buffer until every task has finished.
 unsafe impl Sync for SharedOut {}
 
 impl SharedOut {
+    /// The pointer to element `index`.
+    ///
     /// # Safety
-    /// `index` is inside the buffer.
+    /// `index` is inside the buffer (at most its length).
     unsafe fn at(self, index: usize) -> *mut f32 {
+        // SAFETY: the caller guarantees `index` is within the buffer, so the offset stays in
+        // the same allocation.
         unsafe { self.0.add(index) }
     }
 }
@@ -449,8 +525,9 @@ fn token_groups(tokens: usize) -> impl Iterator<Item = usize> {
 /// it; the results go to `out[j * out_stride + i]` for token `j` and panel row `i`.
 ///
 /// # Safety
-/// `path` runs on this CPU, and `out` has room for `m` runs of `width` values `out_stride`
-/// apart.
+/// `path` runs on this CPU; `1 <= m <= 6`, `width <= 64` and `cols > 0`; `panel` holds `cols`
+/// groups of `width` weights, `x` holds `m` rows of `cols`, and `out` has room for `m` runs of
+/// `width` values `out_stride` apart.
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile<W: DenseWeight>(
     path: KernelPath,
@@ -465,28 +542,45 @@ unsafe fn tile<W: DenseWeight>(
     macro_rules! dispatch {
         ($($m:literal),*) => {
             match (width == PANEL_ROWS, m) {
-                $((true, $m) => unsafe {
-                    x86::tile::<W, $m, true>(panel, width, x, cols, out, out_stride)
-                },
-                (false, $m) => unsafe {
-                    x86::tile::<W, $m, false>(panel, width, x, cols, out, out_stride)
-                },)*
+                $((true, $m) => {
+                    // SAFETY: the Avx512 token proves AVX-512F/BW/VL; the panel is a full 64
+                    // rows wide and the slices and `out` are as the caller guarantees.
+                    unsafe { x86::tile::<W, $m, true>(panel, width, x, cols, out, out_stride) }
+                }
+                (false, $m) => {
+                    // SAFETY: the Avx512 token proves AVX-512F/BW/VL; `width < 64` and the
+                    // slices and `out` are as the caller guarantees.
+                    unsafe { x86::tile::<W, $m, false>(panel, width, x, cols, out, out_stride) }
+                })*
                 _ => unreachable!("tile of {width}x{m}"),
             }
         };
     }
     match path {
         KernelPath::Avx512(_) => dispatch!(1, 2, 3, 4, 5, 6),
+        // SAFETY: the Avx2 token proves FMA; `out` has room for `m` runs of `width` values, as
+        // the caller guarantees.
         KernelPath::Avx2(_) if width < PANEL_ROWS => unsafe {
             narrow_panel(panel, width, x, m, cols, out, out_stride)
         },
+        // SAFETY: `out` has room for `m` runs of `width` values, as the caller guarantees.
         KernelPath::Portable => unsafe { portable_tile(panel, width, x, m, cols, out, out_stride) },
+        // For all five: the Avx2 token proves AVX2, FMA and F16C; the panel is a full 64 rows
+        // wide (narrower ones took the arm above), so `panel` holds `cols` groups of 64, `x`
+        // holds `m` rows of `cols` and `out` has room for `m` runs of 64 `out_stride` apart, as
+        // the caller guarantees.
         KernelPath::Avx2(_) => match m {
+            // SAFETY: see above; one token, so `out_stride` is not used.
             1 => unsafe { avx2::column(panel, x, cols, out) },
+            // SAFETY: see above.
             2 => unsafe { avx2::tile::<W, 2>(panel, x, cols, out, out_stride) },
+            // SAFETY: see above.
             3 => unsafe { avx2::tile::<W, 3>(panel, x, cols, out, out_stride) },
+            // SAFETY: see above.
             4 => unsafe { avx2::tile::<W, 4>(panel, x, cols, out, out_stride) },
+            // SAFETY: see above.
             5 => unsafe { avx2::tile::<W, 5>(panel, x, cols, out, out_stride) },
+            // SAFETY: see above.
             6 => unsafe { avx2::tile::<W, 6>(panel, x, cols, out, out_stride) },
             _ => unreachable!("tile of {m} tokens"),
         },
@@ -498,7 +592,8 @@ unsafe fn tile<W: DenseWeight>(
 /// exactly the chains the vector kernels compute (so the same bits).
 ///
 /// # Safety
-/// As [`tile`]'s.
+/// `out` has room for `m` runs of `width` values `out_stride` apart (the slices are indexed
+/// with bounds checks).
 #[allow(clippy::too_many_arguments)]
 unsafe fn portable_tile<W: DenseWeight>(
     panel: &[W],
@@ -521,7 +616,8 @@ unsafe fn portable_tile<W: DenseWeight>(
     }
     for (j, acc) in acc.iter().enumerate().take(m) {
         for (i, value) in acc.iter().enumerate().take(width) {
-            // SAFETY: the caller gives room for `m` runs of `width` values.
+            // SAFETY: `j < m` and `i < width`, and the caller gives room for `m` runs of
+            // `width` values `out_stride` apart.
             unsafe { out.add(j * out_stride + i).write(*value) };
         }
     }
@@ -531,7 +627,8 @@ unsafe fn portable_tile<W: DenseWeight>(
 /// multiply-adds the vector kernels compute, one at a time (one panel per matrix at most).
 ///
 /// # Safety
-/// As [`tile`]'s; the CPU has FMA.
+/// The CPU has FMA (on x86-64); `out` has room for `m` runs of `width` values `out_stride`
+/// apart (the slices are indexed with bounds checks).
 #[cfg_attr(target_arch = "x86_64", target_feature(enable = "fma"))]
 unsafe fn narrow_panel<W: DenseWeight>(
     panel: &[W],
@@ -549,7 +646,8 @@ unsafe fn narrow_panel<W: DenseWeight>(
             for (k, x) in x.iter().enumerate() {
                 acc = panel[k * width + i].to_f32().mul_add(*x, acc);
             }
-            // SAFETY: the caller gives room for `m` runs of `width` values.
+            // SAFETY: `j < m` and `i < width`, and the caller gives room for `m` runs of
+            // `width` values `out_stride` apart.
             unsafe { out.add(j * out_stride + i).write(acc) };
         }
     }
@@ -564,8 +662,9 @@ mod avx2 {
     /// One activation row against a full panel: all 64 rows a column step, eight 8-lane sums.
     ///
     /// # Safety
-    /// AVX2, FMA, F16C; `panel` holds `cols` groups of 64 weights, `x` one row of `cols`, and
-    /// `out` has room for 64 values.
+    /// The CPU has AVX2, FMA and F16C; `panel` holds `cols` groups of 64 weights (at least
+    /// `64 * cols` elements), `x` one row of `cols` (checked), and `out` has room for 64
+    /// values.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn column<W: DenseWeight>(
         panel: &[W],
@@ -579,12 +678,20 @@ mod avx2 {
         for xk in &x[..cols] {
             let xb = _mm256_set1_ps(*xk);
             for (v, acc) in acc.iter_mut().enumerate() {
-                *acc = _mm256_fmadd_ps(W::load8(wp.add(8 * v)), xb, *acc);
+                // SAFETY: `wp` is at this column's group of 64 weights inside `panel` (`cols`
+                // groups, one step per column), so the eight at `8 * v < 64` are readable;
+                // AVX2 and F16C as the caller guarantees.
+                let w = unsafe { W::load8(wp.add(8 * v)) };
+                *acc = _mm256_fmadd_ps(w, xb, *acc);
             }
-            wp = wp.add(PANEL_ROWS);
+            // SAFETY: the next column's group; after the last of the `cols` groups this is one
+            // past the end of `panel`'s `64 * cols` elements, which is still in bounds.
+            wp = unsafe { wp.add(PANEL_ROWS) };
         }
         for (v, acc) in acc.iter().enumerate() {
-            _mm256_storeu_ps(out.add(8 * v), *acc);
+            // SAFETY: `8 * v + 8 <= 64`, and the caller gives room for 64 values at `out`;
+            // `storeu` needs no alignment.
+            unsafe { _mm256_storeu_ps(out.add(8 * v), *acc) };
         }
     }
 
@@ -592,8 +699,8 @@ mod avx2 {
     /// weight vectors fill the 16 registers).
     ///
     /// # Safety
-    /// As [`column`]'s, with `M` rows of `x` and room for `M` runs of 64 values `out_stride`
-    /// apart.
+    /// As [`column`]'s, with `cols > 0`, `M` rows of `cols` in `x` (at least `M * cols`
+    /// elements, read unchecked) and room for `M` runs of 64 values `out_stride` apart.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn tile<W: DenseWeight, const M: usize>(
         panel: &[W],
@@ -605,20 +712,33 @@ mod avx2 {
         let xp = x.as_ptr();
         for sub in 0..PANEL_ROWS / 16 {
             let mut acc = [[_mm256_setzero_ps(); 2]; M];
-            let mut wp = panel.as_ptr().add(16 * sub);
+            // SAFETY: `16 * sub < 64 <= 64 * cols`, the length of `panel` (`cols > 0`).
+            let mut wp = unsafe { panel.as_ptr().add(16 * sub) };
             for k in 0..cols {
-                let (w0, w1) = (W::load8(wp), W::load8(wp.add(8)));
+                // SAFETY: `wp` is rows `16 * sub .. 16 * sub + 16` of column `k`'s group of 64
+                // inside `panel`, so both runs of eight are readable; AVX2 and F16C as the
+                // caller guarantees.
+                let (w0, w1) = unsafe { (W::load8(wp), W::load8(wp.add(8))) };
                 for (j, acc) in acc.iter_mut().enumerate() {
-                    let xb = _mm256_set1_ps(*xp.add(j * cols + k));
+                    // SAFETY: `j < M` and `k < cols`: inside `x`'s `M * cols` elements.
+                    let xb = _mm256_set1_ps(unsafe { *xp.add(j * cols + k) });
                     acc[0] = _mm256_fmadd_ps(w0, xb, acc[0]);
                     acc[1] = _mm256_fmadd_ps(w1, xb, acc[1]);
                 }
-                wp = wp.add(PANEL_ROWS);
+                // The same rows of the next column's group, inside `panel` while
+                // `k + 1 < cols`. After the last column this is `16 * sub` elements past the
+                // end of `panel` (never read), possibly outside its allocation:
+                // `wrapping_add` allows that where `add` does not.
+                wp = wp.wrapping_add(PANEL_ROWS);
             }
             for (j, acc) in acc.iter().enumerate() {
-                let dst = out.add(j * out_stride + 16 * sub);
-                _mm256_storeu_ps(dst, acc[0]);
-                _mm256_storeu_ps(dst.add(8), acc[1]);
+                // SAFETY: `j < M` and `16 * sub + 16 <= 64`: values `16 * sub .. 16 * sub + 16`
+                // of run `j`, for which the caller gives room; `storeu` needs no alignment.
+                unsafe {
+                    let dst = out.add(j * out_stride + 16 * sub);
+                    _mm256_storeu_ps(dst, acc[0]);
+                    _mm256_storeu_ps(dst.add(8), acc[1]);
+                }
             }
         }
     }
@@ -628,10 +748,18 @@ mod avx2 {
 mod avx2 {
     use super::DenseWeight;
 
+    /// Never called: there is no AVX2 token off x86-64.
+    ///
+    /// # Safety
+    /// None needed (it only panics); `unsafe` to match the x86-64 kernel's signature.
     pub(super) unsafe fn column<W: DenseWeight>(_p: &[W], _x: &[f32], _c: usize, _o: *mut f32) {
         unreachable!("the AVX2 kernel runs on x86-64 only")
     }
 
+    /// Never called: there is no AVX2 token off x86-64.
+    ///
+    /// # Safety
+    /// None needed (it only panics); `unsafe` to match the x86-64 kernel's signature.
     pub(super) unsafe fn tile<W: DenseWeight, const M: usize>(
         _p: &[W],
         _x: &[f32],
@@ -657,8 +785,9 @@ mod x86 {
     /// are 64 rows wide; the narrower last panel of a matrix masks its loads and stores.
     ///
     /// # Safety
-    /// AVX-512F/BW/VL; `panel` holds `cols` groups of `width` weights, `x` holds `M` rows of
-    /// `cols`, and `out` has room for `M` runs of `width` values `out_stride` apart.
+    /// The CPU has AVX-512F/BW/VL; `width <= 64`, and `width == 64` when `FULL`; `panel` holds
+    /// `cols` groups of `width` weights, `x` holds `M` rows of `cols` (both read unchecked),
+    /// and `out` has room for `M` runs of `width` values `out_stride` apart.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     pub(super) unsafe fn tile<W: DenseWeight, const M: usize, const FULL: bool>(
         panel: &[W],
@@ -684,23 +813,39 @@ mod x86 {
             let mut wv = [_mm512_setzero_ps(); VECTORS];
             for (v, wv) in wv.iter_mut().enumerate() {
                 let mask = if FULL { u16::MAX } else { masks[v] };
-                *wv = W::load16(wp.add(16 * v), mask);
+                // SAFETY: `wp` is column `k`'s group of `stride` weights inside `panel`; `mask`
+                // keeps only rows `16 * v .. width` of it (all 16 of a full panel's), so every
+                // lane read is inside `panel`, and masked-off lanes are never touched. AVX-512
+                // as the caller guarantees. In a narrow panel, for `16 * v >= width` (mask 0)
+                // the address is past the group, and at the last column possibly past the
+                // end of `panel`'s allocation: computed with `wrapping_add`, never read.
+                *wv = unsafe { W::load16(wp.wrapping_add(16 * v), mask) };
             }
             for (j, acc) in acc.iter_mut().enumerate() {
-                let xb = _mm512_set1_ps(*xp.add(j * cols + k));
+                // SAFETY: `j < M` and `k < cols`: inside `x`'s `M * cols` elements.
+                let xb = _mm512_set1_ps(unsafe { *xp.add(j * cols + k) });
                 for (acc, wv) in acc.iter_mut().zip(&wv) {
                     *acc = _mm512_fmadd_ps(*wv, xb, *acc);
                 }
             }
-            wp = wp.add(stride);
+            // SAFETY: the next column's group; after the last of the `cols` groups this is one
+            // past the end of `panel`'s `stride * cols` elements, which is still in bounds.
+            wp = unsafe { wp.add(stride) };
         }
         for (j, acc) in acc.iter().enumerate() {
             for (v, acc) in acc.iter().enumerate() {
-                let dst = out.add(j * out_stride + 16 * v);
-                if FULL {
-                    _mm512_storeu_ps(dst, *acc);
-                } else {
-                    _mm512_mask_storeu_ps(dst, masks[v], *acc);
+                // SAFETY: `j < M`; a full panel stores values `16 * v .. 16 * v + 16 <= 64` of
+                // run `j`, a narrow one only the lanes of `masks[v]`, values below `width`: all
+                // inside the room the caller gives. As for the loads, when `16 * v >= width`
+                // (mask 0) `dst` can lie past the end of the output buffer (the last token's
+                // run of the last panel): `wrapping_add`, never written through.
+                unsafe {
+                    let dst = out.wrapping_add(j * out_stride + 16 * v);
+                    if FULL {
+                        _mm512_storeu_ps(dst, *acc);
+                    } else {
+                        _mm512_mask_storeu_ps(dst, masks[v], *acc);
+                    }
                 }
             }
         }
@@ -711,6 +856,10 @@ mod x86 {
 mod x86 {
     use super::DenseWeight;
 
+    /// Never called: there is no AVX-512 token off x86-64.
+    ///
+    /// # Safety
+    /// None needed (it only panics); `unsafe` to match the x86-64 kernel's signature.
     pub(super) unsafe fn tile<W: DenseWeight, const M: usize, const FULL: bool>(
         _panel: &[W],
         _width: usize,
