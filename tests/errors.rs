@@ -572,3 +572,21 @@ fn gguf_tensor_directories_that_do_not_match_the_bytes_are_refused() {
         assert!(err.to_string().contains(expected), "{expected}: {err}");
     }
 }
+
+/// A damaged PyTorch checkpoint that makes candle's pickle reader panic (a tuple shorter than
+/// it indexes; found by `fuzz/`, kept as `fuzz/corpus/pickle/regression-rebuild-args-panic`)
+/// is an error naming the file, not a crash.
+#[test]
+fn a_pickle_that_panics_candles_reader_is_an_error() {
+    let (_tmp, dir) = copy_fixture("chatglm2-tiny");
+    let shard = dir.join("pytorch_model-00002-of-00002.bin");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz/corpus/pickle/regression-rebuild-args-panic"),
+        &shard,
+    )
+    .expect("copy");
+    let err = load_err(&dir);
+    assert_eq!(err.kind(), ErrorKind::InvalidModel, "{err}");
+    assert!(err.to_string().contains("pytorch_model-00002"), "{err}");
+}
