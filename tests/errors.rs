@@ -518,6 +518,17 @@ type GgufEntry<'a> = (&'a str, &'a [u64], u32, u64);
 /// A GGUF file written by hand (version 3): `tensors`, then `data` after the header padded to
 /// 32 bytes.
 fn write_gguf(path: &Path, tensors: &[GgufEntry<'_>], data: &[u8]) {
+    write_gguf_with_alignment(path, None, tensors, data)
+}
+
+/// As [`write_gguf`], with a `general.alignment` entry of GGUF value type `alignment.0` and
+/// little-endian value `alignment.1`.
+fn write_gguf_with_alignment(
+    path: &Path,
+    alignment: Option<(u32, &[u8])>,
+    tensors: &[GgufEntry<'_>],
+    data: &[u8],
+) {
     let string = |out: &mut Vec<u8>, s: &str| {
         out.extend((s.len() as u64).to_le_bytes());
         out.extend(s.as_bytes());
@@ -525,10 +536,15 @@ fn write_gguf(path: &Path, tensors: &[GgufEntry<'_>], data: &[u8]) {
     let mut out = b"GGUF".to_vec();
     out.extend(3u32.to_le_bytes());
     out.extend((tensors.len() as u64).to_le_bytes());
-    out.extend(1u64.to_le_bytes());
+    out.extend((1 + u64::from(alignment.is_some())).to_le_bytes());
     string(&mut out, "general.architecture");
     out.extend(8u32.to_le_bytes()); // string
     string(&mut out, "llama");
+    if let Some((kind, value)) = alignment {
+        string(&mut out, "general.alignment");
+        out.extend(kind.to_le_bytes());
+        out.extend(value);
+    }
     for (name, dims, kind, offset) in tensors {
         string(&mut out, name);
         out.extend((dims.len() as u32).to_le_bytes());
@@ -570,6 +586,29 @@ fn gguf_tensor_directories_that_do_not_match_the_bytes_are_refused() {
         let err = load_err(&path);
         assert_eq!(err.kind(), ErrorKind::InvalidModel, "{expected}: {err}");
         assert!(err.to_string().contains(expected), "{expected}: {err}");
+    }
+}
+
+/// `general.alignment` is a u32 power of two: zero made candle's reader divide by zero (found
+/// by `fuzz/`), and a u64 would be read by candle as the default 32 while its writer meant
+/// something else.
+#[test]
+fn gguf_alignments_that_are_not_a_u32_power_of_two_are_refused() {
+    const U32: u32 = 4;
+    const U64: u32 = 10;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = tmp.path().join("model.gguf");
+    let cases: [(u32, &[u8], &str); 3] = [
+        (U32, &0u32.to_le_bytes(), "alignment"),
+        (U32, &48u32.to_le_bytes(), "power of two"),
+        (U64, &64u64.to_le_bytes(), "not a u32"),
+    ];
+    for (kind, value, expected) in cases {
+        write_gguf_with_alignment(&path, Some((kind, value)), &[("a", &[8], 0, 0)], &[0; 64]);
+        let err = load_err(&path);
+        assert_eq!(err.kind(), ErrorKind::InvalidModel, "{expected}: {err}");
+        assert!(err.to_string().contains(expected), "{expected}: {err}");
+        assert!(err.to_string().contains("model.gguf"), "{err}");
     }
 }
 

@@ -10,6 +10,7 @@ use candle_core::quantized::gguf_file::{self, Content, Value};
 use candle_core::quantized::QTensor;
 
 use crate::error::{Error, Result};
+use crate::formats::contain_panic;
 
 /// Whether `path` names a GGUF file rather than a model directory.
 pub(crate) fn is_gguf(path: &Path) -> bool {
@@ -30,7 +31,11 @@ impl GgufFile {
     /// Opens `path` and reads its header (metadata and tensor directory).
     pub(crate) fn open(path: &Path) -> Result<Self> {
         let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let content = Content::read(&mut file).map_err(|source| Error::Weights {
+        let content = contain_panic(
+            || Content::read(&mut file),
+            || "malformed GGUF header: general.alignment is zero or the header is damaged".into(),
+        )
+        .map_err(|source| Error::Weights {
             path: path.to_path_buf(),
             source,
         })?;
@@ -59,11 +64,12 @@ impl GgufFile {
 /// aligned offset, inside the file, and no two sharing bytes. A tensor relabelled with another
 /// type (a q8_0 tensor read as f32) then fails here rather than loading as noise.
 fn check_layout(content: &Content, file_len: u64) -> std::result::Result<(), String> {
+    // GGUF says u32, and llama.cpp refuses any other type; candle would quietly fall back to
+    // 32 for some of them, placing every tensor somewhere its writer did not put it.
     let alignment = match content.metadata.get("general.alignment") {
         None => 32,
         Some(Value::U32(a)) => u64::from(*a),
-        Some(Value::U64(a)) => *a,
-        Some(other) => return Err(format!("general.alignment is {other:?}, not an integer")),
+        Some(other) => return Err(format!("general.alignment is {other:?}, not a u32")),
     };
     if alignment == 0 || !alignment.is_power_of_two() {
         return Err(format!(

@@ -24,6 +24,7 @@ use rayon::prelude::*;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::formats::contain_panic;
 use crate::formats::json::read_json;
 
 /// The weight files of one model directory, opened lazily tensor by tensor.
@@ -646,7 +647,8 @@ impl Weights {
         let tensor = match &shard.data {
             ShardData::Safetensors(st) => st.load(name, dtype).map_err(weights_error)?,
             ShardData::Pickle(pth) => {
-                contain_panic(|| pth.get(name), "reading a tensor of").map_err(weights_error)?
+                contain_panic(|| pth.get(name), pickle_failure("reading a tensor of"))
+                    .map_err(weights_error)?
             }
             ShardData::Gguf { content, file } => {
                 let mut file = file.lock().unwrap_or_else(|e| e.into_inner());
@@ -666,18 +668,9 @@ impl Weights {
     }
 }
 
-/// Runs candle's pickle reader, turning a panic into an error. The reader indexes into the
-/// pickle's tuples without checking their length, so a damaged or crafted checkpoint panics
-/// (found by fuzzing; candle 0.11.1, `pickle.rs` `rebuild_args`); a bad file must be an error.
-fn contain_panic<T>(
-    read: impl FnOnce() -> candle_core::Result<T>,
-    what: &str,
-) -> candle_core::Result<T> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(read)).unwrap_or_else(|_| {
-        Err(candle_core::Error::Msg(format!(
-            "malformed PyTorch checkpoint: the pickle reader failed {what} it"
-        )))
-    })
+/// What a contained panic of candle's pickle reader becomes (see [`super::contain_panic`]).
+fn pickle_failure(what: &'static str) -> impl FnOnce() -> String {
+    move || format!("malformed PyTorch checkpoint: the pickle reader failed {what} it")
 }
 
 impl Shard {
@@ -688,7 +681,7 @@ impl Shard {
         } else {
             contain_panic(
                 || PthTensors::new(&path, None),
-                "reading the tensor index of",
+                pickle_failure("reading the tensor index of"),
             )
             .map(ShardData::Pickle)
         };
@@ -736,16 +729,11 @@ pub(crate) fn fuzz_safetensors(path: &Path) {
 /// For `cargo fuzz`: a pickle checkpoint's tensor directory.
 #[cfg(fuzzing)]
 pub(crate) fn fuzz_pickle(path: &Path) {
-    // libFuzzer's panic hook aborts even on a panic that is caught: the pickle reader's panics
-    // are contained on purpose (see `contain_panic`), so a silent hook stands in meanwhile.
-    let fuzzer_hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
     if let Ok(shard) = Shard::open(path.to_path_buf()) {
         for name in shard.names() {
             if let ShardData::Pickle(pth) = &shard.data {
-                let _ = contain_panic(|| pth.get(&name), "reading a tensor of");
+                let _ = contain_panic(|| pth.get(&name), pickle_failure("reading a tensor of"));
             }
         }
     }
-    std::panic::set_hook(fuzzer_hook);
 }
