@@ -7,7 +7,8 @@
 #   fuzz/run.sh --ci       repeatable: every committed input, then RUNS (default 100000) inputs
 #                          from seed 1 per target, so a red CI means a regression, not bad luck
 #
-# Keep a finding's input as fuzz/corpus/TARGET/regression-WHAT, beside a test that names it.
+# CHATHUB_FUZZ_TARGETS="a b" runs only those targets. Keep a finding's input as
+# fuzz/corpus/TARGET/regression-WHAT, beside a test that names it.
 set -euo pipefail
 cd "$(dirname "$0")"
 if [[ ${1:-} == --ci ]]; then
@@ -17,7 +18,7 @@ else
 fi
 scratch=${CHATHUB_FUZZ_SCRATCH:-$(mktemp -d)}
 cargo +nightly fuzz build --sanitizer none
-for target in $(cargo +nightly fuzz list); do
+for target in ${CHATHUB_FUZZ_TARGETS:-$(cargo +nightly fuzz list)}; do
   mkdir -p "$scratch/$target"
   echo "== fuzz $target (${budget[*]})"
   start=$SECONDS

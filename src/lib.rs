@@ -6,7 +6,8 @@
 //! template), or a GGUF file (its own or llama.cpp's), turns OpenAI-style chat history and tools
 //! into the prompt each model expects, token for token as the official Python code builds it,
 //! and generates replies with streaming, cancellation and per-request key/value caches, so one
-//! loaded [`Engine`] serves many threads at once. Replies come back as the official `chat()`
+//! loaded [`Engine`] serves many threads at once, batching their steps into shared forward
+//! passes. Replies come back as the official `chat()`
 //! returns them ([`Reply`]): text, or a parsed tool call.
 //!
 //! [candle]: https://github.com/huggingface/candle
@@ -79,6 +80,7 @@ pub use crate::chat::request::{
     ChatOutcome, ChatRequest, FinishReason, SpecialText, Timings, Usage,
 };
 pub use crate::chat::tools::{Tool, ToolCall};
+pub use crate::engine::batcher::BatchCounts;
 pub use crate::engine::sampling::Sampling;
 pub use crate::engine::synthetic::{
     bench_config, chatglm3_6b_config, demo_config, demo_model_dir, glm4_9b_config,

@@ -328,6 +328,24 @@ fn glm4_tokenizer_files_missing_or_corrupt_are_named() {
     );
 }
 
+/// A sentencepiece model with an empty user-defined piece, which matched at every position
+/// without advancing and grew the encoder's symbol list until memory ran out (found by
+/// `fuzz/`, kept as `fuzz/corpus/sentencepiece/regression-empty-user-defined-piece`).
+#[test]
+fn a_sentencepiece_model_with_an_empty_user_defined_piece_is_refused() {
+    let (_tmp, dir) = copy_fixture("chatglm3-tiny");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz/corpus/sentencepiece/regression-empty-user-defined-piece"),
+        dir.join("tokenizer.model"),
+    )
+    .expect("copy");
+    let err = load_err(&dir);
+    assert!(matches!(err, Error::Tokenizer { .. }), "{err:?}");
+    assert_eq!(err.kind(), ErrorKind::InvalidModel);
+    assert!(err.to_string().contains("is empty"), "{err}");
+}
+
 #[test]
 fn glm4_templates_that_fail_are_errors_not_panics() {
     let (_tmp, dir) = copy_fixture("glm4-0414-tiny");

@@ -427,6 +427,15 @@ fn models_health_metrics_and_routes() {
     ] {
         assert!(text.lines().any(|l| l == line), "{line:?} in\n{text}");
     }
+    let value = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in\n{text}"))
+    };
+    // A prompt pass and a pass per token after the first (next-turn warm-ups may add some).
+    let passes = value("chathub_forward_passes_total");
+    assert!(passes >= 4, "{passes} passes");
+    assert!(value("chathub_forward_pass_sequences_total") >= passes);
 }
 
 /// The JSON reply is the core's own reply for the same request, and streaming it gives the

@@ -48,6 +48,17 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value_t = SyntheticSize::Mid785m)]
     synthetic: SyntheticSize,
 
+    /// Also run this many generations at once (the same request from as many threads,
+    /// released together) and report aggregate and per-stream decode speed, inter-token
+    /// latency and time to first token under load: what continuous batching buys (1 skips it).
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
+
+    /// With --concurrency: a prompt of this many tokens arrives while the streams decode, and
+    /// the report says how long their tokens waited meanwhile (0 skips it).
+    #[arg(long, default_value_t = 0)]
+    late_prompt_tokens: usize,
+
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -97,6 +108,34 @@ struct BenchReport {
     last_turn_ttft_ms_reused: Option<f64>,
     last_turn_ttft_ms_cold: Option<f64>,
     last_turn_prompt_tokens: Option<usize>,
+    /// With --concurrency above 1.
+    concurrent: Option<ConcurrentFigures>,
+}
+
+/// Several generations at once (`--concurrency`), medians over the runs.
+#[derive(Debug, Clone, Serialize)]
+struct ConcurrentFigures {
+    streams: usize,
+    /// Tokens of all streams per second while all of them were decoding.
+    aggregate_decode_tokens_per_s: f64,
+    /// `aggregate_decode_tokens_per_s` over one stream's `decode_tokens_per_s`.
+    speedup_over_one_stream: f64,
+    /// Median over the streams of each one's own decode speed.
+    per_stream_decode_tokens_per_s: f64,
+    /// Gaps between a stream's consecutive tokens, over all streams and runs.
+    inter_token_ms_p50: f64,
+    inter_token_ms_p99: f64,
+    inter_token_ms_max: f64,
+    /// From the release of all streams to each one's first token: median and slowest.
+    ttft_ms_median: f64,
+    ttft_ms_max: f64,
+    /// Sequences per forward pass, on average (1 when they never shared one).
+    rows_per_pass: f64,
+    /// With --late-prompt-tokens: its prompt length and time to first token, and the longest
+    /// gap between two tokens of the running streams while it was being prefilled.
+    late_prompt_tokens: Option<usize>,
+    late_prompt_ttft_ms: Option<f64>,
+    late_prompt_longest_gap_ms: Option<f64>,
 }
 
 /// One measured run.
@@ -184,6 +223,18 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let turns = (args.turns > 1)
         .then(|| last_turn_ttft(&engine, args.turns))
         .transpose()?;
+    let concurrent = (args.concurrency > 1)
+        .then(|| {
+            concurrent_figures(
+                &engine,
+                &request,
+                args.concurrency,
+                args.runs.max(1),
+                args.late_prompt_tokens,
+                decode_tokens_per_s,
+            )
+        })
+        .transpose()?;
     // Before the bandwidth probe, whose buffer would count in the peak.
     let peak_rss = peak_rss_bytes();
     let bytes = engine.weight_bytes_per_token();
@@ -215,6 +266,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         last_turn_ttft_ms_reused: turns.map(|t| t.reused_ms),
         last_turn_ttft_ms_cold: turns.map(|t| t.cold_ms),
         last_turn_prompt_tokens: turns.map(|t| t.prompt_tokens),
+        concurrent,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -261,8 +313,173 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 args.turns
             );
         }
+        if let Some(c) = &r.concurrent {
+            println!(
+                "{} streams       {:.2} tokens/s in all ({:.2}x one stream), {:.2} per stream, {:.2} rows per pass",
+                c.streams,
+                c.aggregate_decode_tokens_per_s,
+                c.speedup_over_one_stream,
+                c.per_stream_decode_tokens_per_s,
+                c.rows_per_pass
+            );
+            println!(
+                "  between tokens p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; first token median {:.1} ms, max {:.1} ms",
+                c.inter_token_ms_p50,
+                c.inter_token_ms_p99,
+                c.inter_token_ms_max,
+                c.ttft_ms_median,
+                c.ttft_ms_max
+            );
+            if let (Some(n), Some(ttft), Some(gap)) = (
+                c.late_prompt_tokens,
+                c.late_prompt_ttft_ms,
+                c.late_prompt_longest_gap_ms,
+            ) {
+                println!(
+                    "  a {n}-token prompt arriving meanwhile: first token after {ttft:.1} ms, the streams' longest gap {gap:.1} ms"
+                );
+            }
+        }
     }
     Ok(())
+}
+
+/// One stream's token times, from the release of all streams.
+#[derive(Debug, Default)]
+struct StreamTimes {
+    tokens: Vec<f64>,
+}
+
+/// Runs `streams` copies of `request` at once, `runs` times, and measures them.
+fn concurrent_figures(
+    engine: &Engine,
+    request: &ChatRequest,
+    streams: usize,
+    runs: usize,
+    late_prompt_tokens: usize,
+    one_stream_decode: f64,
+) -> anyhow::Result<ConcurrentFigures> {
+    let late = if late_prompt_tokens > 0 {
+        let prompt = prompt_of_length(engine, late_prompt_tokens)?;
+        Some(ChatRequest {
+            skip_prefix_cache: true,
+            ..ChatRequest::new(prompt).max_new_tokens(1).greedy()
+        })
+    } else {
+        None
+    };
+    let mut aggregate = Vec::new();
+    let mut per_stream = Vec::new();
+    let mut gaps = Vec::new();
+    let mut ttfts = Vec::new();
+    let mut late_figures = Vec::new();
+    let counts_before = engine.batch_counts();
+    for _ in 0..runs {
+        let start = std::sync::Barrier::new(streams + 1);
+        let released = std::sync::OnceLock::new();
+        let decoding = std::sync::atomic::AtomicUsize::new(0);
+        let (times, late_run) = std::thread::scope(|scope| -> anyhow::Result<_> {
+            let threads: Vec<_> = (0..streams)
+                .map(|_| {
+                    let (start, released, decoding) = (&start, &released, &decoding);
+                    scope.spawn(move || -> chathub::Result<StreamTimes> {
+                        start.wait();
+                        let zero: &Instant = released.get_or_init(Instant::now);
+                        let mut times = StreamTimes::default();
+                        engine.chat_stream(request, |_| {
+                            times.tokens.push(zero.elapsed().as_secs_f64() * 1e3);
+                            if times.tokens.len() == 4 {
+                                decoding.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            }
+                            std::ops::ControlFlow::Continue(())
+                        })?;
+                        Ok(times)
+                    })
+                })
+                .collect();
+            start.wait();
+            let late_run = late
+                .as_ref()
+                .map(|late| -> chathub::Result<(f64, f64)> {
+                    // Once every stream is decoding.
+                    while decoding.load(std::sync::atomic::Ordering::SeqCst) < streams {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                    let zero = *released.get_or_init(Instant::now);
+                    let arrived = zero.elapsed().as_secs_f64() * 1e3;
+                    let outcome = engine.chat(late)?;
+                    Ok((arrived, outcome.timings.ttft_ms))
+                })
+                .transpose()?;
+            let times = threads
+                .into_iter()
+                .map(|t| t.join().expect("bench thread"))
+                .collect::<chathub::Result<Vec<_>>>()?;
+            Ok((times, late_run))
+        })?;
+        // The window in which every stream was decoding.
+        let from = times
+            .iter()
+            .filter_map(|t| t.tokens.first())
+            .fold(0f64, |a, &b| a.max(b));
+        let to = times
+            .iter()
+            .filter_map(|t| t.tokens.last())
+            .fold(f64::INFINITY, |a, &b| a.min(b));
+        let in_window: usize = times
+            .iter()
+            .map(|t| t.tokens.iter().filter(|&&x| x > from && x <= to).count())
+            .sum();
+        if to > from {
+            aggregate.push(in_window as f64 / ((to - from) / 1e3));
+        }
+        for t in &times {
+            if let (Some(first), Some(last)) = (t.tokens.first(), t.tokens.last()) {
+                ttfts.push(*first);
+                if t.tokens.len() > 1 {
+                    per_stream.push((t.tokens.len() - 1) as f64 / ((last - first) / 1e3));
+                }
+            }
+            gaps.extend(t.tokens.windows(2).map(|w| w[1] - w[0]));
+        }
+        if let Some((arrived, ttft)) = late_run {
+            let until = arrived + ttft;
+            let longest = times
+                .iter()
+                .flat_map(|t| t.tokens.windows(2))
+                .filter(|w| w[1] > arrived && w[0] < until)
+                .map(|w| w[1] - w[0])
+                .fold(0f64, f64::max);
+            late_figures.push((ttft, longest));
+        }
+    }
+    let counts_after = engine.batch_counts();
+    let percentile = |values: &[f64], p: f64| {
+        let mut v = values.to_vec();
+        v.sort_by(f64::total_cmp);
+        v.get(((v.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    let aggregate_decode = median(aggregate);
+    Ok(ConcurrentFigures {
+        streams,
+        aggregate_decode_tokens_per_s: aggregate_decode,
+        speedup_over_one_stream: aggregate_decode / one_stream_decode,
+        per_stream_decode_tokens_per_s: median(per_stream),
+        inter_token_ms_p50: percentile(&gaps, 0.5),
+        inter_token_ms_p99: percentile(&gaps, 0.99),
+        inter_token_ms_max: percentile(&gaps, 1.0),
+        ttft_ms_median: median(ttfts.clone()),
+        ttft_ms_max: percentile(&ttfts, 1.0),
+        rows_per_pass: (counts_after.rows - counts_before.rows) as f64
+            / (counts_after.batches - counts_before.batches).max(1) as f64,
+        late_prompt_tokens: late.as_ref().map(|_| late_prompt_tokens),
+        late_prompt_ttft_ms: (!late_figures.is_empty())
+            .then(|| median(late_figures.iter().map(|f| f.0).collect())),
+        late_prompt_longest_gap_ms: (!late_figures.is_empty())
+            .then(|| median(late_figures.iter().map(|f| f.1).collect())),
+    })
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -34,8 +34,9 @@ pub struct ServeArgs {
     #[arg(long, env = "CHATHUB_MODEL_NAME")]
     model_name: Option<String>,
 
-    /// Generations that run at once (gRPC and HTTP together).
-    #[arg(long, env = "CHATHUB_MAX_CONCURRENT", default_value_t = 1)]
+    /// Generations that run at once (gRPC and HTTP together), batched into shared forward
+    /// passes; each holds its own key/value cache.
+    #[arg(long, env = "CHATHUB_MAX_CONCURRENT", default_value_t = 4)]
     max_concurrent: usize,
 
     /// Requests that may wait for a slot; more are turned away at once (gRPC

@@ -1,5 +1,6 @@
 //! A loaded chat model and the generation loop every adapter drives.
 
+pub(crate) mod batcher;
 pub(crate) mod next_turn;
 pub(crate) mod prefix_cache;
 pub(crate) mod sampling;
@@ -21,6 +22,7 @@ use crate::chat::request::{
     ChatOutcome, ChatRequest, FinishReason, ResolvedParams, SpecialText, Timings, Usage,
 };
 use crate::chat::tools::ToolCall;
+use crate::engine::batcher::{BatchCounts, Batcher, Priority};
 use crate::engine::next_turn::NextTurnWarmer;
 use crate::engine::prefix_cache::PrefixCache;
 use crate::engine::sampling::Sampler;
@@ -156,6 +158,9 @@ impl ModelOptions {
 ///
 /// `Engine` is `Send + Sync`: share one behind an `Arc` and call it from many threads at once.
 /// Each call owns its key/value cache, freed when the call returns; the weights are shared.
+/// Calls running at once share the model's forward passes (continuous batching: one pass reads
+/// the weights for every conversation's next step), and each gets exactly the reply it would
+/// get alone; [`Engine::batch_counts`] shows how much was shared.
 ///
 /// # Examples
 ///
@@ -177,6 +182,8 @@ impl ModelOptions {
 #[derive(Debug)]
 pub struct Engine {
     model: Arc<Transformer>,
+    /// Every generation's forward passes, batched across concurrent requests.
+    batcher: Arc<Batcher>,
     tokenizer: Tokenizer,
     format: Box<dyn ChatFormat>,
     names: &'static TensorNames,
@@ -252,10 +259,12 @@ impl Engine {
         tracing::info!(seconds = started.elapsed().as_secs_f64(), "model loaded");
         let model = Arc::new(model);
         let prefix_cache = Arc::new(PrefixCache::new(options.prefix_cache_bytes));
+        let batcher = Arc::new(Batcher::new(model.clone(), PREFILL_CHUNK));
         let next_turn = (options.warm_next_turn && options.prefix_cache_bytes > 0)
-            .then(|| NextTurnWarmer::start(model.clone(), prefix_cache.clone(), PREFILL_CHUNK));
+            .then(|| NextTurnWarmer::start(batcher.clone(), prefix_cache.clone()));
         Ok(Engine {
             model,
+            batcher,
             tokenizer: opened.tokenizer,
             format: opened.format,
             names: opened.names,
@@ -399,6 +408,13 @@ impl Engine {
         Ok(logits)
     }
 
+    /// Forward passes run so far and the sequences they carried: concurrent generations
+    /// (threads calling [`Engine::chat_stream`] on one engine, or a server's requests) share
+    /// each pass, so `rows / batches` above 1 means they were batched.
+    pub fn batch_counts(&self) -> BatchCounts {
+        self.batcher.counts()
+    }
+
     /// Blocks until background work on finished replies is done (see
     /// [`ModelOptions::warm_next_turn`]): for benchmarks that time the next turn as if the user
     /// had read the reply first, and for tests.
@@ -521,11 +537,13 @@ impl Engine {
         let (mut cache, cached) =
             reused.unwrap_or_else(|| (self.model.new_cache(prompt_len + max_new), 0));
 
+        // From here on each step is batched with the other generations under way.
+        let mut member = self.batcher.join();
         let prefill_started = Instant::now();
-        let mut logits = Vec::new();
-        for chunk in prompt.ids[cached..].chunks(PREFILL_CHUNK) {
-            logits = self.model.forward(chunk, &mut cache)?;
-        }
+        let mut logits =
+            self.batcher
+                .forward(&prompt.ids[cached..], &mut cache, Priority::Request)?;
+        member.decoding();
         let prefill = prefill_started.elapsed();
 
         let mut sampler = Sampler::new(params.sampling, params.repetition_penalty, params.seed);
@@ -563,8 +581,12 @@ impl Engine {
             if completion.len() >= max_new {
                 break FinishReason::Length;
             }
-            logits = self.model.forward(&[token], &mut cache)?;
+            logits = self
+                .batcher
+                .forward(&[token], &mut cache, Priority::Request)?;
         };
+        // No more steps: the others' passes need not wait for this one.
+        drop(member);
         let (reply, tool_call_error, text) = if finish_reason == FinishReason::Cancelled {
             // The caller who cancelled gets no more callbacks.
             let parsed = parse_reply(

@@ -17,8 +17,8 @@
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
+use crate::engine::batcher::{Batcher, Priority};
 use crate::engine::prefix_cache::PrefixCache;
-use crate::nn::transformer::Transformer;
 
 /// Warm-ups waiting at most; beyond that new ones are dropped (a busy server's idle time, not
 /// a backlog, is what they are for).
@@ -54,14 +54,15 @@ impl Shared {
 }
 
 impl NextTurnWarmer {
-    /// Starts the thread; it runs `model` and files its results in `cache`.
-    pub(crate) fn start(model: Arc<Transformer>, cache: Arc<PrefixCache>, chunk: usize) -> Self {
+    /// Starts the thread; it runs the model through `batcher` (as background work, after
+    /// every waiting request) and files its results in `cache`.
+    pub(crate) fn start(batcher: Arc<Batcher>, cache: Arc<PrefixCache>) -> Self {
         let shared = Arc::new(Shared::default());
         let worker = shared.clone();
         let worker_cache = cache.clone();
         let thread = std::thread::Builder::new()
             .name("chathub-next-turn".into())
-            .spawn(move || worker.run(&model, &worker_cache, chunk))
+            .spawn(move || worker.run(&batcher, &worker_cache))
             .map_err(|e| tracing::warn!(error = %e, "no thread for next-turn warm-ups"))
             .ok();
         NextTurnWarmer {
@@ -124,7 +125,7 @@ impl NextTurnWarmer {
 }
 
 impl Shared {
-    fn run(&self, model: &Transformer, cache: &PrefixCache, chunk: usize) {
+    fn run(&self, batcher: &Batcher, cache: &PrefixCache) {
         loop {
             let mut state = self.lock();
             while state.pending.is_empty() && !state.closing {
@@ -136,7 +137,7 @@ impl Shared {
             let ids = state.pending.remove(0);
             state.running = Some(ids.clone());
             drop(state);
-            if let Err(e) = prefill(model, cache, &ids, chunk) {
+            if let Err(e) = prefill(batcher, cache, &ids) {
                 tracing::warn!(error = %e, "next-turn warm-up failed");
             }
             self.lock().running = None;
@@ -151,17 +152,12 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 
 /// Extends the cached prefix of `ids` to all of `ids`. Without a cached prefix there is nothing
 /// to extend: a cold prefill in the background would only compete with requests.
-fn prefill(
-    model: &Transformer,
-    cache: &PrefixCache,
-    ids: &[u32],
-    chunk: usize,
-) -> crate::Result<()> {
+fn prefill(batcher: &Batcher, cache: &PrefixCache, ids: &[u32]) -> crate::Result<()> {
     let Some((mut kv, cached)) = cache.take(ids) else {
         return Ok(());
     };
-    for part in ids[cached..].chunks(chunk) {
-        model.forward(part, &mut kv)?;
+    if cached < ids.len() {
+        batcher.forward(&ids[cached..], &mut kv, Priority::Background)?;
     }
     tracing::debug!(
         reused = cached,

@@ -54,14 +54,17 @@ impl Rotary {
         }
     }
 
-    /// cos/sin `[tokens, head_dim / 2]` for positions `start..start + tokens`. Pairs beyond the
-    /// rotated ones get cos = 1 and sin = 0, so one interleaved rotary kernel covers the whole
-    /// head and the rest passes through unchanged.
-    fn angles(&self, start: usize, tokens: usize, dtype: DType, device: &Device) -> Result<Angles> {
+    /// cos/sin `[tokens, head_dim / 2]` for the positions of every span in turn (a span is
+    /// `start..start + tokens` of one sequence). Pairs beyond the rotated ones get cos = 1 and
+    /// sin = 0, so one interleaved rotary kernel covers the whole head and the rest passes
+    /// through unchanged.
+    fn angles(&self, spans: &[Span], dtype: DType, device: &Device) -> Result<Angles> {
+        let tokens: usize = spans.iter().map(|s| s.tokens).sum();
         let mut cos = vec![1f32; tokens * self.pairs];
         let mut sin = vec![0f32; tokens * self.pairs];
-        for t in 0..tokens {
-            let pos = (start + t) as f32;
+        let positions = spans.iter().flat_map(|s| s.start..s.start + s.tokens);
+        for (t, pos) in positions.enumerate() {
+            let pos = pos as f32;
             for (i, theta) in self.inv_freq.iter().enumerate() {
                 // The angle in f32 too, as `pos * theta` in the reference.
                 let angle = pos * theta;
@@ -75,6 +78,13 @@ impl Rotary {
             sin: Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?,
         })
     }
+}
+
+/// One sequence's rows in a forward pass: `tokens` new positions from `start` on.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    start: usize,
+    tokens: usize,
 }
 
 /// Rotary cos/sin of one forward pass's positions, shared by all layers.
@@ -329,12 +339,14 @@ impl SelfAttention {
         })
     }
 
-    /// `x: [tokens, hidden]` at positions `start..`; appends this layer's keys and values.
+    /// `x: [tokens, hidden]`, the rows of each of `spans` in turn; appends each sequence's
+    /// keys and values to its own cache (`caches[i]` for `spans[i]`). The projections run once
+    /// over all rows, attention per sequence over its own cache.
     fn forward(
         &self,
         x: &Tensor,
-        cache: &mut LayerCache,
-        start: usize,
+        caches: &mut [&mut LayerCache],
+        spans: &[Span],
         angles: &Angles,
     ) -> Result<Tensor> {
         let _enter = self.span.enter();
@@ -356,11 +368,33 @@ impl SelfAttention {
             .reshape((tokens, self.kv_heads, hd))?;
         let q = angles.apply(&q)?;
         let k = angles.apply(&k)?;
-        let (k, v) = cache.append(&k, &v, start)?;
+        let out = if let ([cache], [span]) = (&mut *caches, spans) {
+            let (k, v) = cache.append(&k, &v, span.start)?;
+            self.attend(&q, &k, &v, *span)?
+        } else {
+            let mut row = 0;
+            let mut outs = Vec::with_capacity(spans.len());
+            for (cache, span) in caches.iter_mut().zip(spans) {
+                let rows = |t: &Tensor| t.narrow(0, row, span.tokens);
+                let (k, v) = cache.append(&rows(&k)?, &rows(&v)?, span.start)?;
+                outs.push(self.attend(&rows(&q)?, &k, &v, *span)?);
+                row += span.tokens;
+            }
+            Tensor::cat(&outs, 0)?
+        };
+        Ok(self.dense.forward(&out)?)
+    }
+
+    /// One sequence's attention: `q: [tokens, heads, head_dim]` at `span`'s positions over its
+    /// cache's views `k`, `v` (`[kv_heads, start + tokens, head_dim]`). Returns `[tokens,
+    /// heads * head_dim]`.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, span: Span) -> Result<Tensor> {
+        let Span { start, tokens } = span;
+        let (hd, q_size) = (self.head_dim, self.heads * self.head_dim);
         let context = k.dim(1)?;
         let scale = 1.0 / (hd as f64).sqrt();
-        if let Some(out) = self.attend_on_cpu(&q, &k, &v, start, scale as f32)? {
-            return Ok(self.dense.forward(&out)?);
+        if let Some(out) = self.attend_on_cpu(q, k, v, start, scale as f32)? {
+            return Ok(out);
         }
 
         // Queries of one group are contiguous heads: [groups, heads_per_group * tokens, hd].
@@ -372,14 +406,14 @@ impl SelfAttention {
         // `k`, `v`: [groups, context, hd], a view of the cache whose groups are `capacity` rows
         // apart. candle's CUDA matmul takes only tightly packed batches; the CPU one reads the
         // cache where it lies.
-        let (k, v) = if x.device().is_cpu() {
-            (k, v)
+        let (k, v) = if q.device().is_cpu() {
+            (k.clone(), v.clone())
         } else {
             (k.contiguous()?, v.contiguous()?)
         };
         let mut scores = (q.matmul(&k.t()?)? * scale)?;
         if tokens > 1 {
-            let mask = causal_mask(tokens, start, x.device())?;
+            let mask = causal_mask(tokens, start, q.device())?;
             scores = scores
                 .reshape((self.kv_heads, per_group, tokens, context))?
                 .broadcast_add(&mask.to_dtype(scores.dtype())?)?
@@ -387,13 +421,12 @@ impl SelfAttention {
         }
         let probs =
             candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
-        let out = probs
+        Ok(probs
             .matmul(&v)?
             .reshape((self.heads, tokens, hd))?
             .transpose(0, 1)?
             .contiguous()?
-            .reshape((tokens, q_size))?;
-        Ok(self.dense.forward(&out)?)
+            .reshape((tokens, q_size))?)
     }
 
     /// Attention by [`attention::attend`] where it runs (f32 on an AVX-512 CPU): `q` is
@@ -600,15 +633,16 @@ impl Block {
         Ok(())
     }
 
+    /// `x`: the rows of every span in turn (see [`SelfAttention::forward`]).
     fn forward(
         &self,
         x: &Tensor,
-        cache: &mut LayerCache,
-        start: usize,
+        caches: &mut [&mut LayerCache],
+        spans: &[Span],
         angles: &Angles,
     ) -> Result<Tensor> {
         let normed = self.input_norm.forward(x)?;
-        let mut attn = self.attention.forward(&normed, cache, start, angles)?;
+        let mut attn = self.attention.forward(&normed, caches, spans, angles)?;
         if let Some(sandwich) = &self.sandwich {
             attn = sandwich.post_self_attention.forward(&attn)?;
         }
@@ -817,43 +851,87 @@ impl Transformer {
     ///
     /// Any number of ids may extend any cache (prefill in chunks, or continue a conversation).
     pub(crate) fn forward(&self, ids: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
-        let start = cache.len;
-        let tokens = ids.len();
-        if tokens == 0 {
-            return Err(crate::Error::invalid(
-                "ids",
-                0,
-                "at least one token is needed",
-            ));
+        let mut logits = self.forward_batch(&mut [Segment { ids, cache }])?;
+        Ok(logits.remove(0))
+    }
+
+    /// Runs several sequences in one pass, each `ids` at positions `cache.len()..` of its own
+    /// cache, and returns each one's last logits, in order.
+    ///
+    /// The weights are read once for all rows, which is what makes serving several
+    /// conversations at once cheap: on a CPU a decode step is bound by reading the weights.
+    /// Every row is computed as it would be alone (the products, norms and rotations are per
+    /// row, attention per sequence), so a sequence gets the same bits batched or not.
+    pub(crate) fn forward_batch(&self, segments: &mut [Segment<'_>]) -> Result<Vec<Vec<f32>>> {
+        let mut spans = Vec::with_capacity(segments.len());
+        for segment in segments.iter() {
+            let span = Span {
+                start: segment.cache.len,
+                tokens: segment.ids.len(),
+            };
+            if span.tokens == 0 {
+                return Err(crate::Error::invalid(
+                    "ids",
+                    0,
+                    "at least one token is needed",
+                ));
+            }
+            if span.start + span.tokens > self.spec.max_positions {
+                return Err(crate::Error::PromptTooLong {
+                    prompt_tokens: span.start + span.tokens,
+                    limit: self.spec.max_positions,
+                });
+            }
+            spans.push(span);
         }
-        if start + tokens > self.spec.max_positions {
-            return Err(crate::Error::PromptTooLong {
-                prompt_tokens: start + tokens,
-                limit: self.spec.max_positions,
-            });
-        }
-        let ids_tensor = Tensor::new(ids, &self.device)?;
+        let ids: Vec<u32> = segments.iter().flat_map(|s| s.ids).copied().collect();
+        let ids_tensor = Tensor::new(ids.as_slice(), &self.device)?;
         let mut x = self
             .embedding
             .index_select(&ids_tensor, 0)?
             .to_dtype(self.dtype)?;
-        let angles = self
-            .rotary
-            .angles(start, tokens, self.dtype, &self.device)?;
-        let wanted = (start + tokens).max(cache.capacity_hint);
-        for (block, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            layer_cache.reserve(wanted, &self.spec, self.dtype, &self.device)?;
-            x = block.forward(&x, layer_cache, start, &angles)?;
+        let angles = self.rotary.angles(&spans, self.dtype, &self.device)?;
+        for (i, block) in self.layers.iter().enumerate() {
+            let mut caches = Vec::with_capacity(segments.len());
+            for (segment, span) in segments.iter_mut().zip(&spans) {
+                let layer_cache = &mut segment.cache.layers[i];
+                let wanted = (span.start + span.tokens).max(segment.cache.capacity_hint);
+                layer_cache.reserve(wanted, &self.spec, self.dtype, &self.device)?;
+                caches.push(layer_cache);
+            }
+            x = block.forward(&x, &mut caches, &spans, &angles)?;
         }
-        cache.len = start + tokens;
-        let last = x.narrow(0, tokens - 1, 1)?;
+        for (segment, span) in segments.iter_mut().zip(&spans) {
+            segment.cache.len = span.start + span.tokens;
+        }
+        // Each sequence's last row.
+        let last: Vec<u32> = spans
+            .iter()
+            .scan(0, |end, span| {
+                *end += span.tokens;
+                Some((*end - 1) as u32)
+            })
+            .collect();
+        let last = if let [only] = last[..] {
+            x.narrow(0, only as usize, 1)?
+        } else {
+            x.index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?
+        };
         let last = match &self.final_norm {
             Some(norm) => norm.forward(&last)?,
             None => last,
         };
         let logits = self.output.forward(&last)?;
-        Ok(logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+        Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?)
     }
+}
+
+/// One sequence's part of a batched forward pass (see [`Transformer::forward_batch`]).
+pub(crate) struct Segment<'a> {
+    /// The new tokens, at positions `cache.len()..`.
+    pub ids: &'a [u32],
+    /// The sequence's keys and values, extended by `ids`.
+    pub cache: &'a mut KvCache,
 }
 
 /// The keys and values of one conversation: owned by the request, freed when it is dropped.

@@ -90,7 +90,12 @@ impl Metrics {
     }
 
     /// Prometheus' text format; `waiting` is the queue's length now.
-    pub(crate) fn prometheus(&self, waiting: usize, loaded: bool) -> String {
+    pub(crate) fn prometheus(
+        &self,
+        waiting: usize,
+        loaded: bool,
+        batching: crate::BatchCounts,
+    ) -> String {
         let mut out = String::new();
         let counter = |out: &mut String, name: &str, help: &str, value: u64| {
             let _ = writeln!(out, "# HELP {name} {help}");
@@ -168,6 +173,18 @@ impl Metrics {
             "chathub_generated_tokens_total",
             "Reply tokens generated.",
             load(&self.generated_tokens),
+        );
+        counter(
+            &mut out,
+            "chathub_forward_passes_total",
+            "Forward passes run (decode steps and prompt chunks, each shared by the generations batched into it).",
+            batching.batches,
+        );
+        counter(
+            &mut out,
+            "chathub_forward_pass_sequences_total",
+            "Sequences carried by the forward passes; divided by chathub_forward_passes_total, the mean batch.",
+            batching.rows,
         );
         self.ttft.write(
             &mut out,

@@ -35,7 +35,9 @@ pub(crate) use metrics::Metrics;
 /// How a server runs, for every protocol it speaks.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
-    /// Generations that run at once; each holds its own KV cache and competes for the cores.
+    /// Generations that run at once; each holds its own KV cache. They share the model's
+    /// forward passes (continuous batching), so up to a handful they cost each other little:
+    /// decoding on a CPU is bound by reading the weights, which one pass does for all.
     pub max_concurrent: usize,
     /// Requests that may wait for a free slot; beyond this they are turned away at once
     /// (gRPC RESOURCE_EXHAUSTED, HTTP 429).
@@ -57,7 +59,7 @@ pub struct ServeOptions {
 impl Default for ServeOptions {
     fn default() -> Self {
         ServeOptions {
-            max_concurrent: 1,
+            max_concurrent: 4,
             max_queue: 16,
             grace_period: Duration::from_secs(30),
             log_prompts: false,
@@ -72,8 +74,8 @@ impl ServeOptions {
     /// Sets the generations that run at once.
     ///
     /// ```
-    /// let options = chathub::server::ServeOptions::default().max_concurrent(4);
-    /// assert_eq!(options.max_concurrent, 4);
+    /// let options = chathub::server::ServeOptions::default().max_concurrent(8);
+    /// assert_eq!(options.max_concurrent, 8);
     /// ```
     #[must_use]
     pub fn max_concurrent(mut self, n: usize) -> Self {
@@ -339,9 +341,13 @@ impl Gate {
 
     /// Every counter and histogram in Prometheus' text format (what `GET /metrics` serves).
     pub fn prometheus(&self) -> String {
+        let batching = self
+            .engine()
+            .map(|engine| engine.batch_counts())
+            .unwrap_or_default();
         self.inner
             .metrics
-            .prometheus(self.waiting(), self.is_loaded())
+            .prometheus(self.waiting(), self.is_loaded(), batching)
     }
 
     /// When the server started, in Unix seconds.

@@ -89,6 +89,11 @@ impl SentencePiece {
                 piece_type::NORMAL | piece_type::UNUSED => {
                     mergeable.insert(text.clone(), id);
                 }
+                // An empty one would match everywhere and never advance (found by fuzzing:
+                // the encoder grew its symbol list until memory ran out).
+                piece_type::USER_DEFINED if text.is_empty() => {
+                    return Err(format!("user-defined piece {id} is empty"));
+                }
                 piece_type::USER_DEFINED => {
                     mergeable.insert(text.clone(), id);
                     user_defined.push(text.clone());

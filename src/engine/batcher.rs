@@ -1,0 +1,333 @@
+//! Continuous batching: every generation's forward passes go through one queue, and whichever
+//! caller finds the model idle runs everything queued as one batched pass.
+//!
+//! On a CPU a decode step is bound by reading the weights, so a step for four conversations
+//! costs little more than a step for one; a server that ran each request on its own split the
+//! memory bandwidth between them instead. Each generation keeps its own loop (sampling, stop
+//! strings, streaming, cancellation stay where they were, on the caller's thread); only the
+//! model call is shared. A conversation joins the batch with its next step and leaves it by not
+//! coming back, so a cancelled or finished one is out within one step.
+//!
+//! A prompt is prefilled in chunks. While other conversations are decoding, a batch carries at
+//! most one prompt chunk of [`INTERLEAVED_PREFILL`] tokens next to their rows, so a long prompt
+//! arriving never holds their next tokens back by more than one such chunk; alone, a prompt runs
+//! in chunks of the engine's full size. Background work (next-turn warm-ups) runs only when no
+//! request is waiting.
+//!
+//! Every row is computed as it would be alone ([`Transformer::forward_batch`]), so a greedy
+//! reply is the same batched or not.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::nn::transformer::{KvCache, Segment, Transformer};
+
+/// Prompt tokens a batch carries while other sequences decode in it: small enough that their
+/// next token waits at most one such chunk (about 0.2 s for the 785M f32 bench model on two
+/// cores), large enough that the prompt still streams the weights efficiently.
+pub(crate) const INTERLEAVED_PREFILL: usize = 32;
+
+/// Most sequences one batched step decodes; more wait for the next step.
+pub(crate) const MAX_BATCH_ROWS: usize = 64;
+
+/// How long a step waits at most for generations that are between two steps (sampling,
+/// streaming a token to their client) before it runs without them: without waiting, the
+/// caller that ran the last step would always queue first and run alone, and the rest would
+/// form a second batch behind it. Never more than [`GATHER_SHARE`] of the last pass's time,
+/// so a small model's sub-millisecond steps are not slowed by it.
+const GATHER_WAIT: Duration = Duration::from_millis(3);
+
+/// The most a step waits to gather, as a fraction (1 / this) of the last pass's time.
+const GATHER_SHARE: u32 = 10;
+
+/// Who is asking: requests first, background work when no request waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Priority {
+    Request,
+    Background,
+}
+
+/// The shared queue of forward passes in front of one model.
+#[derive(Debug)]
+pub(crate) struct Batcher {
+    model: Arc<Transformer>,
+    /// Prompt tokens per chunk when a prompt runs alone.
+    chunk: usize,
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    queue: VecDeque<Job>,
+    /// Whether some caller is running a batch now.
+    running: bool,
+    /// Generations in progress (see [`Batcher::join`]): how many requests' steps a batch
+    /// should gather.
+    members: usize,
+    /// Of those, the ones past their prompt: a prompt runs in small chunks while there are
+    /// any, so that their next tokens are not held back.
+    decoding: usize,
+    finished: HashMap<u64, (KvCache, Result<Vec<f32>>)>,
+    next_id: u64,
+    /// How long the last pass took.
+    last_pass: Duration,
+    /// Batches run and rows in them, for tests and benchmarks.
+    batches: u64,
+    rows: u64,
+}
+
+#[derive(Debug)]
+struct Job {
+    id: u64,
+    ids: Vec<u32>,
+    /// Ids already run (a prompt runs in chunks over several batches).
+    done: usize,
+    cache: KvCache,
+    priority: Priority,
+}
+
+impl Job {
+    fn remaining(&self) -> usize {
+        self.ids.len() - self.done
+    }
+}
+
+/// How many forward passes an [`Engine`](crate::Engine) ran and how many sequences they
+/// carried in all: `rows / batches` is how well concurrent generations were batched (1 when
+/// they never met).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BatchCounts {
+    /// Forward passes run (a prompt chunk or a decode step, each possibly for many sequences).
+    pub batches: u64,
+    /// Sequences carried, summed over the passes.
+    pub rows: u64,
+}
+
+impl Batcher {
+    /// A queue in front of `model`; a prompt alone runs in chunks of `chunk` tokens.
+    pub(crate) fn new(model: Arc<Transformer>, chunk: usize) -> Self {
+        Batcher {
+            model,
+            chunk: chunk.max(1),
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+        }
+    }
+
+    /// Registers a generation for as long as the returned guard lives, so that each step
+    /// waits (at most [`GATHER_WAIT`]) for its next forward pass before running.
+    pub(crate) fn join(&self) -> Member<'_> {
+        self.lock().members += 1;
+        Member {
+            batcher: self,
+            decoding: false,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `ids` at positions `cache.len()..` of `cache`, batched with whatever else is
+    /// queued, and returns the logits after the last one (as [`Transformer::forward`]).
+    /// Blocks the calling thread until then; the thread may run batches for others meanwhile.
+    pub(crate) fn forward(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        priority: Priority,
+    ) -> Result<Vec<f32>> {
+        if ids.is_empty() {
+            return Err(Error::invalid("ids", 0, "at least one token is needed"));
+        }
+        let limit = self.model.spec().max_positions;
+        if cache.len() + ids.len() > limit {
+            return Err(Error::PromptTooLong {
+                prompt_tokens: cache.len() + ids.len(),
+                limit,
+            });
+        }
+        let placeholder = self.model.new_cache(0);
+        let mut state = self.lock();
+        let id = state.next_id;
+        state.next_id += 1;
+        state.queue.push_back(Job {
+            id,
+            ids: ids.to_vec(),
+            done: 0,
+            cache: std::mem::replace(cache, placeholder),
+            priority,
+        });
+        self.changed.notify_all();
+        let mut gather_until = None;
+        loop {
+            if let Some((kv, result)) = state.finished.remove(&id) {
+                *cache = kv;
+                return result;
+            }
+            if state.running {
+                state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            let requests = state
+                .queue
+                .iter()
+                .filter(|j| j.priority == Priority::Request)
+                .count();
+            let now = Instant::now();
+            let wait = GATHER_WAIT.min(state.last_pass / GATHER_SHARE);
+            let deadline = *gather_until.get_or_insert(now + wait);
+            if requests < state.members && now < deadline {
+                state = self
+                    .changed
+                    .wait_timeout(state, deadline - now)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+                continue;
+            }
+            gather_until = None;
+            let batch = self.take_batch(&mut state);
+            state.running = true;
+            state.batches += 1;
+            state.rows += batch.iter().map(|(_, n)| *n as u64).sum::<u64>();
+            drop(state);
+            let started = Instant::now();
+            let outcome = self.run(batch);
+            state = self.lock();
+            state.running = false;
+            state.last_pass = started.elapsed();
+            for (job, result) in outcome {
+                match result {
+                    Some(result) => {
+                        state.finished.insert(job.id, (job.cache, result));
+                    }
+                    // A prompt with chunks still to run keeps its place at the front.
+                    None => state.queue.push_front(job),
+                }
+            }
+            self.changed.notify_all();
+        }
+    }
+
+    /// Passes run so far and the sequences they carried.
+    pub(crate) fn counts(&self) -> BatchCounts {
+        let state = self.lock();
+        BatchCounts {
+            batches: state.batches,
+            rows: state.rows,
+        }
+    }
+
+    /// Takes the next batch off the queue: each waiting decode step (one token) up to
+    /// [`MAX_BATCH_ROWS`], and one prompt chunk, from requests if any wait, else from
+    /// background work. Returns each job with the number of its ids to run now.
+    fn take_batch(&self, state: &mut State) -> Vec<(Job, usize)> {
+        let priority = if state.queue.iter().any(|j| j.priority == Priority::Request) {
+            Priority::Request
+        } else {
+            Priority::Background
+        };
+        let mut decode = Vec::new();
+        let mut prompt = None;
+        let mut rest = VecDeque::with_capacity(state.queue.len());
+        while let Some(job) = state.queue.pop_front() {
+            if job.priority != priority {
+                rest.push_back(job);
+            } else if job.remaining() == 1 && decode.len() < MAX_BATCH_ROWS {
+                decode.push(job);
+            } else if job.remaining() > 1 && prompt.is_none() {
+                prompt = Some(job);
+            } else {
+                rest.push_back(job);
+            }
+        }
+        state.queue = rest;
+        // Generations past their prompt (decoding now, or due back after sampling) get their
+        // next step after one small chunk, not after a whole one.
+        let chunk = if decode.is_empty() && state.decoding == 0 {
+            self.chunk
+        } else {
+            INTERLEAVED_PREFILL.min(self.chunk)
+        };
+        let mut batch: Vec<(Job, usize)> = decode.into_iter().map(|job| (job, 1)).collect();
+        if let Some(job) = prompt {
+            let n = job.remaining().min(chunk);
+            batch.push((job, n));
+        }
+        batch
+    }
+
+    /// Runs one batch. Each job comes back with its result when all its ids have run, or with
+    /// `None` when it has chunks left. A failure fails every job in the batch (their caches
+    /// may be part-written); a panic in the model is contained the same way, so no caller
+    /// waits forever.
+    fn run(&self, mut batch: Vec<(Job, usize)>) -> Vec<(Job, Option<Result<Vec<f32>>>)> {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut segments: Vec<Segment<'_>> = batch
+                .iter_mut()
+                .map(|(job, n)| Segment {
+                    ids: &job.ids[job.done..job.done + *n],
+                    cache: &mut job.cache,
+                })
+                .collect();
+            self.model.forward_batch(&mut segments)
+        }));
+        let logits = match outcome {
+            Ok(Ok(logits)) => logits,
+            Ok(Err(error)) => return fail_all(batch, &error.to_string()),
+            Err(_) => return fail_all(batch, "the model panicked during a forward pass"),
+        };
+        batch
+            .into_iter()
+            .zip(logits)
+            .map(|((mut job, n), logits)| {
+                job.done += n;
+                let result = (job.remaining() == 0).then_some(Ok(logits));
+                (job, result)
+            })
+            .collect()
+    }
+}
+
+/// A generation in progress (see [`Batcher::join`]).
+#[derive(Debug)]
+pub(crate) struct Member<'a> {
+    batcher: &'a Batcher,
+    decoding: bool,
+}
+
+impl Member<'_> {
+    /// Says the prompt is done: from now on this generation asks for one token per step, and
+    /// other prompts run in small chunks so as not to hold it back.
+    pub(crate) fn decoding(&mut self) {
+        if !self.decoding {
+            self.decoding = true;
+            self.batcher.lock().decoding += 1;
+        }
+    }
+}
+
+impl Drop for Member<'_> {
+    fn drop(&mut self) {
+        let mut state = self.batcher.lock();
+        state.members -= 1;
+        state.decoding -= usize::from(self.decoding);
+        drop(state);
+        // A step gathering for this generation need not wait for it any longer.
+        self.batcher.changed.notify_all();
+    }
+}
+
+fn fail_all(batch: Vec<(Job, usize)>, reason: &str) -> Vec<(Job, Option<Result<Vec<f32>>>)> {
+    batch
+        .into_iter()
+        .map(|(job, _)| {
+            let error = Error::Compute(candle_core::Error::Msg(reason.to_string()));
+            (job, Some(Err(error)))
+        })
+        .collect()
+}
