@@ -8,10 +8,10 @@
 //! model call is shared. A conversation joins the batch with its next step and leaves it by not
 //! coming back, so a cancelled or finished one is out within one step.
 //!
-//! A prompt is prefilled in chunks. While other conversations are decoding, a batch carries at
-//! most one prompt chunk of [`INTERLEAVED_PREFILL`] tokens next to their rows, so a long prompt
-//! arriving never holds their next tokens back by more than one such chunk; alone, a prompt runs
-//! in chunks of the engine's full size. Background work (next-turn warm-ups) runs only when no
+//! Prompts are prefilled in chunks. While other conversations are decoding, a batch carries at
+//! most [`INTERLEAVED_PREFILL`] prompt tokens next to their rows, so a long prompt arriving
+//! never holds their next tokens back by more than one such chunk; otherwise prompts share
+//! chunks of the engine's full size (several prompts arriving together run in one pass). Background work (next-turn warm-ups) runs only when no
 //! request is waiting.
 //!
 //! Every row is computed as it would be alone ([`Transformer::forward_batch`]), so a greedy
@@ -37,7 +37,7 @@ pub(crate) const MAX_BATCH_ROWS: usize = 64;
 /// caller that ran the last step would always queue first and run alone, and the rest would
 /// form a second batch behind it. Never more than [`GATHER_SHARE`] of the last pass's time,
 /// so a small model's sub-millisecond steps are not slowed by it.
-const GATHER_WAIT: Duration = Duration::from_millis(3);
+const GATHER_WAIT: Duration = Duration::from_millis(20);
 
 /// The most a step waits to gather, as a fraction (1 / this) of the last pass's time.
 const GATHER_SHARE: u32 = 10;
@@ -72,8 +72,9 @@ struct State {
     decoding: usize,
     finished: HashMap<u64, (KvCache, Result<Vec<f32>>)>,
     next_id: u64,
-    /// How long the last pass took.
+    /// How long the last pass took, and when it ended.
     last_pass: Duration,
+    last_pass_end: Option<Instant>,
     /// Batches run and rows in them, for tests and benchmarks.
     batches: u64,
     rows: u64,
@@ -163,7 +164,6 @@ impl Batcher {
             priority,
         });
         self.changed.notify_all();
-        let mut gather_until = None;
         loop {
             if let Some((kv, result)) = state.finished.remove(&id) {
                 *cache = kv;
@@ -178,9 +178,10 @@ impl Batcher {
                 .iter()
                 .filter(|j| j.priority == Priority::Request)
                 .count();
+            // Counted from the end of the last pass, the same for every waiting caller.
             let now = Instant::now();
             let wait = GATHER_WAIT.min(state.last_pass / GATHER_SHARE);
-            let deadline = *gather_until.get_or_insert(now + wait);
+            let deadline = state.last_pass_end.map_or(now, |end| end + wait);
             if requests < state.members && now < deadline {
                 state = self
                     .changed
@@ -189,17 +190,25 @@ impl Batcher {
                     .0;
                 continue;
             }
-            gather_until = None;
             let batch = self.take_batch(&mut state);
             state.running = true;
             state.batches += 1;
-            state.rows += batch.iter().map(|(_, n)| *n as u64).sum::<u64>();
+            state.rows += batch.len() as u64;
             drop(state);
             let started = Instant::now();
+            let (sequences, tokens) = (batch.len(), batch.iter().map(|(_, n)| n).sum::<usize>());
             let outcome = self.run(batch);
+            let elapsed = started.elapsed();
+            tracing::trace!(
+                sequences,
+                tokens,
+                ms = elapsed.as_secs_f64() * 1e3,
+                "forward pass"
+            );
             state = self.lock();
             state.running = false;
-            state.last_pass = started.elapsed();
+            state.last_pass = elapsed;
+            state.last_pass_end = Some(Instant::now());
             for (job, result) in outcome {
                 match result {
                     Some(result) => {
@@ -222,42 +231,43 @@ impl Batcher {
         }
     }
 
-    /// Takes the next batch off the queue: each waiting decode step (one token) up to
-    /// [`MAX_BATCH_ROWS`], and one prompt chunk, from requests if any wait, else from
-    /// background work. Returns each job with the number of its ids to run now.
+    /// Takes the next batch off the queue, from requests if any wait, else from background
+    /// work: each waiting decode step (one token) up to [`MAX_BATCH_ROWS`], and prompt tokens
+    /// up to one chunk in all, oldest prompt first. Returns each job with the number of its ids
+    /// to run now.
     fn take_batch(&self, state: &mut State) -> Vec<(Job, usize)> {
         let priority = if state.queue.iter().any(|j| j.priority == Priority::Request) {
             Priority::Request
         } else {
             Priority::Background
         };
-        let mut decode = Vec::new();
-        let mut prompt = None;
+        // Generations past their prompt (decoding now, or due back after sampling) get their
+        // next step after one small chunk of prompt tokens, not after a whole one.
+        let decoders_waiting = state
+            .queue
+            .iter()
+            .any(|j| j.priority == priority && j.remaining() == 1);
+        let mut budget = if decoders_waiting || state.decoding > 0 {
+            INTERLEAVED_PREFILL.min(self.chunk)
+        } else {
+            self.chunk
+        };
+        let mut batch = Vec::new();
         let mut rest = VecDeque::with_capacity(state.queue.len());
         while let Some(job) = state.queue.pop_front() {
-            if job.priority != priority {
-                rest.push_back(job);
-            } else if job.remaining() == 1 && decode.len() < MAX_BATCH_ROWS {
-                decode.push(job);
-            } else if job.remaining() > 1 && prompt.is_none() {
-                prompt = Some(job);
+            let rows = batch.len();
+            if job.priority == priority && job.remaining() == 1 && rows < MAX_BATCH_ROWS {
+                batch.push((job, 1));
+            } else if job.priority == priority && job.remaining() > 1 && budget > 0 {
+                // Prompts share the chunk's tokens, oldest first.
+                let n = job.remaining().min(budget);
+                budget -= n;
+                batch.push((job, n));
             } else {
                 rest.push_back(job);
             }
         }
         state.queue = rest;
-        // Generations past their prompt (decoding now, or due back after sampling) get their
-        // next step after one small chunk, not after a whole one.
-        let chunk = if decode.is_empty() && state.decoding == 0 {
-            self.chunk
-        } else {
-            INTERLEAVED_PREFILL.min(self.chunk)
-        };
-        let mut batch: Vec<(Job, usize)> = decode.into_iter().map(|job| (job, 1)).collect();
-        if let Some(job) = prompt {
-            let n = job.remaining().min(chunk);
-            batch.push((job, n));
-        }
         batch
     }
 
