@@ -347,7 +347,8 @@ typedef struct ChathubStats {
  * the token showed nothing (half a character, a metadata line, a tool call being written), so
  * that returning false still stops generation within one token. Return true to continue,
  * false to stop. Called on the thread that called `chathub_chat_stream`; it must not free the
- * model it is streaming from.
+ * model it is streaming from. Keep it short: calls on the same model batch their steps, and
+ * each step waits for a generation whose callback is still running (at most 20 ms).
  */
 typedef bool (*ChathubStreamCallback)(void *user_data, const uint8_t *utf8, size_t len);
 

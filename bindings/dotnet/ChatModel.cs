@@ -12,8 +12,9 @@ namespace ChatHub
 {
     /// <summary>
     /// A ChatGLM model loaded in this process. Thread-safe: any number of threads may chat with
-    /// one model at once (each call has its own cache; weights are shared). Dispose it to free the
-    /// weights; calls still running keep it alive until they return.
+    /// one model at once (each call has its own cache; weights are shared, and concurrent calls
+    /// are batched into shared forward passes, each getting the reply it would get alone). Dispose
+    /// it to free the weights; calls still running keep it alive until they return.
     /// </summary>
     public sealed unsafe class ChatModel : IDisposable
     {

@@ -9,7 +9,8 @@
 //! - Strings passed in are NUL-terminated UTF-8 and only borrowed for the call. Strings handed
 //!   out are owned by the caller and freed with `chathub_string_free`.
 //! - A `ChathubModel` may be used from any number of threads at once; it must be freed exactly
-//!   once, after every call using it has returned.
+//!   once, after every call using it has returned. Calls running at once on one model share
+//!   its forward passes (continuous batching), each getting the reply it would get alone.
 //!
 //! The C header `bindings/c/chathub.h` and the C# `bindings/dotnet/NativeMethods.g.cs` are
 //! generated from this file by `build.rs`.
@@ -217,7 +218,8 @@ pub struct ChathubStats {
 /// the token showed nothing (half a character, a metadata line, a tool call being written), so
 /// that returning false still stops generation within one token. Return true to continue,
 /// false to stop. Called on the thread that called `chathub_chat_stream`; it must not free the
-/// model it is streaming from.
+/// model it is streaming from. Keep it short: calls on the same model batch their steps, and
+/// each step waits for a generation whose callback is still running (at most 20 ms).
 pub type ChathubStreamCallback =
     Option<unsafe extern "C" fn(user_data: *mut c_void, utf8: *const u8, len: usize) -> bool>;
 
