@@ -70,6 +70,9 @@ struct State {
     /// Of those, the ones past their prompt: a prompt runs in small chunks while there are
     /// any, so that their next tokens are not held back.
     decoding: usize,
+    /// Requests waiting for background work (see [`Batcher::expedite_background`]): while
+    /// there are any, background jobs run as requests do.
+    expedited: usize,
     finished: HashMap<u64, (KvCache, Result<Vec<f32>>)>,
     next_id: u64,
     /// How long the last pass took, and when it ended.
@@ -78,6 +81,16 @@ struct State {
     /// Batches run and rows in them, for tests and benchmarks.
     batches: u64,
     rows: u64,
+}
+
+impl State {
+    fn priority_of(&self, job: &Job) -> Priority {
+        if self.expedited > 0 {
+            Priority::Request
+        } else {
+            job.priority
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -176,7 +189,7 @@ impl Batcher {
             let requests = state
                 .queue
                 .iter()
-                .filter(|j| j.priority == Priority::Request)
+                .filter(|j| state.priority_of(j) == Priority::Request)
                 .count();
             // Counted from the end of the last pass, the same for every waiting caller.
             let now = Instant::now();
@@ -222,6 +235,15 @@ impl Batcher {
         }
     }
 
+    /// Runs background work as requests for as long as the returned guard lives: for a
+    /// request that waits for a warm-up (its next turn's cache), which would otherwise wait
+    /// behind every other request's steps.
+    pub(crate) fn expedite_background(&self) -> Expedite<'_> {
+        self.lock().expedited += 1;
+        self.changed.notify_all();
+        Expedite { batcher: self }
+    }
+
     /// Passes run so far and the sequences they carried.
     pub(crate) fn counts(&self) -> BatchCounts {
         let state = self.lock();
@@ -236,7 +258,11 @@ impl Batcher {
     /// up to one chunk in all, oldest prompt first. Returns each job with the number of its ids
     /// to run now.
     fn take_batch(&self, state: &mut State) -> Vec<(Job, usize)> {
-        let priority = if state.queue.iter().any(|j| j.priority == Priority::Request) {
+        let priority = if state
+            .queue
+            .iter()
+            .any(|j| state.priority_of(j) == Priority::Request)
+        {
             Priority::Request
         } else {
             Priority::Background
@@ -246,7 +272,7 @@ impl Batcher {
         let decoders_waiting = state
             .queue
             .iter()
-            .any(|j| j.priority == priority && j.remaining() == 1);
+            .any(|j| state.priority_of(j) == priority && j.remaining() == 1);
         let mut budget = if decoders_waiting || state.decoding > 0 {
             INTERLEAVED_PREFILL.min(self.chunk)
         } else {
@@ -256,9 +282,10 @@ impl Batcher {
         let mut rest = VecDeque::with_capacity(state.queue.len());
         while let Some(job) = state.queue.pop_front() {
             let rows = batch.len();
-            if job.priority == priority && job.remaining() == 1 && rows < MAX_BATCH_ROWS {
+            let eligible = state.priority_of(&job) == priority;
+            if eligible && job.remaining() == 1 && rows < MAX_BATCH_ROWS {
                 batch.push((job, 1));
-            } else if job.priority == priority && job.remaining() > 1 && budget > 0 {
+            } else if eligible && job.remaining() > 1 && budget > 0 {
                 // Prompts share the chunk's tokens, oldest first.
                 let n = job.remaining().min(budget);
                 budget -= n;
@@ -329,6 +356,19 @@ impl Drop for Member<'_> {
         drop(state);
         // A step gathering for this generation need not wait for it any longer.
         self.batcher.changed.notify_all();
+    }
+}
+
+/// Background work runs as requests do while this lives (see
+/// [`Batcher::expedite_background`]).
+#[derive(Debug)]
+pub(crate) struct Expedite<'a> {
+    batcher: &'a Batcher,
+}
+
+impl Drop for Expedite<'_> {
+    fn drop(&mut self) {
+        self.batcher.lock().expedited -= 1;
     }
 }
 

@@ -29,6 +29,7 @@ const MAX_PENDING: usize = 4;
 pub(crate) struct NextTurnWarmer {
     shared: Arc<Shared>,
     cache: Arc<PrefixCache>,
+    batcher: Arc<Batcher>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -60,14 +61,16 @@ impl NextTurnWarmer {
         let shared = Arc::new(Shared::default());
         let worker = shared.clone();
         let worker_cache = cache.clone();
+        let worker_batcher = batcher.clone();
         let thread = std::thread::Builder::new()
             .name("chathub-next-turn".into())
-            .spawn(move || worker.run(&batcher, &worker_cache))
+            .spawn(move || worker.run(&worker_batcher, &worker_cache))
             .map_err(|e| tracing::warn!(error = %e, "no thread for next-turn warm-ups"))
             .ok();
         NextTurnWarmer {
             shared,
             cache,
+            batcher,
             thread,
         }
     }
@@ -93,6 +96,9 @@ impl NextTurnWarmer {
     /// result instead of racing the warm-up and starting cold.
     pub(crate) fn wait_for(&self, prompt: &[u32]) {
         let mut state = self.shared.lock();
+        // Warm-ups are background work, which waits for every request's steps: this request
+        // would wait behind all of them. It waits for the warm-up alone instead.
+        let mut expedite = None;
         while !state.closing && {
             let coming = state
                 .pending
@@ -103,6 +109,7 @@ impl NextTurnWarmer {
                 .unwrap_or(0);
             coming > 0 && coming > self.cache.longest_prefix(prompt)
         } {
+            expedite.get_or_insert_with(|| self.batcher.expedite_background());
             state = self
                 .shared
                 .changed
