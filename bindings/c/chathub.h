@@ -12,7 +12,7 @@
  * Version of this C ABI. It changes whenever a function or struct changes incompatibly;
  * bindings check it at start-up.
  */
-#define CHATHUB_ABI_VERSION 3
+#define CHATHUB_ABI_VERSION 4
 
 /**
  * Success.
@@ -229,6 +229,13 @@ typedef struct ChathubParams {
    * "function": {"name", "description", "parameters"}}]`); NULL for none.
    */
   const char *tools_json;
+  /**
+   * Who wrote `prompt`: NULL or `"user"` for a question; `"tool"` or `"observation"` for a
+   * tool's result answering the assistant's last call, as the official
+   * `chat(role="observation")` (ChatGLM3 and GLM-4; ChatGLM2 has no tools). Borrowed for the
+   * call.
+   */
+  const char *prompt_role;
 } ChathubParams;
 
 /**

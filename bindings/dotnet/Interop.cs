@@ -190,6 +190,9 @@ namespace ChatHub
                 var tools = options == null ? null : options.Tools;
                 if (tools != null && tools.Count > 0)
                     Params.tools_json = Copy(Json.Array(tools, t => t.ToJson()));
+                var promptRole = options == null ? null : options.PromptRole;
+                if (promptRole != null)
+                    Params.prompt_role = Copy(promptRole);
             }
             catch
             {

@@ -247,6 +247,11 @@ namespace ChatHub
         /// <summary>Functions the model may call (null or empty: none); its calls come back from
         /// <see cref="ChatModel.Generate"/>.</summary>
         public IReadOnlyList<Tool> Tools { get; set; }
+
+        /// <summary>Who wrote the prompt: null or "user" for a question, "tool" for a tool's
+        /// result answering the assistant's last call (the official chat(role="observation");
+        /// ChatGLM3 and GLM-4 only).</summary>
+        public string PromptRole { get; set; }
     }
 
     /// <summary>

@@ -18,7 +18,7 @@ namespace ChatHub.Native
         ///  Version of this C ABI. It changes whenever a function or struct changes incompatibly;
         ///  bindings check it at start-up.
         /// </summary>
-        internal const uint CHATHUB_ABI_VERSION = 3;
+        internal const uint CHATHUB_ABI_VERSION = 4;
         /// <summary>
         ///  Success.
         /// </summary>
@@ -536,6 +536,13 @@ namespace ChatHub.Native
         ///  "function": {"name", "description", "parameters"}}]`); NULL for none.
         /// </summary>
         public byte* tools_json;
+        /// <summary>
+        ///  Who wrote `prompt`: NULL or `"user"` for a question; `"tool"` or `"observation"` for a
+        ///  tool's result answering the assistant's last call, as the official
+        ///  `chat(role="observation")` (ChatGLM3 and GLM-4; ChatGLM2 has no tools). Borrowed for the
+        ///  call.
+        /// </summary>
+        public byte* prompt_role;
     }
 
     /// <summary>

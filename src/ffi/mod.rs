@@ -26,7 +26,7 @@ use crate::{Engine, ModelFamily, ModelOptions, Quantization};
 
 /// Version of this C ABI. It changes whenever a function or struct changes incompatibly;
 /// bindings check it at start-up.
-pub const CHATHUB_ABI_VERSION: u32 = 3;
+pub const CHATHUB_ABI_VERSION: u32 = 4;
 
 /// Success.
 pub const CHATHUB_OK: i32 = 0;
@@ -186,6 +186,11 @@ pub struct ChathubParams {
     /// Functions the model may call, as OpenAI's `tools` JSON array (`[{"type": "function",
     /// "function": {"name", "description", "parameters"}}]`); NULL for none.
     pub tools_json: *const c_char,
+    /// Who wrote `prompt`: NULL or `"user"` for a question; `"tool"` or `"observation"` for a
+    /// tool's result answering the assistant's last call, as the official
+    /// `chat(role="observation")` (ChatGLM3 and GLM-4; ChatGLM2 has no tools). Borrowed for the
+    /// call.
+    pub prompt_role: *const c_char,
 }
 
 /// What a chat call did.
@@ -274,6 +279,7 @@ pub unsafe extern "C" fn chathub_params_default(out_params: *mut ChathubParams) 
             stop: std::ptr::null(),
             stop_count: 0,
             tools_json: std::ptr::null(),
+            prompt_role: std::ptr::null(),
         };
         // SAFETY: `out_params` was checked non-null above, and the caller promises it points to
         // writable memory for one `ChathubParams` (see `# Safety`); `write` neither reads nor drops
@@ -764,7 +770,8 @@ pub unsafe extern "C" fn chathub_string_free(text: *mut c_char) {
 /// that stays alive (not freed) for `'a`; `prompt` is NULL or NUL-terminated UTF-8 valid for
 /// `'a`; `history` is NULL (an error unless `history_len` is 0) or points to `history_len`
 /// messages whose strings are NULL or NUL-terminated, valid for the call; `params` is NULL or
-/// points to a valid `ChathubParams` whose `stop` and `tools_json` are as `request_from` asks.
+/// points to a valid `ChathubParams` whose `stop`, `tools_json` and `prompt_role` are as
+/// `request_from` asks.
 unsafe fn read_call<'a>(
     model: *const ChathubModel,
     prompt: *const c_char,
@@ -788,7 +795,8 @@ unsafe fn read_call<'a>(
     // SAFETY: the caller promises `params` is NULL (`None`) or points to an initialised,
     // aligned `ChathubParams` valid for this call.
     let params = unsafe { params.as_ref() };
-    // SAFETY: the caller promises `params`' `stop` (`stop_count` pointers) and `tools_json` are
-    // as `request_from` asks: NULL or valid NUL-terminated strings for this call.
+    // SAFETY: the caller promises `params`' `stop` (`stop_count` pointers), `tools_json` and
+    // `prompt_role` are as `request_from` asks: NULL or valid NUL-terminated strings for this
+    // call.
     Ok((engine, unsafe { request_from(prompt, history, params) }?))
 }

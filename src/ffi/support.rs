@@ -199,8 +199,8 @@ fn json_list<T>(
 /// # Safety
 ///
 /// `params`' `stop` is NULL (an error unless `stop_count` is 0) or points to `stop_count`
-/// pointers, each NULL or NUL-terminated, and `tools_json` is NULL or NUL-terminated, all valid
-/// for the call.
+/// pointers, each NULL or NUL-terminated, and `tools_json` and `prompt_role` are NULL or
+/// NUL-terminated, all valid for the call.
 pub(super) unsafe fn request_from(
     prompt: &str,
     history: Vec<Message>,
@@ -232,6 +232,15 @@ pub(super) unsafe fn request_from(
         // SAFETY: non-null, so NUL-terminated and valid for this call, as the caller promises.
         let text = unsafe { str_arg(p.tools_json, "tools_json") }?;
         request.tools = json_list(text, "tools_json", Tool::from_json)?;
+    }
+    if !p.prompt_role.is_null() {
+        // SAFETY: non-null, so NUL-terminated and valid for this call, as the caller promises.
+        let role = unsafe { str_arg(p.prompt_role, "prompt_role") }?;
+        request.prompt_role = role.parse().map_err(|_| {
+            FfiError::invalid(format!(
+                "invalid prompt_role {role:?}: must be \"user\", \"tool\" or \"observation\""
+            ))
+        })?;
     }
     if p.stop_count > 0 {
         if p.stop.is_null() {

@@ -405,6 +405,27 @@ static void tools_and_replies(const ChathubModel *model) {
   CHECK(stats.prompt_tokens == 1011, "prompt %u", stats.prompt_tokens);
   chathub_reply_free(reply);
 
+  /* The tool's result as the new message (the official chat(role="observation")): the same
+     prompt up to where the fixture's next <|user|> turn starts (position 988), then
+     <|assistant|>: 989 tokens. */
+  with_tools.prompt_role = "tool";
+  CHECK(chathub_chat_reply(model, "{\"result\": 42}", history, 3, &with_tools, NULL, NULL, &reply,
+                           &stats) == CHATHUB_OK,
+        "%s", last_message());
+  CHECK(stats.prompt_tokens == 989, "prompt %u", stats.prompt_tokens);
+  chathub_reply_free(reply);
+  with_tools.prompt_role = "assistant";
+  CHECK(chathub_chat_reply(model, "hi", NULL, 0, &with_tools, NULL, NULL, &reply, NULL) ==
+            CHATHUB_ERR_INVALID_ARGUMENT,
+        "assistant prompt");
+  CHECK(strstr(last_message(), "prompt_role") != NULL, "%s", last_message());
+  with_tools.prompt_role = "robot";
+  CHECK(chathub_chat_reply(model, "hi", NULL, 0, &with_tools, NULL, NULL, &reply, NULL) ==
+            CHATHUB_ERR_INVALID_ARGUMENT,
+        "unknown role");
+  CHECK(strstr(last_message(), "prompt_role") != NULL, "%s", last_message());
+  with_tools.prompt_role = NULL;
+
   /* Bad JSON is an argument error naming the field. */
   with_tools.tools_json = "[{\"type\": \"function\"}";
   CHECK(chathub_chat_reply(model, PROMPT, NULL, 0, &with_tools, NULL, NULL, &reply, NULL) ==

@@ -309,6 +309,15 @@ static class ChatHubTests
             };
             Equal(1011, glm3.Generate("Thanks. And the weather in Paris, in f?", history, options).Stats.PromptTokens,
                 "a past call and its result");
+            // The result as the new message: the fixture's prompt up to its next <|user|> turn
+            // (position 988), then <|assistant|>.
+            options.PromptRole = "tool";
+            Equal(989, glm3.Generate("{\"result\": 42}", history.GetRange(0, 3), options).Stats.PromptTokens,
+                "a tool's result as the new message");
+            options.PromptRole = "robot";
+            var role = Throws<ChatHubException>(() => glm3.Generate("hi", null, options), "unknown prompt role");
+            Assert(role.Message.Contains("prompt_role"), "message names the field: " + role.Message);
+            options.PromptRole = null;
             options.Tools = new[] { new Tool("broken", "", "{not json") };
             var bad = Throws<ChatHubException>(() => glm3.Generate("hi", null, options), "bad parameters JSON");
             Equal(ChatHubStatus.InvalidArgument, bad.Status, "status");
