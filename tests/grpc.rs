@@ -792,3 +792,27 @@ where
     }
     outputs
 }
+
+/// A request whose key/value cache could never fit the server's budget is INVALID_ARGUMENT
+/// naming `max_tokens`, on both methods; one that fits is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_beyond_the_kv_cache_budget_is_refused() {
+    let server = TestServer::ready(ServeOptions::default().kv_cache_bytes(256 << 10)).await;
+    let mut client = server.client().await;
+    let (_, request) = conv1();
+    let huge = ChatRequest {
+        max_length: 8000,
+        ..request.clone()
+    };
+    let status = client.chat(huge.clone()).await.expect_err("too big");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("max_tokens"), "{status:?}");
+    let status = client.streaming_chat(huge).await.expect_err("too big");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let small = ChatRequest {
+        max_length: 64,
+        ..request
+    };
+    client.chat(small).await.expect("fits");
+    server.stop().await;
+}

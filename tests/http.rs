@@ -1243,3 +1243,57 @@ fn running_out_of_file_descriptors_does_not_spin() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// With a key/value budget that holds one request's cache, two requests sent at once never
+/// share a forward pass (the second waits for the first's cache to be freed) and both
+/// complete; a request that could never fit is a 400 naming `max_tokens`.
+#[test]
+fn the_kv_cache_budget_admits_what_fits() {
+    let engine = common::load("chatglm3-tiny");
+    let body = chat("你好", 24);
+    let core = chathub::ChatRequest::new("你好")
+        .history(vec![chathub::Message::system(
+            "You are a helpful assistant.",
+        )])
+        .max_new_tokens(24);
+    let need = engine.kv_cache_bytes_for(&core).expect("valid") as u64;
+    let server = Server::ready(
+        common::model_dir("chatglm3-tiny"),
+        ServeOptions::default()
+            .max_concurrent(2)
+            .kv_cache_bytes(need + need / 2),
+        HttpOptions::default(),
+    );
+    let address = server.address;
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..2)
+            .map(|_| scope.spawn(|| post(address, &body).status))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("joins"))
+            .collect()
+    });
+    assert_eq!(statuses, [200, 200]);
+    let metrics = get(address, "/metrics").text();
+    let value = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in\n{metrics}"))
+    };
+    assert_eq!(
+        value("chathub_forward_pass_sequences_total"),
+        value("chathub_forward_passes_total"),
+        "the two requests' caches never fit together, so they never shared a pass"
+    );
+    let error = post(address, &chat("你好", 4000)).error(400);
+    assert_eq!(error["param"], "max_tokens", "{error}");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("--kv-cache-bytes"),
+        "{error}"
+    );
+}

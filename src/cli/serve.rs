@@ -39,6 +39,12 @@ pub struct ServeArgs {
     #[arg(long, env = "CHATHUB_MAX_CONCURRENT", default_value_t = 4)]
     max_concurrent: usize,
 
+    /// Key/value cache the running generations may hold in all, in bytes (0: no limit beyond
+    /// --max-concurrent). Each request reserves its prompt plus every reply token it may
+    /// produce and waits until that much is free; one that could never fit is refused.
+    #[arg(long, env = "CHATHUB_KV_CACHE_BYTES", default_value_t = 0)]
+    kv_cache_bytes: u64,
+
     /// Requests that may wait for a slot; more are turned away at once (gRPC
     /// RESOURCE_EXHAUSTED, HTTP 429 with Retry-After).
     #[arg(long, env = "CHATHUB_MAX_QUEUE", default_value_t = 16)]
@@ -99,6 +105,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let options = ServeOptions::default()
         .max_concurrent(args.max_concurrent)
+        .kv_cache_bytes(args.kv_cache_bytes)
         .max_queue(args.max_queue)
         .max_prompt_bytes(args.max_prompt_bytes)
         .max_connections(args.max_connections)

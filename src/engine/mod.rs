@@ -470,6 +470,21 @@ impl Engine {
         self.prepare(request).map(|_| ())
     }
 
+    /// Bytes of key/value cache a generation of `request` holds at most: its prompt and every
+    /// reply token it may produce (the cache is allocated for them when it starts). Checks the
+    /// request as [`Engine::validate`] does, so it tokenizes the prompt: lets a server admit
+    /// requests by memory (`serve --kv-cache-bytes`).
+    ///
+    /// # Errors
+    ///
+    /// As [`Engine::validate`].
+    pub fn kv_cache_bytes_for(&self, request: &ChatRequest) -> Result<usize> {
+        let (params, prompt, limit) = self.prepare(request)?;
+        let room = limit - prompt.ids.len();
+        let max_new = params.max_new_tokens.map_or(room, |n| n.min(room));
+        Ok((prompt.ids.len() + max_new).saturating_mul(self.arch().kv_bytes_per_token()))
+    }
+
     fn prepare(&self, request: &ChatRequest) -> Result<(ResolvedParams, Prompt, usize)> {
         let params = request.resolve(&self.defaults)?;
         let limit = params.max_length.min(self.arch().max_positions);

@@ -70,12 +70,14 @@ impl ChatHubService {
         let admission = self.gate.admit().await.map_err(refusal_status)?;
         // Tokenizing a long prompt takes a while: off the async threads.
         let gate = self.gate.clone();
-        let (admission, core) = tokio::task::spawn_blocking(move || {
+        let (mut admission, core) = tokio::task::spawn_blocking(move || {
+            let mut admission = admission;
             let checked = admission.validate(&gate, &core);
             checked.map(|()| (admission, core))
         })
         .await
         .map_err(|e| Status::internal(format!("validation task failed: {e}")))??;
+        admission.reserve_kv(&self.gate).await?;
         Ok((admission, core, deadline))
     }
 }

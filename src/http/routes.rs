@@ -386,11 +386,12 @@ async fn chat_completions(State(app): State<App>, request: Request) -> Response 
     let gate = app.gate.clone();
     let request = completion.request.clone();
     let checked = tokio::task::spawn_blocking(move || {
+        let mut admission = admission;
         let checked = admission.validate(&gate, &request);
         checked.map(|()| admission)
     })
     .await;
-    let admission = match checked {
+    let mut admission = match checked {
         Ok(Ok(admission)) => admission,
         Ok(Err(err)) => return ApiError::from_core(&err).into_response(),
         Err(join) => {
@@ -402,6 +403,9 @@ async fn chat_completions(State(app): State<App>, request: Request) -> Response 
             .into_response()
         }
     };
+    if let Err(err) = admission.reserve_kv(&app.gate).await {
+        return ApiError::from_core(&err).into_response();
+    }
     let reply = Replying {
         id: format!("chatcmpl-{:x}{:06x}", app.gate.started_unix(), admission.id),
         created: unix_now(),

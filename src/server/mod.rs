@@ -54,6 +54,11 @@ pub struct ServeOptions {
     pub max_connections: usize,
     /// Time a new gRPC connection has to send HTTP/2's preface before it is closed.
     pub handshake_timeout: Duration,
+    /// Key/value cache the running generations may hold in all, in bytes (0: no limit beyond
+    /// `max_concurrent`). A request reserves its prompt plus every reply token it may produce
+    /// (see [`Engine::kv_cache_bytes_for`]) after it takes its slot and waits until that much
+    /// is free; one that could never fit is refused as an invalid argument.
+    pub kv_cache_bytes: u64,
 }
 
 impl Default for ServeOptions {
@@ -66,6 +71,7 @@ impl Default for ServeOptions {
             max_prompt_bytes: 1 << 20,
             max_connections: 256,
             handshake_timeout: Duration::from_secs(10),
+            kv_cache_bytes: 0,
         }
     }
 }
@@ -115,6 +121,18 @@ impl ServeOptions {
     #[must_use]
     pub fn log_prompts(mut self, log: bool) -> Self {
         self.log_prompts = log;
+        self
+    }
+
+    /// Sets the key/value cache budget of the running generations, in bytes (0: none).
+    ///
+    /// ```
+    /// let options = chathub::server::ServeOptions::default().kv_cache_bytes(1 << 30);
+    /// assert_eq!(options.kv_cache_bytes, 1 << 30);
+    /// ```
+    #[must_use]
+    pub fn kv_cache_bytes(mut self, bytes: u64) -> Self {
+        self.kv_cache_bytes = bytes;
         self
     }
 
@@ -184,6 +202,8 @@ struct GateInner {
     /// The model's name as the servers report it (HTTP's `model`).
     model_name: Mutex<String>,
     slots: Arc<Semaphore>,
+    /// The key/value budget in KiB permits, when there is one.
+    kv_budget: Option<Arc<Semaphore>>,
     waiting: AtomicUsize,
     options: ServeOptions,
     next_id: AtomicU64,
@@ -222,6 +242,15 @@ pub(crate) struct Admission {
     pub engine: Arc<Engine>,
     _permit: OwnedSemaphorePermit,
     queued: Duration,
+    /// Key/value cache the generation may hold (known once validated).
+    kv_bytes: usize,
+    /// Its share of the key/value budget, once reserved.
+    _kv_permit: Option<OwnedSemaphorePermit>,
+}
+
+/// `bytes` in whole KiB (rounded up), as the budget's permits count them.
+fn kib_permits(bytes: u64) -> u32 {
+    u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX)
 }
 
 impl Gate {
@@ -234,6 +263,9 @@ impl Gate {
                 engine: OnceLock::new(),
                 model_name: Mutex::new("chathub".to_string()),
                 slots: Arc::new(Semaphore::new(options.max_concurrent.max(1))),
+                kv_budget: (options.kv_cache_bytes > 0).then(|| {
+                    Arc::new(Semaphore::new(kib_permits(options.kv_cache_bytes) as usize))
+                }),
                 waiting: AtomicUsize::new(0),
                 options: options.clone(),
                 next_id: AtomicU64::new(1),
@@ -441,6 +473,8 @@ impl Gate {
             engine,
             _permit: permit,
             queued: start.elapsed(),
+            kv_bytes: 0,
+            _kv_permit: None,
         })
     }
 
@@ -452,12 +486,51 @@ impl Gate {
 }
 
 impl Admission {
-    /// Checks `request` (roles, parameters, prompt length) the way generation will.
-    /// Tokenizes the prompt: call it on a blocking thread.
-    pub(crate) fn validate(&self, gate: &Gate, request: &ChatRequest) -> crate::Result<()> {
-        self.engine
-            .validate(request)
-            .inspect_err(|_| gate.count_failed())
+    /// Checks `request` (roles, parameters, prompt length) the way generation will, and works
+    /// out the key/value cache it may hold. Tokenizes the prompt: call it on a blocking thread.
+    pub(crate) fn validate(&mut self, gate: &Gate, request: &ChatRequest) -> crate::Result<()> {
+        self.kv_bytes = self
+            .engine
+            .kv_cache_bytes_for(request)
+            .inspect_err(|_| gate.count_failed())?;
+        Ok(())
+    }
+
+    /// Reserves the validated request's key/value cache from the server's budget
+    /// (`ServeOptions::kv_cache_bytes`), waiting until that much is free; at once when there is
+    /// no budget. Dropping the future gives up the wait (a client that hung up).
+    ///
+    /// # Errors
+    ///
+    /// [`crate::Error::InvalidArgument`] when the request alone needs more than the whole
+    /// budget (fewer reply tokens would fit), or when the server is shutting down.
+    pub(crate) async fn reserve_kv(&mut self, gate: &Gate) -> crate::Result<()> {
+        let Some(budget) = &gate.inner.kv_budget else {
+            return Ok(());
+        };
+        let total = gate.inner.options.kv_cache_bytes;
+        if self.kv_bytes as u64 > total {
+            gate.count_failed();
+            return Err(crate::Error::InvalidArgument {
+                field: "max_tokens",
+                value: format!(
+                    "{} bytes of key/value cache for the prompt and reply",
+                    self.kv_bytes
+                ),
+                reason: "more than the server's whole budget (--kv-cache-bytes): ask for fewer reply tokens or a shorter prompt",
+            });
+        }
+        let permit = budget
+            .clone()
+            .acquire_many_owned(kib_permits(self.kv_bytes as u64).max(1))
+            .await
+            .map_err(|_| crate::Error::InvalidArgument {
+                field: "request",
+                value: "the key/value budget".into(),
+                reason: "the server is shutting down",
+            })?;
+        self._kv_permit = Some(permit);
+        Ok(())
     }
 
     /// Runs the generation on the calling (blocking) thread. `on_text` gets each new piece of
