@@ -11,8 +11,9 @@
 //! Prompts are prefilled in chunks. While other conversations are decoding, a batch carries at
 //! most [`INTERLEAVED_PREFILL`] prompt tokens next to their rows, so a long prompt arriving
 //! never holds their next tokens back by more than one such chunk; otherwise prompts share
-//! chunks of the engine's full size (several prompts arriving together run in one pass). Background work (next-turn warm-ups) runs only when no
-//! request is waiting.
+//! chunks of the engine's full size (several prompts arriving together run in one pass).
+//! Background work (next-turn warm-ups) runs only when no request is waiting, unless a request
+//! waits for it ([`Batcher::expedite_background`]).
 //!
 //! Every row is computed as it would be alone ([`Transformer::forward_batch`]), so a greedy
 //! reply is the same batched or not.
@@ -25,7 +26,7 @@ use crate::error::{Error, Result};
 use crate::nn::transformer::{KvCache, Segment, Transformer};
 
 /// Prompt tokens a batch carries while other sequences decode in it: small enough that their
-/// next token waits at most one such chunk (about 0.2 s for the 785M f32 bench model on two
+/// next token waits at most one such chunk (about 0.2 s for the 785M f16 bench model on two
 /// cores), large enough that the prompt still streams the weights efficiently.
 pub(crate) const INTERLEAVED_PREFILL: usize = 32;
 
