@@ -92,10 +92,13 @@ fn batched_replies_equal_solo_ones(
         );
         assert_eq!(alone.finish_reason, with_others.finish_reason);
     }
-    let (batches, rows) = (after.batches - before.batches, after.rows - before.rows);
+    let (passes, sequences) = (
+        after.passes - before.passes,
+        after.sequences - before.sequences,
+    );
     assert!(
-        rows > batches,
-        "{name}: {rows} rows in {batches} passes: the requests never shared a pass"
+        sequences > passes,
+        "{name}: {sequences} sequences in {passes} passes: the requests never shared a pass"
     );
 }
 

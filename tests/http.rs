@@ -353,6 +353,13 @@ fn assemble(chunks: &[Value]) -> (String, Option<String>, Option<Value>) {
     (text, finish, usage)
 }
 
+/// The value of the unlabelled counter or gauge `name` in Prometheus text.
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} in\n{text}"))
+}
+
 fn chat(prompt: &str, max_tokens: usize) -> Value {
     json!({
         "model": "anything",
@@ -427,11 +434,7 @@ fn models_health_metrics_and_routes() {
     ] {
         assert!(text.lines().any(|l| l == line), "{line:?} in\n{text}");
     }
-    let value = |name: &str| -> u64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or_else(|| panic!("{name} in\n{text}"))
-    };
+    let value = |name: &str| metric(&text, name);
     // A prompt pass and a pass per token after the first (next-turn warm-ups may add some).
     let passes = value("chathub_forward_passes_total");
     assert!(passes >= 4, "{passes} passes");
@@ -1276,12 +1279,7 @@ fn the_kv_cache_budget_admits_what_fits() {
     });
     assert_eq!(statuses, [200, 200]);
     let metrics = get(address, "/metrics").text();
-    let value = |name: &str| -> u64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or_else(|| panic!("{name} in\n{metrics}"))
-    };
+    let value = |name: &str| metric(&metrics, name);
     assert_eq!(
         value("chathub_forward_pass_sequences_total"),
         value("chathub_forward_passes_total"),

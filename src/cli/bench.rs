@@ -486,8 +486,8 @@ fn concurrent_figures(
         longest_gap_ms: longest_gap,
         ttft_ms_median: median(ttfts.clone()),
         ttft_ms_max: percentile(&ttfts, 1.0),
-        sequences_per_pass: (counts_after.rows - counts_before.rows) as f64
-            / (counts_after.batches - counts_before.batches).max(1) as f64,
+        sequences_per_pass: (counts_after.sequences - counts_before.sequences) as f64
+            / (counts_after.passes - counts_before.passes).max(1) as f64,
         late_prompt_tokens: late.as_ref().map(|_| late_prompt_tokens),
         late_prompt_ttft_ms: (!late_figures.is_empty())
             .then(|| median(late_figures.iter().map(|f| f.0).collect())),

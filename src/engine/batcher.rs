@@ -79,9 +79,8 @@ struct State {
     /// How long the last pass took, and when it ended.
     last_pass: Duration,
     last_pass_end: Option<Instant>,
-    /// Batches run and rows in them, for tests and benchmarks.
-    batches: u64,
-    rows: u64,
+    /// What [`BatchCounts`] reports.
+    counts: BatchCounts,
 }
 
 impl State {
@@ -111,15 +110,15 @@ impl Job {
 }
 
 /// How many forward passes an [`Engine`](crate::Engine) ran and how many sequences they
-/// carried in all: `rows / batches` is how well concurrent generations were batched (1 when
+/// carried in all: `sequences / passes` is how well concurrent generations were batched (1 when
 /// they never met).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct BatchCounts {
     /// Forward passes run (a prompt chunk or a decode step, each possibly for many sequences).
-    pub batches: u64,
+    pub passes: u64,
     /// Sequences carried, summed over the passes.
-    pub rows: u64,
+    pub sequences: u64,
 }
 
 impl Batcher {
@@ -166,7 +165,6 @@ impl Batcher {
                 limit,
             });
         }
-        let placeholder = self.model.new_cache(0);
         let mut state = self.lock();
         let id = state.next_id;
         state.next_id += 1;
@@ -174,7 +172,7 @@ impl Batcher {
             id,
             ids: ids.to_vec(),
             done: 0,
-            cache: std::mem::replace(cache, placeholder),
+            cache: std::mem::take(cache),
             priority,
         });
         self.changed.notify_all();
@@ -206,8 +204,8 @@ impl Batcher {
             }
             let batch = self.take_batch(&mut state);
             state.running = true;
-            state.batches += 1;
-            state.rows += batch.len() as u64;
+            state.counts.passes += 1;
+            state.counts.sequences += batch.len() as u64;
             drop(state);
             let started = Instant::now();
             let (sequences, tokens) = (batch.len(), batch.iter().map(|(_, n)| n).sum::<usize>());
@@ -247,11 +245,7 @@ impl Batcher {
 
     /// Passes run so far and the sequences they carried.
     pub(crate) fn counts(&self) -> BatchCounts {
-        let state = self.lock();
-        BatchCounts {
-            batches: state.batches,
-            rows: state.rows,
-        }
+        self.lock().counts
     }
 
     /// Takes the next batch off the queue, from requests if any wait, else from background

@@ -410,7 +410,7 @@ impl Engine {
 
     /// Forward passes run so far and the sequences they carried: concurrent generations
     /// (threads calling [`Engine::chat_stream`] on one engine, or a server's requests) share
-    /// each pass, so `rows / batches` above 1 means they were batched.
+    /// each pass, so `sequences / passes` above 1 means they were batched.
     pub fn batch_counts(&self) -> BatchCounts {
         self.batcher.counts()
     }

@@ -935,7 +935,9 @@ pub(crate) struct Segment<'a> {
 }
 
 /// The keys and values of one conversation: owned by the request, freed when it is dropped.
-#[derive(Debug)]
+/// The default is an empty stand-in that holds nothing (see [`Transformer::new_cache`] for a
+/// real one).
+#[derive(Debug, Default)]
 pub(crate) struct KvCache {
     layers: Vec<LayerCache>,
     len: usize,

@@ -178,13 +178,13 @@ impl Metrics {
             &mut out,
             "chathub_forward_passes_total",
             "Forward passes run (decode steps and prompt chunks, each shared by the generations batched into it).",
-            batching.batches,
+            batching.passes,
         );
         counter(
             &mut out,
             "chathub_forward_pass_sequences_total",
             "Sequences carried by the forward passes; divided by chathub_forward_passes_total, the mean batch.",
-            batching.rows,
+            batching.sequences,
         );
         self.ttft.write(
             &mut out,
