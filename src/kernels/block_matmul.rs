@@ -1,22 +1,28 @@
 //! Products of f32 activations with q8_0 / q4_0 / q4_K weight matrices, by kernels made for
 //! them.
 //!
-//! candle's CPU kernels for these formats reach about 0.6 (q8_0), 0.3 (q4_0) and 0.45 (q4_K) of
-//! the memory bandwidth when decoding on a 2-core AVX-512 machine, and its q4_0 prefill runs at
-//! about 30 tokens/s. The blocks here hold ggml's values (so a GGUF file round-trips byte for
-//! byte), but quants and scales live in separate arrays: one 64-byte load then covers two 8-bit
-//! or four 4-bit blocks of 32, which AVX-512 VNNI (`vpdpbusd`) multiplies by the activations in
-//! one instruction. The activations are quantized to 8 bits once per product, as ggml does.
-//! AVX2 machines get a `vpmaddubsw` path and other CPUs a portable one; the three compute the
-//! same integer sums.
+//! Weights are repacked at load into tiles of 16 rows, the layout llama.cpp's CPU "repack"
+//! kernels use for the same reason: within a tile, block after block, the rows' quants are
+//! interleaved four weights at a time, so one 64-byte load holds the same four columns of all
+//! 16 rows. AVX-512 VNNI (`vpdpbusd`) multiplies it by four activation bytes broadcast to every
+//! lane, and each lane accumulates one row's dot product. A broadcast activation thus serves 16
+//! rows, one weight load serves every token of a pass, and a block's scales multiply 16 rows in
+//! one instruction with no horizontal sums: the work per weight is a third of a row-by-row
+//! kernel's, which is what prefill and batched decode are bound by. Decode reads each tile once
+//! front to back, at the memory bandwidth.
 //!
-//! The unsigned-by-signed VNNI instruction wants unsigned weights: q8_0 quants are flipped to
-//! `w + 128` in a register, q4_0 nibbles are `w + 8` already, and the offset times the sum of
-//! each activation block is taken off afterwards. q4_K is the same product with a minimum per
-//! block of 32 in place of q4_0's fixed offset: its nibbles are reordered at load to q4_0's
-//! order, and its 6-bit scales and minimums expanded to one f16 pair per block of 32 (5 bits per
-//! weight read instead of 4.5, for one kernel and no unpacking while decoding). The super-block
-//! headers are kept aside so the original bytes can be written back.
+//! The activations are quantized to 8 bits in blocks of 32 once per product, as ggml does. The
+//! unsigned-by-signed VNNI instruction wants unsigned weights: q8_0 quants are flipped to
+//! `w + 128` in a register and q4_0 nibbles are `w + 8` already, and the offset times the sum of
+//! the activation block's quants is taken off in integers. q4_K's weight is `scale * q -
+//! minimum` for each block of 32, so its minimum times the activation block's sum is a second
+//! multiply-add; its 6-bit scales and minimums are expanded at load to one f16 pair per block of
+//! 32, and the super-block headers are kept aside so the original bytes can be written back.
+//!
+//! Every path (AVX-512 VNNI, AVX2 `vpmaddubsw`, portable Rust) computes each output as the same
+//! integer sums followed by the same chain of fused multiply-adds, one per block in column
+//! order: the three give the same bits, and a token's outputs do not depend on the other tokens
+//! of its pass (batch invariance).
 
 use std::sync::LazyLock;
 
@@ -27,12 +33,17 @@ use rayon::prelude::*;
 
 use super::cpu;
 
-/// Weights per block, in both formats.
+/// Weights per block, in every format.
 const BLOCK: usize = 32;
-/// Activation blocks are padded to a multiple of this, the scales one 512-bit register covers.
-const SCALE_GROUP: usize = 16;
-/// Bytes readable past the last row's quants: the wide kernels load whole registers.
-const QUANT_PADDING: usize = 64;
+/// Rows interleaved in a tile: one 512-bit register holds a four-weight group of each.
+const TILE_ROWS: usize = 16;
+/// Weights one `vpdpbusd` lane multiplies: one activation broadcast carries this many.
+const GROUP: usize = 4;
+/// Tokens one pass over a tile serves: each weight register is used this many times.
+const TOKENS_PER_PASS: usize = 4;
+/// Tiles a prefill task sweeps for each pass of tokens, so their weights stay in the core's
+/// L2 cache (16 tiles of 4096 q4_0 columns are 576 KiB) while the tokens go past.
+const TILES_PER_SWEEP: usize = 16;
 
 /// The ggml block formats these kernels take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +77,16 @@ impl BlockFormat {
         }
     }
 
+    /// Bytes and weights of one block as ggml stores it (q4_K: a super-block).
+    fn ggml_block(self) -> (usize, usize) {
+        match self {
+            BlockFormat::Q8_0 => (34, BLOCK),
+            BlockFormat::Q4_0 => (18, BLOCK),
+            BlockFormat::Q4K => (Q4K_BYTES, SUPER_BLOCK),
+        }
+    }
+
+    /// Bytes of one row's quants for a block of 32.
     fn quant_bytes_per_block(self) -> usize {
         match self {
             BlockFormat::Q8_0 => BLOCK,
@@ -73,9 +94,16 @@ impl BlockFormat {
         }
     }
 
-    /// Whether the quants are nibbles in q4_0's order (low nibble element `i`, high `i + 16`).
-    fn is_four_bit(self) -> bool {
-        matches!(self, BlockFormat::Q4_0 | BlockFormat::Q4K)
+    /// Whether each block of 32 carries a minimum (q4_K).
+    fn has_minimums(self) -> bool {
+        self == BlockFormat::Q4K
+    }
+
+    /// Bytes of one block of 32 columns of a tile: the 16 rows' quants, their f16 scales and
+    /// (q4_K) their f16 minimums.
+    fn tile_block_bytes(self) -> usize {
+        let per_row = self.quant_bytes_per_block() + 2 + if self.has_minimums() { 2 } else { 0 };
+        TILE_ROWS * per_row
     }
 }
 
@@ -126,20 +154,201 @@ const Q4K_HEADER: usize = 16;
 /// Weights per q4_K super-block.
 const SUPER_BLOCK: usize = 256;
 
-/// A `[rows, cols]` weight matrix in q8_0, q4_0 or q4_K blocks, quants and scales apart.
+/// A `[rows, cols]` weight matrix in q8_0, q4_0 or q4_K blocks, repacked into tiles of 16 rows.
 #[derive(Debug, Clone)]
 pub(crate) struct BlockMatrix {
     format: BlockFormat,
     rows: usize,
     cols: usize,
-    /// Row after row, `quant_bytes_per_block` per block, then [`QUANT_PADDING`] zero bytes.
-    quants: Vec<u8>,
-    /// One scale per block of 32, row after row.
-    scales: Vec<f16>,
-    /// q4_K: one minimum per block of 32 (weight = scale * q - minimum); empty otherwise.
-    minimums: Vec<f16>,
-    /// q4_K: each super-block's first 16 bytes as stored, to write the original back.
+    /// Tile after tile (the last one padded with zero rows); within a tile, block of 32 columns
+    /// after block: the quants of four-column group `g` for rows 0..16 (4 bytes a row) — q8_0
+    /// groups 0..8 in 8 runs of 64 bytes; 4-bit formats groups `j` and `j + 4` in the low and
+    /// high nibbles of run `j` of 4 — then the 16 rows' f16 scales, then (q4_K) their f16
+    /// minimums.
+    tiles: Vec<u8>,
+    /// q4_K: each super-block's first 16 bytes as stored, row after row, to write the original
+    /// back.
     headers: Vec<[u8; Q4K_HEADER]>,
+}
+
+/// Turns ggml's row-major blocks, arriving in parts of any size, into tiles.
+struct TileBuilder {
+    matrix: BlockMatrix,
+    /// Bytes of one row in ggml's layout.
+    row_bytes: usize,
+    /// Up to 16 rows in ggml's layout, waiting for their tile to fill.
+    pending: Vec<u8>,
+    /// One tile's quants in column order, a byte per weight (q8_0 signed, 4-bit unsigned),
+    /// row after row.
+    quants: Vec<u8>,
+    /// One tile's scales and minimums, row after row.
+    scales: Vec<f16>,
+    minimums: Vec<f16>,
+}
+
+impl TileBuilder {
+    /// A builder for `rows x cols` weights of `dtype`, and the bytes of the whole matrix in
+    /// ggml's layout; `None` if these kernels do not run `dtype` on rows of `cols`.
+    fn new(dtype: GgmlDType, rows: usize, cols: usize) -> Option<(Self, usize)> {
+        let format = BlockFormat::from_ggml(dtype)?;
+        let (block_bytes, block_weights) = format.ggml_block();
+        if cols == 0 || !cols.is_multiple_of(block_weights) {
+            return None;
+        }
+        let blocks = cols / BLOCK;
+        let tiles = rows.div_ceil(TILE_ROWS);
+        let row_bytes = cols / block_weights * block_bytes;
+        let matrix = BlockMatrix {
+            format,
+            rows,
+            cols,
+            tiles: crate::huge_pages::vec_prefaulted(tiles * blocks * format.tile_block_bytes()),
+            headers: Vec::new(),
+        };
+        let builder = TileBuilder {
+            matrix,
+            row_bytes,
+            pending: Vec::with_capacity(TILE_ROWS * row_bytes),
+            quants: vec![0; TILE_ROWS * cols],
+            scales: vec![f16::ZERO; TILE_ROWS * blocks],
+            minimums: vec![f16::ZERO; TILE_ROWS * blocks],
+        };
+        Some((builder, rows * row_bytes))
+    }
+
+    /// Takes the next bytes of the matrix in ggml's layout.
+    fn push(&mut self, mut part: &[u8]) {
+        while !part.is_empty() {
+            let room = TILE_ROWS * self.row_bytes - self.pending.len();
+            let (now, rest) = part.split_at(room.min(part.len()));
+            self.pending.extend_from_slice(now);
+            part = rest;
+            if self.pending.len() == TILE_ROWS * self.row_bytes {
+                self.flush_tile();
+            }
+        }
+    }
+
+    /// The matrix, its last tile padded with zero rows.
+    fn finish(mut self) -> BlockMatrix {
+        if !self.pending.is_empty() {
+            self.flush_tile();
+        }
+        self.matrix
+    }
+
+    /// Repacks the pending rows (all whole) as one tile.
+    fn flush_tile(&mut self) {
+        let format = self.matrix.format;
+        let (cols, blocks) = (self.matrix.cols, self.matrix.cols / BLOCK);
+        self.quants.fill(0);
+        self.scales.fill(f16::ZERO);
+        self.minimums.fill(f16::ZERO);
+        let pending = std::mem::take(&mut self.pending);
+        for (r, row) in pending.chunks_exact(self.row_bytes).enumerate() {
+            let quants = &mut self.quants[r * cols..][..cols];
+            let scales = &mut self.scales[r * blocks..][..blocks];
+            let minimums = &mut self.minimums[r * blocks..][..blocks];
+            match format {
+                BlockFormat::Q8_0 | BlockFormat::Q4_0 => {
+                    for ((block, q), s) in row
+                        .chunks_exact(format.ggml_block().0)
+                        .zip(quants.chunks_exact_mut(BLOCK))
+                        .zip(scales.iter_mut())
+                    {
+                        *s = f16::from_le_bytes([block[0], block[1]]);
+                        if format == BlockFormat::Q8_0 {
+                            q.copy_from_slice(&block[2..]);
+                        } else {
+                            for (i, byte) in block[2..].iter().enumerate() {
+                                q[i] = byte & 0x0F;
+                                q[i + 16] = byte >> 4;
+                            }
+                        }
+                    }
+                }
+                BlockFormat::Q4K => {
+                    let per_super = SUPER_BLOCK / BLOCK;
+                    for (s, block) in row.chunks_exact(Q4K_BYTES).enumerate() {
+                        let header = unpack_q4k(
+                            block,
+                            &mut quants[s * SUPER_BLOCK..][..SUPER_BLOCK],
+                            &mut scales[s * per_super..][..per_super],
+                            &mut minimums[s * per_super..][..per_super],
+                        );
+                        self.matrix.headers.push(header);
+                    }
+                }
+            }
+        }
+        self.pending = pending;
+        self.pending.clear();
+        let tiles = &mut self.matrix.tiles;
+        for b in 0..blocks {
+            let column = |r: usize, k: usize| self.quants[r * cols + b * BLOCK + k];
+            match format {
+                BlockFormat::Q8_0 => {
+                    for g in 0..BLOCK / GROUP {
+                        for r in 0..TILE_ROWS {
+                            tiles.extend((0..GROUP).map(|i| column(r, g * GROUP + i)));
+                        }
+                    }
+                }
+                BlockFormat::Q4_0 | BlockFormat::Q4K => {
+                    for j in 0..BLOCK / GROUP / 2 {
+                        for r in 0..TILE_ROWS {
+                            tiles.extend((0..GROUP).map(|i| {
+                                column(r, j * GROUP + i) | (column(r, 16 + j * GROUP + i) << 4)
+                            }));
+                        }
+                    }
+                }
+            }
+            for r in 0..TILE_ROWS {
+                tiles.extend_from_slice(&self.scales[r * blocks + b].to_le_bytes());
+            }
+            if format.has_minimums() {
+                for r in 0..TILE_ROWS {
+                    tiles.extend_from_slice(&self.minimums[r * blocks + b].to_le_bytes());
+                }
+            }
+        }
+    }
+}
+
+/// Unpacks one q4_K super-block into eight blocks of 32: quants in column order, and each
+/// block's scale and minimum as f16; returns the header as stored.
+fn unpack_q4k(
+    block: &[u8],
+    quants: &mut [u8],
+    scales: &mut [f16],
+    minimums: &mut [f16],
+) -> [u8; Q4K_HEADER] {
+    let header: [u8; Q4K_HEADER] = block[..Q4K_HEADER].try_into().expect("16 bytes");
+    let scale = f16::from_le_bytes([header[0], header[1]]).to_f32();
+    let minimum = f16::from_le_bytes([header[2], header[3]]).to_f32();
+    let packed = &header[4..];
+    for sub in 0..SUPER_BLOCK / BLOCK {
+        // ggml's get_scale_min_k4: the first four pairs are plain 6-bit fields, the last four
+        // keep their top two bits in the spare bits of the first eight bytes.
+        let (sc, m) = if sub < 4 {
+            (packed[sub] & 63, packed[sub + 4] & 63)
+        } else {
+            (
+                (packed[sub + 4] & 0x0F) | ((packed[sub - 4] >> 6) << 4),
+                (packed[sub + 4] >> 4) | ((packed[sub] >> 6) << 4),
+            )
+        };
+        scales[sub] = f16::from_f32(scale * sc as f32);
+        minimums[sub] = f16::from_f32(minimum * m as f32);
+        // Quants come in 32-byte runs for a pair of blocks: the first block in the low
+        // nibbles, the second in the high ones.
+        let run = &block[Q4K_HEADER + (sub / 2) * 32..][..32];
+        for (i, byte) in run.iter().enumerate() {
+            quants[sub * BLOCK + i] = if sub % 2 == 0 { byte & 0x0F } else { byte >> 4 };
+        }
+    }
+    header
 }
 
 impl BlockMatrix {
@@ -160,21 +369,20 @@ impl BlockMatrix {
         cols: usize,
         read_exact: &mut dyn FnMut(&mut [u8]) -> std::io::Result<()>,
     ) -> candle_core::Result<Option<Self>> {
-        let Some((mut matrix, block_bytes, total)) = Self::empty(dtype, rows, cols) else {
+        let Some((mut builder, total)) = TileBuilder::new(dtype, rows, cols) else {
             return Ok(None);
         };
-        // 4 MiB or so of whole blocks per read.
-        let band = ((4 << 20) / block_bytes).max(1) * block_bytes;
+        // 4 MiB or so of whole rows per read.
+        let band = ((4 << 20) / builder.row_bytes).max(1) * builder.row_bytes;
         let mut buffer = vec![0u8; band.min(total)];
         let mut left = total;
         while left > 0 {
             let n = band.min(left);
             read_exact(&mut buffer[..n])?;
-            matrix.push_blocks(&buffer[..n], block_bytes);
+            builder.push(&buffer[..n]);
             left -= n;
         }
-        matrix.quants.resize(matrix.quants.len() + QUANT_PADDING, 0);
-        Ok(Some(matrix))
+        Ok(Some(builder.finish()))
     }
 
     /// Takes a `[rows, cols]` matrix's blocks in ggml's layout, given in consecutive parts of
@@ -186,9 +394,10 @@ impl BlockMatrix {
         cols: usize,
         parts: impl IntoIterator<Item = P>,
     ) -> candle_core::Result<Option<Self>> {
-        let Some((mut matrix, block_bytes, expected)) = Self::empty(dtype, rows, cols) else {
+        let Some((mut builder, expected)) = TileBuilder::new(dtype, rows, cols) else {
             return Ok(None);
         };
+        let block_bytes = builder.matrix.format.ggml_block().0;
         let mut seen = 0;
         for part in parts {
             let part = part.as_ref();
@@ -196,131 +405,44 @@ impl BlockMatrix {
             if part.len() % block_bytes != 0 || seen > expected {
                 break;
             }
-            matrix.push_blocks(part, block_bytes);
+            builder.push(part);
         }
         if seen != expected {
             candle_core::bail!(
                 "{dtype:?} tensor of {rows}x{cols} holds {seen} bytes of whole blocks, expected {expected}"
             );
         }
-        matrix.quants.resize(matrix.quants.len() + QUANT_PADDING, 0);
-        Ok(Some(matrix))
-    }
-
-    /// A matrix with room for `rows x cols` weights of `dtype` and no blocks yet, the bytes of
-    /// one ggml block and of the whole matrix in ggml's layout; `None` if these kernels do not
-    /// run `dtype` on rows of `cols`.
-    fn empty(dtype: GgmlDType, rows: usize, cols: usize) -> Option<(Self, usize, usize)> {
-        let format = BlockFormat::from_ggml(dtype)?;
-        let (block_bytes, block_weights) = match format {
-            BlockFormat::Q4K => (Q4K_BYTES, SUPER_BLOCK),
-            _ => (2 + format.quant_bytes_per_block(), BLOCK),
-        };
-        if !cols.is_multiple_of(BLOCK) || !cols.is_multiple_of(block_weights) {
-            return None;
-        }
-        let blocks = rows * cols / BLOCK;
-        let matrix = BlockMatrix {
-            format,
-            rows,
-            cols,
-            quants: crate::huge_pages::vec_prefaulted(
-                blocks * format.quant_bytes_per_block() + QUANT_PADDING,
-            ),
-            scales: crate::huge_pages::vec_prefaulted(blocks),
-            minimums: if matches!(format, BlockFormat::Q4K) {
-                crate::huge_pages::vec_prefaulted(blocks)
-            } else {
-                Vec::new()
-            },
-            headers: Vec::new(),
-        };
-        Some((
-            matrix,
-            block_bytes,
-            rows * cols / block_weights * block_bytes,
-        ))
-    }
-
-    /// Appends the whole ggml blocks in `part`.
-    fn push_blocks(&mut self, part: &[u8], block_bytes: usize) {
-        for block in part.chunks_exact(block_bytes) {
-            match self.format {
-                BlockFormat::Q4K => self.push_q4k(block),
-                _ => {
-                    self.scales.push(f16::from_le_bytes([block[0], block[1]]));
-                    self.quants.extend_from_slice(&block[2..]);
-                }
-            }
-        }
-    }
-
-    /// Unpacks one q4_K super-block: eight blocks of 32 with an f16 scale and minimum each,
-    /// nibbles reordered so each block's 16 bytes read like a q4_0 block's.
-    fn push_q4k(&mut self, block: &[u8]) {
-        let header: [u8; Q4K_HEADER] = block[..Q4K_HEADER].try_into().expect("16 bytes");
-        let scale = f16::from_le_bytes([header[0], header[1]]).to_f32();
-        let minimum = f16::from_le_bytes([header[2], header[3]]).to_f32();
-        let packed = &header[4..];
-        for sub in 0..SUPER_BLOCK / BLOCK {
-            // ggml's get_scale_min_k4: the first four pairs are plain 6-bit fields, the last
-            // four keep their top two bits in the spare bits of the first eight bytes.
-            let (sc, m) = if sub < 4 {
-                (packed[sub] & 63, packed[sub + 4] & 63)
-            } else {
-                (
-                    (packed[sub + 4] & 0x0F) | ((packed[sub - 4] >> 6) << 4),
-                    (packed[sub + 4] >> 4) | ((packed[sub] >> 6) << 4),
-                )
-            };
-            self.scales.push(f16::from_f32(scale * sc as f32));
-            self.minimums.push(f16::from_f32(minimum * m as f32));
-            // Quants come in 32-byte runs for a pair of blocks: the first block in the low
-            // nibbles, the second in the high ones.
-            let run = &block[Q4K_HEADER + (sub / 2) * 32..][..32];
-            let nibble = |i: usize| {
-                if sub % 2 == 0 {
-                    run[i] & 0x0F
-                } else {
-                    run[i] >> 4
-                }
-            };
-            for i in 0..16 {
-                self.quants.push(nibble(i) | (nibble(i + 16) << 4));
-            }
-        }
-        self.headers.push(header);
+        Ok(Some(builder.finish()))
     }
 
     /// The same blocks as a candle `QTensor` (for GGUF files).
     pub(crate) fn to_qtensor(&self) -> candle_core::Result<QTensor> {
-        let quant_bytes = self.format.quant_bytes_per_block();
+        let blocks = self.cols / BLOCK;
         let mut bytes = Vec::with_capacity(self.storage_bytes());
-        let quants = self.quants[..self.scales.len() * quant_bytes].chunks_exact(quant_bytes);
-        if self.format == BlockFormat::Q4K {
-            let per_super = SUPER_BLOCK / BLOCK;
-            let blocks: Vec<&[u8]> = quants.collect();
-            for (header, blocks) in self.headers.iter().zip(blocks.chunks_exact(per_super)) {
-                bytes.extend_from_slice(header);
-                for pair in blocks.chunks_exact(2) {
-                    // Back to ggml's runs: element i of the pair's first block in the low
-                    // nibble of byte i, of the second block in its high nibble.
-                    let element = |b: &[u8], i: usize| {
-                        if i < 16 {
-                            b[i] & 0x0F
-                        } else {
-                            b[i - 16] >> 4
+        let mut quants = [0u8; BLOCK];
+        for row in 0..self.rows {
+            if self.format == BlockFormat::Q4K {
+                let supers = self.cols / SUPER_BLOCK;
+                for (s, header) in self.headers[row * supers..][..supers].iter().enumerate() {
+                    bytes.extend_from_slice(header);
+                    let mut pair = [[0u8; BLOCK]; 2];
+                    for sub in 0..SUPER_BLOCK / BLOCK {
+                        self.block_quants(row, s * SUPER_BLOCK / BLOCK + sub, &mut pair[sub % 2]);
+                        if sub % 2 == 1 {
+                            // Back to ggml's runs: the pair's first block in the low nibbles.
+                            bytes.extend((0..BLOCK).map(|i| pair[0][i] | (pair[1][i] << 4)));
                         }
-                    };
-                    for i in 0..BLOCK {
-                        bytes.push(element(pair[0], i) | (element(pair[1], i) << 4));
                     }
                 }
+                continue;
             }
-        } else {
-            for (scale, quants) in self.scales.iter().zip(quants) {
-                bytes.extend_from_slice(&scale.to_le_bytes());
-                bytes.extend_from_slice(quants);
+            for b in 0..blocks {
+                bytes.extend_from_slice(&self.block_scale(row, b, 0).to_le_bytes());
+                self.block_quants(row, b, &mut quants);
+                match self.format {
+                    BlockFormat::Q8_0 => bytes.extend_from_slice(&quants),
+                    _ => bytes.extend((0..16).map(|i| quants[i] | (quants[i + 16] << 4))),
+                }
             }
         }
         candle_core::quantized::ggml_file::qtensor_from_ggml(
@@ -329,6 +451,35 @@ impl BlockMatrix {
             vec![self.rows, self.cols],
             &Device::Cpu,
         )
+    }
+
+    /// The bytes of tile `tile`.
+    fn tile(&self, tile: usize) -> &[u8] {
+        let bytes = self.cols / BLOCK * self.format.tile_block_bytes();
+        &self.tiles[tile * bytes..][..bytes]
+    }
+
+    /// Row `row`'s quants for block `b` in column order (q8_0 signed, 4-bit unsigned).
+    fn block_quants(&self, row: usize, b: usize, out: &mut [u8; BLOCK]) {
+        let at = &self.tile(row / TILE_ROWS)[b * self.format.tile_block_bytes()..];
+        let lane = (row % TILE_ROWS) * GROUP;
+        for (k, q) in out.iter_mut().enumerate() {
+            let (group, i) = (k / GROUP, k % GROUP);
+            *q = match self.format {
+                BlockFormat::Q8_0 => at[group * 64 + lane + i],
+                _ if group < 4 => at[group * 64 + lane + i] & 0x0F,
+                _ => at[(group - 4) * 64 + lane + i] >> 4,
+            };
+        }
+    }
+
+    /// Row `row`'s scale (`which == 0`) or minimum (`1`) for block `b`.
+    fn block_scale(&self, row: usize, b: usize, which: usize) -> f16 {
+        let format = self.format;
+        let at = &self.tile(row / TILE_ROWS)[b * format.tile_block_bytes()..];
+        let at = &at[TILE_ROWS * format.quant_bytes_per_block() + which * 2 * TILE_ROWS..];
+        let lane = (row % TILE_ROWS) * 2;
+        f16::from_le_bytes([at[lane], at[lane + 1]])
     }
 
     /// The ggml format of the blocks.
@@ -341,17 +492,16 @@ impl BlockMatrix {
         (self.rows, self.cols)
     }
 
-    /// Bytes of the blocks as ggml stores them (what a token reads).
+    /// Bytes of the blocks as ggml stores them.
     pub(crate) fn storage_bytes(&self) -> usize {
-        match self.format {
-            BlockFormat::Q4K => self.headers.len() * Q4K_BYTES,
-            _ => self.scales.len() * (2 + self.format.quant_bytes_per_block()),
-        }
+        let (bytes, weights) = self.format.ggml_block();
+        self.rows * self.cols / weights * bytes
     }
 
-    /// Bytes a token reads from this matrix in memory (q4_K's expanded scales included).
+    /// Bytes a token reads from this matrix in memory (q4_K's expanded scales and the last
+    /// tile's padding rows included).
     pub(crate) fn bytes_read_per_token(&self) -> usize {
-        self.scales.len() * (2 + self.format.quant_bytes_per_block()) + self.minimums.len() * 2
+        self.tiles.len()
     }
 
     /// `out = x W^T` for `x: [tokens, cols]`, `out: [tokens, rows]`, row-major, on every core.
@@ -363,222 +513,194 @@ impl BlockMatrix {
         assert_eq!(x.len() % self.cols, 0, "activations are not whole rows");
         let tokens = x.len() / self.cols;
         assert_eq!(out.len(), tokens * self.rows, "output has the wrong size");
-        let order = if matches!(path, KernelPath::Vnni(_)) && self.format.is_four_bit() {
-            QuantOrder::NibbleHalves
-        } else {
-            QuantOrder::Natural
-        };
-        let acts: Vec<Activations> = if tokens > 1 {
-            x.par_chunks(self.cols)
-                .map(|row| Activations::quantize(row, order))
-                .collect()
-        } else {
-            vec![Activations::quantize(x, order)]
-        };
-        let rows_per_task = (self.rows / (rayon::current_num_threads() * 8)).max(16);
-        if tokens == 1 {
-            out.par_chunks_mut(rows_per_task)
-                .enumerate()
-                .for_each(|(task, out)| {
-                    let first = task * rows_per_task;
-                    for (i, o) in out.iter_mut().enumerate() {
-                        *o = self.dot_rows::<1>(path, first + i, [&acts[0]])[0];
-                    }
-                });
+        if tokens == 0 {
             return;
         }
-        // Row-major by weight row, so each task owns a contiguous slice; transposed at the end.
-        let mut by_row = vec![0f32; self.rows * tokens];
-        by_row
-            .par_chunks_mut(rows_per_task * tokens)
+        let acts: Vec<Activations> = if tokens > 1 {
+            x.par_chunks(self.cols).map(Activations::quantize).collect()
+        } else {
+            vec![Activations::quantize(x)]
+        };
+        let tiles = self.rows.div_ceil(TILE_ROWS);
+        let tiles_per_task = (tiles / (rayon::current_num_threads() * 4)).clamp(1, TILES_PER_SWEEP);
+        // Tile-major (`[tile][token][16]`), so each task owns a contiguous slice.
+        let per_tile = tokens * TILE_ROWS;
+        let mut by_tile = vec![0f32; tiles * per_tile];
+        by_tile
+            .par_chunks_mut(tiles_per_task * per_tile)
             .enumerate()
             .for_each(|(task, chunk)| {
-                let first = task * rows_per_task;
-                for (i, row_out) in chunk.chunks_mut(tokens).enumerate() {
-                    self.row_for_tokens(path, first + i, &acts, row_out);
+                let first = task * tiles_per_task;
+                let mut t = 0;
+                while t < tokens {
+                    let n = (tokens - t).min(TOKENS_PER_PASS);
+                    for (i, results) in chunk.chunks_exact_mut(per_tile).enumerate() {
+                        let results = &mut results[t * TILE_ROWS..][..n * TILE_ROWS];
+                        self.tile_tokens(path, first + i, &acts[t..t + n], results);
+                    }
+                    t += n;
                 }
             });
-        for (r, row) in by_row.chunks(tokens).enumerate() {
-            for (t, v) in row.iter().enumerate() {
-                out[t * self.rows + r] = *v;
+        for (tile, results) in by_tile.chunks_exact(per_tile).enumerate() {
+            let first_row = tile * TILE_ROWS;
+            let rows = (self.rows - first_row).min(TILE_ROWS);
+            for (t, lanes) in results.chunks_exact(TILE_ROWS).enumerate() {
+                out[t * self.rows + first_row..][..rows].copy_from_slice(&lanes[..rows]);
             }
         }
     }
 
-    /// One weight row against every token, four tokens per pass over the row.
-    fn row_for_tokens(&self, path: KernelPath, row: usize, acts: &[Activations], out: &mut [f32]) {
-        let mut t = 0;
-        while t < acts.len() {
-            match acts.len() - t {
-                1 => out[t] = self.dot_rows::<1>(path, row, [&acts[t]])[0],
-                2 => out[t..t + 2].copy_from_slice(&self.dot_rows::<2>(
-                    path,
-                    row,
-                    [&acts[t], &acts[t + 1]],
-                )),
-                3 => out[t..t + 3].copy_from_slice(&self.dot_rows::<3>(
-                    path,
-                    row,
-                    [&acts[t], &acts[t + 1], &acts[t + 2]],
-                )),
-                _ => out[t..t + 4].copy_from_slice(&self.dot_rows::<4>(
-                    path,
-                    row,
-                    [&acts[t], &acts[t + 1], &acts[t + 2], &acts[t + 3]],
-                )),
-            }
-            t += 4;
+    /// Tile `tile`'s 16 rows against up to [`TOKENS_PER_PASS`] tokens: `out` is `[token][16]`.
+    fn tile_tokens(&self, path: KernelPath, tile: usize, acts: &[Activations], out: &mut [f32]) {
+        fn refs<const T: usize>(acts: &[Activations]) -> [&Activations; T] {
+            std::array::from_fn(|t| &acts[t])
+        }
+        let results: &[[f32; TILE_ROWS]] = match acts.len() {
+            1 => &self.tile_product::<1>(path, tile, refs(acts)),
+            2 => &self.tile_product::<2>(path, tile, refs(acts)),
+            3 => &self.tile_product::<3>(path, tile, refs(acts)),
+            _ => &self.tile_product::<4>(path, tile, refs(acts)),
+        };
+        for (out, lanes) in out.chunks_exact_mut(TILE_ROWS).zip(results) {
+            out.copy_from_slice(lanes);
         }
     }
 
-    /// `dot(W[row], x_t)` for `T` tokens.
-    fn dot_rows<const T: usize>(
+    /// Tile `tile`'s 16 rows against `T` tokens.
+    fn tile_product<const T: usize>(
         &self,
         path: KernelPath,
-        row: usize,
+        tile: usize,
         acts: [&Activations; T],
-    ) -> [f32; T] {
+    ) -> [[f32; TILE_ROWS]; T] {
+        let tile = self.tile(tile);
         let blocks = self.cols / BLOCK;
-        let quant_bytes = self.format.quant_bytes_per_block();
-        let quants = &self.quants[row * blocks * quant_bytes..];
-        let scales = &self.scales[row * blocks..][..blocks];
-        let minimums = match self.format {
-            BlockFormat::Q4K => Some(&self.minimums[row * blocks..][..blocks]),
-            _ => None,
-        };
-        // What both x86 paths rely on: `scales` (and `minimums`) are this row's `blocks` entries;
-        // `quants` runs from this row's first block to the end of the buffer, so it holds the
-        // row's `blocks * quant_bytes` bytes and then at least QUANT_PADDING (64) more (the
-        // next rows' and the padding `from_ggml_bytes` / `read_ggml` append); every activation
-        // row was quantized from `cols` values, so it holds `blocks` blocks padded to whole
-        // scale groups (quants, scales and sums).
+        // What every path relies on: `tile` is `blocks` whole tile blocks of this format, and
+        // every activation row holds `blocks` blocks (quants, scales, sums).
+        assert_eq!(tile.len(), blocks * self.format.tile_block_bytes());
+        for act in acts {
+            assert!(act.scales.len() == blocks && act.quants.len() == blocks * BLOCK);
+        }
         #[cfg(target_arch = "x86_64")]
         match path {
             KernelPath::Vnni(_) => {
                 // SAFETY: the Vnni token is made only once detection found AVX-512F/BW/VL,
-                // VNNI and F16C; the slices are as said above, which is what the kernels'
+                // VNNI and F16C; the slices are as asserted above, which is what the kernels'
                 // contracts ask.
                 return unsafe {
                     match self.format {
-                        BlockFormat::Q8_0 => x86::q8_0_vnni(quants, scales, acts),
-                        BlockFormat::Q4_0 | BlockFormat::Q4K => {
-                            x86::q4_vnni(quants, scales, minimums, acts)
-                        }
+                        BlockFormat::Q8_0 => x86::q8_0_vnni(tile, acts),
+                        BlockFormat::Q4_0 => x86::q4_vnni::<T, false>(tile, acts),
+                        BlockFormat::Q4K => x86::q4_vnni::<T, true>(tile, acts),
                     }
                 };
             }
             KernelPath::Avx2(_) => {
                 // SAFETY: the Avx2 token is made only once detection found AVX2, FMA and F16C;
-                // the slices are as said above, which is what the kernels' contracts ask.
+                // the slices are as asserted above, which is what the kernels' contracts ask.
                 return unsafe {
                     match self.format {
-                        BlockFormat::Q8_0 => x86::q8_0_avx2(quants, scales, acts),
-                        BlockFormat::Q4_0 | BlockFormat::Q4K => {
-                            x86::q4_avx2(quants, scales, minimums, acts)
-                        }
+                        BlockFormat::Q8_0 => x86::q8_0_avx2(tile, acts),
+                        BlockFormat::Q4_0 => x86::q4_avx2::<T, false>(tile, acts),
+                        BlockFormat::Q4K => x86::q4_avx2::<T, true>(tile, acts),
                     }
                 };
             }
             KernelPath::Portable => {}
         }
         let _ = path;
-        portable(self.format, quants, scales, minimums, acts)
+        portable(self.format, tile, acts)
     }
 }
 
-/// The order of an activation row's quants within each group of four blocks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum QuantOrder {
-    /// Element order.
-    Natural,
-    /// Per four blocks: elements 0..16 of each block, then elements 16..32 of each, matching
-    /// the low and high nibbles of a 64-byte load of q4_0 quants.
-    NibbleHalves,
-}
-
-/// One activation row quantized to 8 bits in blocks of 32, padded to whole scale groups.
+/// One activation row quantized to 8 bits in blocks of 32, as ggml's q8_0.
 #[derive(Debug)]
 struct Activations {
     quants: Vec<i8>,
     /// `max|x| / 127` per block.
     scales: Vec<f32>,
-    /// `scale * sum(quants)` per block: what a constant offset on the weights adds.
-    sums: Vec<f32>,
+    /// The sum of each block's quants: what a constant offset on the weights adds.
+    sums: Vec<i32>,
+    /// `-(scale * sum)` per block: what q4_K's minimum multiplies.
+    negated_scaled_sums: Vec<f32>,
 }
 
 impl Activations {
-    fn quantize(x: &[f32], order: QuantOrder) -> Self {
+    fn quantize(x: &[f32]) -> Self {
         let blocks = x.len() / BLOCK;
-        let padded = blocks.div_ceil(SCALE_GROUP) * SCALE_GROUP;
-        let mut quants = vec![0i8; padded * BLOCK];
-        let mut scales = vec![0f32; padded];
-        let mut sums = vec![0f32; padded];
+        let mut quants = vec![0i8; blocks * BLOCK];
+        let mut scales = vec![0f32; blocks];
+        let mut sums = vec![0i32; blocks];
+        let mut negated_scaled_sums = vec![0f32; blocks];
         for (b, block) in x.chunks_exact(BLOCK).enumerate() {
             let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
             let scale = amax / 127.0;
             let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
             let mut sum = 0i32;
-            for (i, v) in block.iter().enumerate() {
-                let q = (v * inverse).round() as i8;
-                sum += q as i32;
-                let at = match order {
-                    QuantOrder::Natural => b * BLOCK + i,
-                    QuantOrder::NibbleHalves => {
-                        let (group, within) = (b / 4, b % 4);
-                        group * 4 * BLOCK + (i / 16) * 64 + within * 16 + i % 16
-                    }
-                };
-                quants[at] = q;
+            for (q, v) in quants[b * BLOCK..][..BLOCK].iter_mut().zip(block) {
+                *q = (v * inverse).round() as i8;
+                sum += *q as i32;
             }
             scales[b] = scale;
-            sums[b] = scale * sum as f32;
+            sums[b] = sum;
+            negated_scaled_sums[b] = -(scale * sum as f32);
         }
         Activations {
             quants,
             scales,
             sums,
+            negated_scaled_sums,
         }
     }
 }
 
-/// The reference computation, for CPUs without the x86 paths.
+/// The reference computation, for CPUs without the x86 paths: the same integer sums and the
+/// same chain of fused multiply-adds as they compute, so the same bits.
 fn portable<const T: usize>(
     format: BlockFormat,
-    quants: &[u8],
-    scales: &[f16],
-    minimums: Option<&[f16]>,
+    tile: &[u8],
     acts: [&Activations; T],
-) -> [f32; T] {
-    let mut out = [0f32; T];
-    let quant_bytes = format.quant_bytes_per_block();
-    let mut weights = [0i32; BLOCK];
-    for (b, scale) in scales.iter().enumerate() {
-        let q = &quants[b * quant_bytes..][..quant_bytes];
-        match format {
-            BlockFormat::Q8_0 => {
-                for (w, q) in weights.iter_mut().zip(q) {
-                    *w = *q as i8 as i32;
-                }
-            }
-            BlockFormat::Q4_0 | BlockFormat::Q4K => {
-                for (i, byte) in q.iter().enumerate() {
-                    weights[i] = (byte & 0x0F) as i32;
-                    weights[i + 16] = (byte >> 4) as i32;
-                }
+) -> [[f32; TILE_ROWS]; T] {
+    let block_bytes = format.tile_block_bytes();
+    let quant_bytes = TILE_ROWS * format.quant_bytes_per_block();
+    let mut out = [[0f32; TILE_ROWS]; T];
+    let mut weights = [[0i32; BLOCK]; TILE_ROWS];
+    let mut scales = [0f32; TILE_ROWS];
+    let mut minimums = [0f32; TILE_ROWS];
+    for (b, block) in tile.chunks_exact(block_bytes).enumerate() {
+        for (r, row) in weights.iter_mut().enumerate() {
+            for (k, w) in row.iter_mut().enumerate() {
+                let (group, i) = (k / GROUP, k % GROUP);
+                let at = |run: usize| block[run * 64 + r * GROUP + i];
+                // The weights' integer values with their offsets taken off: q8_0's quants, q4_0's
+                // nibbles less 8, q4_K's nibbles (its minimum is applied in floats).
+                *w = match format {
+                    BlockFormat::Q8_0 => at(group) as i8 as i32,
+                    BlockFormat::Q4_0 if group < 4 => (at(group) & 0x0F) as i32 - 8,
+                    BlockFormat::Q4_0 => (at(group - 4) >> 4) as i32 - 8,
+                    BlockFormat::Q4K if group < 4 => (at(group) & 0x0F) as i32,
+                    BlockFormat::Q4K => (at(group - 4) >> 4) as i32,
+                };
             }
         }
-        let scale = scale.to_f32();
-        // What the nibbles' offset contributes per unit of `scale * sum(x)`: q4_0's fixed 8,
-        // q4_K's own minimum.
-        let offset = match (format, minimums) {
-            (BlockFormat::Q4_0, _) => 8.0 * scale,
-            (_, Some(minimums)) => minimums[b].to_f32(),
-            _ => 0.0,
+        let half = |at: usize, lanes: &mut [f32; TILE_ROWS]| {
+            for (r, lane) in lanes.iter_mut().enumerate() {
+                *lane = f16::from_le_bytes([block[at + 2 * r], block[at + 2 * r + 1]]).to_f32();
+            }
         };
-        for (o, act) in out.iter_mut().zip(acts) {
+        half(quant_bytes, &mut scales);
+        if format.has_minimums() {
+            half(quant_bytes + 2 * TILE_ROWS, &mut minimums);
+        }
+        for (lanes, act) in out.iter_mut().zip(acts) {
             let x = &act.quants[b * BLOCK..][..BLOCK];
-            let dot: i32 = weights.iter().zip(x).map(|(w, x)| w * *x as i32).sum();
-            *o += scale * act.scales[b] * dot as f32 - offset * act.sums[b];
+            for (r, lane) in lanes.iter_mut().enumerate() {
+                let dot: i32 = weights[r].iter().zip(x).map(|(w, x)| w * *x as i32).sum();
+                *lane = (dot as f32).mul_add(scales[r] * act.scales[b], *lane);
+                if format.has_minimums() {
+                    *lane = minimums[r].mul_add(act.negated_scaled_sums[b], *lane);
+                }
+            }
         }
     }
     out
@@ -588,328 +710,251 @@ fn portable<const T: usize>(
 mod x86 {
     use std::arch::x86_64::*;
 
-    use half::f16;
+    use super::{Activations, BlockFormat, BLOCK, GROUP, TILE_ROWS};
 
-    use super::{Activations, BLOCK, SCALE_GROUP};
-
-    /// Sum of eight lanes.
+    /// `T` tokens' activation bytes for four-weight group `group` of block `b`, broadcast to
+    /// every 32-bit lane.
     ///
     /// # Safety
-    /// The CPU has AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn sum8(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
-    }
-
-    /// Sixteen block scales (fewer at a row's end, the rest zero) as f32.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512F/BW/VL; `min(count, 16)` f16 values are readable at `scales`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn load_scales(scales: *const f16, count: usize) -> __m512 {
-        let mask = if count >= SCALE_GROUP {
-            0xFFFF
-        } else {
-            (1u16 << count) - 1
-        };
-        // SAFETY: `mask` keeps the first `min(count, 16)` lanes, which the caller guarantees
-        // are readable; a masked load does not touch (or fault on) the others.
-        _mm512_cvtph_ps(unsafe { _mm256_maskz_loadu_epi16(mask, scales as *const i16) })
-    }
-
-    /// Lane `i` of the result is lane `i / lanes_per_block + first` of `v`.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512F.
-    #[target_feature(enable = "avx512f")]
-    unsafe fn spread(v: __m512, index: __m512i) -> __m512 {
-        _mm512_permutexvar_ps(index, v)
-    }
-
-    /// For the sixteen blocks from `group`: each token's weight scale × activation scale, and
-    /// `offsets[t] += weight_offsets × the activation blocks' sums` (the unsigned offset's part).
-    ///
-    /// # Safety
-    /// The CPU has AVX-512F; every `acts[t]` holds at least `group + 16` scales and sums.
-    #[target_feature(enable = "avx512f")]
-    unsafe fn group_scales<const T: usize>(
-        weight_scales: __m512,
-        weight_offsets: __m512,
-        acts: &[&Activations; T],
-        group: usize,
-        offsets: &mut [__m512; T],
-    ) -> [__m512; T] {
-        let mut combined = [_mm512_setzero_ps(); T];
-        for t in 0..T {
-            // SAFETY: the caller guarantees `group + 16` scales and sums in `acts[t]`: both
-            // 16-lane loads stay inside them (`loadu` needs no alignment).
-            let (x_scales, sums) = unsafe {
-                (
-                    _mm512_loadu_ps(acts[t].scales.as_ptr().add(group)),
-                    _mm512_loadu_ps(acts[t].sums.as_ptr().add(group)),
-                )
-            };
-            combined[t] = _mm512_mul_ps(weight_scales, x_scales);
-            offsets[t] = _mm512_fmadd_ps(weight_offsets, sums, offsets[t]);
+    /// Every `acts[t]` holds block `b`'s 32 quants.
+    #[inline(always)]
+    unsafe fn broadcast_group(act: &Activations, b: usize, group: usize) -> i32 {
+        // SAFETY: the caller guarantees block `b`; `group < 8`, so the 4 bytes are inside it.
+        unsafe {
+            (act.quants.as_ptr().add(b * BLOCK + group * GROUP) as *const i32).read_unaligned()
         }
-        combined
     }
 
-    /// `acc + dot × scales` with each lane's block scale picked out of `combined` by `index`.
+    /// q8_0 tile × `T` tokens.
     ///
     /// # Safety
-    /// The CPU has AVX-512F.
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn add_scaled(acc: __m512, dot: __m512i, combined: __m512, index: __m512i) -> __m512 {
-        // SAFETY: `spread` needs only AVX-512F, which the caller guarantees.
-        _mm512_fmadd_ps(
-            _mm512_cvtepi32_ps(dot),
-            unsafe { spread(combined, index) },
-            acc,
-        )
-    }
-
-    /// Each token's dot product: its lanes summed, less `offset` times its offset sums.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512F.
-    #[target_feature(enable = "avx512f")]
-    unsafe fn totals<const T: usize>(
-        acc: [__m512; T],
-        offsets: [__m512; T],
-        offset: f32,
-    ) -> [f32; T] {
-        let mut out = [0f32; T];
-        for t in 0..T {
-            out[t] = _mm512_reduce_add_ps(acc[t]) - offset * _mm512_reduce_add_ps(offsets[t]);
-        }
-        out
-    }
-
-    /// q8_0 × q8 activations: a 64-byte load is two blocks, lanes 0..8 the first.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512F/BW/VL, AVX-512 VNNI and F16C. `quants` holds the row's
-    /// `32 * scales.len()` bytes of quants and then at least 32 more readable bytes (a 64-byte
-    /// load covers two blocks, so a row with an odd number of blocks reads one block past its
-    /// end). Each of `acts` holds at least `scales.len()` blocks rounded up to a multiple of
-    /// [`SCALE_GROUP`]: 32 quants and one scale and one sum per block.
+    /// The CPU has AVX-512F/BW/VL, AVX-512 VNNI and F16C; `tile` is whole q8_0 tile blocks,
+    /// and every `acts[t]` holds at least as many blocks (quants, scales and sums).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
     pub(super) unsafe fn q8_0_vnni<const T: usize>(
-        quants: &[u8],
-        scales: &[f16],
+        tile: &[u8],
         acts: [&Activations; T],
-    ) -> [f32; T] {
-        let blocks = scales.len();
+    ) -> [[f32; TILE_ROWS]; T] {
+        let bytes = BlockFormat::Q8_0.tile_block_bytes();
         let flip = _mm512_set1_epi8(-128);
-        let halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
         let mut acc = [_mm512_setzero_ps(); T];
-        let mut offsets = [_mm512_setzero_ps(); T];
-        let mut group = 0;
-        while group < blocks {
-            let count = (blocks - group).min(SCALE_GROUP);
-            // SAFETY: `group < blocks`, and `count <= blocks - group` scales follow it in
-            // `scales`; `group` is a multiple of 16 below `blocks`, so every activation row
-            // (padded to whole groups of 16) holds `group + 16` scales and sums. AVX-512 as the
-            // caller guarantees.
-            let combined = unsafe {
-                let weight_scales = load_scales(scales.as_ptr().add(group), count);
-                group_scales(weight_scales, weight_scales, &acts, group, &mut offsets)
-            };
-            let mut pair = 0;
-            while pair * 2 < count {
-                let at = (group + pair * 2) * BLOCK;
-                // SAFETY: blocks `group + 2 * pair` (below `blocks`) and the next, whose 32
-                // bytes are either the row's or the at least 32 readable bytes the caller
-                // guarantees after it; `loadu` needs no alignment.
-                let w = unsafe { _mm512_loadu_si512(quants.as_ptr().add(at) as *const __m512i) };
-                let w = _mm512_xor_si512(w, flip);
-                let index = _mm512_add_epi32(halves, _mm512_set1_epi32(pair as i32 * 2));
-                for t in 0..T {
-                    // SAFETY: blocks `group + 2 * pair` and the next are below `group + 16`,
-                    // inside the activation row's padded blocks of 32 quants.
-                    let x = unsafe {
-                        _mm512_loadu_si512(acts[t].quants.as_ptr().add(at) as *const __m512i)
-                    };
-                    let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x);
-                    // SAFETY: `add_scaled` needs AVX-512F, which the caller guarantees.
-                    acc[t] = unsafe { add_scaled(acc[t], dot, combined[t], index) };
+        for b in 0..tile.len() / bytes {
+            // SAFETY: tile block `b` is `bytes` long: eight 64-byte runs of quants, then 16 f16
+            // scales; the activations hold block `b` (the caller's contract).
+            unsafe {
+                let base = tile.as_ptr().add(b * bytes);
+                // Two chains per token, so decode is not bound by `vpdpbusd`'s latency.
+                let mut even = [_mm512_setzero_si512(); T];
+                let mut odd = [_mm512_setzero_si512(); T];
+                for g in 0..BLOCK / GROUP {
+                    let w = _mm512_loadu_si512(base.add(g * 64) as *const __m512i);
+                    let w = _mm512_xor_si512(w, flip);
+                    for t in 0..T {
+                        let x = _mm512_set1_epi32(broadcast_group(acts[t], b, g));
+                        if g % 2 == 0 {
+                            even[t] = _mm512_dpbusd_epi32(even[t], w, x);
+                        } else {
+                            odd[t] = _mm512_dpbusd_epi32(odd[t], w, x);
+                        }
+                    }
                 }
-                pair += 1;
-            }
-            group += SCALE_GROUP;
-        }
-        // SAFETY: `totals` needs AVX-512F, which the caller guarantees.
-        unsafe { totals(acc, offsets, 128.0) }
-    }
-
-    /// 4-bit blocks × q8 activations in nibble-halves order: a 64-byte load is four blocks; its
-    /// low nibbles meet the first 64 activation bytes of the group, its high nibbles the next
-    /// 64. `minimums` are q4_K's; without them the nibbles are q4_0's `w + 8`.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512F/BW/VL, AVX-512 VNNI and F16C. `quants` holds the row's
-    /// `16 * scales.len()` bytes of quants and then at least 48 more readable bytes (a 64-byte
-    /// load covers four blocks, so a row whose block count is not a multiple of four reads up
-    /// to three blocks past its end). `minimums`, when given, holds at least `scales.len()`
-    /// values. Each of `acts` holds at least `scales.len()` blocks rounded up to a multiple of
-    /// [`SCALE_GROUP`]: 32 quants and one scale and one sum per block.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
-    pub(super) unsafe fn q4_vnni<const T: usize>(
-        quants: &[u8],
-        scales: &[f16],
-        minimums: Option<&[f16]>,
-        acts: [&Activations; T],
-    ) -> [f32; T] {
-        let blocks = scales.len();
-        let low = _mm512_set1_epi8(0x0F);
-        let quarters = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-        let mut acc = [_mm512_setzero_ps(); T];
-        let mut offsets = [_mm512_setzero_ps(); T];
-        let mut group = 0;
-        while group < blocks {
-            let count = (blocks - group).min(SCALE_GROUP);
-            // SAFETY: `group < blocks`, and `count <= blocks - group` values follow it in
-            // `scales` and in `minimums` (which the caller guarantees holds `blocks`); AVX-512
-            // as the caller guarantees.
-            let (weight_scales, weight_offsets) = unsafe {
-                let weight_scales = load_scales(scales.as_ptr().add(group), count);
-                let weight_offsets = match minimums {
-                    Some(m) => load_scales(m.as_ptr().add(group), count),
-                    None => _mm512_mul_ps(weight_scales, _mm512_set1_ps(8.0)),
-                };
-                (weight_scales, weight_offsets)
-            };
-            // SAFETY: `group` is a multiple of 16 below `blocks`, so every activation row
-            // (padded to whole groups of 16) holds `group + 16` scales and sums; AVX-512F as
-            // the caller guarantees.
-            let combined =
-                unsafe { group_scales(weight_scales, weight_offsets, &acts, group, &mut offsets) };
-            let mut quad = 0;
-            while quad * 4 < count {
-                let first_block = group + quad * 4;
-                // SAFETY: blocks `first_block` (below `blocks`) to `first_block + 3`, 16 bytes
-                // each: the row's, or within the 48 readable bytes the caller guarantees after
-                // it; `loadu` needs no alignment.
-                let v = unsafe {
-                    _mm512_loadu_si512(quants.as_ptr().add(first_block * 16) as *const __m512i)
-                };
-                let lo = _mm512_and_si512(v, low);
-                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
-                let index = _mm512_add_epi32(quarters, _mm512_set1_epi32(quad as i32 * 4));
+                let scales =
+                    _mm512_cvtph_ps(_mm256_loadu_si256(base.add(16 * BLOCK) as *const __m256i));
                 for t in 0..T {
-                    // SAFETY: the 128 bytes of blocks `first_block .. first_block + 4`, below
-                    // `group + 16`, inside the activation row's padded blocks of 32 quants.
-                    let (x_lo, x_hi) = unsafe {
-                        let x = acts[t].quants.as_ptr().add(first_block * BLOCK);
-                        (
-                            _mm512_loadu_si512(x as *const __m512i),
-                            _mm512_loadu_si512(x.add(64) as *const __m512i),
-                        )
-                    };
-                    let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, x_lo);
-                    let dot = _mm512_dpbusd_epi32(dot, hi, x_hi);
-                    // SAFETY: `add_scaled` needs AVX-512F, which the caller guarantees.
-                    acc[t] = unsafe { add_scaled(acc[t], dot, combined[t], index) };
+                    let offset = _mm512_set1_epi32(128 * *acts[t].sums.get_unchecked(b));
+                    let dot = _mm512_sub_epi32(_mm512_add_epi32(even[t], odd[t]), offset);
+                    let s = _mm512_mul_ps(scales, _mm512_set1_ps(*acts[t].scales.get_unchecked(b)));
+                    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc[t]);
                 }
-                quad += 1;
-            }
-            group += SCALE_GROUP;
-        }
-        // SAFETY: `totals` needs AVX-512F, which the caller guarantees.
-        unsafe { totals(acc, offsets, 1.0) }
-    }
-
-    /// q8_0 × q8 activations, one block per 256-bit register: |w| times x with w's sign.
-    ///
-    /// # Safety
-    /// The CPU has AVX2, FMA and F16C. `quants` holds at least `32 * scales.len()` bytes, and
-    /// each of `acts` at least `scales.len()` blocks of 32 quants (its scales are indexed with
-    /// bounds checks).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn q8_0_avx2<const T: usize>(
-        quants: &[u8],
-        scales: &[f16],
-        acts: [&Activations; T],
-    ) -> [f32; T] {
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = [_mm256_setzero_ps(); T];
-        for (b, scale) in scales.iter().enumerate() {
-            // SAFETY: `b < scales.len()`, so block `b`'s 32 bytes are inside `quants`; `loadu`
-            // needs no alignment.
-            let w = unsafe { _mm256_loadu_si256(quants.as_ptr().add(b * BLOCK) as *const __m256i) };
-            let magnitude = _mm256_sign_epi8(w, w);
-            let scale = scale.to_f32();
-            for t in 0..T {
-                // SAFETY: block `b`'s 32 quants are inside the activation row, which holds at
-                // least `scales.len()` blocks.
-                let x = unsafe {
-                    _mm256_loadu_si256(acts[t].quants.as_ptr().add(b * BLOCK) as *const __m256i)
-                };
-                let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x, w));
-                let dot = _mm256_madd_epi16(pairs, ones);
-                let s = _mm256_set1_ps(scale * acts[t].scales[b]);
-                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[t]);
             }
         }
-        let mut out = [0f32; T];
+        let mut out = [[0f32; TILE_ROWS]; T];
         for t in 0..T {
-            // SAFETY: `sum8` needs AVX2 and FMA, which the caller guarantees.
-            out[t] = unsafe { sum8(acc[t]) };
+            // SAFETY: `out[t]` holds 16 floats.
+            unsafe { _mm512_storeu_ps(out[t].as_mut_ptr(), acc[t]) };
         }
         out
     }
 
-    /// 4-bit blocks × q8 activations, one block per 256-bit register: nibbles times x, the
-    /// offset (q4_0's 8, q4_K's minimum) taken off per block.
+    /// q4_0 (`MINIMUMS` false) or q4_K (`MINIMUMS` true) tile × `T` tokens.
     ///
     /// # Safety
-    /// The CPU has AVX2, FMA and F16C. `quants` holds at least `16 * scales.len()` bytes, and
-    /// each of `acts` at least `scales.len()` blocks of 32 quants (its scales and sums, and
-    /// `minimums`, are indexed with bounds checks).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn q4_avx2<const T: usize>(
-        quants: &[u8],
-        scales: &[f16],
-        minimums: Option<&[f16]>,
+    /// The CPU has AVX-512F/BW/VL, AVX-512 VNNI and F16C; `tile` is whole tile blocks of the
+    /// format, and every `acts[t]` holds at least as many blocks (quants, scales and sums).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+    pub(super) unsafe fn q4_vnni<const T: usize, const MINIMUMS: bool>(
+        tile: &[u8],
         acts: [&Activations; T],
-    ) -> [f32; T] {
-        let ones = _mm256_set1_epi16(1);
-        let low = _mm_set1_epi8(0x0F);
-        let mut acc = [_mm256_setzero_ps(); T];
-        let mut offsets = [0f32; T];
-        for (b, scale) in scales.iter().enumerate() {
-            // SAFETY: `b < scales.len()`, so block `b`'s 16 bytes are inside `quants`; `loadu`
-            // needs no alignment.
-            let v = unsafe { _mm_loadu_si128(quants.as_ptr().add(b * 16) as *const __m128i) };
-            let lo = _mm_and_si128(v, low);
-            let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), low);
-            let w = _mm256_set_m128i(hi, lo);
-            let scale = scale.to_f32();
-            let offset = match minimums {
-                Some(m) => m[b].to_f32(),
-                None => 8.0 * scale,
-            };
-            for t in 0..T {
-                // SAFETY: block `b`'s 32 quants are inside the activation row, which holds at
-                // least `scales.len()` blocks.
-                let x = unsafe {
-                    _mm256_loadu_si256(acts[t].quants.as_ptr().add(b * BLOCK) as *const __m256i)
-                };
-                let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);
-                let s = _mm256_set1_ps(scale * acts[t].scales[b]);
-                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[t]);
-                offsets[t] += offset * acts[t].sums[b];
+    ) -> [[f32; TILE_ROWS]; T] {
+        let format = if MINIMUMS {
+            BlockFormat::Q4K
+        } else {
+            BlockFormat::Q4_0
+        };
+        let bytes = format.tile_block_bytes();
+        let low = _mm512_set1_epi8(0x0F);
+        let mut acc = [_mm512_setzero_ps(); T];
+        for b in 0..tile.len() / bytes {
+            // SAFETY: tile block `b` is `bytes` long: four 64-byte runs of nibbles, 16 f16
+            // scales, and for q4_K 16 f16 minimums; the activations hold block `b` (the
+            // caller's contract).
+            unsafe {
+                let base = tile.as_ptr().add(b * bytes);
+                let mut low_dot = [_mm512_setzero_si512(); T];
+                let mut high_dot = [_mm512_setzero_si512(); T];
+                for j in 0..4 {
+                    let packed = _mm512_loadu_si512(base.add(j * 64) as *const __m512i);
+                    let lo = _mm512_and_si512(packed, low);
+                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(packed), low);
+                    for t in 0..T {
+                        let x_lo = _mm512_set1_epi32(broadcast_group(acts[t], b, j));
+                        let x_hi = _mm512_set1_epi32(broadcast_group(acts[t], b, j + 4));
+                        low_dot[t] = _mm512_dpbusd_epi32(low_dot[t], lo, x_lo);
+                        high_dot[t] = _mm512_dpbusd_epi32(high_dot[t], hi, x_hi);
+                    }
+                }
+                let tail = base.add(16 * BLOCK / 2);
+                let scales = _mm512_cvtph_ps(_mm256_loadu_si256(tail as *const __m256i));
+                for t in 0..T {
+                    let act = acts[t];
+                    let mut dot = _mm512_add_epi32(low_dot[t], high_dot[t]);
+                    if !MINIMUMS {
+                        let offset = _mm512_set1_epi32(8 * *act.sums.get_unchecked(b));
+                        dot = _mm512_sub_epi32(dot, offset);
+                    }
+                    let s = _mm512_mul_ps(scales, _mm512_set1_ps(*act.scales.get_unchecked(b)));
+                    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc[t]);
+                    if MINIMUMS {
+                        let minimums =
+                            _mm512_cvtph_ps(_mm256_loadu_si256(tail.add(32) as *const __m256i));
+                        let sums = _mm512_set1_ps(*act.negated_scaled_sums.get_unchecked(b));
+                        acc[t] = _mm512_fmadd_ps(minimums, sums, acc[t]);
+                    }
+                }
             }
         }
-        let mut out = [0f32; T];
+        let mut out = [[0f32; TILE_ROWS]; T];
         for t in 0..T {
-            // SAFETY: `sum8` needs AVX2 and FMA, which the caller guarantees.
-            out[t] = unsafe { sum8(acc[t]) } - offsets[t];
+            // SAFETY: `out[t]` holds 16 floats.
+            unsafe { _mm512_storeu_ps(out[t].as_mut_ptr(), acc[t]) };
+        }
+        out
+    }
+
+    /// q8_0 tile × `T` tokens, eight rows per 256-bit register: |w| times x with w's sign.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; `tile` is whole q8_0 tile blocks, and every `acts[t]`
+    /// holds at least as many blocks (quants, scales and sums).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q8_0_avx2<const T: usize>(
+        tile: &[u8],
+        acts: [&Activations; T],
+    ) -> [[f32; TILE_ROWS]; T] {
+        let bytes = BlockFormat::Q8_0.tile_block_bytes();
+        let ones = _mm256_set1_epi16(1);
+        let mut out = [[0f32; TILE_ROWS]; T];
+        for half in 0..2 {
+            let mut acc = [_mm256_setzero_ps(); T];
+            for b in 0..tile.len() / bytes {
+                // SAFETY: tile block `b` is `bytes` long: eight 64-byte runs of quants (this
+                // half's rows in bytes `32 * half..` of each), then 16 f16 scales; the
+                // activations hold block `b` (the caller's contract).
+                unsafe {
+                    let base = tile.as_ptr().add(b * bytes);
+                    let mut dots = [_mm256_setzero_si256(); T];
+                    for g in 0..BLOCK / GROUP {
+                        let w = _mm256_loadu_si256(base.add(g * 64 + half * 32) as *const __m256i);
+                        let magnitude = _mm256_sign_epi8(w, w);
+                        for t in 0..T {
+                            let x = _mm256_set1_epi32(broadcast_group(acts[t], b, g));
+                            let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x, w));
+                            dots[t] = _mm256_add_epi32(dots[t], _mm256_madd_epi16(pairs, ones));
+                        }
+                    }
+                    let scales = base.add(16 * BLOCK + half * 16) as *const __m128i;
+                    let scales = _mm256_cvtph_ps(_mm_loadu_si128(scales));
+                    for t in 0..T {
+                        let s =
+                            _mm256_mul_ps(scales, _mm256_set1_ps(*acts[t].scales.get_unchecked(b)));
+                        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[t]), s, acc[t]);
+                    }
+                }
+            }
+            for t in 0..T {
+                // SAFETY: `out[t]` holds 16 floats, 8 from `8 * half`.
+                unsafe { _mm256_storeu_ps(out[t].as_mut_ptr().add(half * 8), acc[t]) };
+            }
+        }
+        out
+    }
+
+    /// q4_0 (`MINIMUMS` false) or q4_K (`MINIMUMS` true) tile × `T` tokens, eight rows per
+    /// 256-bit register.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; `tile` is whole tile blocks of the format, and every
+    /// `acts[t]` holds at least as many blocks (quants, scales and sums).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q4_avx2<const T: usize, const MINIMUMS: bool>(
+        tile: &[u8],
+        acts: [&Activations; T],
+    ) -> [[f32; TILE_ROWS]; T] {
+        let format = if MINIMUMS {
+            BlockFormat::Q4K
+        } else {
+            BlockFormat::Q4_0
+        };
+        let bytes = format.tile_block_bytes();
+        let low = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let mut out = [[0f32; TILE_ROWS]; T];
+        for half in 0..2 {
+            let mut acc = [_mm256_setzero_ps(); T];
+            for b in 0..tile.len() / bytes {
+                // SAFETY: tile block `b` is `bytes` long: four 64-byte runs of nibbles (this
+                // half's rows in bytes `32 * half..` of each), 16 f16 scales, and for q4_K 16
+                // f16 minimums; the activations hold block `b` (the caller's contract).
+                unsafe {
+                    let base = tile.as_ptr().add(b * bytes);
+                    // Eight products of at most 15 * 127 * 2 fit 16 bits: one widening per block.
+                    let mut pairs = [_mm256_setzero_si256(); T];
+                    for j in 0..4 {
+                        let packed =
+                            _mm256_loadu_si256(base.add(j * 64 + half * 32) as *const __m256i);
+                        let lo = _mm256_and_si256(packed, low);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(packed), low);
+                        for t in 0..T {
+                            let x_lo = _mm256_set1_epi32(broadcast_group(acts[t], b, j));
+                            let x_hi = _mm256_set1_epi32(broadcast_group(acts[t], b, j + 4));
+                            pairs[t] = _mm256_add_epi16(pairs[t], _mm256_maddubs_epi16(lo, x_lo));
+                            pairs[t] = _mm256_add_epi16(pairs[t], _mm256_maddubs_epi16(hi, x_hi));
+                        }
+                    }
+                    let tail = base.add(16 * BLOCK / 2 + half * 16);
+                    let scales = _mm256_cvtph_ps(_mm_loadu_si128(tail as *const __m128i));
+                    for t in 0..T {
+                        let act = acts[t];
+                        let mut dot = _mm256_madd_epi16(pairs[t], ones);
+                        if !MINIMUMS {
+                            let offset = _mm256_set1_epi32(8 * *act.sums.get_unchecked(b));
+                            dot = _mm256_sub_epi32(dot, offset);
+                        }
+                        let s = _mm256_mul_ps(scales, _mm256_set1_ps(*act.scales.get_unchecked(b)));
+                        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[t]);
+                        if MINIMUMS {
+                            let minimums = tail.add(2 * TILE_ROWS) as *const __m128i;
+                            let minimums = _mm256_cvtph_ps(_mm_loadu_si128(minimums));
+                            let sums = _mm256_set1_ps(*act.negated_scaled_sums.get_unchecked(b));
+                            acc[t] = _mm256_fmadd_ps(minimums, sums, acc[t]);
+                        }
+                    }
+                }
+            }
+            for t in 0..T {
+                // SAFETY: `out[t]` holds 16 floats, 8 from `8 * half`.
+                unsafe { _mm256_storeu_ps(out[t].as_mut_ptr().add(half * 8), acc[t]) };
+            }
         }
         out
     }
@@ -930,8 +975,8 @@ mod tests {
             .sin()
     }
 
-    /// Every path against the dequantized matrix times the exact activations, for shapes with
-    /// odd block counts, partial scale groups and token counts that are not multiples of four.
+    /// Every path against the dequantized matrix times the exact activations, for row counts
+    /// that leave the last tile part empty and token counts that are not whole passes.
     #[test]
     fn kernels_match_the_dequantized_product() -> candle_core::Result<()> {
         let shapes = |format| match format {
@@ -966,9 +1011,10 @@ mod tests {
         Ok(())
     }
 
-    /// The fast paths compute the portable path's integer sums: they agree to f32 rounding.
+    /// The fast paths compute the portable path's integer sums and then the same fused
+    /// multiply-adds in the same order: the same bits.
     #[test]
-    fn paths_agree_with_the_portable_one() -> candle_core::Result<()> {
+    fn paths_give_the_portable_bits() -> candle_core::Result<()> {
         for format in ALL {
             let (rows, cols) = (
                 33,
@@ -980,16 +1026,38 @@ mod tests {
             );
             let q = QTensor::quantize(&matrix(rows, cols, 2.1)?, format.ggml())?;
             let blocks = BlockMatrix::from_qtensor(&q)?.expect("format is supported");
-            let x = matrix(3, cols, 0.3)?.flatten_all()?.to_vec1::<f32>()?;
-            let mut reference = vec![0f32; 3 * rows];
+            let x = matrix(7, cols, 0.3)?.flatten_all()?.to_vec1::<f32>()?;
+            let mut reference = vec![0f32; 7 * rows];
             blocks.matmul_on(KernelPath::Portable, &x, &mut reference);
             for path in KernelPath::available() {
-                let mut out = vec![0f32; 3 * rows];
+                let mut out = vec![0f32; 7 * rows];
                 blocks.matmul_on(path, &x, &mut out);
-                for (got, want) in out.iter().zip(&reference) {
-                    assert!(
-                        (got - want).abs() <= 1e-3 * (1.0 + want.abs()),
-                        "{format:?} {path:?}: {got} vs {want}"
+                assert_eq!(out, reference, "{format:?} {path:?}");
+            }
+        }
+        Ok(())
+    }
+
+    /// A token's outputs are the same bits alone and in a pass with others, wherever it sits:
+    /// batched decode gives what one sequence gets.
+    #[test]
+    fn a_token_gets_the_same_bits_in_any_batch() -> candle_core::Result<()> {
+        for format in ALL {
+            let (rows, cols) = (48, 512);
+            let q = QTensor::quantize(&matrix(rows, cols, 0.8)?, format.ggml())?;
+            let blocks = BlockMatrix::from_qtensor(&q)?.expect("format is supported");
+            let tokens = 11;
+            let x = matrix(tokens, cols, 1.7)?.flatten_all()?.to_vec1::<f32>()?;
+            for path in KernelPath::available() {
+                let mut batched = vec![0f32; tokens * rows];
+                blocks.matmul_on(path, &x, &mut batched);
+                for (t, token) in x.chunks_exact(cols).enumerate() {
+                    let mut alone = vec![0f32; rows];
+                    blocks.matmul_on(path, token, &mut alone);
+                    assert_eq!(
+                        alone,
+                        batched[t * rows..][..rows],
+                        "{format:?} {path:?} token {t}"
                     );
                 }
             }
@@ -1000,10 +1068,12 @@ mod tests {
     #[test]
     fn blocks_round_trip_to_the_same_ggml_bytes() -> candle_core::Result<()> {
         for format in ALL {
-            let q = QTensor::quantize(&matrix(5, 512, 0.9)?, format.ggml())?;
-            let blocks = BlockMatrix::from_qtensor(&q)?.expect("format is supported");
-            assert_eq!(blocks.to_qtensor()?.data()?, q.data()?);
-            assert_eq!(blocks.storage_bytes(), q.storage_size_in_bytes());
+            for rows in [5, 16, 37] {
+                let q = QTensor::quantize(&matrix(rows, 512, 0.9)?, format.ggml())?;
+                let blocks = BlockMatrix::from_qtensor(&q)?.expect("format is supported");
+                assert_eq!(blocks.to_qtensor()?.data()?, q.data()?, "{format:?} {rows}");
+                assert_eq!(blocks.storage_bytes(), q.storage_size_in_bytes());
+            }
         }
         Ok(())
     }
