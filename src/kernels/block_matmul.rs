@@ -40,7 +40,7 @@ const TILE_ROWS: usize = 16;
 /// Weights one `vpdpbusd` lane multiplies: one activation broadcast carries this many.
 const GROUP: usize = 4;
 /// Tokens one pass over a tile serves: each weight register is used this many times.
-const TOKENS_PER_PASS: usize = 4;
+const TOKENS_PER_PASS: usize = 8;
 /// Tiles a prefill task sweeps for each pass of tokens, so their weights stay in the core's
 /// L2 cache (16 tiles of 4096 q4_0 columns are 576 KiB) while the tokens go past.
 const TILES_PER_SWEEP: usize = 16;
@@ -559,7 +559,11 @@ impl BlockMatrix {
             1 => &self.tile_product::<1>(path, tile, refs(acts)),
             2 => &self.tile_product::<2>(path, tile, refs(acts)),
             3 => &self.tile_product::<3>(path, tile, refs(acts)),
-            _ => &self.tile_product::<4>(path, tile, refs(acts)),
+            4 => &self.tile_product::<4>(path, tile, refs(acts)),
+            5 => &self.tile_product::<5>(path, tile, refs(acts)),
+            6 => &self.tile_product::<6>(path, tile, refs(acts)),
+            7 => &self.tile_product::<7>(path, tile, refs(acts)),
+            _ => &self.tile_product::<8>(path, tile, refs(acts)),
         };
         for (out, lanes) in out.chunks_exact_mut(TILE_ROWS).zip(results) {
             out.copy_from_slice(lanes);
@@ -712,6 +716,9 @@ mod x86 {
 
     use super::{Activations, BlockFormat, BLOCK, GROUP, TILE_ROWS};
 
+    /// How far ahead of the block being multiplied the kernels prefetch.
+    const PREFETCH_AHEAD: usize = 2048;
+
     /// `T` tokens' activation bytes for four-weight group `group` of block `b`, broadcast to
     /// every 32-bit lane.
     ///
@@ -722,6 +729,20 @@ mod x86 {
         // SAFETY: the caller guarantees block `b`; `group < 8`, so the 4 bytes are inside it.
         unsafe {
             (act.quants.as_ptr().add(b * BLOCK + group * GROUP) as *const i32).read_unaligned()
+        }
+    }
+
+    /// Asks for the tile bytes `PREFETCH_AHEAD` past `base` (`bytes` of them) to be brought
+    /// into cache: decode is bound by how many reads are in flight, and the hardware
+    /// prefetcher alone keeps too few.
+    #[inline(always)]
+    fn prefetch(base: *const u8, bytes: usize) {
+        let ahead = base.wrapping_add(PREFETCH_AHEAD);
+        let mut at = 0;
+        while at < bytes {
+            // SAFETY: a prefetch is a hint that never faults, whatever the address.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(at) as *const i8) };
+            at += 64;
         }
     }
 
@@ -743,26 +764,24 @@ mod x86 {
             // scales; the activations hold block `b` (the caller's contract).
             unsafe {
                 let base = tile.as_ptr().add(b * bytes);
-                // Two chains per token, so decode is not bound by `vpdpbusd`'s latency.
-                let mut even = [_mm512_setzero_si512(); T];
-                let mut odd = [_mm512_setzero_si512(); T];
+                prefetch(base, bytes);
+                // Each token's chain starts at what the flip adds (128 times the activations'
+                // sum), so it ends at the signed dot product.
+                let mut dots: [__m512i; T] = std::array::from_fn(|t| {
+                    _mm512_set1_epi32(-128 * *acts[t].sums.get_unchecked(b))
+                });
                 for g in 0..BLOCK / GROUP {
                     let w = _mm512_loadu_si512(base.add(g * 64) as *const __m512i);
                     let w = _mm512_xor_si512(w, flip);
                     for t in 0..T {
                         let x = _mm512_set1_epi32(broadcast_group(acts[t], b, g));
-                        if g % 2 == 0 {
-                            even[t] = _mm512_dpbusd_epi32(even[t], w, x);
-                        } else {
-                            odd[t] = _mm512_dpbusd_epi32(odd[t], w, x);
-                        }
+                        dots[t] = _mm512_dpbusd_epi32(dots[t], w, x);
                     }
                 }
                 let scales =
                     _mm512_cvtph_ps(_mm256_loadu_si256(base.add(16 * BLOCK) as *const __m256i));
                 for t in 0..T {
-                    let offset = _mm512_set1_epi32(128 * *acts[t].sums.get_unchecked(b));
-                    let dot = _mm512_sub_epi32(_mm512_add_epi32(even[t], odd[t]), offset);
+                    let dot = dots[t];
                     let s = _mm512_mul_ps(scales, _mm512_set1_ps(*acts[t].scales.get_unchecked(b)));
                     acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc[t]);
                 }
@@ -800,8 +819,17 @@ mod x86 {
             // caller's contract).
             unsafe {
                 let base = tile.as_ptr().add(b * bytes);
-                let mut low_dot = [_mm512_setzero_si512(); T];
-                let mut high_dot = [_mm512_setzero_si512(); T];
+                prefetch(base, bytes);
+                // Each token's chain starts at what the nibbles' offset adds (q4_0's 8 times the
+                // activations' sum), so it ends at the signed dot product.
+                let mut dots: [__m512i; T] = std::array::from_fn(|t| {
+                    let offset = if MINIMUMS {
+                        0
+                    } else {
+                        -8 * *acts[t].sums.get_unchecked(b)
+                    };
+                    _mm512_set1_epi32(offset)
+                });
                 for j in 0..4 {
                     let packed = _mm512_loadu_si512(base.add(j * 64) as *const __m512i);
                     let lo = _mm512_and_si512(packed, low);
@@ -809,19 +837,15 @@ mod x86 {
                     for t in 0..T {
                         let x_lo = _mm512_set1_epi32(broadcast_group(acts[t], b, j));
                         let x_hi = _mm512_set1_epi32(broadcast_group(acts[t], b, j + 4));
-                        low_dot[t] = _mm512_dpbusd_epi32(low_dot[t], lo, x_lo);
-                        high_dot[t] = _mm512_dpbusd_epi32(high_dot[t], hi, x_hi);
+                        dots[t] = _mm512_dpbusd_epi32(dots[t], lo, x_lo);
+                        dots[t] = _mm512_dpbusd_epi32(dots[t], hi, x_hi);
                     }
                 }
                 let tail = base.add(16 * BLOCK / 2);
                 let scales = _mm512_cvtph_ps(_mm256_loadu_si256(tail as *const __m256i));
                 for t in 0..T {
                     let act = acts[t];
-                    let mut dot = _mm512_add_epi32(low_dot[t], high_dot[t]);
-                    if !MINIMUMS {
-                        let offset = _mm512_set1_epi32(8 * *act.sums.get_unchecked(b));
-                        dot = _mm512_sub_epi32(dot, offset);
-                    }
+                    let dot = dots[t];
                     let s = _mm512_mul_ps(scales, _mm512_set1_ps(*act.scales.get_unchecked(b)));
                     acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc[t]);
                     if MINIMUMS {
@@ -862,6 +886,9 @@ mod x86 {
                 // activations hold block `b` (the caller's contract).
                 unsafe {
                     let base = tile.as_ptr().add(b * bytes);
+                    if half == 0 {
+                        prefetch(base, bytes);
+                    }
                     let mut dots = [_mm256_setzero_si256(); T];
                     for g in 0..BLOCK / GROUP {
                         let w = _mm256_loadu_si256(base.add(g * 64 + half * 32) as *const __m256i);
@@ -917,6 +944,9 @@ mod x86 {
                 // f16 minimums; the activations hold block `b` (the caller's contract).
                 unsafe {
                     let base = tile.as_ptr().add(b * bytes);
+                    if half == 0 {
+                        prefetch(base, bytes);
+                    }
                     // Eight products of at most 15 * 127 * 2 fit 16 bits: one widening per block.
                     let mut pairs = [_mm256_setzero_si256(); T];
                     for j in 0..4 {
