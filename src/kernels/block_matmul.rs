@@ -99,6 +99,11 @@ impl BlockFormat {
         self == BlockFormat::Q4K
     }
 
+    /// Bytes of one tile of rows of `cols` weights.
+    fn tile_bytes(self, cols: usize) -> usize {
+        cols / BLOCK * self.tile_block_bytes()
+    }
+
     /// Bytes of one block of 32 columns of a tile: the 16 rows' quants, their f16 scales and
     /// (q4_K) their f16 minimums.
     fn tile_block_bytes(self) -> usize {
@@ -178,12 +183,6 @@ struct TileBuilder {
     row_bytes: usize,
     /// Up to 16 rows in ggml's layout, waiting for their tile to fill.
     pending: Vec<u8>,
-    /// One tile's quants in column order, a byte per weight (q8_0 signed, 4-bit unsigned),
-    /// row after row.
-    quants: Vec<u8>,
-    /// One tile's scales and minimums, row after row.
-    scales: Vec<f16>,
-    minimums: Vec<f16>,
 }
 
 impl TileBuilder {
@@ -195,23 +194,20 @@ impl TileBuilder {
         if cols == 0 || !cols.is_multiple_of(block_weights) {
             return None;
         }
-        let blocks = cols / BLOCK;
-        let tiles = rows.div_ceil(TILE_ROWS);
         let row_bytes = cols / block_weights * block_bytes;
         let matrix = BlockMatrix {
             format,
             rows,
             cols,
-            tiles: crate::huge_pages::vec_prefaulted(tiles * blocks * format.tile_block_bytes()),
+            tiles: crate::huge_pages::vec_prefaulted(
+                rows.div_ceil(TILE_ROWS) * format.tile_bytes(cols),
+            ),
             headers: Vec::new(),
         };
         let builder = TileBuilder {
             matrix,
             row_bytes,
             pending: Vec::with_capacity(TILE_ROWS * row_bytes),
-            quants: vec![0; TILE_ROWS * cols],
-            scales: vec![f16::ZERO; TILE_ROWS * blocks],
-            minimums: vec![f16::ZERO; TILE_ROWS * blocks],
         };
         Some((builder, rows * row_bytes))
     }
@@ -239,92 +235,110 @@ impl TileBuilder {
 
     /// Repacks the pending rows (all whole) as one tile.
     fn flush_tile(&mut self) {
-        let format = self.matrix.format;
-        let (cols, blocks) = (self.matrix.cols, self.matrix.cols / BLOCK);
-        self.quants.fill(0);
-        self.scales.fill(f16::ZERO);
-        self.minimums.fill(f16::ZERO);
-        let pending = std::mem::take(&mut self.pending);
-        for (r, row) in pending.chunks_exact(self.row_bytes).enumerate() {
-            let quants = &mut self.quants[r * cols..][..cols];
-            let scales = &mut self.scales[r * blocks..][..blocks];
-            let minimums = &mut self.minimums[r * blocks..][..blocks];
-            match format {
-                BlockFormat::Q8_0 | BlockFormat::Q4_0 => {
-                    for ((block, q), s) in row
-                        .chunks_exact(format.ggml_block().0)
-                        .zip(quants.chunks_exact_mut(BLOCK))
-                        .zip(scales.iter_mut())
-                    {
-                        *s = f16::from_le_bytes([block[0], block[1]]);
-                        if format == BlockFormat::Q8_0 {
-                            q.copy_from_slice(&block[2..]);
-                        } else {
-                            for (i, byte) in block[2..].iter().enumerate() {
-                                q[i] = byte & 0x0F;
-                                q[i + 16] = byte >> 4;
-                            }
+        let matrix = &mut self.matrix;
+        let rows: Vec<&[u8]> = self.pending.chunks_exact(self.row_bytes).collect();
+        let at = matrix.tiles.len();
+        matrix
+            .tiles
+            .resize(at + matrix.format.tile_bytes(matrix.cols), 0);
+        repack_tile(matrix.format, matrix.cols, &rows, &mut matrix.tiles[at..]);
+        push_q4k_headers(matrix, &rows);
+        self.pending.clear();
+    }
+}
+
+/// Keeps the q4_K super-block headers of `rows` (ggml's layout) aside, to write them back.
+fn push_q4k_headers(matrix: &mut BlockMatrix, rows: &[&[u8]]) {
+    if matrix.format.has_minimums() {
+        for row in rows {
+            for block in row.chunks_exact(Q4K_BYTES) {
+                matrix
+                    .headers
+                    .push(block[..Q4K_HEADER].try_into().expect("16 bytes"));
+            }
+        }
+    }
+}
+
+/// Writes one tile (`out`, [`BlockFormat::tile_bytes`] long) from up to 16 rows in ggml's
+/// layout; missing rows are zero.
+fn repack_tile(format: BlockFormat, cols: usize, rows: &[&[u8]], out: &mut [u8]) {
+    let blocks = cols / BLOCK;
+    // The rows' quants in column order, a byte per weight (q8_0 signed, 4-bit unsigned), and
+    // their scales and minimums, row after row.
+    let mut quants = vec![0u8; TILE_ROWS * cols];
+    let mut scales = vec![f16::ZERO; TILE_ROWS * blocks];
+    let mut minimums = vec![f16::ZERO; TILE_ROWS * blocks];
+    for (r, row) in rows.iter().enumerate() {
+        let quants = &mut quants[r * cols..][..cols];
+        let scales = &mut scales[r * blocks..][..blocks];
+        let minimums = &mut minimums[r * blocks..][..blocks];
+        match format {
+            BlockFormat::Q8_0 | BlockFormat::Q4_0 => {
+                for ((block, q), s) in row
+                    .chunks_exact(format.ggml_block().0)
+                    .zip(quants.chunks_exact_mut(BLOCK))
+                    .zip(scales.iter_mut())
+                {
+                    *s = f16::from_le_bytes([block[0], block[1]]);
+                    if format == BlockFormat::Q8_0 {
+                        q.copy_from_slice(&block[2..]);
+                    } else {
+                        let (low, high) = q.split_at_mut(16);
+                        for ((byte, low), high) in block[2..].iter().zip(low).zip(high) {
+                            *low = byte & 0x0F;
+                            *high = byte >> 4;
                         }
-                    }
-                }
-                BlockFormat::Q4K => {
-                    let per_super = SUPER_BLOCK / BLOCK;
-                    for (s, block) in row.chunks_exact(Q4K_BYTES).enumerate() {
-                        let header = unpack_q4k(
-                            block,
-                            &mut quants[s * SUPER_BLOCK..][..SUPER_BLOCK],
-                            &mut scales[s * per_super..][..per_super],
-                            &mut minimums[s * per_super..][..per_super],
-                        );
-                        self.matrix.headers.push(header);
                     }
                 }
             }
+            BlockFormat::Q4K => {
+                let per_super = SUPER_BLOCK / BLOCK;
+                for (s, block) in row.chunks_exact(Q4K_BYTES).enumerate() {
+                    unpack_q4k(
+                        block,
+                        &mut quants[s * SUPER_BLOCK..][..SUPER_BLOCK],
+                        &mut scales[s * per_super..][..per_super],
+                        &mut minimums[s * per_super..][..per_super],
+                    );
+                }
+            }
         }
-        self.pending = pending;
-        self.pending.clear();
-        let tiles = &mut self.matrix.tiles;
-        for b in 0..blocks {
-            let column = |r: usize, k: usize| self.quants[r * cols + b * BLOCK + k];
+    }
+    let quant_bytes = TILE_ROWS * format.quant_bytes_per_block();
+    for (b, out) in out.chunks_exact_mut(format.tile_block_bytes()).enumerate() {
+        let (q, tail) = out.split_at_mut(quant_bytes);
+        for r in 0..TILE_ROWS {
+            let column = &quants[r * cols + b * BLOCK..][..BLOCK];
             match format {
                 BlockFormat::Q8_0 => {
                     for g in 0..BLOCK / GROUP {
-                        for r in 0..TILE_ROWS {
-                            tiles.extend((0..GROUP).map(|i| column(r, g * GROUP + i)));
-                        }
+                        q[g * 64 + r * GROUP..][..GROUP]
+                            .copy_from_slice(&column[g * GROUP..][..GROUP]);
                     }
                 }
                 BlockFormat::Q4_0 | BlockFormat::Q4K => {
                     for j in 0..BLOCK / GROUP / 2 {
-                        for r in 0..TILE_ROWS {
-                            tiles.extend((0..GROUP).map(|i| {
-                                column(r, j * GROUP + i) | (column(r, 16 + j * GROUP + i) << 4)
-                            }));
+                        for i in 0..GROUP {
+                            let k = j * GROUP + i;
+                            q[j * 64 + r * GROUP + i] = column[k] | (column[16 + k] << 4);
                         }
                     }
                 }
             }
-            for r in 0..TILE_ROWS {
-                tiles.extend_from_slice(&self.scales[r * blocks + b].to_le_bytes());
-            }
+            tail[2 * r..][..2].copy_from_slice(&scales[r * blocks + b].to_le_bytes());
             if format.has_minimums() {
-                for r in 0..TILE_ROWS {
-                    tiles.extend_from_slice(&self.minimums[r * blocks + b].to_le_bytes());
-                }
+                tail[2 * (TILE_ROWS + r)..][..2]
+                    .copy_from_slice(&minimums[r * blocks + b].to_le_bytes());
             }
         }
     }
 }
 
 /// Unpacks one q4_K super-block into eight blocks of 32: quants in column order, and each
-/// block's scale and minimum as f16; returns the header as stored.
-fn unpack_q4k(
-    block: &[u8],
-    quants: &mut [u8],
-    scales: &mut [f16],
-    minimums: &mut [f16],
-) -> [u8; Q4K_HEADER] {
-    let header: [u8; Q4K_HEADER] = block[..Q4K_HEADER].try_into().expect("16 bytes");
+/// block's scale and minimum as f16.
+fn unpack_q4k(block: &[u8], quants: &mut [u8], scales: &mut [f16], minimums: &mut [f16]) {
+    let header = &block[..Q4K_HEADER];
     let scale = f16::from_le_bytes([header[0], header[1]]).to_f32();
     let minimum = f16::from_le_bytes([header[2], header[3]]).to_f32();
     let packed = &header[4..];
@@ -348,7 +362,6 @@ fn unpack_q4k(
             quants[sub * BLOCK + i] = if sub % 2 == 0 { byte & 0x0F } else { byte >> 4 };
         }
     }
-    header
 }
 
 impl BlockMatrix {
@@ -398,21 +411,48 @@ impl BlockMatrix {
             return Ok(None);
         };
         let block_bytes = builder.matrix.format.ggml_block().0;
+        let parts: Vec<P> = parts.into_iter().collect();
         let mut seen = 0;
-        for part in parts {
+        for part in &parts {
             let part = part.as_ref();
             seen += part.len();
             if part.len() % block_bytes != 0 || seen > expected {
                 break;
             }
-            builder.push(part);
         }
         if seen != expected {
             candle_core::bail!(
                 "{dtype:?} tensor of {rows}x{cols} holds {seen} bytes of whole blocks, expected {expected}"
             );
         }
-        Ok(Some(builder.finish()))
+        let row_bytes = builder.row_bytes;
+        if parts
+            .iter()
+            .any(|part| part.as_ref().len() % row_bytes != 0)
+        {
+            for part in &parts {
+                builder.push(part.as_ref());
+            }
+            return Ok(Some(builder.finish()));
+        }
+        // Whole rows in every part (bands quantized apart): tiles are repacked on every core.
+        let rows: Vec<&[u8]> = parts
+            .iter()
+            .flat_map(|part| part.as_ref().chunks_exact(row_bytes))
+            .collect();
+        let mut matrix = builder.matrix;
+        let (format, cols) = (matrix.format, matrix.cols);
+        let tile_bytes = format.tile_bytes(cols);
+        matrix
+            .tiles
+            .resize(rows.len().div_ceil(TILE_ROWS) * tile_bytes, 0);
+        matrix
+            .tiles
+            .par_chunks_mut(tile_bytes)
+            .zip(rows.par_chunks(TILE_ROWS))
+            .for_each(|(out, rows)| repack_tile(format, cols, rows, out));
+        push_q4k_headers(&mut matrix, &rows);
+        Ok(Some(matrix))
     }
 
     /// The same blocks as a candle `QTensor` (for GGUF files).
@@ -455,7 +495,7 @@ impl BlockMatrix {
 
     /// The bytes of tile `tile`.
     fn tile(&self, tile: usize) -> &[u8] {
-        let bytes = self.cols / BLOCK * self.format.tile_block_bytes();
+        let bytes = self.format.tile_bytes(self.cols);
         &self.tiles[tile * bytes..][..bytes]
     }
 
@@ -1103,6 +1143,15 @@ mod tests {
                 let blocks = BlockMatrix::from_qtensor(&q)?.expect("format is supported");
                 assert_eq!(blocks.to_qtensor()?.data()?, q.data()?, "{format:?} {rows}");
                 assert_eq!(blocks.storage_bytes(), q.storage_size_in_bytes());
+                // Parts that split rows (whole blocks only) take the streaming path: same tiles.
+                let data = q.data()?;
+                let block = format.ggml_block().0;
+                let cut = (data.len() / block / 3) * block;
+                let parts = [&data[..cut], &data[cut..]];
+                let split = BlockMatrix::from_ggml_bytes(format.ggml(), rows, 512, parts)?
+                    .expect("format is supported");
+                assert_eq!(split.tiles, blocks.tiles, "{format:?} {rows}");
+                assert_eq!(split.headers, blocks.headers, "{format:?} {rows}");
             }
         }
         Ok(())
