@@ -183,6 +183,7 @@ struct TileBuilder {
     row_bytes: usize,
     /// Up to 16 rows in ggml's layout, waiting for their tile to fill.
     pending: Vec<u8>,
+    scratch: TileScratch,
 }
 
 impl TileBuilder {
@@ -208,6 +209,7 @@ impl TileBuilder {
             matrix,
             row_bytes,
             pending: Vec::with_capacity(TILE_ROWS * row_bytes),
+            scratch: TileScratch::new(cols),
         };
         Some((builder, rows * row_bytes))
     }
@@ -241,7 +243,8 @@ impl TileBuilder {
         matrix
             .tiles
             .resize(at + matrix.format.tile_bytes(matrix.cols), 0);
-        repack_tile(matrix.format, matrix.cols, &rows, &mut matrix.tiles[at..]);
+        let out = &mut matrix.tiles[at..];
+        repack_tile(matrix.format, matrix.cols, &rows, out, &mut self.scratch);
         push_q4k_headers(matrix, &rows);
         self.pending.clear();
     }
@@ -260,15 +263,43 @@ fn push_q4k_headers(matrix: &mut BlockMatrix, rows: &[&[u8]]) {
     }
 }
 
+/// One tile's weights unpacked: quants in column order, a byte per weight (q8_0 signed, 4-bit
+/// unsigned), and scales and minimums, row after row. Kept from tile to tile: a fresh buffer
+/// per tile costs a few page faults each, seconds over a 6B model.
+struct TileScratch {
+    quants: Vec<u8>,
+    scales: Vec<f16>,
+    minimums: Vec<f16>,
+}
+
+impl TileScratch {
+    fn new(cols: usize) -> Self {
+        TileScratch {
+            quants: vec![0; TILE_ROWS * cols],
+            scales: vec![f16::ZERO; TILE_ROWS * cols / BLOCK],
+            minimums: vec![f16::ZERO; TILE_ROWS * cols / BLOCK],
+        }
+    }
+}
+
 /// Writes one tile (`out`, [`BlockFormat::tile_bytes`] long) from up to 16 rows in ggml's
 /// layout; missing rows are zero.
-fn repack_tile(format: BlockFormat, cols: usize, rows: &[&[u8]], out: &mut [u8]) {
+fn repack_tile(
+    format: BlockFormat,
+    cols: usize,
+    rows: &[&[u8]],
+    out: &mut [u8],
+    scratch: &mut TileScratch,
+) {
     let blocks = cols / BLOCK;
-    // The rows' quants in column order, a byte per weight (q8_0 signed, 4-bit unsigned), and
-    // their scales and minimums, row after row.
-    let mut quants = vec![0u8; TILE_ROWS * cols];
-    let mut scales = vec![f16::ZERO; TILE_ROWS * blocks];
-    let mut minimums = vec![f16::ZERO; TILE_ROWS * blocks];
+    let TileScratch {
+        quants,
+        scales,
+        minimums,
+    } = scratch;
+    quants.fill(0);
+    scales.fill(f16::ZERO);
+    minimums.fill(f16::ZERO);
     for (r, row) in rows.iter().enumerate() {
         let quants = &mut quants[r * cols..][..cols];
         let scales = &mut scales[r * blocks..][..blocks];
@@ -450,7 +481,10 @@ impl BlockMatrix {
             .tiles
             .par_chunks_mut(tile_bytes)
             .zip(rows.par_chunks(TILE_ROWS))
-            .for_each(|(out, rows)| repack_tile(format, cols, rows, out));
+            .for_each_init(
+                || TileScratch::new(cols),
+                |scratch, (out, rows)| repack_tile(format, cols, rows, out, scratch),
+            );
         push_q4k_headers(&mut matrix, &rows);
         Ok(Some(matrix))
     }
