@@ -511,7 +511,7 @@ impl BlockMatrix {
                 continue;
             }
             for b in 0..blocks {
-                bytes.extend_from_slice(&self.block_scale(row, b, 0).to_le_bytes());
+                bytes.extend_from_slice(&self.block_scale(row, b).to_le_bytes());
                 self.block_quants(row, b, &mut quants);
                 match self.format {
                     BlockFormat::Q8_0 => bytes.extend_from_slice(&quants),
@@ -535,25 +535,18 @@ impl BlockMatrix {
 
     /// Row `row`'s quants for block `b` in column order (q8_0 signed, 4-bit unsigned).
     fn block_quants(&self, row: usize, b: usize, out: &mut [u8; BLOCK]) {
-        let at = &self.tile(row / TILE_ROWS)[b * self.format.tile_block_bytes()..];
-        let lane = (row % TILE_ROWS) * GROUP;
-        for (k, q) in out.iter_mut().enumerate() {
-            let (group, i) = (k / GROUP, k % GROUP);
-            *q = match self.format {
-                BlockFormat::Q8_0 => at[group * 64 + lane + i],
-                _ if group < 4 => at[group * 64 + lane + i] & 0x0F,
-                _ => at[(group - 4) * 64 + lane + i] >> 4,
-            };
-        }
+        *out = lane_quants(self.format, self.tile_block(row, b), row % TILE_ROWS);
     }
 
-    /// Row `row`'s scale (`which == 0`) or minimum (`1`) for block `b`.
-    fn block_scale(&self, row: usize, b: usize, which: usize) -> f16 {
-        let format = self.format;
-        let at = &self.tile(row / TILE_ROWS)[b * format.tile_block_bytes()..];
-        let at = &at[TILE_ROWS * format.quant_bytes_per_block() + which * 2 * TILE_ROWS..];
-        let lane = (row % TILE_ROWS) * 2;
-        f16::from_le_bytes([at[lane], at[lane + 1]])
+    /// Row `row`'s scale for block `b`.
+    fn block_scale(&self, row: usize, b: usize) -> f16 {
+        lane_half(self.format, self.tile_block(row, b), row % TILE_ROWS, false)
+    }
+
+    /// The tile block holding row `row`'s block `b`.
+    fn tile_block(&self, row: usize, b: usize) -> &[u8] {
+        let bytes = self.format.tile_block_bytes();
+        &self.tile(row / TILE_ROWS)[b * bytes..][..bytes]
     }
 
     /// The ggml format of the blocks.
@@ -732,6 +725,27 @@ impl Activations {
     }
 }
 
+/// Row `lane`'s quants of one tile block, in column order (q8_0 signed, 4-bit unsigned).
+fn lane_quants(format: BlockFormat, block: &[u8], lane: usize) -> [u8; BLOCK] {
+    std::array::from_fn(|k| {
+        let (group, i) = (k / GROUP, k % GROUP);
+        let at = |run: usize| block[run * 64 + lane * GROUP + i];
+        match format {
+            BlockFormat::Q8_0 => at(group),
+            _ if group < 4 => at(group) & 0x0F,
+            _ => at(group - 4) >> 4,
+        }
+    })
+}
+
+/// Row `lane`'s scale (or, with `minimum`, q4_K's minimum) in one tile block.
+fn lane_half(format: BlockFormat, block: &[u8], lane: usize, minimum: bool) -> f16 {
+    let at = TILE_ROWS * format.quant_bytes_per_block()
+        + if minimum { 2 * TILE_ROWS } else { 0 }
+        + 2 * lane;
+    f16::from_le_bytes([block[at], block[at + 1]])
+}
+
 /// The reference computation, for CPUs without the x86 paths: the same integer sums and the
 /// same chain of fused multiply-adds as they compute, so the same bits.
 fn portable<const T: usize>(
@@ -739,36 +753,26 @@ fn portable<const T: usize>(
     tile: &[u8],
     acts: [&Activations; T],
 ) -> [[f32; TILE_ROWS]; T] {
-    let block_bytes = format.tile_block_bytes();
-    let quant_bytes = TILE_ROWS * format.quant_bytes_per_block();
     let mut out = [[0f32; TILE_ROWS]; T];
     let mut weights = [[0i32; BLOCK]; TILE_ROWS];
     let mut scales = [0f32; TILE_ROWS];
     let mut minimums = [0f32; TILE_ROWS];
-    for (b, block) in tile.chunks_exact(block_bytes).enumerate() {
+    for (b, block) in tile.chunks_exact(format.tile_block_bytes()).enumerate() {
         for (r, row) in weights.iter_mut().enumerate() {
-            for (k, w) in row.iter_mut().enumerate() {
-                let (group, i) = (k / GROUP, k % GROUP);
-                let at = |run: usize| block[run * 64 + r * GROUP + i];
-                // The weights' integer values with their offsets taken off: q8_0's quants, q4_0's
-                // nibbles less 8, q4_K's nibbles (its minimum is applied in floats).
+            // The weights' integer values with their offsets taken off: q8_0's quants, q4_0's
+            // nibbles less 8, q4_K's nibbles (its minimum is applied in floats).
+            let quants = lane_quants(format, block, r);
+            for (w, q) in row.iter_mut().zip(quants) {
                 *w = match format {
-                    BlockFormat::Q8_0 => at(group) as i8 as i32,
-                    BlockFormat::Q4_0 if group < 4 => (at(group) & 0x0F) as i32 - 8,
-                    BlockFormat::Q4_0 => (at(group - 4) >> 4) as i32 - 8,
-                    BlockFormat::Q4K if group < 4 => (at(group) & 0x0F) as i32,
-                    BlockFormat::Q4K => (at(group - 4) >> 4) as i32,
+                    BlockFormat::Q8_0 => q as i8 as i32,
+                    BlockFormat::Q4_0 => q as i32 - 8,
+                    BlockFormat::Q4K => q as i32,
                 };
             }
-        }
-        let half = |at: usize, lanes: &mut [f32; TILE_ROWS]| {
-            for (r, lane) in lanes.iter_mut().enumerate() {
-                *lane = f16::from_le_bytes([block[at + 2 * r], block[at + 2 * r + 1]]).to_f32();
+            scales[r] = lane_half(format, block, r, false).to_f32();
+            if format.has_minimums() {
+                minimums[r] = lane_half(format, block, r, true).to_f32();
             }
-        };
-        half(quant_bytes, &mut scales);
-        if format.has_minimums() {
-            half(quant_bytes + 2 * TILE_ROWS, &mut minimums);
         }
         for (lanes, act) in out.iter_mut().zip(acts) {
             let x = &act.quants[b * BLOCK..][..BLOCK];
