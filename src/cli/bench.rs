@@ -93,6 +93,10 @@ struct BenchReport {
     prefill_tokens_per_s: f64,
     decode_tokens_per_s: f64,
     ttft_ms: f64,
+    /// Gaps between consecutive streamed pieces of one stream alone, over all runs: the
+    /// reference for the same figures under `--concurrency`.
+    inter_token_ms_p50: f64,
+    inter_token_ms_p99: f64,
     /// Each measured run's figures, in order.
     per_run: Vec<RunFigures>,
     peak_rss_bytes: u64,
@@ -126,6 +130,9 @@ struct ConcurrentFigures {
     /// streams and runs.
     inter_token_ms_p50: f64,
     inter_token_ms_p99: f64,
+    /// `inter_token_ms_p99` over one stream's alone: what sharing the model costs the slowest
+    /// tokens.
+    p99_over_one_stream: f64,
     /// The longest gap anywhere, start-up included (the other streams' prompts run then).
     longest_gap_ms: f64,
     /// From the release of all streams to each one's first token: median and slowest.
@@ -157,6 +164,15 @@ fn median(mut values: Vec<f64>) -> f64 {
         _ if n % 2 == 1 => values[n / 2],
         _ => (values[n / 2 - 1] + values[n / 2]) / 2.0,
     }
+}
+
+/// The value below which a fraction `p` of `values` lie (nearest rank); NaN when empty.
+fn percentile(values: &[f64], p: f64) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(((v.len() as f64 - 1.0) * p).round() as usize)
+        .copied()
+        .unwrap_or(f64::NAN)
 }
 
 /// Runs the benchmark and prints the report.
@@ -204,8 +220,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     })?;
     let mut runs = Vec::new();
     let mut usage = None;
+    let mut gaps = Vec::new();
     for run in 0..args.runs.max(1) {
-        let outcome = engine.chat(&request)?;
+        let mut last_piece: Option<Instant> = None;
+        let outcome = engine.chat_stream(&request, |_| {
+            let now = Instant::now();
+            if let Some(last) = last_piece.replace(now) {
+                gaps.push((now - last).as_secs_f64() * 1e3);
+            }
+            std::ops::ControlFlow::Continue(())
+        })?;
         tracing::info!(
             run,
             decode_tokens_per_s = outcome.timings.decode_tokens_per_s,
@@ -234,6 +258,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 args.runs.max(1),
                 args.late_prompt_tokens,
                 decode_tokens_per_s,
+                percentile(&gaps, 0.99),
             )
         })
         .transpose()?;
@@ -256,6 +281,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         prefill_tokens_per_s: figure(|r| r.prefill_tokens_per_s),
         decode_tokens_per_s,
         ttft_ms: figure(|r| r.ttft_ms),
+        inter_token_ms_p50: percentile(&gaps, 0.5),
+        inter_token_ms_p99: percentile(&gaps, 0.99),
         per_run: runs.clone(),
         peak_rss_bytes: peak_rss,
         load_peak_rss_bytes,
@@ -289,6 +316,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             r.prefill_tokens_per_s, r.prompt_tokens
         );
         println!("time to 1st tok  {:.1} ms", r.ttft_ms);
+        println!(
+            "between tokens   p50 {:.1} ms, p99 {:.1} ms",
+            r.inter_token_ms_p50, r.inter_token_ms_p99
+        );
         println!(
             "decode           {:.2} tokens/s ({} tokens)",
             r.decode_tokens_per_s, r.gen_tokens
@@ -325,9 +356,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 c.sequences_per_pass
             );
             println!(
-                "  between tokens p50 {:.1} ms, p99 {:.1} ms (all decoding), longest {:.1} ms; first token median {:.1} ms, max {:.1} ms",
+                "  between tokens p50 {:.1} ms, p99 {:.1} ms ({:.2}x one stream's, all decoding), longest {:.1} ms; first token median {:.1} ms, max {:.1} ms",
                 c.inter_token_ms_p50,
                 c.inter_token_ms_p99,
+                c.p99_over_one_stream,
                 c.longest_gap_ms,
                 c.ttft_ms_median,
                 c.ttft_ms_max
@@ -360,6 +392,7 @@ fn concurrent_figures(
     runs: usize,
     late_prompt_tokens: usize,
     one_stream_decode: f64,
+    one_stream_p99: f64,
 ) -> anyhow::Result<ConcurrentFigures> {
     let late = if late_prompt_tokens > 0 {
         let prompt = prompt_of_length(engine, late_prompt_tokens)?;
@@ -468,13 +501,6 @@ fn concurrent_figures(
         }
     }
     let counts_after = engine.batch_counts();
-    let percentile = |values: &[f64], p: f64| {
-        let mut v = values.to_vec();
-        v.sort_by(f64::total_cmp);
-        v.get(((v.len() as f64 - 1.0) * p).round() as usize)
-            .copied()
-            .unwrap_or(f64::NAN)
-    };
     let aggregate_decode = median(aggregate);
     Ok(ConcurrentFigures {
         streams,
@@ -483,6 +509,7 @@ fn concurrent_figures(
         per_stream_decode_tokens_per_s: median(per_stream),
         inter_token_ms_p50: percentile(&gaps, 0.5),
         inter_token_ms_p99: percentile(&gaps, 0.99),
+        p99_over_one_stream: percentile(&gaps, 0.99) / one_stream_p99,
         longest_gap_ms: longest_gap,
         ttft_ms_median: median(ttfts.clone()),
         ttft_ms_max: percentile(&ttfts, 1.0),

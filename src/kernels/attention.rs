@@ -45,7 +45,7 @@ static DETECTED: LazyLock<Option<Path>> = LazyLock::new(|| match cpu::avx512() {
     None => (!cfg!(target_arch = "x86_64") || cpu::capped()).then_some(Path::Portable),
 });
 
-/// The shapes of one attention call.
+/// The shapes of one sequence's attention.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Shape {
     /// Query rows (new tokens), at positions `start..start + tokens`.
@@ -63,34 +63,63 @@ pub(crate) struct Shape {
     pub(crate) group_stride: usize,
 }
 
-/// `softmax(q kᵀ · scale, causal) v` for `q: [tokens, heads, head_dim]` and a cache laid out as
-/// `[kv_heads, capacity, head_dim]` (groups `group_stride` apart) holding at least
-/// `start + tokens` positions. Returns `[tokens, heads · head_dim]`.
-///
-/// # Panics
-/// When [`available`] is false or the slices are shorter than `shape` says.
-pub(crate) fn attend(q: &[f32], k: &[f32], v: &[f32], shape: Shape, scale: f32) -> Vec<f32> {
-    let path = Path::detect().expect("the attention kernel runs here");
-    attend_on(path, q, k, v, shape, scale)
+/// One sequence's part of an attention call: its new queries and its cache.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Sequence<'a> {
+    /// `[tokens, heads, head_dim]`.
+    pub(crate) q: &'a [f32],
+    /// The cache's keys and values, `[kv_heads, capacity, head_dim]` (groups
+    /// `shape.group_stride` apart), holding at least `start + tokens` positions.
+    pub(crate) k: &'a [f32],
+    pub(crate) v: &'a [f32],
+    pub(crate) shape: Shape,
 }
 
-fn attend_on(path: Path, q: &[f32], k: &[f32], v: &[f32], shape: Shape, scale: f32) -> Vec<f32> {
-    let Shape {
-        tokens,
-        start,
-        heads,
-        kv_heads,
-        head_dim,
-        group_stride,
-    } = shape;
-    let context = start + tokens;
-    assert!(q.len() >= tokens * heads * head_dim, "queries too short");
-    assert!(group_stride >= context * head_dim, "groups overlap");
-    let cache_len = (kv_heads - 1) * group_stride + context * head_dim;
-    assert!(
-        k.len() >= cache_len && v.len() >= cache_len,
-        "cache too short"
+/// `softmax(q kᵀ · scale, causal) v` for each of `sequences` (which share `heads`, `kv_heads`
+/// and `head_dim`), in one parallel step: a batched decode step attends for every
+/// conversation at once instead of one short step per conversation. Returns every sequence's
+/// `[tokens, heads · head_dim]`, one after another.
+///
+/// # Panics
+/// When [`available`] is false, the sequences' head shapes differ, or a slice is shorter than
+/// its shape says.
+pub(crate) fn attend(sequences: &[Sequence<'_>], scale: f32) -> Vec<f32> {
+    let path = Path::detect().expect("the attention kernel runs here");
+    attend_on(path, sequences, scale)
+}
+
+fn attend_on(path: Path, sequences: &[Sequence<'_>], scale: f32) -> Vec<f32> {
+    let Some(first) = sequences.first() else {
+        return Vec::new();
+    };
+    let (heads, kv_heads, head_dim) = (
+        first.shape.heads,
+        first.shape.kv_heads,
+        first.shape.head_dim,
     );
+    // The sequence and position of each query row, in output order.
+    let mut rows = Vec::new();
+    for (i, sequence) in sequences.iter().enumerate() {
+        let Sequence { q, k, v, shape } = *sequence;
+        assert_eq!(
+            (shape.heads, shape.kv_heads, shape.head_dim),
+            (heads, kv_heads, head_dim),
+            "sequences with different heads"
+        );
+        let context = shape.start + shape.tokens;
+        assert!(
+            q.len() >= shape.tokens * heads * head_dim,
+            "queries too short"
+        );
+        assert!(shape.group_stride >= context * head_dim, "groups overlap");
+        let cache_len = (kv_heads - 1) * shape.group_stride + context * head_dim;
+        assert!(
+            k.len() >= cache_len && v.len() >= cache_len,
+            "cache too short"
+        );
+        rows.extend((0..shape.tokens).map(|t| (i, t)));
+    }
+    let tokens = rows.len();
     let per_group = heads / kv_heads;
     // A task is one token's run of consecutive heads of one group: the group's keys and values
     // are read once for the run, not once per head (at 2048 tokens of context they are 2 MiB a
@@ -107,10 +136,12 @@ fn attend_on(path: Path, q: &[f32], k: &[f32], v: &[f32], shape: Shape, scale: f
     out.par_chunks_mut(run * head_dim)
         .enumerate()
         .for_each_init(Vec::new, |scores: &mut Vec<f32>, (task, out)| {
-            let (t, first_head) = (task / (heads / run), (task % (heads / run)) * run);
-            let group = (first_head / per_group) * group_stride;
+            let (row, first_head) = (task / (heads / run), (task % (heads / run)) * run);
+            let (sequence, t) = rows[row];
+            let Sequence { q, k, v, shape } = sequences[sequence];
+            let group = (first_head / per_group) * shape.group_stride;
             // Causal: the query at position start + t sees keys 0..=start + t.
-            let seen = start + t + 1;
+            let seen = shape.start + t + 1;
             let (keys, values) = (
                 &k[group..][..seen * head_dim],
                 &v[group..][..seen * head_dim],
@@ -570,7 +601,16 @@ mod tests {
             let k = values(2 * s.group_stride, 0.7);
             let v = values(2 * s.group_stride, 1.9);
             let scale = 1.0 / (head_dim as f32).sqrt();
-            let got = attend_on(path, &q, &k, &v, s, scale);
+            let got = attend_on(
+                path,
+                &[Sequence {
+                    q: &q,
+                    k: &k,
+                    v: &v,
+                    shape: s,
+                }],
+                scale,
+            );
             for (g, w) in got.iter().zip(reference(&q, &k, &v, s, scale)) {
                 assert!(
                     (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
@@ -606,11 +646,70 @@ mod tests {
             head_dim,
             group_stride: context * head_dim,
         };
-        let all = attend_on(path, &q, &k, &v, shape(context, 0), 0.1);
+        let one = |q: &[f32], shape| {
+            attend_on(
+                path,
+                &[Sequence {
+                    q,
+                    k: &k,
+                    v: &v,
+                    shape,
+                }],
+                0.1,
+            )
+        };
+        let all = one(&q, shape(context, 0));
         let row = heads * head_dim;
         for t in 0..context {
-            let alone = attend_on(path, &q[t * row..], &k, &v, shape(1, t), 0.1);
+            let alone = one(&q[t * row..], shape(1, t));
             assert_eq!(alone, all[t * row..][..row], "{path:?} token {t}");
+        }
+    }
+
+    /// Sequences attended in one call (a batched decode step: one new token each, over caches
+    /// of different lengths and capacities, and a prompt chunk) get the same bits as each
+    /// attended alone.
+    #[test]
+    fn sequences_attended_together_match_each_alone() {
+        let (heads, kv_heads, head_dim) = (8, 2, 64);
+        // (tokens, start, capacity)
+        let layout = [(1, 0, 16), (1, 37, 40), (5, 3, 8), (1, 200, 256)];
+        let data: Vec<_> = layout
+            .iter()
+            .enumerate()
+            .map(|(i, &(tokens, _, capacity))| {
+                let seed = i as f32 + 1.0;
+                (
+                    values(tokens * heads * head_dim, 1.1 * seed),
+                    values(kv_heads * capacity * head_dim, 0.7 * seed),
+                    values(kv_heads * capacity * head_dim, 1.9 * seed),
+                )
+            })
+            .collect();
+        let sequences: Vec<_> = layout
+            .iter()
+            .zip(&data)
+            .map(|(&(tokens, start, capacity), (q, k, v))| Sequence {
+                q,
+                k,
+                v,
+                shape: Shape {
+                    tokens,
+                    start,
+                    heads,
+                    kv_heads,
+                    head_dim,
+                    group_stride: capacity * head_dim,
+                },
+            })
+            .collect();
+        for path in paths() {
+            let together = attend_on(path, &sequences, 0.125);
+            let alone: Vec<f32> = sequences
+                .iter()
+                .flat_map(|s| attend_on(path, std::slice::from_ref(s), 0.125))
+                .collect();
+            assert_eq!(together, alone, "{path:?}");
         }
     }
 

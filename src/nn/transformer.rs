@@ -27,7 +27,7 @@ use super::spec::ArchSpec;
 use crate::error::Result;
 use crate::formats::weights::{Matrix, Weights};
 use crate::kernels::block_matmul::BlockMatrix;
-use crate::kernels::{attention, elementwise};
+use crate::kernels::{self, attention, elementwise};
 
 /// Rotary frequencies: `theta_i = base^(-2i / rotary_dims)` for each rotated pair `i`.
 #[derive(Debug)]
@@ -368,34 +368,44 @@ impl SelfAttention {
             .reshape((tokens, self.kv_heads, hd))?;
         let q = angles.apply(&q)?;
         let k = angles.apply(&k)?;
-        let out = if let ([cache], [span]) = (&mut *caches, spans) {
-            let (k, v) = cache.append(&k, &v, span.start)?;
-            self.attend(&q, &k, &v, *span)?
-        } else {
-            let mut row = 0;
-            let mut outs = Vec::with_capacity(spans.len());
-            for (cache, span) in caches.iter_mut().zip(spans) {
-                let rows = |t: &Tensor| t.narrow(0, row, span.tokens);
-                let (k, v) = cache.append(&rows(&k)?, &rows(&v)?, span.start)?;
-                outs.push(self.attend(&rows(&q)?, &k, &v, *span)?);
-                row += span.tokens;
+        // Each sequence's keys and values join its own cache; then it attends over that cache.
+        let mut sequences = Vec::with_capacity(spans.len());
+        let mut row = 0;
+        for (cache, span) in caches.iter_mut().zip(spans) {
+            let rows = |t: &Tensor| t.narrow(0, row, span.tokens);
+            let (k, v) = cache.append(&rows(&k)?, &rows(&v)?, span.start)?;
+            sequences.push(Attending {
+                q: rows(&q)?,
+                k,
+                v,
+                span: *span,
+            });
+            row += span.tokens;
+        }
+        let out = match self.attend_on_cpu(&sequences)? {
+            Some(out) => out,
+            None => {
+                let mut outs = sequences
+                    .iter()
+                    .map(|s| self.attend(s))
+                    .collect::<Result<Vec<_>>>()?;
+                match outs.len() {
+                    1 => outs.remove(0),
+                    _ => Tensor::cat(&outs, 0)?,
+                }
             }
-            Tensor::cat(&outs, 0)?
         };
         Ok(self.dense.forward(&out)?)
     }
 
-    /// One sequence's attention: `q: [tokens, heads, head_dim]` at `span`'s positions over its
-    /// cache's views `k`, `v` (`[kv_heads, start + tokens, head_dim]`). Returns `[tokens,
-    /// heads * head_dim]`.
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, span: Span) -> Result<Tensor> {
-        let Span { start, tokens } = span;
+    /// One sequence's attention by candle's ops, where the CPU kernel does not run (GPUs,
+    /// 16-bit caches, x86 without AVX-512). Returns `[tokens, heads * head_dim]`.
+    fn attend(&self, sequence: &Attending) -> Result<Tensor> {
+        let Attending { q, k, v, span } = sequence;
+        let Span { start, tokens } = *span;
         let (hd, q_size) = (self.head_dim, self.heads * self.head_dim);
         let context = k.dim(1)?;
         let scale = 1.0 / (hd as f64).sqrt();
-        if let Some(out) = self.attend_on_cpu(q, k, v, start, scale as f32)? {
-            return Ok(out);
-        }
 
         // Queries of one group are contiguous heads: [groups, heads_per_group * tokens, hd].
         let per_group = self.heads / self.kv_heads;
@@ -429,62 +439,80 @@ impl SelfAttention {
             .reshape((tokens, q_size))?)
     }
 
-    /// Attention by [`attention::attend`] where it runs (f32 on an AVX-512 CPU): `q` is
-    /// `[tokens, heads, head_dim]`, `k` and `v` the cache's views `[kv_heads, start + tokens,
-    /// head_dim]`.
-    /// Returns `[tokens, heads * head_dim]`, or `None` for candle's path.
-    fn attend_on_cpu(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        start: usize,
-        scale: f32,
-    ) -> Result<Option<Tensor>> {
+    /// Every sequence's attention by [`attention::attend`], in one parallel step, where it
+    /// runs (f32 on an AVX-512 CPU). Returns the sequences' `[tokens, heads * head_dim]` one
+    /// after another, or `None` for candle's path.
+    fn attend_on_cpu(&self, sequences: &[Attending]) -> Result<Option<Tensor>> {
         let on_cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
         // Each group's rows packed, groups equally far apart in both.
-        let rows_packed =
-            |t: &Tensor| t.stride()[1..] == [self.head_dim, 1] && t.stride()[0] == k.stride()[0];
-        let runs_here = on_cpu_f32(q)
-            && on_cpu_f32(k)
-            && on_cpu_f32(v)
-            && rows_packed(k)
-            && rows_packed(v)
-            && attention::available();
+        let rows_packed = |t: &Tensor, k: &Tensor| {
+            t.stride()[1..] == [self.head_dim, 1] && t.stride()[0] == k.stride()[0]
+        };
+        let runs_here = attention::available()
+            && sequences.iter().all(|s| {
+                on_cpu_f32(&s.q)
+                    && on_cpu_f32(&s.k)
+                    && on_cpu_f32(&s.v)
+                    && rows_packed(&s.k, &s.k)
+                    && rows_packed(&s.v, &s.k)
+            });
         if !runs_here {
             return Ok(None);
         }
-        let tokens = q.dim(0)?;
-        let q = q.contiguous()?;
-        let shape = attention::Shape {
-            tokens,
-            start,
-            heads: self.heads,
-            kv_heads: self.kv_heads,
-            head_dim: self.head_dim,
-            group_stride: k.stride()[0],
-        };
-        let out = {
-            let (qs, ql) = q.storage_and_layout();
-            let (ks, kl) = k.storage_and_layout();
-            let (vs, vl) = v.storage_and_layout();
-            let (Storage::Cpu(qs), Storage::Cpu(ks), Storage::Cpu(vs)) = (&*qs, &*ks, &*vs) else {
+        let queries = sequences
+            .iter()
+            .map(|s| s.q.contiguous())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let storages: Vec<_> = sequences
+            .iter()
+            .zip(&queries)
+            .map(|(s, q)| {
+                (
+                    q.storage_and_layout(),
+                    s.k.storage_and_layout(),
+                    s.v.storage_and_layout(),
+                )
+            })
+            .collect();
+        let mut parts = Vec::with_capacity(sequences.len());
+        for (((qs, ql), (ks, kl), (vs, vl)), s) in storages.iter().zip(sequences) {
+            let (Storage::Cpu(qs), Storage::Cpu(ks), Storage::Cpu(vs)) = (&**qs, &**ks, &**vs)
+            else {
                 return Ok(None);
             };
-            attention::attend(
-                &qs.as_slice::<f32>()?[ql.start_offset()..],
-                &ks.as_slice::<f32>()?[kl.start_offset()..],
-                &vs.as_slice::<f32>()?[vl.start_offset()..],
-                shape,
-                scale,
-            )
-        };
+            parts.push(attention::Sequence {
+                q: &qs.as_slice::<f32>()?[ql.start_offset()..],
+                k: &ks.as_slice::<f32>()?[kl.start_offset()..],
+                v: &vs.as_slice::<f32>()?[vl.start_offset()..],
+                shape: attention::Shape {
+                    tokens: s.span.tokens,
+                    start: s.span.start,
+                    heads: self.heads,
+                    kv_heads: self.kv_heads,
+                    head_dim: self.head_dim,
+                    group_stride: s.k.stride()[0],
+                },
+            });
+        }
+        let scale = (1.0 / (self.head_dim as f64).sqrt()) as f32;
+        let out = attention::attend(&parts, scale);
+        let tokens = sequences.iter().map(|s| s.span.tokens).sum::<usize>();
         Ok(Some(Tensor::from_vec(
             out,
             (tokens, self.heads * self.head_dim),
             &Device::Cpu,
         )?))
     }
+}
+
+/// One sequence's part of a layer's attention: its new queries `q` (`[tokens, heads,
+/// head_dim]`) at `span`'s positions, and its cache's views `k`, `v` (`[kv_heads, start +
+/// tokens, head_dim]`).
+struct Attending {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    span: Span,
 }
 
 /// Additive mask for `tokens` queries at positions `start..` over `start + tokens` keys:
@@ -863,6 +891,10 @@ impl Transformer {
     /// Every row is computed as it would be alone (the products, norms and rotations are per
     /// row, attention per sequence), so a sequence gets the same bits batched or not.
     pub(crate) fn forward_batch(&self, segments: &mut [Segment<'_>]) -> Result<Vec<Vec<f32>>> {
+        kernels::on_pool(|| self.forward_batch_on_pool(segments))
+    }
+
+    fn forward_batch_on_pool(&self, segments: &mut [Segment<'_>]) -> Result<Vec<Vec<f32>>> {
         let mut spans = Vec::with_capacity(segments.len());
         for segment in segments.iter() {
             let span = Span {
