@@ -692,6 +692,11 @@ struct Activations {
     scales: Vec<f32>,
     /// The sum of each block's quants: what a constant offset on the weights adds.
     sums: Vec<i32>,
+    /// `-8 * sum` and `-128 * sum` per block, where the VNNI kernels start each block's
+    /// integer chain (see `q4_vnni`, `q8_0_vnni`): kept in memory so that the kernels
+    /// broadcast them with a load instead of a shuffle-port instruction per token and block.
+    q4_offsets: Vec<i32>,
+    q8_offsets: Vec<i32>,
     /// `-(scale * sum)` per block: what q4_K's minimum multiplies.
     negated_scaled_sums: Vec<f32>,
 }
@@ -719,6 +724,8 @@ impl Activations {
         Activations {
             quants,
             scales,
+            q4_offsets: sums.iter().map(|s| -8 * s).collect(),
+            q8_offsets: sums.iter().map(|s| -128 * s).collect(),
             sums,
             negated_scaled_sums,
         }
@@ -860,7 +867,7 @@ mod x86 {
                 // Each token's chain starts at what the flip adds (128 times the activations'
                 // sum), so it ends at the signed dot product.
                 let mut dots: [__m512i; T] = std::array::from_fn(|t| {
-                    _mm512_set1_epi32(-128 * *acts[t].sums.get_unchecked(b))
+                    _mm512_set1_epi32(*acts[t].q8_offsets.get_unchecked(b))
                 });
                 for g in 0..BLOCK / GROUP {
                     let w = _mm512_loadu_si512(base.add(g * 64) as *const __m512i);
@@ -918,7 +925,7 @@ mod x86 {
                     let offset = if MINIMUMS {
                         0
                     } else {
-                        -8 * *acts[t].sums.get_unchecked(b)
+                        *acts[t].q4_offsets.get_unchecked(b)
                     };
                     _mm512_set1_epi32(offset)
                 });
