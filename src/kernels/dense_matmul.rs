@@ -780,6 +780,17 @@ mod x86 {
     /// Vectors of 16 rows in a panel.
     const VECTORS: usize = PANEL_ROWS / 16;
 
+    /// How far ahead of the column being multiplied the kernel asks for the panel's bytes
+    /// (into L2): decode streams the weights once and is bound by the reads in flight, which
+    /// the hardware prefetcher alone keeps too few of (as in the block kernels).
+    const PREFETCH_AHEAD: usize = 4096;
+
+    /// Only passes of up to this many activation rows prefetch: decode steps (one row per
+    /// sequence) stream each panel once, while prefill's groups of five or six rows find it in
+    /// L2 after their first pass, where the hints are only extra instructions (32-token f16
+    /// prefill lost speed with them).
+    const PREFETCH_MAX_ROWS: usize = 4;
+
     /// `M` activation rows times one panel over all `cols`, one column a step: the panel's
     /// weights for the column are four vectors, each activation is broadcast. `FULL` panels
     /// are 64 rows wide; the narrower last panel of a matrix masks its loads and stores.
@@ -809,7 +820,15 @@ mod x86 {
         let stride = if FULL { PANEL_ROWS } else { width };
         let (mut wp, xp) = (panel.as_ptr(), x.as_ptr());
         let mut acc = [[_mm512_setzero_ps(); VECTORS]; M];
+        let column_bytes = stride * std::mem::size_of::<W>();
         for k in 0..cols {
+            if M <= PREFETCH_MAX_ROWS {
+                let ahead = wp.cast::<u8>().wrapping_add(PREFETCH_AHEAD);
+                for line in (0..column_bytes).step_by(64) {
+                    // A prefetch is a hint that never faults, whatever the address.
+                    _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(line).cast::<i8>());
+                }
+            }
             let mut wv = [_mm512_setzero_ps(); VECTORS];
             for (v, wv) in wv.iter_mut().enumerate() {
                 let mask = if FULL { u16::MAX } else { masks[v] };
