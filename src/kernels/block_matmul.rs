@@ -812,9 +812,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{Activations, BlockFormat, BLOCK, GROUP, TILE_ROWS};
-
-    /// How far ahead of the block being multiplied the kernels prefetch.
-    const PREFETCH_AHEAD: usize = 4096;
+    use crate::kernels::prefetch_ahead as prefetch;
 
     /// `T` tokens' activation bytes for four-weight group `group` of block `b`, broadcast to
     /// every 32-bit lane.
@@ -826,22 +824,6 @@ mod x86 {
         // SAFETY: the caller guarantees block `b`; `group < 8`, so the 4 bytes are inside it.
         unsafe {
             (act.quants.as_ptr().add(b * BLOCK + group * GROUP) as *const i32).read_unaligned()
-        }
-    }
-
-    /// Asks for the tile bytes `PREFETCH_AHEAD` past `base` (`bytes` of them) to be brought
-    /// into L2: decode is bound by how many reads are in flight, and the hardware prefetcher
-    /// alone keeps too few. Into L2, whose queue holds more misses than L1's fill buffers, and
-    /// 4 KiB ahead rather than 2, because a batched step spends longer on each block (4-stream
-    /// q4_0 decode 112-144 → 125-148 tokens/s in all, same-round pairs).
-    #[inline(always)]
-    fn prefetch(base: *const u8, bytes: usize) {
-        let ahead = base.wrapping_add(PREFETCH_AHEAD);
-        let mut at = 0;
-        while at < bytes {
-            // SAFETY: a prefetch is a hint that never faults, whatever the address.
-            unsafe { _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(at) as *const i8) };
-            at += 64;
         }
     }
 

@@ -780,11 +780,6 @@ mod x86 {
     /// Vectors of 16 rows in a panel.
     const VECTORS: usize = PANEL_ROWS / 16;
 
-    /// How far ahead of the column being multiplied the kernel asks for the panel's bytes
-    /// (into L2): decode streams the weights once and is bound by the reads in flight, which
-    /// the hardware prefetcher alone keeps too few of (as in the block kernels).
-    const PREFETCH_AHEAD: usize = 4096;
-
     /// Only passes of up to this many activation rows prefetch: decode steps (one row per
     /// sequence) stream each panel once, while prefill's groups of five or six rows find it in
     /// L2 after their first pass, where the hints are only extra instructions (32-token f16
@@ -823,11 +818,7 @@ mod x86 {
         let column_bytes = stride * std::mem::size_of::<W>();
         for k in 0..cols {
             if M <= PREFETCH_MAX_ROWS {
-                let ahead = wp.cast::<u8>().wrapping_add(PREFETCH_AHEAD);
-                for line in (0..column_bytes).step_by(64) {
-                    // A prefetch is a hint that never faults, whatever the address.
-                    _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(line).cast::<i8>());
-                }
+                crate::kernels::prefetch_ahead(wp.cast::<u8>(), column_bytes);
             }
             let mut wv = [_mm512_setzero_ps(); VECTORS];
             for (v, wv) in wv.iter_mut().enumerate() {
