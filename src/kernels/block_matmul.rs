@@ -41,9 +41,12 @@ const TILE_ROWS: usize = 16;
 const GROUP: usize = 4;
 /// Tokens one pass over a tile serves: each weight register is used this many times.
 const TOKENS_PER_PASS: usize = 8;
-/// Tiles a prefill task sweeps for each pass of tokens, so their weights stay in the core's
-/// L2 cache (16 tiles of 4096 q4_0 columns are 576 KiB) while the tokens go past.
+/// Most tiles a prefill task sweeps for each pass of tokens, so their weights stay in the
+/// core's L2 cache while the tokens go past.
 const TILES_PER_SWEEP: usize = 16;
+/// Most bytes of tiles one sweep holds: well inside a 1-2 MiB L2 with the pass's activations
+/// beside them (16 tiles of 4096 q4_0 columns are 576 KiB; a tile of 13696 is 123 KiB).
+const SWEEP_BYTES: usize = 640 << 10;
 
 /// The ggml block formats these kernels take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -584,56 +587,71 @@ impl BlockMatrix {
             return;
         }
         let acts: Vec<Activations> = if tokens > 1 {
-            x.par_chunks(self.cols).map(Activations::quantize).collect()
+            x.par_chunks(self.cols)
+                .map(|row| Activations::quantize(path, row))
+                .collect()
         } else {
-            vec![Activations::quantize(x)]
+            vec![Activations::quantize(path, x)]
         };
         let tiles = self.rows.div_ceil(TILE_ROWS);
-        let tiles_per_task = (tiles / (rayon::current_num_threads() * 4)).clamp(1, TILES_PER_SWEEP);
-        // Tile-major (`[tile][token][16]`), so each task owns a contiguous slice.
-        let per_tile = tokens * TILE_ROWS;
-        let mut by_tile = vec![0f32; tiles * per_tile];
-        by_tile
-            .par_chunks_mut(tiles_per_task * per_tile)
+        let tile_bytes = self.format.tile_bytes(self.cols);
+        let sweep = (SWEEP_BYTES / tile_bytes).clamp(1, TILES_PER_SWEEP);
+        let tiles_per_task = (tiles / (rayon::current_num_threads() * 4)).clamp(1, sweep);
+        // Each task owns a run of tiles, that is a run of every token's outputs: the output
+        // rows are cut into those runs here, so the tasks write their results in place.
+        let task_rows = tiles_per_task * TILE_ROWS;
+        let mut runs: Vec<Vec<&mut [f32]>> = (0..tiles.div_ceil(tiles_per_task))
+            .map(|_| Vec::with_capacity(tokens))
+            .collect();
+        for row in out.chunks_exact_mut(self.rows) {
+            for (task, run) in runs.iter_mut().zip(row.chunks_mut(task_rows)) {
+                task.push(run);
+            }
+        }
+        runs.into_par_iter()
             .enumerate()
-            .for_each(|(task, chunk)| {
+            .for_each(|(task, mut run)| {
                 let first = task * tiles_per_task;
+                let mut results = [[0f32; TILE_ROWS]; TOKENS_PER_PASS];
                 let mut t = 0;
                 while t < tokens {
                     let n = (tokens - t).min(TOKENS_PER_PASS);
-                    for (i, results) in chunk.chunks_exact_mut(per_tile).enumerate() {
-                        let results = &mut results[t * TILE_ROWS..][..n * TILE_ROWS];
-                        self.tile_tokens(path, first + i, &acts[t..t + n], results);
+                    for i in 0..run[0].len().div_ceil(TILE_ROWS) {
+                        self.tile_tokens(path, first + i, &acts[t..t + n], &mut results[..n]);
+                        for (outputs, lanes) in run[t..t + n].iter_mut().zip(&results) {
+                            let outputs = &mut outputs[i * TILE_ROWS..];
+                            let width = outputs.len().min(TILE_ROWS);
+                            outputs[..width].copy_from_slice(&lanes[..width]);
+                        }
                     }
                     t += n;
                 }
             });
-        for (tile, results) in by_tile.chunks_exact(per_tile).enumerate() {
-            let first_row = tile * TILE_ROWS;
-            let rows = (self.rows - first_row).min(TILE_ROWS);
-            for (t, lanes) in results.chunks_exact(TILE_ROWS).enumerate() {
-                out[t * self.rows + first_row..][..rows].copy_from_slice(&lanes[..rows]);
-            }
-        }
     }
 
-    /// Tile `tile`'s 16 rows against up to [`TOKENS_PER_PASS`] tokens: `out` is `[token][16]`.
-    fn tile_tokens(&self, path: KernelPath, tile: usize, acts: &[Activations], out: &mut [f32]) {
+    /// Tile `tile`'s 16 rows against up to [`TOKENS_PER_PASS`] tokens, into `out[token]`.
+    fn tile_tokens(
+        &self,
+        path: KernelPath,
+        tile: usize,
+        acts: &[Activations],
+        out: &mut [[f32; TILE_ROWS]],
+    ) {
         fn refs<const T: usize>(acts: &[Activations]) -> [&Activations; T] {
             std::array::from_fn(|t| &acts[t])
         }
-        let results: &[[f32; TILE_ROWS]] = match acts.len() {
-            1 => &self.tile_product::<1>(path, tile, refs(acts)),
-            2 => &self.tile_product::<2>(path, tile, refs(acts)),
-            3 => &self.tile_product::<3>(path, tile, refs(acts)),
-            4 => &self.tile_product::<4>(path, tile, refs(acts)),
-            5 => &self.tile_product::<5>(path, tile, refs(acts)),
-            6 => &self.tile_product::<6>(path, tile, refs(acts)),
-            7 => &self.tile_product::<7>(path, tile, refs(acts)),
-            _ => &self.tile_product::<8>(path, tile, refs(acts)),
-        };
-        for (out, lanes) in out.chunks_exact_mut(TILE_ROWS).zip(results) {
-            out.copy_from_slice(lanes);
+        fn put<const T: usize>(out: &mut [[f32; TILE_ROWS]], results: [[f32; TILE_ROWS]; T]) {
+            out.copy_from_slice(&results);
+        }
+        match acts.len() {
+            1 => put(out, self.tile_product::<1>(path, tile, refs(acts))),
+            2 => put(out, self.tile_product::<2>(path, tile, refs(acts))),
+            3 => put(out, self.tile_product::<3>(path, tile, refs(acts))),
+            4 => put(out, self.tile_product::<4>(path, tile, refs(acts))),
+            5 => put(out, self.tile_product::<5>(path, tile, refs(acts))),
+            6 => put(out, self.tile_product::<6>(path, tile, refs(acts))),
+            7 => put(out, self.tile_product::<7>(path, tile, refs(acts))),
+            _ => put(out, self.tile_product::<8>(path, tile, refs(acts))),
         }
     }
 
@@ -702,43 +720,96 @@ struct Activations {
 }
 
 impl Activations {
-    fn quantize(x: &[f32]) -> Self {
-        let blocks = x.len() / BLOCK;
-        let mut quants = vec![0i8; blocks * BLOCK];
-        let mut scales = vec![0f32; blocks];
-        let mut sums = vec![0i32; blocks];
-        let mut negated_scaled_sums = vec![0f32; blocks];
-        for (b, block) in x.chunks_exact(BLOCK).enumerate() {
-            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let scale = amax / 127.0;
-            let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-            let mut sum = 0i32;
-            for (q, v) in quants[b * BLOCK..][..BLOCK].iter_mut().zip(block) {
-                *q = round_to_i8(v * inverse);
-                sum += *q as i32;
-            }
-            scales[b] = scale;
-            sums[b] = sum;
-            negated_scaled_sums[b] = -(scale * sum as f32);
-        }
-        Activations {
-            quants,
-            scales,
-            q4_offsets: sums.iter().map(|s| -8 * s).collect(),
-            q8_offsets: sums.iter().map(|s| -128 * s).collect(),
-            sums,
-            negated_scaled_sums,
+    /// Quantizes one row with the widest vectors `path` allows. Every path runs the same
+    /// scalar code ([`quantize_row`]), compiled for wider registers, so the bits are the same.
+    fn quantize(path: KernelPath, x: &[f32]) -> Self {
+        match path {
+            // SAFETY: the Vnni token is made only once detection found AVX-512F/BW/VL.
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::Vnni(_) => unsafe { x86::quantize_row_avx512(x) },
+            // SAFETY: the Avx2 token is made only once detection found AVX2.
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::Avx2(_) => unsafe { x86::quantize_row_avx2(x) },
+            _ => quantize_row(x),
         }
     }
 }
 
+/// Quantizes `x` in blocks of 32, written for the compiler to vectorise: prefill quantizes
+/// every token's input to every product, and as scalar code that was a tenth of the time of
+/// the products themselves.
+#[inline(always)]
+fn quantize_row(x: &[f32]) -> Activations {
+    let blocks = x.len() / BLOCK;
+    let mut quants = vec![0i8; blocks * BLOCK];
+    let mut scales = vec![0f32; blocks];
+    let mut sums = vec![0i32; blocks];
+    for ((block, quants), (scale, sum)) in x
+        .chunks_exact(BLOCK)
+        .zip(quants.chunks_exact_mut(BLOCK))
+        .zip(scales.iter_mut().zip(&mut sums))
+    {
+        *scale = abs_max(block) / 127.0;
+        let inverse = if *scale > 0.0 { 1.0 / *scale } else { 0.0 };
+        for (q, v) in quants.iter_mut().zip(block) {
+            *q = round_to_i8(v * inverse);
+        }
+        *sum = quants.iter().map(|&q| i32::from(q)).sum();
+    }
+    Activations {
+        quants,
+        q4_offsets: sums.iter().map(|s| -8 * s).collect(),
+        q8_offsets: sums.iter().map(|s| -128 * s).collect(),
+        negated_scaled_sums: scales
+            .iter()
+            .zip(&sums)
+            .map(|(&scale, &sum)| -(scale * sum as f32))
+            .collect(),
+        scales,
+        sums,
+    }
+}
+
+/// The largest `|v|` of a block (NaN ignored, 0 if there is none), as halves of halves with
+/// plain comparisons so that the compiler keeps it in vectors: a fold from the first element
+/// to the last is a chain of scalar maximums. The maximum is exact, so the order does not
+/// change it.
+#[inline(always)]
+fn abs_max(block: &[f32]) -> f32 {
+    // `a > b`, false for NaN, is what one vector instruction computes.
+    fn larger(a: f32, b: f32) -> f32 {
+        if a > b {
+            a
+        } else {
+            b
+        }
+    }
+    let block: &[f32; BLOCK] = block.try_into().expect("a whole block");
+    let mut m = [0f32; 16];
+    for (i, m) in m.iter_mut().enumerate() {
+        *m = larger(
+            larger(block[i].abs(), 0.0),
+            larger(block[i + 16].abs(), 0.0),
+        );
+    }
+    for half in [8, 4, 2, 1] {
+        for i in 0..half {
+            m[i] = larger(m[i], m[i + half]);
+        }
+    }
+    m[0]
+}
+
 /// `y.round() as i8` (halves away from zero, as ggml quantizes), in plain arithmetic: `round`
-/// is a call into libm that keeps the loop around it from being vectorised, and quantizing
-/// the activations was a few percent of every batched decode step.
+/// is a call into libm and `as` a saturating conversion, and either keeps the loop around it
+/// from being vectorised.
+#[inline(always)]
 fn round_to_i8(y: f32) -> i8 {
-    // Saturates as `as i8` does (NaN stays NaN, and becomes 0 below).
+    // NaN (from a NaN or infinite activation) becomes 0, as `as i8` makes it.
     let y = y.clamp(-128.0, 127.0);
-    let toward_zero = y as i32;
+    let y = if y.is_nan() { 0.0 } else { y };
+    // SAFETY: `y` is finite and within i32's range.
+    let toward_zero: i32 = unsafe { y.to_int_unchecked() };
     // Exact: `y` and its truncation are within a factor of two of each other, or `y` < 1.
     let fraction = y - toward_zero as f32;
     (toward_zero + i32::from(fraction >= 0.5) - i32::from(fraction <= -0.5)) as i8
@@ -811,7 +882,7 @@ fn portable<const T: usize>(
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Activations, BlockFormat, BLOCK, GROUP, TILE_ROWS};
+    use super::{quantize_row, Activations, BlockFormat, BLOCK, GROUP, TILE_ROWS};
     use crate::kernels::prefetch_ahead as prefetch;
 
     /// `T` tokens' activation bytes for four-weight group `group` of block `b`, broadcast to
@@ -825,6 +896,24 @@ mod x86 {
         unsafe {
             (act.quants.as_ptr().add(b * BLOCK + group * GROUP) as *const i32).read_unaligned()
         }
+    }
+
+    /// [`quantize_row`] compiled for AVX-512.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F/BW/VL.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn quantize_row_avx512(x: &[f32]) -> Activations {
+        quantize_row(x)
+    }
+
+    /// [`quantize_row`] compiled for AVX2.
+    ///
+    /// # Safety
+    /// The CPU has AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn quantize_row_avx2(x: &[f32]) -> Activations {
+        quantize_row(x)
     }
 
     /// q8_0 tile × `T` tokens.
@@ -1089,6 +1178,42 @@ mod tests {
     /// The arithmetic rounding is `round` exactly: at and beside every half up to the i8 range
     /// and beyond it, for NaN and the infinities, and over a sweep of bit patterns.
     #[test]
+    fn activations_quantize_to_the_same_bits_on_every_path() {
+        // Ordinary values, halves after scaling, and blocks holding NaN, infinities, zeros.
+        let mut x: Vec<f32> = (0..32 * 40)
+            .map(|i| ((i * 7919) % 1013) as f32 / 97.0 - 5.0)
+            .collect();
+        x[3] = f32::NAN;
+        x[40] = f32::INFINITY;
+        x[70] = f32::NEG_INFINITY;
+        x[96..128].fill(0.0);
+        x[128..160].fill(f32::NAN);
+        for (i, v) in x[160..192].iter_mut().enumerate() {
+            *v = (i as f32 - 16.0) * 127.0 / 16.0 + 0.5;
+        }
+        let portable = quantize_row(&x);
+        for path in KernelPath::available() {
+            let got = Activations::quantize(path, &x);
+            assert_eq!(got.quants, portable.quants, "{path:?}");
+            assert_eq!(got.sums, portable.sums, "{path:?}");
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got.scales), bits(&portable.scales), "{path:?}");
+        }
+        // What the old fold-and-round gave: NaN ignored by the maximum, NaN quantized to 0.
+        for (block, quants) in x
+            .chunks_exact(BLOCK)
+            .zip(portable.quants.chunks_exact(BLOCK))
+        {
+            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let scale = amax / 127.0;
+            let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            for (q, v) in quants.iter().zip(block) {
+                assert_eq!(*q, (v * inverse).round() as i8, "{v}");
+            }
+        }
+    }
+
+    #[test]
     fn activation_rounding_is_rounds_own() {
         let mut values = vec![
             0.0,
@@ -1114,8 +1239,9 @@ mod tests {
     #[test]
     fn kernels_match_the_dequantized_product() -> candle_core::Result<()> {
         let shapes = |format| match format {
-            BlockFormat::Q4K => [(3, 256), (17, 768), (40, 1280), (9, 2304)],
-            _ => [(3, 32), (17, 96), (40, 544), (9, 1056)],
+            BlockFormat::Q4K => [(3, 256), (17, 768), (40, 1280), (9, 2304), (300, 256)],
+            // 300 rows: tasks of several tiles, the last one short, the last tile partial.
+            _ => [(3, 32), (17, 96), (40, 544), (9, 1056), (300, 64)],
         };
         for format in ALL {
             for (rows, cols) in shapes(format) {
