@@ -24,6 +24,7 @@
 //! order: the three give the same bits, and a token's outputs do not depend on the other tokens
 //! of its pass (batch invariance).
 
+use std::mem::MaybeUninit;
 use std::sync::LazyLock;
 
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -574,12 +575,26 @@ impl BlockMatrix {
         self.tiles.len()
     }
 
-    /// `out = x W^T` for `x: [tokens, cols]`, `out: [tokens, rows]`, row-major, on every core.
-    pub(crate) fn matmul(&self, x: &[f32], out: &mut [f32]) {
-        self.matmul_on(KernelPath::detect(), x, out)
+    /// `out = x W^T` for `x: [tokens, cols]`, `out: [tokens, rows]`, row-major, on every core,
+    /// into memory not yet written: every output is written, so a caller hands over a fresh
+    /// buffer without zeroing it first. A prefill chunk's outputs are tens of megabytes per
+    /// product, and zeroing them (calloc's memset on reused memory) ran on one thread while
+    /// the other cores waited.
+    pub(crate) fn matmul_uninit(&self, x: &[f32], out: &mut [MaybeUninit<f32>]) {
+        self.write_on(KernelPath::detect(), x, out)
     }
 
+    /// The product on a chosen path into an initialised buffer (the tests compare paths).
+    #[cfg(test)]
     fn matmul_on(&self, path: KernelPath, x: &[f32], out: &mut [f32]) {
+        // SAFETY: same layout; `write_on` only ever writes initialised values into `out`, so
+        // it stays initialised.
+        let out = unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) };
+        self.write_on(path, x, out)
+    }
+
+    /// Writes every one of `out`'s `tokens * rows` values.
+    fn write_on(&self, path: KernelPath, x: &[f32], out: &mut [MaybeUninit<f32>]) {
         assert_eq!(x.len() % self.cols, 0, "activations are not whole rows");
         let tokens = x.len() / self.cols;
         assert_eq!(out.len(), tokens * self.rows, "output has the wrong size");
@@ -600,7 +615,7 @@ impl BlockMatrix {
         // Each task owns a run of tiles, that is a run of every token's outputs: the output
         // rows are cut into those runs here, so the tasks write their results in place.
         let task_rows = tiles_per_task * TILE_ROWS;
-        let mut runs: Vec<Vec<&mut [f32]>> = (0..tiles.div_ceil(tiles_per_task))
+        let mut runs: Vec<Vec<&mut [MaybeUninit<f32>]>> = (0..tiles.div_ceil(tiles_per_task))
             .map(|_| Vec::with_capacity(tokens))
             .collect();
         for row in out.chunks_exact_mut(self.rows) {
@@ -620,8 +635,9 @@ impl BlockMatrix {
                         self.tile_tokens(path, first + i, &acts[t..t + n], &mut results[..n]);
                         for (outputs, lanes) in run[t..t + n].iter_mut().zip(&results) {
                             let outputs = &mut outputs[i * TILE_ROWS..];
-                            let width = outputs.len().min(TILE_ROWS);
-                            outputs[..width].copy_from_slice(&lanes[..width]);
+                            for (output, lane) in outputs.iter_mut().zip(lanes) {
+                                output.write(*lane);
+                            }
                         }
                     }
                     t += n;

@@ -417,15 +417,17 @@ fn blocks_forward(blocks: &BlockMatrix, x: &Tensor) -> candle_core::Result<Tenso
     }
     let x = x.to_dtype(DType::F32)?.contiguous()?;
     let tokens = x.elem_count() / cols;
-    let mut out = vec![0f32; tokens * rows];
+    let mut out = Vec::with_capacity(tokens * rows);
     {
         let (storage, layout) = x.storage_and_layout();
         let candle_core::Storage::Cpu(cpu) = &*storage else {
             candle_core::bail!("q8_0 / q4_0 blocks multiply CPU activations only");
         };
         let xs = &cpu.as_slice::<f32>()?[layout.start_offset()..][..tokens * cols];
-        blocks.matmul(xs, &mut out);
+        blocks.matmul_uninit(xs, &mut out.spare_capacity_mut()[..tokens * rows]);
     }
+    // SAFETY: `matmul_uninit` wrote all `tokens * rows` values, within the capacity.
+    unsafe { out.set_len(tokens * rows) };
     Tensor::from_vec(out, out_dims, &Device::Cpu)
 }
 
