@@ -614,18 +614,25 @@ impl BlockMatrix {
         let tiles_per_task = (tiles / (rayon::current_num_threads() * 4)).clamp(1, sweep);
         // Each task owns a run of tiles, that is a run of every token's outputs: the output
         // rows are cut into those runs here, so the tasks write their results in place.
+        // `runs[task * tokens + t]` is token `t`'s run for `task`: two allocations per product
+        // whatever the number of tasks, as decode runs this for every matrix of every step.
         let task_rows = tiles_per_task * TILE_ROWS;
-        let mut runs: Vec<Vec<&mut [MaybeUninit<f32>]>> = (0..tiles.div_ceil(tiles_per_task))
-            .map(|_| Vec::with_capacity(tokens))
+        let tasks = tiles.div_ceil(tiles_per_task);
+        let mut by_token: Vec<_> = out
+            .chunks_exact_mut(self.rows)
+            .map(|row| row.chunks_mut(task_rows))
             .collect();
-        for row in out.chunks_exact_mut(self.rows) {
-            for (task, run) in runs.iter_mut().zip(row.chunks_mut(task_rows)) {
-                task.push(run);
-            }
+        let mut runs: Vec<&mut [MaybeUninit<f32>]> = Vec::with_capacity(tasks * tokens);
+        for _ in 0..tasks {
+            runs.extend(
+                by_token
+                    .iter_mut()
+                    .map(|row| row.next().expect("a run per task")),
+            );
         }
-        runs.into_par_iter()
+        runs.par_chunks_mut(tokens)
             .enumerate()
-            .for_each(|(task, mut run)| {
+            .for_each(|(task, run)| {
                 let first = task * tiles_per_task;
                 let mut results = [[0f32; TILE_ROWS]; TOKENS_PER_PASS];
                 let mut t = 0;
@@ -1191,8 +1198,6 @@ mod tests {
             .sin()
     }
 
-    /// The arithmetic rounding is `round` exactly: at and beside every half up to the i8 range
-    /// and beyond it, for NaN and the infinities, and over a sweep of bit patterns.
     #[test]
     fn activations_quantize_to_the_same_bits_on_every_path() {
         // Ordinary values, halves after scaling, and blocks holding NaN, infinities, zeros.
@@ -1229,6 +1234,8 @@ mod tests {
         }
     }
 
+    /// The arithmetic rounding is `round` exactly: at and beside every half up to the i8 range
+    /// and beyond it, for NaN and the infinities, and over a sweep of bit patterns.
     #[test]
     fn activation_rounding_is_rounds_own() {
         let mut values = vec![
