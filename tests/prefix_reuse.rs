@@ -173,3 +173,92 @@ fn asking_the_same_turn_again_reuses_its_prompt() {
         }
     }
 }
+
+/// Users of one server share a system prompt: a new conversation reuses the opening another
+/// one left cached, and leaves that conversation's cache whole for its next turn.
+#[test]
+fn conversations_sharing_an_opening_each_keep_their_cache() {
+    let (with_reuse, without) = engines("chatglm3-tiny");
+    let system = Message::system("You are a helpful assistant. Answer briefly and politely.");
+    let ask = |history: &[Message], question: &str| {
+        ChatRequest::new(question)
+            .history(history.to_vec())
+            .max_new_tokens(8)
+            .greedy()
+    };
+    let first = ask(
+        std::slice::from_ref(&system),
+        "What is the capital of France?",
+    );
+    let first_reply = with_reuse.chat(&first).expect("chat");
+    with_reuse.wait_for_background_work();
+
+    // Another user, same system prompt: the system prompt is reused, the reply unchanged.
+    let other = ask(
+        std::slice::from_ref(&system),
+        "How many legs does a spider have?",
+    );
+    let other_reply = with_reuse.chat(&other).expect("chat");
+    assert!(
+        other_reply.usage.cached_prompt_tokens > 0,
+        "shared opening not reused"
+    );
+    assert_eq!(
+        other_reply.completion_token_ids,
+        without.chat(&other).expect("chat").completion_token_ids
+    );
+    with_reuse.wait_for_background_work();
+
+    // The first user's next turn still finds its whole history cached.
+    let history = [
+        system,
+        Message::user("What is the capital of France?"),
+        Message::assistant(first_reply.text),
+    ];
+    let next = ask(&history, "And of Germany?");
+    let next_reply = with_reuse.chat(&next).expect("chat");
+    let question_tokens = with_reuse
+        .tokenizer()
+        .encode("And of Germany?")
+        .expect("encodes")
+        .len();
+    let ran = next_reply.usage.prompt_tokens - next_reply.usage.cached_prompt_tokens;
+    assert!(
+        ran <= question_tokens + 1,
+        "the other conversation cut this one's cache: ran {ran} prompt tokens"
+    );
+    assert_eq!(
+        next_reply.completion_token_ids,
+        without.chat(&next).expect("chat").completion_token_ids
+    );
+}
+
+/// The same question asked by several users at once: each one reuses the cached prompt (a
+/// copy of it), not only the first to arrive.
+#[test]
+fn concurrent_requests_for_a_cached_prompt_all_reuse_it() {
+    let (with_reuse, without) = engines("chatglm3-tiny");
+    let request = ChatRequest::new("Tell me a long story about the sea.")
+        .history(vec![Message::system("You are a helpful assistant.")])
+        .max_new_tokens(8)
+        .greedy();
+    let expected = without.chat(&request).expect("chat").completion_token_ids;
+    with_reuse.chat(&request).expect("chat");
+    with_reuse.wait_for_background_work();
+    let with_reuse = std::sync::Arc::new(with_reuse);
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let (engine, request) = (with_reuse.clone(), request.clone());
+            std::thread::spawn(move || engine.chat(&request).expect("chat"))
+        })
+        .collect();
+    for (i, handle) in handles.into_iter().enumerate() {
+        let outcome = handle.join().expect("thread");
+        assert_eq!(outcome.completion_token_ids, expected, "request {i}");
+        assert_eq!(
+            outcome.usage.cached_prompt_tokens,
+            outcome.usage.prompt_tokens - 1,
+            "request {i} ran its prompt again"
+        );
+    }
+}

@@ -547,7 +547,7 @@ impl Engine {
             if let Some(next_turn) = &self.next_turn {
                 next_turn.wait_for(&prompt.ids);
             }
-            self.prefix_cache.take(&prompt.ids)
+            self.prefix_cache.take(&prompt.ids, prompt_len + max_new)
         };
         let (mut cache, cached) =
             reused.unwrap_or_else(|| (self.model.new_cache(prompt_len + max_new), 0));
@@ -635,11 +635,11 @@ impl Engine {
         }
         let raw_text = gate.into_text();
         let decode = decode_started.elapsed();
-        self.prefix_cache
-            .put(context[..cache.len()].to_vec(), cache);
+        let filed_under = context[..cache.len()].to_vec();
+        self.prefix_cache.put(filed_under.clone(), cache);
         if finish_reason != FinishReason::Cancelled && !request.skip_prefix_cache {
             if let Some(next_turn) = &self.next_turn {
-                next_turn.submit(self.next_prompt_start(request, &reply));
+                next_turn.submit(self.next_prompt_start(request, &reply), filed_under);
             }
         }
         let decode_steps = completion.len().saturating_sub(1);

@@ -41,8 +41,8 @@ struct Shared {
 
 #[derive(Debug, Default)]
 struct State {
-    /// Token ids to pre-fill, oldest first.
-    pending: Vec<Vec<u32>>,
+    /// Warm-ups to run, oldest first.
+    pending: Vec<Warmup>,
     /// The ids being pre-filled now.
     running: Option<Vec<u32>>,
     closing: bool,
@@ -75,8 +75,10 @@ impl NextTurnWarmer {
         }
     }
 
-    /// Queues `ids` (the start of a conversation's next prompt) to be pre-filled.
-    pub(crate) fn submit(&self, ids: Vec<u32>) {
+    /// Queues `ids` (the start of a conversation's next prompt) to be pre-filled, from the
+    /// cache filed under `reply` (the finished request's prompt and sampled reply), which the
+    /// result replaces.
+    pub(crate) fn submit(&self, ids: Vec<u32>, reply: Vec<u32>) {
         if self.thread.is_none() {
             return;
         }
@@ -85,29 +87,31 @@ impl NextTurnWarmer {
             tracing::debug!("next-turn warm-up dropped: queue full");
             return;
         }
-        state.pending.push(ids);
+        state.pending.push(Warmup { ids, reply });
         drop(state);
         self.shared.changed.notify_all();
     }
 
     /// Blocks while a queued or running warm-up would leave a longer prefix of `prompt` in the
-    /// cache than the cache holds now: the next turn of its conversation, or the same turn asked
-    /// again ("regenerate"), whose cache the warm-up has taken out. The request then finds the
-    /// result instead of racing the warm-up and starting cold.
+    /// cache than the cache holds now, and would spend fewer tokens on the rest of its
+    /// conversation than it saves this request: the next turn of its conversation above all.
+    /// The request then finds the result instead of racing the warm-up and starting cold. A
+    /// request that only shares the warm-up's opening (a new conversation with the same system
+    /// prompt or question) does not wait for the other conversation's reply to run, and the
+    /// same turn asked again ("regenerate") finds the reply's own cache still in place.
     pub(crate) fn wait_for(&self, prompt: &[u32]) {
         let mut state = self.shared.lock();
         // Warm-ups are background work, which waits for every request's steps: this request
         // would wait behind all of them. It waits for the warm-up alone instead.
         let mut expedite = None;
         while !state.closing && {
-            let coming = state
+            let cached = self.cache.longest_prefix(prompt);
+            state
                 .pending
                 .iter()
+                .map(|warmup| &warmup.ids)
                 .chain(state.running.as_ref())
-                .map(|ids| common_prefix(ids, prompt))
-                .max()
-                .unwrap_or(0);
-            coming > 0 && coming > self.cache.longest_prefix(prompt)
+                .any(|ids| worth_waiting(ids, prompt, cached))
         } {
             expedite.get_or_insert_with(|| self.batcher.expedite_background());
             state = self
@@ -141,10 +145,10 @@ impl Shared {
             if state.closing {
                 return;
             }
-            let ids = state.pending.remove(0);
-            state.running = Some(ids.clone());
+            let warmup = state.pending.remove(0);
+            state.running = Some(warmup.ids.clone());
             drop(state);
-            if let Err(e) = prefill(batcher, cache, &ids) {
+            if let Err(e) = prefill(batcher, cache, &warmup) {
                 tracing::warn!(error = %e, "next-turn warm-up failed");
             }
             self.lock().running = None;
@@ -153,14 +157,38 @@ impl Shared {
     }
 }
 
+/// A conversation's next prompt to pre-fill.
+#[derive(Debug)]
+struct Warmup {
+    /// The next prompt's first tokens.
+    ids: Vec<u32>,
+    /// What the finished request's cache is filed under (its prompt and sampled reply).
+    reply: Vec<u32>,
+}
+
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
+/// Whether a request for `prompt`, whose longest cached prefix is `cached` tokens, gains by
+/// waiting for the warm-up of `warming`: the prompt tokens it would not have to run exceed the
+/// warm-up's tokens beyond the prompt, which it would wait for without needing them.
+fn worth_waiting(warming: &[u32], prompt: &[u32], cached: usize) -> bool {
+    let shared = common_prefix(warming, prompt);
+    shared > cached && shared - cached >= warming.len() - shared
+}
+
 /// Extends the cached prefix of `ids` to all of `ids`. Without a cached prefix there is nothing
 /// to extend: a cold prefill in the background would only compete with requests.
-fn prefill(batcher: &Batcher, cache: &PrefixCache, ids: &[u32]) -> crate::Result<()> {
-    let Some((mut kv, cached)) = cache.take(ids) else {
+fn prefill(batcher: &Batcher, cache: &PrefixCache, warmup: &Warmup) -> crate::Result<()> {
+    let ids = &warmup.ids[..];
+    // Several replies alike (the same question asked at once) queue the same warm-up.
+    if cache.longest_prefix(ids) >= ids.len() {
+        return Ok(());
+    }
+    // The reply's own cache stays in place while this runs, for a request asking the same
+    // turn again or opening the same way meanwhile.
+    let Some((mut kv, cached)) = cache.take(ids, ids.len()) else {
         return Ok(());
     };
     if cached < ids.len() {
@@ -172,6 +200,11 @@ fn prefill(batcher: &Batcher, cache: &PrefixCache, ids: &[u32]) -> crate::Result
         "next turn pre-filled"
     );
     cache.put(ids.to_vec(), kv);
+    // This one holds all the reply's cache is good for: its prompt, and the reply as the next
+    // prompt spells it (the tokens sampled past where the two part are never asked for again).
+    if warmup.reply != ids {
+        cache.forget(&warmup.reply);
+    }
     Ok(())
 }
 
@@ -183,5 +216,28 @@ impl Drop for NextTurnWarmer {
             // Returns once the warm-up in progress (a reply's worth of prefill) ends.
             let _ = thread.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::worth_waiting;
+
+    #[test]
+    fn a_request_waits_only_for_warm_ups_that_save_it_more_than_they_cost() {
+        let warming: Vec<u32> = (0..100).collect();
+        // The conversation's next turn: everything the warm-up runs is its prompt's.
+        let next_turn: Vec<u32> = (0..130).collect();
+        assert!(worth_waiting(&warming, &next_turn, 0));
+        // Its own cache already holds all the warm-up would give it.
+        assert!(!worth_waiting(&warming, &next_turn, 100));
+        // The same turn asked again after a long history, the warm-up's reply short.
+        let regenerate: Vec<u32> = (0..80).chain([999]).collect();
+        assert!(worth_waiting(&warming, &regenerate, 0));
+        // A new conversation opening like this one: it would wait for a reply it never reads.
+        let same_opening: Vec<u32> = (0..24).chain([999]).collect();
+        assert!(!worth_waiting(&warming, &same_opening, 0));
+        // Nothing in common.
+        assert!(!worth_waiting(&warming, &[999], 0));
     }
 }

@@ -987,6 +987,23 @@ impl KvCache {
         self.len = self.len.min(len);
     }
 
+    /// A new cache holding a copy of this one's first `len` positions (at most those
+    /// computed), with room for `capacity` before it grows: for a conversation that shares an
+    /// opening with this one while this one goes on.
+    pub(crate) fn prefix_copy(&self, len: usize, capacity: usize) -> Result<KvCache> {
+        let len = len.min(self.len);
+        let layers = self
+            .layers
+            .iter()
+            .map(|layer| layer.prefix_copy(len, capacity))
+            .collect::<Result<_>>()?;
+        Ok(KvCache {
+            layers,
+            len,
+            capacity_hint: capacity.max(len).max(16),
+        })
+    }
+
     /// Memory held by the cache (its allocated capacity, not just the filled part).
     pub(crate) fn bytes(&self) -> usize {
         self.layers
@@ -1037,6 +1054,25 @@ impl LayerCache {
         self.k = Some(k);
         self.v = Some(v);
         Ok(())
+    }
+
+    /// A copy of the first `len` positions, with room for `capacity`.
+    fn prefix_copy(&self, len: usize, capacity: usize) -> Result<LayerCache> {
+        let copy = |t: &Tensor| -> Result<Tensor> {
+            let (heads, _, head_dim) = t.dims3()?;
+            let out = Tensor::zeros((heads, capacity.max(len), head_dim), t.dtype(), t.device())?;
+            if len > 0 {
+                out.slice_set(&t.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+            }
+            Ok(out)
+        };
+        match (&self.k, &self.v) {
+            (Some(k), Some(v)) => Ok(LayerCache {
+                k: Some(copy(k)?),
+                v: Some(copy(v)?),
+            }),
+            _ => Ok(LayerCache::default()),
+        }
     }
 
     /// Writes `k`, `v` (`[tokens, kv_heads, head_dim]`) at `start` and returns views of all
