@@ -601,12 +601,16 @@ impl BlockMatrix {
         if tokens == 0 {
             return;
         }
-        let acts: Vec<Activations> = if tokens > 1 {
+        // A decode step's few rows take a microsecond or so each: less than handing them to
+        // the other workers and joining them again, on each of a pass's products.
+        let acts: Vec<Activations> = if tokens > TOKENS_PER_PASS {
             x.par_chunks(self.cols)
                 .map(|row| Activations::quantize(path, row))
                 .collect()
         } else {
-            vec![Activations::quantize(path, x)]
+            x.chunks(self.cols)
+                .map(|row| Activations::quantize(path, row))
+                .collect()
         };
         let tiles = self.rows.div_ceil(TILE_ROWS);
         let tile_bytes = self.format.tile_bytes(self.cols);

@@ -60,15 +60,20 @@ const PREFETCH_AHEAD: usize = 4096;
 /// on each block (4-stream q4_0 decode 112-144 → 125-148 tokens/s in all, same-round pairs).
 #[inline(always)]
 pub(crate) fn prefetch_ahead(base: *const u8, bytes: usize) {
+    prefetch(base.wrapping_add(PREFETCH_AHEAD), bytes)
+}
+
+/// Asks for the `bytes` bytes at `at` to be brought into L2 (a no-op off x86-64).
+#[inline(always)]
+pub(crate) fn prefetch(at: *const u8, bytes: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
-        let ahead = base.wrapping_add(PREFETCH_AHEAD);
         for line in (0..bytes).step_by(64) {
             // SAFETY: a prefetch is a hint that never faults, whatever the address.
-            unsafe { _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(line).cast::<i8>()) };
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(line).cast::<i8>()) };
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (base, bytes);
+    let _ = (at, bytes);
 }
