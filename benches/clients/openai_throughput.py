@@ -1,7 +1,7 @@
 """Throughput of N concurrent OpenAI-API streams against one, through a running
 `chathub serve --http` (or any OpenAI-compatible server).
 
-    python benches/clients/openai_throughput.py --base-url http://127.0.0.1:8000/v1 --streams 4
+    python benches/clients/openai_throughput.py --base-url http://127.0.0.1:8000/v1 --streams 4 [--distinct]
 
 Each stream asks for the same number of tokens with `ignore_eos` (a vLLM/llama.cpp extension
 chathub accepts), so every reply is the same length, and counts them from the usage chunk
@@ -41,12 +41,14 @@ def stream_once(client, model, prompt, tokens, zero, out):
     out.append((started, first, time.perf_counter() - zero, completion))
 
 
-def run(client, model, prompt, tokens, streams):
+def run(client, model, prompt, tokens, streams, distinct=False):
     zero = time.perf_counter()
     out = []
+    # Distinct prompts share no prefix beyond the chat template: users asking different things.
+    prompts = [f"{prompt} (user {i})" if distinct else prompt for i in range(streams)]
     threads = [
-        threading.Thread(target=stream_once, args=(client, model, prompt, tokens, zero, out))
-        for _ in range(streams)
+        threading.Thread(target=stream_once, args=(client, model, p, tokens, zero, out))
+        for p in prompts
     ]
     for t in threads:
         t.start()
@@ -67,12 +69,19 @@ def main():
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--prompt", default="Tell me a long story about the sea.")
+    parser.add_argument(
+        "--distinct",
+        action="store_true",
+        help="give each stream its own prompt (no prefix to share between them)",
+    )
     args = parser.parse_args()
     client = OpenAI(base_url=args.base_url, api_key=args.api_key)
     model = client.models.list().data[0].id
     run(client, model, args.prompt, 4, 1)  # warm-up
     one, _, one_ttft = run(client, model, args.prompt, args.tokens, 1)
-    many, per_stream, ttft = run(client, model, args.prompt, args.tokens, args.streams)
+    many, per_stream, ttft = run(
+        client, model, args.prompt, args.tokens, args.streams, args.distinct
+    )
     print(f"1 stream: {one:.2f} tokens/s, first text after {one_ttft:.0f} ms")
     print(
         f"{args.streams} streams: {many:.2f} tokens/s in all ({many / one:.2f}x), "
