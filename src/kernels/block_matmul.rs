@@ -19,9 +19,9 @@
 //! multiply-add; its 6-bit scales and minimums are expanded at load to one f16 pair per block of
 //! 32, and the super-block headers are kept aside so the original bytes can be written back.
 //!
-//! Every path (AVX-512 VNNI, AVX2 `vpmaddubsw`, portable Rust) computes each output as the same
-//! integer sums followed by the same chain of fused multiply-adds, one per block in column
-//! order: the three give the same bits, and a token's outputs do not depend on the other tokens
+//! Every path (AVX-512 VNNI, 256-bit VNNI for AVX-VNNI CPUs, AVX2 `vpmaddubsw`, portable Rust)
+//! computes each output as the same integer sums followed by the same chain of fused
+//! multiply-adds, one per block in column order: they all give the same bits, and a token's outputs do not depend on the other tokens
 //! of its pass (batch invariance).
 
 use std::mem::MaybeUninit;
@@ -33,6 +33,9 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::cpu;
+
+#[cfg(target_arch = "x86_64")]
+mod vnni256;
 
 /// Weights per block, in every format.
 const BLOCK: usize = 32;
@@ -122,6 +125,8 @@ impl BlockFormat {
 pub(crate) enum KernelPath {
     /// AVX-512 with VNNI (`vpdpbusd`), F16C conversions.
     Vnni(cpu::Vnni),
+    /// 256-bit `vpdpbusd` (AVX-VNNI, or AVX-512 VNNI capped to 256 bits), AVX2, FMA, F16C.
+    Vnni256(cpu::Vnni256),
     /// AVX2, FMA and F16C (`vpmaddubsw`).
     Avx2(cpu::Avx2),
     /// Plain Rust, the twin of both.
@@ -139,6 +144,7 @@ impl KernelPath {
     fn available() -> Vec<Self> {
         let mut paths = Vec::new();
         paths.extend(cpu::vnni().map(KernelPath::Vnni));
+        paths.extend(cpu::vnni256().map(KernelPath::Vnni256));
         paths.extend(cpu::avx2().map(KernelPath::Avx2));
         paths.push(KernelPath::Portable);
         paths
@@ -148,6 +154,9 @@ impl KernelPath {
 static DETECTED: LazyLock<KernelPath> = LazyLock::new(|| {
     if let Some(vnni) = cpu::vnni() {
         return KernelPath::Vnni(vnni);
+    }
+    if let Some(vnni256) = cpu::vnni256() {
+        return KernelPath::Vnni256(vnni256);
     }
     match cpu::avx2() {
         Some(avx2) => KernelPath::Avx2(avx2),
@@ -711,6 +720,22 @@ impl BlockMatrix {
                     }
                 };
             }
+            KernelPath::Vnni256(token) => {
+                // SAFETY: the Vnni256 token is made only once detection found AVX2, FMA, F16C
+                // and 256-bit VNNI, in the EVEX encoding (AVX-512F/VL VNNI) where it says so
+                // and else in the VEX one (AVX-VNNI); the slices are as asserted above, which
+                // is what the kernels' contracts ask.
+                return unsafe {
+                    match (self.format, token.evex()) {
+                        (BlockFormat::Q8_0, true) => vnni256::q8_0_evex(tile, acts),
+                        (BlockFormat::Q8_0, false) => vnni256::q8_0_vex(tile, acts),
+                        (BlockFormat::Q4_0, true) => vnni256::q4_evex::<T, false>(tile, acts),
+                        (BlockFormat::Q4_0, false) => vnni256::q4_vex::<T, false>(tile, acts),
+                        (BlockFormat::Q4K, true) => vnni256::q4_evex::<T, true>(tile, acts),
+                        (BlockFormat::Q4K, false) => vnni256::q4_vex::<T, true>(tile, acts),
+                    }
+                };
+            }
             KernelPath::Avx2(_) => {
                 // SAFETY: the Avx2 token is made only once detection found AVX2, FMA and F16C;
                 // the slices are as asserted above, which is what the kernels' contracts ask.
@@ -754,9 +779,9 @@ impl Activations {
             // SAFETY: the Vnni token is made only once detection found AVX-512F/BW/VL.
             #[cfg(target_arch = "x86_64")]
             KernelPath::Vnni(_) => unsafe { x86::quantize_row_avx512(x) },
-            // SAFETY: the Avx2 token is made only once detection found AVX2.
+            // SAFETY: both tokens are made only once detection found AVX2.
             #[cfg(target_arch = "x86_64")]
-            KernelPath::Avx2(_) => unsafe { x86::quantize_row_avx2(x) },
+            KernelPath::Avx2(_) | KernelPath::Vnni256(_) => unsafe { x86::quantize_row_avx2(x) },
             _ => quantize_row(x),
         }
     }

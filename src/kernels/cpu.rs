@@ -1,11 +1,12 @@
 //! The CPU's vector extensions, detected once per process, and the tokens that prove them.
 //!
-//! A kernel written for an instruction set takes that set's token ([`Avx2`], [`Avx512`],
-//! [`Vnni`]); only this module makes tokens, and only after detection succeeded, so safe code
-//! elsewhere cannot choose a path the CPU does not run.
+//! A kernel written for an instruction set takes that set's token ([`Avx2`], [`Vnni256`],
+//! [`Avx512`], [`Vnni`]); only this module makes tokens, and only after detection succeeded, so
+//! safe code elsewhere cannot choose a path the CPU does not run.
 //!
-//! `CHATHUB_CPU=portable|avx2|avx512` caps the level (never raises it), so the same test suite
-//! runs each kernel's portable twin and its AVX2 path on a machine with AVX-512.
+//! `CHATHUB_CPU=portable|avx2|avxvnni|avx512|avx512vnni` caps the level (never raises it), so
+//! the same test suite runs each kernel's portable twin, its AVX2 path and its 256-bit VNNI path
+//! on a machine with AVX-512 VNNI.
 
 use std::sync::LazyLock;
 
@@ -16,6 +17,10 @@ pub(crate) enum Level {
     Portable,
     /// AVX2 with FMA and F16C (most x86 laptops and desktops since 2013).
     Avx2,
+    /// AVX2 with 256-bit `vpdpbusd`: AVX-VNNI (Intel laptops and desktops since Alder Lake,
+    /// AMD since Zen 5, none of them with AVX-512 on the Intel side), or AVX-512 VNNI capped to
+    /// 256-bit vectors here.
+    AvxVnni,
     /// AVX-512F/BW/VL with F16C.
     Avx512,
     /// AVX-512 with VNNI (`vpdpbusd`).
@@ -28,6 +33,7 @@ impl Level {
         match self {
             Level::Portable => "portable",
             Level::Avx2 => "avx2",
+            Level::AvxVnni => "avxvnni",
             Level::Avx512 => "avx512",
             Level::Avx512Vnni => "avx512vnni",
         }
@@ -37,6 +43,7 @@ impl Level {
         [
             Level::Portable,
             Level::Avx2,
+            Level::AvxVnni,
             Level::Avx512,
             Level::Avx512Vnni,
         ]
@@ -58,6 +65,9 @@ fn detect() -> Level {
         if avx512 {
             return Level::Avx512;
         }
+        if avx2 && has!("avxvnni") {
+            return Level::AvxVnni;
+        }
         if avx2 {
             return Level::Avx2;
         }
@@ -73,7 +83,7 @@ static LEVEL: LazyLock<Level> = LazyLock::new(|| {
             None => {
                 tracing::warn!(
                     value = %cap,
-                    "CHATHUB_CPU is not portable, avx2, avx512 or avx512vnni: ignored"
+                    "CHATHUB_CPU is not portable, avx2, avxvnni, avx512 or avx512vnni: ignored"
                 );
                 detected
             }
@@ -108,6 +118,21 @@ pub(crate) struct Avx2 {
     _detected: (),
 }
 
+/// Proof that the CPU runs `vpdpbusd` on 256-bit vectors (and everything [`Avx2`] proves),
+/// and in which encoding: AVX-VNNI's VEX one, or AVX-512 VNNI's EVEX one (a CPU with AVX-512
+/// VNNI capped to this level by `CHATHUB_CPU`, which is how the path is tested there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Vnni256 {
+    evex: bool,
+}
+
+impl Vnni256 {
+    /// Whether the EVEX encoding (AVX-512 VNNI with VL) is the one this CPU runs.
+    pub(crate) fn evex(self) -> bool {
+        self.evex
+    }
+}
+
 /// Proof that the CPU runs AVX-512F/BW/VL (and AVX2, FMA, F16C).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Avx512 {
@@ -123,6 +148,19 @@ pub(crate) struct Vnni {
 /// The AVX2 token, when this process's level allows it.
 pub(crate) fn avx2() -> Option<Avx2> {
     (level() >= Level::Avx2).then_some(Avx2 { _detected: () })
+}
+
+/// The 256-bit VNNI token, when this process's level allows it and the CPU runs `vpdpbusd` on
+/// 256-bit vectors in either encoding (a CPU with AVX-512 but no VNNI does not).
+pub(crate) fn vnni256() -> Option<Vnni256> {
+    if level() < Level::AvxVnni {
+        return None;
+    }
+    match *DETECTED {
+        Level::Avx512Vnni => Some(Vnni256 { evex: true }),
+        Level::AvxVnni => Some(Vnni256 { evex: false }),
+        _ => None,
+    }
 }
 
 /// The AVX-512 token, when this process's level allows it.
@@ -144,10 +182,13 @@ mod tests {
         assert_eq!(Level::parse("AVX2"), Some(Level::Avx2));
         assert_eq!(Level::parse("portable"), Some(Level::Portable));
         assert_eq!(Level::parse("sse"), None);
+        assert_eq!(Level::parse("avxvnni"), Some(Level::AvxVnni));
         assert!(Level::Portable < Level::Avx2 && Level::Avx512 < Level::Avx512Vnni);
+        assert!(Level::Avx2 < Level::AvxVnni && Level::AvxVnni < Level::Avx512);
         // Tokens exist exactly at or below the process's level.
         assert_eq!(avx2().is_some(), level() >= Level::Avx2);
         assert_eq!(avx512().is_some(), level() >= Level::Avx512);
         assert_eq!(vnni().is_some(), level() >= Level::Avx512Vnni);
+        assert!(vnni256().is_none() || level() >= Level::AvxVnni);
     }
 }

@@ -1,0 +1,186 @@
+//! The block kernels on 256-bit `vpdpbusd`: for CPUs with AVX-VNNI and no AVX-512 (Intel's
+//! laptops and desktops since Alder Lake), where the AVX2 kernels' `vpmaddubsw`, `vpaddw` and
+//! `vpmaddwd` take three instructions for what one `vpdpbusd` does.
+//!
+//! A tile's 16 rows take two 8-lane registers, so each tile runs in two halves of 8 rows over
+//! all of its blocks (the AVX2 kernels' order; 16 registers hold a half's accumulators). Each
+//! output is the integer sum the other paths compute, then the same fused multiply-adds in the
+//! same order: the same bits as every other path.
+//!
+//! The same source is compiled twice: for AVX-VNNI's VEX encoding, and for AVX-512 VNNI's EVEX
+//! encoding of the same 256-bit instruction, which a CPU with AVX-512 runs when `CHATHUB_CPU`
+//! caps it to `avxvnni` (how this path is tested on such a machine).
+
+use std::arch::x86_64::*;
+
+use super::{Activations, BlockFormat, BLOCK, GROUP, TILE_ROWS};
+use crate::kernels::prefetch_ahead as prefetch;
+
+/// Rows one 256-bit register holds, one 32-bit lane each.
+const HALF: usize = TILE_ROWS / 2;
+
+/// Token `act`'s four activation bytes of group `group` of block `b`.
+///
+/// # Safety
+/// `act` holds block `b`'s 32 quants and `group < 8`.
+#[inline(always)]
+unsafe fn group_bytes(act: &Activations, b: usize, group: usize) -> i32 {
+    // SAFETY: the caller's contract keeps the 4 bytes inside block `b`.
+    unsafe { (act.quants.as_ptr().add(b * BLOCK + group * GROUP) as *const i32).read_unaligned() }
+}
+
+/// Defines `$q8` (q8_0) and `$q4` (q4_0, or q4_K with `MINIMUMS`) for one encoding of the
+/// 256-bit `vpdpbusd`, `$dpbusd`, under the target features `$features`.
+macro_rules! kernels {
+    ($q8:ident, $q4:ident, $features:literal, $dpbusd:ident, $isa:literal) => {
+        /// q8_0 tile × `T` tokens, eight rows per register, on
+        #[doc = $isa]
+        ///
+        /// # Safety
+        /// The CPU runs the target features this is compiled for; `tile` is whole q8_0 tile
+        /// blocks, and every `acts[t]` holds at least as many blocks (quants, scales, sums).
+        #[target_feature(enable = $features)]
+        pub(in crate::kernels::block_matmul) unsafe fn $q8<const T: usize>(
+            tile: &[u8],
+            acts: [&Activations; T],
+        ) -> [[f32; TILE_ROWS]; T] {
+            let bytes = BlockFormat::Q8_0.tile_block_bytes();
+            let flip = _mm256_set1_epi8(-128);
+            let mut out = [[0f32; TILE_ROWS]; T];
+            for half in 0..2 {
+                let mut acc = [_mm256_setzero_ps(); T];
+                for b in 0..tile.len() / bytes {
+                    // SAFETY: tile block `b` is `bytes` long: eight 64-byte runs of quants
+                    // (this half's rows in bytes `32 * half..` of each), then 16 f16 scales;
+                    // the activations hold block `b` (the caller's contract).
+                    unsafe {
+                        let base = tile.as_ptr().add(b * bytes);
+                        if half == 0 {
+                            prefetch(base, bytes);
+                        }
+                        // Each chain starts at what the flip to `w + 128` adds (-128 times the
+                        // activations' sum), so it ends at the signed dot product.
+                        let mut dots: [__m256i; T] = std::array::from_fn(|t| {
+                            _mm256_set1_epi32(*acts[t].q8_offsets.get_unchecked(b))
+                        });
+                        for g in 0..BLOCK / GROUP {
+                            let w = base.add(g * 64 + half * 32) as *const __m256i;
+                            let w = _mm256_xor_si256(_mm256_loadu_si256(w), flip);
+                            for t in 0..T {
+                                let x = _mm256_set1_epi32(group_bytes(acts[t], b, g));
+                                dots[t] = $dpbusd(dots[t], w, x);
+                            }
+                        }
+                        let scales = base.add(16 * BLOCK + half * 2 * HALF) as *const __m128i;
+                        let scales = _mm256_cvtph_ps(_mm_loadu_si128(scales));
+                        for t in 0..T {
+                            let act = *acts[t].scales.get_unchecked(b);
+                            let s = _mm256_mul_ps(scales, _mm256_set1_ps(act));
+                            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[t]), s, acc[t]);
+                        }
+                    }
+                }
+                for t in 0..T {
+                    // SAFETY: `out[t]` holds 16 floats, 8 from `8 * half`.
+                    unsafe { _mm256_storeu_ps(out[t].as_mut_ptr().add(half * HALF), acc[t]) };
+                }
+            }
+            out
+        }
+
+        /// q4_0 (`MINIMUMS` false) or q4_K (`MINIMUMS` true) tile × `T` tokens, eight rows per
+        /// register, on
+        #[doc = $isa]
+        ///
+        /// # Safety
+        /// The CPU runs the target features this is compiled for; `tile` is whole tile blocks
+        /// of the format, and every `acts[t]` holds at least as many blocks (quants, scales,
+        /// sums).
+        #[target_feature(enable = $features)]
+        pub(in crate::kernels::block_matmul) unsafe fn $q4<const T: usize, const MINIMUMS: bool>(
+            tile: &[u8],
+            acts: [&Activations; T],
+        ) -> [[f32; TILE_ROWS]; T] {
+            let format = if MINIMUMS {
+                BlockFormat::Q4K
+            } else {
+                BlockFormat::Q4_0
+            };
+            let bytes = format.tile_block_bytes();
+            let low = _mm256_set1_epi8(0x0F);
+            let mut out = [[0f32; TILE_ROWS]; T];
+            for half in 0..2 {
+                let mut acc = [_mm256_setzero_ps(); T];
+                for b in 0..tile.len() / bytes {
+                    // SAFETY: tile block `b` is `bytes` long: four 64-byte runs of nibbles
+                    // (this half's rows in bytes `32 * half..` of each), 16 f16 scales, and
+                    // for q4_K 16 f16 minimums; the activations hold block `b` (the caller's
+                    // contract).
+                    unsafe {
+                        let base = tile.as_ptr().add(b * bytes);
+                        if half == 0 {
+                            prefetch(base, bytes);
+                        }
+                        // q4_0's chain starts at what the nibbles' offset adds (-8 times the
+                        // activations' sum), so it ends at the signed dot product.
+                        let mut dots: [__m256i; T] = std::array::from_fn(|t| {
+                            let offset = if MINIMUMS {
+                                0
+                            } else {
+                                *acts[t].q4_offsets.get_unchecked(b)
+                            };
+                            _mm256_set1_epi32(offset)
+                        });
+                        for j in 0..4 {
+                            let packed = base.add(j * 64 + half * 32) as *const __m256i;
+                            let packed = _mm256_loadu_si256(packed);
+                            let lo = _mm256_and_si256(packed, low);
+                            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(packed), low);
+                            for t in 0..T {
+                                let x_lo = _mm256_set1_epi32(group_bytes(acts[t], b, j));
+                                let x_hi = _mm256_set1_epi32(group_bytes(acts[t], b, j + 4));
+                                dots[t] = $dpbusd(dots[t], lo, x_lo);
+                                dots[t] = $dpbusd(dots[t], hi, x_hi);
+                            }
+                        }
+                        let tail = base.add(16 * BLOCK / 2 + half * 2 * HALF);
+                        let scales = _mm256_cvtph_ps(_mm_loadu_si128(tail as *const __m128i));
+                        for t in 0..T {
+                            let act = acts[t];
+                            let s =
+                                _mm256_mul_ps(scales, _mm256_set1_ps(*act.scales.get_unchecked(b)));
+                            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[t]), s, acc[t]);
+                            if MINIMUMS {
+                                let minimums = tail.add(2 * TILE_ROWS) as *const __m128i;
+                                let minimums = _mm256_cvtph_ps(_mm_loadu_si128(minimums));
+                                let sums =
+                                    _mm256_set1_ps(*act.negated_scaled_sums.get_unchecked(b));
+                                acc[t] = _mm256_fmadd_ps(minimums, sums, acc[t]);
+                            }
+                        }
+                    }
+                }
+                for t in 0..T {
+                    // SAFETY: `out[t]` holds 16 floats, 8 from `8 * half`.
+                    unsafe { _mm256_storeu_ps(out[t].as_mut_ptr().add(half * HALF), acc[t]) };
+                }
+            }
+            out
+        }
+    };
+}
+
+kernels!(
+    q8_0_vex,
+    q4_vex,
+    "avx2,fma,f16c,avxvnni",
+    _mm256_dpbusd_avx_epi32,
+    "AVX-VNNI (VEX encoding)."
+);
+kernels!(
+    q8_0_evex,
+    q4_evex,
+    "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+    _mm256_dpbusd_epi32,
+    "AVX-512 VNNI's 256-bit form (EVEX encoding)."
+);
