@@ -723,7 +723,10 @@ fn loading_is_503_and_health_says_so() {
     let health = get(server.address, "/health");
     assert_eq!(health.status, 503);
     assert_eq!(health.json()["status"], "loading");
-    let error = post(server.address, &chat("hi", 2)).error(503);
+    let refused = post(server.address, &chat("hi", 2));
+    // The openai SDKs wait this long before each of their retries.
+    assert_eq!(refused.header("retry-after"), Some("5"));
+    let error = refused.error(503);
     assert_eq!(error["code"], "model_loading");
     let error = post(
         server.address,

@@ -28,6 +28,11 @@ const STREAM_BUFFER: usize = 16;
 /// What `Retry-After` says when the queue is full: a generation slot frees up within seconds.
 const RETRY_AFTER_SECONDS: &str = "1";
 
+/// What `Retry-After` says while the model loads (seconds to minutes): the `openai` SDKs retry a
+/// 503 twice by default, after this long when the header says so (half a second otherwise), so
+/// a client started together with the server waits out a short load instead of failing.
+const RETRY_AFTER_LOADING_SECONDS: &str = "5";
+
 /// The web chat page, compiled in: no CDN, no build step.
 const PAGE: &str = include_str!("page.html");
 
@@ -277,13 +282,20 @@ impl IntoResponse for Json {
 /// Why a request could not be admitted, as OpenAI-shaped errors.
 fn refusal(refusal: Refusal) -> Response {
     match refusal {
-        Refusal::Loading => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the model is still loading",
-        )
-        .kind("server_error")
-        .code("model_loading")
-        .into_response(),
+        Refusal::Loading => {
+            let mut response = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the model is still loading",
+            )
+            .kind("server_error")
+            .code("model_loading")
+            .into_response();
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_LOADING_SECONDS),
+            );
+            response
+        }
         Refusal::Busy => {
             let mut response = ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
