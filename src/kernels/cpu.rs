@@ -112,6 +112,26 @@ pub(crate) fn capped() -> bool {
 
 static DETECTED: LazyLock<Level> = LazyLock::new(detect);
 
+/// Whether the CPU is AMD's (its memory system wants different prefetching: see
+/// `kernels::PREFETCH_AHEAD`).
+pub(crate) fn amd() -> bool {
+    *AMD
+}
+
+static AMD: LazyLock<bool> = LazyLock::new(|| {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let vendor = std::arch::x86_64::__cpuid(0);
+        let bytes: Vec<u8> = [vendor.ebx, vendor.edx, vendor.ecx]
+            .iter()
+            .flat_map(|word| word.to_le_bytes())
+            .collect();
+        bytes == b"AuthenticAMD"
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+});
+
 /// Proof that the CPU runs AVX2, FMA and F16C.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Avx2 {

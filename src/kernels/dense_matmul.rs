@@ -1005,10 +1005,11 @@ mod x86 {
             }
         }
         let column_bytes = stride * std::mem::size_of::<W>();
-        let prefetch = streamed && M <= PREFETCH_MAX_ROWS;
+        let ahead = crate::kernels::panel_prefetch_ahead();
+        let prefetch = streamed && M <= PREFETCH_MAX_ROWS && ahead > 0;
         for k in 0..cols {
             if prefetch {
-                crate::kernels::prefetch_ahead(wp.cast::<u8>(), column_bytes);
+                crate::kernels::prefetch(wp.cast::<u8>().wrapping_add(ahead), column_bytes);
             }
             let mut wv = [_mm512_setzero_ps(); VECTORS];
             for (v, wv) in wv.iter_mut().enumerate() {

@@ -10,6 +10,7 @@ pub(crate) mod dense_matmul;
 pub(crate) mod elementwise;
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::LazyLock;
 
 /// Runs `work` on one of rayon's worker threads, with every other worker kept awake to take
 /// its share of each parallel step, and returns its result.
@@ -61,6 +62,19 @@ const PREFETCH_AHEAD: usize = 4096;
 #[inline(always)]
 pub(crate) fn prefetch_ahead(base: *const u8, bytes: usize) {
     prefetch(base.wrapping_add(PREFETCH_AHEAD), bytes)
+}
+
+/// How far ahead the dense panel kernel's decode-sized products ask for their weights, in
+/// bytes (0: not at all), by the CPU's maker. On the Intel Xeon the kernels were first tuned
+/// on, [`PREFETCH_AHEAD`] took f16 decode from 11.2-12.9 to 13.5-16.0 tokens/s. On an AMD EPYC
+/// (Zen 4), the same prefetches cost f16 decode a quarter of its speed whenever memory ran at
+/// its faster level (785M: 27.9-28.6 tokens/s at 2-4 KiB against 30.8-38.2 with none or 1 KiB,
+/// at 62-66 GB/s) and a little at the slower one, so there the hardware prefetcher works
+/// alone. (The block kernels keep [`PREFETCH_AHEAD`] on both: 4-stream q4_0 decode was faster
+/// with it in two of three same-round pairs on the EPYC.)
+pub(crate) fn panel_prefetch_ahead() -> usize {
+    static AHEAD: LazyLock<usize> = LazyLock::new(|| if cpu::amd() { 0 } else { PREFETCH_AHEAD });
+    *AHEAD
 }
 
 /// Asks for the `bytes` bytes at `at` to be brought into L2 (a no-op off x86-64).
