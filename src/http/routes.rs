@@ -279,37 +279,36 @@ impl IntoResponse for Json {
     }
 }
 
+/// `error` as a response that tells the client to retry after `seconds`.
+fn retry_after(error: ApiError, seconds: &'static str) -> Response {
+    let mut response = error.into_response();
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static(seconds));
+    response
+}
+
 /// Why a request could not be admitted, as OpenAI-shaped errors.
 fn refusal(refusal: Refusal) -> Response {
     match refusal {
-        Refusal::Loading => {
-            let mut response = ApiError::new(
+        Refusal::Loading => retry_after(
+            ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the model is still loading",
             )
             .kind("server_error")
-            .code("model_loading")
-            .into_response();
-            response.headers_mut().insert(
-                header::RETRY_AFTER,
-                HeaderValue::from_static(RETRY_AFTER_LOADING_SECONDS),
-            );
-            response
-        }
-        Refusal::Busy => {
-            let mut response = ApiError::new(
+            .code("model_loading"),
+            RETRY_AFTER_LOADING_SECONDS,
+        ),
+        Refusal::Busy => retry_after(
+            ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "server busy: every generation slot is taken and the queue is full; retry shortly",
             )
             .kind("rate_limit_error")
-            .code("server_busy")
-            .into_response();
-            response.headers_mut().insert(
-                header::RETRY_AFTER,
-                HeaderValue::from_static(RETRY_AFTER_SECONDS),
-            );
-            response
-        }
+            .code("server_busy"),
+            RETRY_AFTER_SECONDS,
+        ),
         Refusal::ShuttingDown => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "the server is shutting down",

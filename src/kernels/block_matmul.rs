@@ -943,10 +943,57 @@ mod x86 {
     /// # Safety
     /// Every `acts[t]` holds block `b`'s 32 quants.
     #[inline(always)]
-    unsafe fn broadcast_group(act: &Activations, b: usize, group: usize) -> i32 {
+    pub(super) unsafe fn broadcast_group(act: &Activations, b: usize, group: usize) -> i32 {
         // SAFETY: the caller guarantees block `b`; `group < 8`, so the 4 bytes are inside it.
         unsafe {
             (act.quants.as_ptr().add(b * BLOCK + group * GROUP) as *const i32).read_unaligned()
+        }
+    }
+
+    /// Adds block `b`'s integer dot products to eight rows of each token's sums: `acc[t] +=
+    /// dots[t] · (scales · act_scale[t])`, one fused multiply-add per lane, the chain every
+    /// path computes (the 256-bit kernels' shared step).
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; every `acts[t]` holds block `b`'s scale.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub(super) unsafe fn add_scaled_block<const T: usize>(
+        acc: &mut [__m256; T],
+        dots: [__m256i; T],
+        scales: __m256,
+        acts: [&Activations; T],
+        b: usize,
+    ) {
+        for t in 0..T {
+            // SAFETY: the caller guarantees block `b`.
+            let act = unsafe { *acts[t].scales.get_unchecked(b) };
+            let s = _mm256_mul_ps(scales, _mm256_set1_ps(act));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[t]), s, acc[t]);
+        }
+    }
+
+    /// q4_K's second multiply-add per block: `acc[t] += minimums · -(act_scale[t] · sum[t])`,
+    /// the eight rows' f16 minimums read at `tail + 32` (past the tile block's scales).
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; `tail + 32` holds eight f16 minimums; every `acts[t]`
+    /// holds block `b`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    pub(super) unsafe fn add_minimums<const T: usize>(
+        acc: &mut [__m256; T],
+        tail: *const u8,
+        acts: [&Activations; T],
+        b: usize,
+    ) {
+        // SAFETY: the caller guarantees the eight minimums at `tail + 32`.
+        let minimums = unsafe { _mm_loadu_si128(tail.add(2 * TILE_ROWS) as *const __m128i) };
+        let minimums = _mm256_cvtph_ps(minimums);
+        for t in 0..T {
+            // SAFETY: the caller guarantees block `b`.
+            let sums = unsafe { *acts[t].negated_scaled_sums.get_unchecked(b) };
+            acc[t] = _mm256_fmadd_ps(minimums, _mm256_set1_ps(sums), acc[t]);
         }
     }
 
@@ -1123,11 +1170,7 @@ mod x86 {
                     }
                     let scales = base.add(16 * BLOCK + half * 16) as *const __m128i;
                     let scales = _mm256_cvtph_ps(_mm_loadu_si128(scales));
-                    for t in 0..T {
-                        let s =
-                            _mm256_mul_ps(scales, _mm256_set1_ps(*acts[t].scales.get_unchecked(b)));
-                        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[t]), s, acc[t]);
-                    }
+                    add_scaled_block(&mut acc, dots, scales, acts, b);
                 }
             }
             for t in 0..T {
@@ -1185,21 +1228,18 @@ mod x86 {
                     }
                     let tail = base.add(16 * BLOCK / 2 + half * 16);
                     let scales = _mm256_cvtph_ps(_mm_loadu_si128(tail as *const __m128i));
-                    for t in 0..T {
-                        let act = acts[t];
-                        let mut dot = _mm256_madd_epi16(pairs[t], ones);
-                        if !MINIMUMS {
-                            let offset = _mm256_set1_epi32(8 * *act.sums.get_unchecked(b));
-                            dot = _mm256_sub_epi32(dot, offset);
-                        }
-                        let s = _mm256_mul_ps(scales, _mm256_set1_ps(*act.scales.get_unchecked(b)));
-                        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[t]);
+                    let dots: [__m256i; T] = std::array::from_fn(|t| {
+                        let dot = _mm256_madd_epi16(pairs[t], ones);
                         if MINIMUMS {
-                            let minimums = tail.add(2 * TILE_ROWS) as *const __m128i;
-                            let minimums = _mm256_cvtph_ps(_mm_loadu_si128(minimums));
-                            let sums = _mm256_set1_ps(*act.negated_scaled_sums.get_unchecked(b));
-                            acc[t] = _mm256_fmadd_ps(minimums, sums, acc[t]);
+                            dot
+                        } else {
+                            let offset = _mm256_set1_epi32(8 * *acts[t].sums.get_unchecked(b));
+                            _mm256_sub_epi32(dot, offset)
                         }
+                    });
+                    add_scaled_block(&mut acc, dots, scales, acts, b);
+                    if MINIMUMS {
+                        add_minimums(&mut acc, tail, acts, b);
                     }
                 }
             }

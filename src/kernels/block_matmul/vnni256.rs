@@ -13,21 +13,12 @@
 
 use std::arch::x86_64::*;
 
+use super::x86::{add_minimums, add_scaled_block, broadcast_group};
 use super::{Activations, BlockFormat, BLOCK, GROUP, TILE_ROWS};
 use crate::kernels::prefetch_ahead as prefetch;
 
 /// Rows one 256-bit register holds, one 32-bit lane each.
 const HALF: usize = TILE_ROWS / 2;
-
-/// Token `act`'s four activation bytes of group `group` of block `b`.
-///
-/// # Safety
-/// `act` holds block `b`'s 32 quants and `group < 8`.
-#[inline(always)]
-unsafe fn group_bytes(act: &Activations, b: usize, group: usize) -> i32 {
-    // SAFETY: the caller's contract keeps the 4 bytes inside block `b`.
-    unsafe { (act.quants.as_ptr().add(b * BLOCK + group * GROUP) as *const i32).read_unaligned() }
-}
 
 /// Defines `$q8` (q8_0) and `$q4` (q4_0, or q4_K with `MINIMUMS`) for one encoding of the
 /// 256-bit `vpdpbusd`, `$dpbusd`, under the target features `$features`.
@@ -67,17 +58,13 @@ macro_rules! kernels {
                             let w = base.add(g * 64 + half * 32) as *const __m256i;
                             let w = _mm256_xor_si256(_mm256_loadu_si256(w), flip);
                             for t in 0..T {
-                                let x = _mm256_set1_epi32(group_bytes(acts[t], b, g));
+                                let x = _mm256_set1_epi32(broadcast_group(acts[t], b, g));
                                 dots[t] = $dpbusd(dots[t], w, x);
                             }
                         }
                         let scales = base.add(16 * BLOCK + half * 2 * HALF) as *const __m128i;
                         let scales = _mm256_cvtph_ps(_mm_loadu_si128(scales));
-                        for t in 0..T {
-                            let act = *acts[t].scales.get_unchecked(b);
-                            let s = _mm256_mul_ps(scales, _mm256_set1_ps(act));
-                            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[t]), s, acc[t]);
-                        }
+                        add_scaled_block(&mut acc, dots, scales, acts, b);
                     }
                 }
                 for t in 0..T {
@@ -137,26 +124,17 @@ macro_rules! kernels {
                             let lo = _mm256_and_si256(packed, low);
                             let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(packed), low);
                             for t in 0..T {
-                                let x_lo = _mm256_set1_epi32(group_bytes(acts[t], b, j));
-                                let x_hi = _mm256_set1_epi32(group_bytes(acts[t], b, j + 4));
+                                let x_lo = _mm256_set1_epi32(broadcast_group(acts[t], b, j));
+                                let x_hi = _mm256_set1_epi32(broadcast_group(acts[t], b, j + 4));
                                 dots[t] = $dpbusd(dots[t], lo, x_lo);
                                 dots[t] = $dpbusd(dots[t], hi, x_hi);
                             }
                         }
                         let tail = base.add(16 * BLOCK / 2 + half * 2 * HALF);
                         let scales = _mm256_cvtph_ps(_mm_loadu_si128(tail as *const __m128i));
-                        for t in 0..T {
-                            let act = acts[t];
-                            let s =
-                                _mm256_mul_ps(scales, _mm256_set1_ps(*act.scales.get_unchecked(b)));
-                            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[t]), s, acc[t]);
-                            if MINIMUMS {
-                                let minimums = tail.add(2 * TILE_ROWS) as *const __m128i;
-                                let minimums = _mm256_cvtph_ps(_mm_loadu_si128(minimums));
-                                let sums =
-                                    _mm256_set1_ps(*act.negated_scaled_sums.get_unchecked(b));
-                                acc[t] = _mm256_fmadd_ps(minimums, sums, acc[t]);
-                            }
+                        add_scaled_block(&mut acc, dots, scales, acts, b);
+                        if MINIMUMS {
+                            add_minimums(&mut acc, tail, acts, b);
                         }
                     }
                 }
