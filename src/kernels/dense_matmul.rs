@@ -14,10 +14,11 @@
 //! Every output is one chain of fused multiply-adds over `k` in order, whatever the number of
 //! rows in the product: a token's outputs are the same bits whether it came in a prompt chunk or
 //! alone, so a prefix cache filled either way holds identical values. f16 and bf16 weights are
-//! widened in registers for a decode step; a prompt's product widens each block of 128 panel
-//! columns once into an f32 copy in L1 that all its groups of rows share, and fetches the next
-//! block meanwhile (785M f16 prefill, same-round medians: 125 → 142 tokens/s at 32 tokens,
-//! 166 → 193 at 512).
+//! widened in registers for a decode step; on Intel CPUs a prompt's product widens each block of
+//! 128 panel columns once into an f32 copy in L1 that all its groups of rows share, and fetches
+//! the next block meanwhile (785M f16 prefill, same-round medians on a Xeon: 125 → 142 tokens/s
+//! at 32 tokens, 166 → 193 at 512); AMD's cores convert beside their multiply-adds, so there
+//! prompts widen in registers too (see `widen_blocks_first`).
 //!
 //! CPUs without AVX-512 (most laptops) run the same panels with 8-lane vectors: the same chains,
 //! so the same bits (tested). On the development VM, forced onto that path, f32 decode stayed at
@@ -155,14 +156,17 @@ impl PanelMatrix {
     /// When [`available`] is false or the slices do not have those sizes.
     pub(crate) fn matmul(&self, x: &[f32], out: &mut [f32]) {
         let path = KernelPath::detect().expect("a panel kernel runs on this CPU");
-        self.matmul_on(path, x, out)
+        self.matmul_on(path, widen_blocks_first(), x, out)
     }
 
-    fn matmul_on(&self, path: KernelPath, x: &[f32], out: &mut [f32]) {
+    /// With `widen_blocks`, prompt-sized products of 16-bit weights on the AVX-512 path widen
+    /// blocks into scratch first (see [`widen_blocks_first`]).
+    fn matmul_on(&self, path: KernelPath, widen_blocks: bool, x: &[f32], out: &mut [f32]) {
+        let (rows, cols) = (self.rows, self.cols);
         match &self.data {
-            DenseRows::F32(w) => matmul(path, w, self.rows, self.cols, x, out),
-            DenseRows::F16(w) => matmul(path, w, self.rows, self.cols, x, out),
-            DenseRows::BF16(w) => matmul(path, w, self.rows, self.cols, x, out),
+            DenseRows::F32(w) => matmul(path, widen_blocks, w, rows, cols, x, out),
+            DenseRows::F16(w) => matmul(path, widen_blocks, w, rows, cols, x, out),
+            DenseRows::BF16(w) => matmul(path, widen_blocks, w, rows, cols, x, out),
         }
     }
 }
@@ -445,6 +449,7 @@ mod loads {
 /// `out = x W^T` over the panels of `w` (`rows x cols`), panels shared out across rayon's pool.
 fn matmul<W: DenseWeight>(
     path: KernelPath,
+    widen_blocks: bool,
     w: &[W],
     rows: usize,
     cols: usize,
@@ -461,7 +466,8 @@ fn matmul<W: DenseWeight>(
     // Each task writes all tokens' outputs for its own panels' rows: in the token-major output
     // those are `tokens` runs, disjoint from every other task's.
     let out_ptr = SharedOut(out.as_mut_ptr());
-    let widen = W::NARROW && tokens > TILE_TOKENS && matches!(path, KernelPath::Avx512(_));
+    let widen =
+        W::NARROW && tokens > TILE_TOKENS && matches!(path, KernelPath::Avx512(_)) && widen_blocks;
     (0..panels)
         .into_par_iter()
         .step_by(panels_per_task)
@@ -656,6 +662,18 @@ unsafe fn avx512_tile<W: DenseWeight>(
         };
     }
     dispatch!(1, 2, 3, 4, 5, 6)
+}
+
+/// Whether prompt-sized products of 16-bit weights widen blocks of them into f32 scratch first
+/// ([`widened_panel`]) rather than in registers at every pass of a group of rows. On Intel
+/// cores the conversions are two uops on the ports the fused multiply-adds need, and widening
+/// once paid (785M f16 prefill, Xeon: 125 -> 142 tokens/s at 32 tokens). AMD's Zen 4 runs them
+/// beside its multiply-adds, and there the extra pass over the weights was the loss (EPYC,
+/// same-binary pairs: f16 at 32 tokens 140-144 widened against 172-175 in registers, at 512
+/// 179-180 against 190; bf16 the same).
+fn widen_blocks_first() -> bool {
+    static WIDEN: LazyLock<bool> = LazyLock::new(|| !cpu::amd());
+    *WIDEN
 }
 
 /// Columns of a panel widened to f32 at a time: 64 rows of them fill 32 KiB, which stays in
@@ -1125,9 +1143,13 @@ mod tests {
         out
     }
 
-    fn product_on(path: KernelPath, m: &PanelMatrix, x: &[f32]) -> Vec<f32> {
+    fn product_on(
+        (path, widen_blocks): (KernelPath, bool),
+        m: &PanelMatrix,
+        x: &[f32],
+    ) -> Vec<f32> {
         let mut out = vec![f32::NAN; x.len() / m.cols * m.rows];
-        m.matmul_on(path, x, &mut out);
+        m.matmul_on(path, widen_blocks, x, &mut out);
         out
     }
 
@@ -1148,12 +1170,17 @@ mod tests {
         ]
     }
 
-    /// Every kernel path this process may run (an AVX-512 CPU runs all three).
-    fn paths() -> Vec<KernelPath> {
+    /// Every kernel path this process may run (an AVX-512 CPU runs all three, and the AVX-512
+    /// one both ways of widening 16-bit weights, whichever maker's CPU this is), each with
+    /// whether it widens blocks first.
+    fn paths() -> Vec<(KernelPath, bool)> {
         let mut paths = Vec::new();
-        paths.extend(cpu::avx512().map(KernelPath::Avx512));
-        paths.extend(cpu::avx2().map(KernelPath::Avx2));
-        paths.push(KernelPath::Portable);
+        if let Some(avx512) = cpu::avx512() {
+            paths.push((KernelPath::Avx512(avx512), true));
+            paths.push((KernelPath::Avx512(avx512), false));
+        }
+        paths.extend(cpu::avx2().map(|avx2| (KernelPath::Avx2(avx2), false)));
+        paths.push((KernelPath::Portable, false));
         paths
     }
 
@@ -1219,8 +1246,8 @@ mod tests {
         }
         let (rows, cols) = (150, 2100);
         let w = values(rows * cols, 1.3);
-        // 16-bit weights too: a prompt's product widens them into f32 blocks first, a decode
-        // step's widens them in registers.
+        // 16-bit weights too: a prompt's product may widen them into f32 blocks first, a
+        // decode step's widens them in registers.
         let matrices = every_weight_type(&w, rows, cols);
         for (w, path) in matrices
             .iter()
