@@ -1026,6 +1026,7 @@ mod x86 {
         acts: [&Activations; T],
     ) -> [[f32; TILE_ROWS]; T] {
         let bytes = BlockFormat::Q8_0.tile_block_bytes();
+        let ahead = crate::kernels::block_prefetch_ahead(T);
         let flip = _mm512_set1_epi8(-128);
         let mut acc = [_mm512_setzero_ps(); T];
         for b in 0..tile.len() / bytes {
@@ -1033,7 +1034,7 @@ mod x86 {
             // scales; the activations hold block `b` (the caller's contract).
             unsafe {
                 let base = tile.as_ptr().add(b * bytes);
-                prefetch(base, bytes);
+                prefetch(base, ahead, bytes);
                 // Each token's chain starts at what the flip adds (128 times the activations'
                 // sum), so it ends at the signed dot product.
                 let mut dots: [__m512i; T] = std::array::from_fn(|t| {
@@ -1080,6 +1081,7 @@ mod x86 {
             BlockFormat::Q4_0
         };
         let bytes = format.tile_block_bytes();
+        let ahead = crate::kernels::block_prefetch_ahead(T);
         let low = _mm512_set1_epi8(0x0F);
         let mut acc = [_mm512_setzero_ps(); T];
         for b in 0..tile.len() / bytes {
@@ -1088,7 +1090,7 @@ mod x86 {
             // caller's contract).
             unsafe {
                 let base = tile.as_ptr().add(b * bytes);
-                prefetch(base, bytes);
+                prefetch(base, ahead, bytes);
                 // Each token's chain starts at what the nibbles' offset adds (q4_0's 8 times the
                 // activations' sum), so it ends at the signed dot product.
                 let mut dots: [__m512i; T] = std::array::from_fn(|t| {
@@ -1145,6 +1147,7 @@ mod x86 {
         acts: [&Activations; T],
     ) -> [[f32; TILE_ROWS]; T] {
         let bytes = BlockFormat::Q8_0.tile_block_bytes();
+        let ahead = crate::kernels::block_prefetch_ahead(T);
         let ones = _mm256_set1_epi16(1);
         let mut out = [[0f32; TILE_ROWS]; T];
         for half in 0..2 {
@@ -1156,7 +1159,7 @@ mod x86 {
                 unsafe {
                     let base = tile.as_ptr().add(b * bytes);
                     if half == 0 {
-                        prefetch(base, bytes);
+                        prefetch(base, ahead, bytes);
                     }
                     let mut dots = [_mm256_setzero_si256(); T];
                     for g in 0..BLOCK / GROUP {
@@ -1198,6 +1201,7 @@ mod x86 {
             BlockFormat::Q4_0
         };
         let bytes = format.tile_block_bytes();
+        let ahead = crate::kernels::block_prefetch_ahead(T);
         let low = _mm256_set1_epi8(0x0F);
         let ones = _mm256_set1_epi16(1);
         let mut out = [[0f32; TILE_ROWS]; T];
@@ -1210,7 +1214,7 @@ mod x86 {
                 unsafe {
                     let base = tile.as_ptr().add(b * bytes);
                     if half == 0 {
-                        prefetch(base, bytes);
+                        prefetch(base, ahead, bytes);
                     }
                     // Eight products of at most 15 * 127 * 2 fit 16 bits: one widening per block.
                     let mut pairs = [_mm256_setzero_si256(); T];

@@ -54,14 +54,40 @@ impl Drop for SetOnDrop<'_> {
 /// How far ahead of the weights being multiplied the streaming kernels ask for them.
 const PREFETCH_AHEAD: usize = 4096;
 
-/// Asks for the `bytes` bytes [`PREFETCH_AHEAD`] past `base` to be brought into L2 (a no-op
-/// off x86-64). Decode streams the weights once and is bound by how many reads are in flight,
-/// which the hardware prefetcher alone keeps too few of. Into L2, whose queue holds more misses
-/// than L1's fill buffers, and 4 KiB ahead rather than 2, because a batched step spends longer
-/// on each block (4-stream q4_0 decode 112-144 → 125-148 tokens/s in all, same-round pairs).
+/// How far ahead a single row's pass over quantized blocks asks for them on AMD CPUs (see
+/// [`block_prefetch_ahead`]).
+const SINGLE_ROW_AHEAD_AMD: usize = 1024;
+
+/// How far ahead of the block being multiplied the quantized kernels ask for the weights, in a
+/// pass of `tokens` activation rows. Decode streams the weights once and is bound by how many
+/// reads are in flight, which the hardware prefetcher alone keeps too few of; the hints go into
+/// L2, whose queue holds more misses than L1's fill buffers. [`PREFETCH_AHEAD`] (4 KiB rather
+/// than 2) because a batched step spends longer on each block (4-stream q4_0 decode 112-144 →
+/// 125-148 tokens/s in all on the Xeon; 171-184 with 0-1 KiB against 227-233 on the EPYC). A
+/// single row on an AMD EPYC (Zen 4) ran faster with hints only [`SINGLE_ROW_AHEAD_AMD`] ahead
+/// (785M q4_0 decode, alternating runs: 90.8-95.6 tokens/s against 82.6-83.6 at 4 KiB with
+/// memory at 68 GB/s, 75.5-76.5 against 72.0-74.9 at 38 GB/s).
+pub(crate) fn block_prefetch_ahead(tokens: usize) -> usize {
+    static SINGLE_ROW: LazyLock<usize> = LazyLock::new(|| {
+        if cpu::amd() {
+            SINGLE_ROW_AHEAD_AMD
+        } else {
+            PREFETCH_AHEAD
+        }
+    });
+    if tokens == 1 {
+        *SINGLE_ROW
+    } else {
+        PREFETCH_AHEAD
+    }
+}
+
+/// Asks for the `bytes` bytes `ahead` bytes past `base` to be brought into L2 (a no-op off
+/// x86-64): the quantized kernels' hint for the weights they reach next, `ahead` from
+/// [`block_prefetch_ahead`].
 #[inline(always)]
-pub(crate) fn prefetch_ahead(base: *const u8, bytes: usize) {
-    prefetch(base.wrapping_add(PREFETCH_AHEAD), bytes)
+pub(crate) fn prefetch_ahead(base: *const u8, ahead: usize, bytes: usize) {
+    prefetch(base.wrapping_add(ahead), bytes)
 }
 
 /// How far ahead the dense panel kernel's decode-sized products ask for their weights, in
@@ -70,8 +96,7 @@ pub(crate) fn prefetch_ahead(base: *const u8, bytes: usize) {
 /// (Zen 4), the same prefetches cost f16 decode a quarter of its speed whenever memory ran at
 /// its faster level (785M: 27.9-28.6 tokens/s at 2-4 KiB against 30.8-38.2 with none or 1 KiB,
 /// at 62-66 GB/s) and a little at the slower one, so there the hardware prefetcher works
-/// alone. (The block kernels keep [`PREFETCH_AHEAD`] on both: 4-stream q4_0 decode was faster
-/// with it in two of three same-round pairs on the EPYC.)
+/// alone. (The block kernels have their own rule: [`block_prefetch_ahead`].)
 pub(crate) fn panel_prefetch_ahead() -> usize {
     static AHEAD: LazyLock<usize> = LazyLock::new(|| if cpu::amd() { 0 } else { PREFETCH_AHEAD });
     *AHEAD

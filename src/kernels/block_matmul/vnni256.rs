@@ -36,6 +36,7 @@ macro_rules! kernels {
             acts: [&Activations; T],
         ) -> [[f32; TILE_ROWS]; T] {
             let bytes = BlockFormat::Q8_0.tile_block_bytes();
+            let ahead = crate::kernels::block_prefetch_ahead(T);
             let flip = _mm256_set1_epi8(-128);
             let mut out = [[0f32; TILE_ROWS]; T];
             for half in 0..2 {
@@ -47,7 +48,7 @@ macro_rules! kernels {
                     unsafe {
                         let base = tile.as_ptr().add(b * bytes);
                         if half == 0 {
-                            prefetch(base, bytes);
+                            prefetch(base, ahead, bytes);
                         }
                         // Each chain starts at what the flip to `w + 128` adds (-128 times the
                         // activations' sum), so it ends at the signed dot product.
@@ -94,6 +95,7 @@ macro_rules! kernels {
                 BlockFormat::Q4_0
             };
             let bytes = format.tile_block_bytes();
+            let ahead = crate::kernels::block_prefetch_ahead(T);
             let low = _mm256_set1_epi8(0x0F);
             let mut out = [[0f32; TILE_ROWS]; T];
             for half in 0..2 {
@@ -106,7 +108,7 @@ macro_rules! kernels {
                     unsafe {
                         let base = tile.as_ptr().add(b * bytes);
                         if half == 0 {
-                            prefetch(base, bytes);
+                            prefetch(base, ahead, bytes);
                         }
                         // q4_0's chain starts at what the nibbles' offset adds (-8 times the
                         // activations' sum), so it ends at the signed dot product.
