@@ -449,9 +449,9 @@ fn unpack_q4k(block: &[u8], quants: &mut [u8], scales: &mut [f16], minimums: &mu
 /// llama.cpp's own files hold the output layer in (its q4_0, q4_K_M and q5_K_M files alike) and
 /// half of the value and down projections of q4_K_M: through candle's kernels those layers took
 /// a fifth of a decode step (785M, llama.cpp's q4_0 file: 68 tokens/s against 86-96 with q8_0
-/// there). q8_0's steps are a fourth of q6_K's or finer (a block's 32 weights share a scale
-/// of at most 32 of q6_K's sub-block steps over 127), so the rounding it adds is small beside
-/// what q6_K already holds, for 30% more bytes. Formats of fewer bits stay with candle's
+/// there). A q8_0 block's step is its largest weight over 127, and q6_K's weights are at most
+/// 32 of their sub-block's steps: q8_0 rounds to a fourth of the coarser of the block's two
+/// q6_K steps or finer, small beside what q6_K already holds, for 30% more bytes. Formats of fewer bits stay with candle's
 /// kernels: to q8_0 they would grow by more than half.
 const REQUANTIZED_TO_Q8_0: [GgmlDType; 1] = [GgmlDType::Q6K];
 
