@@ -19,8 +19,8 @@
 //! multiply-add; its 6-bit scales and minimums are expanded at load to one f16 pair per block of
 //! 32, and the super-block headers are kept aside so the original bytes can be written back.
 //!
-//! llama.cpp's files hold some layers in q6_K (the output layer of its q4_0, q4_K_M and q5_K_M
-//! files): those are requantized to q8_0 at load (see [`REQUANTIZED_TO_Q8_0`]).
+//! Other ggml block formats of five bits or more (llama.cpp's q6_K output layers, its q5_K_M
+//! files) are requantized to q8_0 at load (see [`requantized_format`]).
 //!
 //! Every path (AVX-512 VNNI, 256-bit VNNI for AVX-VNNI CPUs, AVX2 `vpmaddubsw`, portable Rust)
 //! computes each output as the same integer sums followed by the same chain of fused
@@ -382,10 +382,11 @@ fn repack_tile(
     }
 }
 
-/// `rows x cols` weights of `dtype` in ggml's layout, as q8_0 bytes in bands of whole rows
-/// (requantized on every core).
-fn requantize_to_q8_0(
+/// `rows x cols` weights of `dtype` in ggml's layout, as `target` bytes in bands of whole
+/// rows (requantized on every core).
+fn requantize(
     dtype: GgmlDType,
+    target: GgmlDType,
     rows: usize,
     cols: usize,
     data: &[u8],
@@ -409,7 +410,7 @@ fn requantize_to_q8_0(
                 &Device::Cpu,
             )?;
             let weights = blocks.dequantize(&Device::Cpu)?;
-            QTensor::quantize(&weights, GgmlDType::Q8_0)?
+            QTensor::quantize(&weights, target)?
                 .data()
                 .map(|d| d.into_owned())
         })
@@ -445,29 +446,45 @@ fn unpack_q4k(block: &[u8], quants: &mut [u8], scales: &mut [f16], minimums: &mu
     }
 }
 
-/// ggml formats these kernels take by requantizing them to q8_0 at load. q6_K is what
-/// llama.cpp's own files hold the output layer in (its q4_0, q4_K_M and q5_K_M files alike) and
-/// half of the value and down projections of q4_K_M: through candle's kernels those layers took
-/// a fifth of a decode step (785M, llama.cpp's q4_0 file: 68 tokens/s against 86-96 with q8_0
-/// there). A q8_0 block's step is its largest weight over 127, and q6_K's weights are at most
-/// 32 of their sub-block's steps: q8_0 rounds to a fourth of the coarser of the block's two
-/// q6_K steps or finer, small beside what q6_K already holds, for 30% more bytes. Formats of fewer bits stay with candle's
-/// kernels: to q8_0 they would grow by more than half.
-const REQUANTIZED_TO_Q8_0: [GgmlDType; 1] = [GgmlDType::Q6K];
+/// The format these kernels run a ggml format they do not run as stored in, requantized at
+/// load; `None` for the ones they run as stored (and the dense ones, which are not blocks).
+///
+/// llama.cpp's own files hold such formats: q6_K for the output layer of its q4_0, q4_K_M and
+/// q5_K_M files and for half of q4_K_M's value and down projections, q5_K and q5_0/q5_1 for
+/// most of q5_K_M and q5_0/q5_1. candle's kernels, which ran them before, were slow (785M bench
+/// model: llama.cpp's q5_K_M file decoded at 11.7 tokens/s against llama.cpp's 48, its prompts
+/// at 17 against 216; in its q4_0 file the q6_K output layer alone took a fifth of each step).
+///
+/// Formats of five bits or more become q8_0, 255 levels per block of 32 against their 16 to 64
+/// (for q6_K, whose weights are at most 32 of their sub-block's steps, q8_0's step is a fourth
+/// of the coarser one's or finer; formats with a minimum get as close where a block's weights
+/// straddle zero, as trained weights do), for 30% (q6_K) to 70% (q4_1) more bytes.
+///
+/// q3_K and q2_K (llama.cpp's smallest files) stay with candle's kernels: q8_0 would triple
+/// them, and q4_K is no way out, since candle's q4_K quantizer turns a block of 32 equal
+/// weights into zeros, and their few levels make such blocks common.
+fn requantized_format(dtype: GgmlDType) -> Option<GgmlDType> {
+    match dtype {
+        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q5K | GgmlDType::Q6K => {
+            Some(GgmlDType::Q8_0)
+        }
+        _ => None,
+    }
+}
 
 /// Rows requantized at a time: a band's f32 copy stays a few MiB.
 const REQUANTIZE_BAND_WEIGHTS: usize = 1 << 20;
 
 impl BlockMatrix {
-    /// Takes the blocks of a CPU `QTensor` in a format these kernels run, requantizing
-    /// [`REQUANTIZED_TO_Q8_0`]'s formats to q8_0; `None` for others.
+    /// Takes the blocks of a CPU `QTensor` in a format these kernels run, requantizing the
+    /// others that are blocks (see [`requantized_format`]); `None` for dense ones.
     pub(crate) fn from_qtensor(qtensor: &QTensor) -> candle_core::Result<Option<Self>> {
         let (rows, cols) = qtensor.shape().dims2()?;
         let data = qtensor.data()?;
         let dtype = qtensor.dtype();
-        if REQUANTIZED_TO_Q8_0.contains(&dtype) && cols.is_multiple_of(BLOCK) {
-            let parts = requantize_to_q8_0(dtype, rows, cols, &data)?;
-            return Self::from_ggml_bytes(GgmlDType::Q8_0, rows, cols, parts);
+        if let Some(target) = requantized_format(dtype) {
+            let parts = requantize(dtype, target, rows, cols, &data)?;
+            return Self::from_ggml_bytes(target, rows, cols, parts);
         }
         Self::from_ggml_bytes(dtype, rows, cols, [&data[..]])
     }
@@ -1419,6 +1436,47 @@ mod tests {
                     }
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// The block formats these kernels do not run as stored are taken in the one
+    /// `requantized_format` names, and the product stays within the activations' rounding of
+    /// the one with the weights as stored.
+    #[test]
+    fn other_block_formats_are_requantized() -> candle_core::Result<()> {
+        let formats = [
+            (GgmlDType::Q4_1, GgmlDType::Q8_0),
+            (GgmlDType::Q5_0, GgmlDType::Q8_0),
+            (GgmlDType::Q5_1, GgmlDType::Q8_0),
+            (GgmlDType::Q5K, GgmlDType::Q8_0),
+            (GgmlDType::Q6K, GgmlDType::Q8_0),
+        ];
+        for (source, target) in formats {
+            let (rows, cols) = (40, 512);
+            let q = QTensor::quantize(&matrix(rows, cols, 1.1)?, source)?;
+            let stored = q.dequantize(&Device::Cpu)?;
+            let blocks = BlockMatrix::from_qtensor(&q)?.expect("taken after requantizing");
+            assert_eq!(blocks.ggml_dtype(), target, "{source:?}");
+            let x = matrix(3, cols, 0.7)?;
+            let expected = x.matmul(&stored.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+            let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let mut out = vec![0f32; 3 * rows];
+            blocks.matmul_on(
+                KernelPath::detect(),
+                &x.flatten_all()?.to_vec1::<f32>()?,
+                &mut out,
+            );
+            for (got, want) in out.iter().zip(&expected) {
+                assert!(
+                    (got - want).abs() <= 0.03 * scale,
+                    "{source:?}: {got} vs {want}"
+                );
+            }
+        }
+        for kept in [GgmlDType::Q3K, GgmlDType::Q2K] {
+            let q = QTensor::quantize(&matrix(4, 256, 1.1)?, kept)?;
+            assert!(BlockMatrix::from_qtensor(&q)?.is_none(), "{kept:?}");
         }
         Ok(())
     }
