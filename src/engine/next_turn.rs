@@ -1,6 +1,6 @@
 //! Prefilling a finished reply as the next turn's prompt will spell it, while the user reads it.
 //!
-//! A reply leaves its key/value cache behind (see [`crate::prefix_cache`]), but that cache holds
+//! A reply leaves its key/value cache behind (see [`super::prefix_cache`]), but that cache holds
 //! the tokens the model sampled. The next turn's prompt carries the reply back as text, and the
 //! prompt builder encodes it afresh: the two token sequences part ways early in the reply (for
 //! a random model at its first token), so the reply would run through the model again before

@@ -860,7 +860,7 @@ mod avx2 {
     /// weight vectors fill the 16 registers).
     ///
     /// # Safety
-    /// As [`column`]'s, with `cols > 0`, `M` rows of `cols` in `x` (at least `M * cols`
+    /// As [`column()`]'s, with `cols > 0`, `M` rows of `cols` in `x` (at least `M * cols`
     /// elements, read unchecked) and room for `M` runs of 64 values `out_stride` apart.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn tile<W: DenseWeight, const M: usize>(

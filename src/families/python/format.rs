@@ -6,8 +6,8 @@
 //! * [`json_dumps`] reproduces `json.dumps(value, indent=..., ensure_ascii=..., sort_keys=...,
 //!   separators=...)`. ChatGLM3 renders tools as `content + "\n" + json.dumps(tools, indent=4,
 //!   ensure_ascii=False)`, and transformers' chat-template `tojson` filter is `json.dumps` too
-//!   (see [`crate::template`]).
-//! * [`python_repr`] reproduces `repr(json.loads(text))`: Python literals with Python's quoting
+//!   (see [`crate::families::template`]).
+//! * `python_repr` reproduces `repr(json.loads(text))`: Python literals with Python's quoting
 //!   and escaping of strings, `True`/`False`/`None`, and floats as `repr(float)` prints them.
 //! * [`python_tool_call`] writes a past tool call the way ChatGLM3 puts it back into a prompt:
 //!   ```` ```python\ntool_call(a=2, b='x')\n``` ````.
@@ -204,7 +204,7 @@ fn write_json_str(out: &mut String, s: &str, ensure_ascii: bool) {
 /// the decimal exponent is below -4 or at least 16): `1.0`, `0.0001`, `1e-05`, `1e+16`,
 /// `1.5e-07`, `-0.0`, `inf`, `nan`.
 ///
-/// Needed wherever Python would print a float: [`json_dumps`], [`python_repr`], and values
+/// Needed wherever Python would print a float: [`json_dumps`], `python_repr`, and values
 /// printed by chat templates.
 pub fn python_float_repr(f: f64) -> String {
     if f.is_nan() {
@@ -353,7 +353,7 @@ fn write_repr(out: &mut String, value: &Value) {
 
 /// Formats a past tool call the way ChatGLM3 expects it in an assistant turn:
 /// ```` ```python\ntool_call(a=2, b='x')\n``` ```` (arguments in map order, values as
-/// [`python_repr`]).
+/// `python_repr`).
 ///
 /// ChatGLM3's OpenAI-compatible demo turns an OpenAI `tool_calls` entry into this text (with
 /// the function name as the message's `metadata`), so replaying history needs the same bytes.

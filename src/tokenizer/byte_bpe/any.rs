@@ -48,7 +48,7 @@ impl Glm4Tokenizer {
         }
     }
 
-    /// Like [`from_bytes`](Self::from_bytes), with a tiktoken file's special tokens named by
+    /// Like `from_bytes`, with a tiktoken file's special tokens named by
     /// `specials` (in id order after the ranks; GLM-4's own list when empty).
     pub fn from_bytes_with_specials(
         data: &[u8],
@@ -110,7 +110,7 @@ impl Glm4Tokenizer {
         }
     }
 
-    /// A streaming decoder matching [`decode`](Self::decode).
+    /// A streaming decoder matching `decode`.
     pub fn stream_decoder(&self) -> StreamDecoder<'_> {
         StreamDecoder::new(self, self.spacing())
     }

@@ -10,7 +10,7 @@
 //!
 //! [`StreamDecoder`] produces the same text incrementally, holding back only the bytes of a
 //! character that is still incomplete, so every delta is valid UTF-8 and the concatenated
-//! deltas equal [`decode`].
+//! deltas equal `decode`.
 
 use super::error::TokenizerError;
 

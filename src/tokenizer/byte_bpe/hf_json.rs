@@ -10,9 +10,9 @@
 //! plain) and never prepends the -hf template's `[gMASK]<sop>`.
 //!
 //! Decoding does not use the crate: each vocabulary token is mapped back to raw bytes through
-//! GPT-2's byte table ([`super::bytelevel`]), so [`token_bytes`](HfJsonTokenizer::token_bytes)
+//! GPT-2's byte table ([`super::bytelevel`]), so `token_bytes`
 //! and the shared decoder work as for tiktoken, with the fast tokenizer's
-//! [`Spacing::Joined`] convention.
+//! [`Spacing::Joined`](super::decode::Spacing::Joined) convention.
 //!
 //! Pre-tokenization: when the file's normalizer is null and its pre-tokenizer is exactly GLM-4's
 //! (`Split` on [`GLM4_PATTERN`], `Isolated`, then `ByteLevel` without regex or prefix space), the
@@ -253,9 +253,9 @@ impl HfJsonTokenizer {
         Ok(out)
     }
 
-    /// Like [`encode`](Self::encode), but added-token text overlapping a `protected` byte range
+    /// Like `encode`, but added-token text overlapping a `protected` byte range
     /// stays ordinary text; text between recognised specials is encoded as one unit, so ids
-    /// equal [`encode`](Self::encode) whenever no special-token text overlaps a protected range.
+    /// equal `encode` whenever no special-token text overlaps a protected range.
     pub fn encode_protected(
         &self,
         text: &str,

@@ -4,7 +4,7 @@
 //! `0..n` (GLM-4: ranks 0..255 are the single bytes). The special tokens are not in the file:
 //! they get ids `n + i` in the order of [`GLM4_SPECIAL_TOKENS`](super::specials::GLM4_SPECIAL_TOKENS).
 //! Encoding is [`pretokenize`](super::pretokenize) + tiktoken BPE ([`super::bpe`]); decoding
-//! uses the slow tokenizer's [`Spacing::Spaced`] convention.
+//! uses the slow tokenizer's [`Spacing::Spaced`](super::decode::Spacing::Spaced) convention.
 //!
 //! Loading is strict where tiktoken's Python loader is lenient or would panic later: bad
 //! base64, missing or extra fields, duplicate ranks or token bytes, rank gaps, a missing single
@@ -242,9 +242,9 @@ impl TiktokenTokenizer {
         out
     }
 
-    /// Like [`encode`](Self::encode), but special-token text overlapping a `protected` byte
+    /// Like `encode`, but special-token text overlapping a `protected` byte
     /// range stays ordinary text (e.g. user content inside a rendered chat template). Text
-    /// between recognised specials is encoded as one unit, so ids equal [`encode`](Self::encode)
+    /// between recognised specials is encoded as one unit, so ids equal `encode`
     /// whenever no special-token text overlaps a protected range.
     pub fn encode_protected(&self, text: &str, protected: &[Range<usize>]) -> Vec<u32> {
         let mut out = Vec::new();

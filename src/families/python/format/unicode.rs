@@ -3,7 +3,7 @@
 //! Generated with Python 3.11.7: every maximal run of `c >= 0x80` with
 //! `not chr(c).isprintable()`, i.e. general categories Cc, Cf, Cs, Co, Cn, Zl, Zp and Zs.
 //! `repr()` escapes exactly these characters, so [`is_printable`] decides when
-//! [`python_repr`](super::python_repr) writes `\xNN`, `\uNNNN` or `\UNNNNNNNN`.
+//! `python_repr` writes `\xNN`, `\uNNNN` or `\UNNNNNNNN`.
 //! A newer Python (newer Unicode) assigns a few more characters; regenerate if that matters.
 
 /// Inclusive code point ranges, sorted and disjoint.
