@@ -6,7 +6,10 @@ machine's memory bandwidth (each chathub run reports the bandwidth its probe mea
     python run_llamacpp.py --chathub PATH/TO/chathub --llama-bench PATH/TO/llama-bench \
         --gguf-dir DIR [--model /tmp/chathub-bench-785m-v2] [--rounds 3] [--modes f16,q8_0,q4_0]
 
-DIR holds `bench-f16.gguf`, `bench-q8_0.gguf`, `bench-q4_0.gguf` (see README.md here). Prints
+DIR holds `bench-MODE.gguf` for each mode (see README.md here). A mode with `+q8out` (e.g.
+`q4_0+q8out`) runs chathub as the plain mode and llama.cpp on `bench-q4_0+q8out.gguf`, its file
+with the output layer in q8_0 as chathub keeps it (`llama-quantize --output-tensor-type q8_0`),
+so both read the same bytes per token. Prints
 one JSON line per run and then a table of medians per mode: prefill tokens/s at 32 and 512
 tokens and decode tokens/s, llama.cpp / chathub, with the ratio of each same-round pair.
 Both use 2 threads and generate 32 tokens.
@@ -21,6 +24,7 @@ from pathlib import Path
 
 
 def chathub(args, mode: str, prompt: int) -> dict:
+    mode = mode.split("+")[0]
     flags = ["--dtype", "f16"] if mode == "f16" else ["--quant", mode]
     cmd = [args.chathub, "bench", "--model", str(args.model), "--json", "--runs", "3",
            "--turns", "0", "--gen-tokens", "32", "--prompt-tokens", str(prompt), *flags]
