@@ -19,8 +19,9 @@
 //! multiply-add; its 6-bit scales and minimums are expanded at load to one f16 pair per block of
 //! 32, and the super-block headers are kept aside so the original bytes can be written back.
 //!
-//! Other ggml block formats of five bits or more (llama.cpp's q6_K output layers, its q5_K_M
-//! files) are requantized to q8_0 at load (see [`requantized_format`]).
+//! Other ggml block formats (llama.cpp's q6_K output layers, its q5_K_M and q3_K_M files) are
+//! requantized at load, to q8_0 from five bits or more, to q4_0 from fewer (see
+//! [`requantized_format`]).
 //!
 //! Every path (AVX-512 VNNI, 256-bit VNNI for AVX-VNNI CPUs, AVX2 `vpmaddubsw`, portable Rust)
 //! computes each output as the same integer sums followed by the same chain of fused
