@@ -164,15 +164,6 @@ impl Linear {
             Weight::Quantized { qtensor, .. } => return Ok(Some(qtensor.dtype())),
             Weight::Blocks(blocks) => return Ok(Some(blocks.ggml_dtype())),
         };
-        let in_features = weight.dim(1)?;
-        let Some(dtype) = quantization
-            .candidates()
-            .iter()
-            .copied()
-            .find(|d| in_features % d.block_size() == 0)
-        else {
-            return Ok(None);
-        };
         let (rows, cols) = weight.dims2()?;
         let device = weight.device().clone();
         // Bands are quantized on the CPU: a matrix on a GPU comes off it in one copy, not one per
@@ -182,8 +173,28 @@ impl Linear {
         } else {
             weight.to_device(&Device::Cpu)?
         };
-        let bands = quantize_rows_in_parallel(&host, dtype)?;
+        let mut quantized = None;
+        for &dtype in quantization.candidates() {
+            if !cols.is_multiple_of(dtype.block_size()) {
+                continue;
+            }
+            match quantize_rows_in_parallel(&host, dtype)? {
+                Some(bands) => {
+                    quantized = Some((dtype, bands));
+                    break;
+                }
+                None => tracing::warn!(
+                    ?dtype,
+                    rows,
+                    cols,
+                    "the quantizer zeroed a block of equal weights: trying the next format"
+                ),
+            }
+        }
         drop(host);
+        let Some((dtype, bands)) = quantized else {
+            return Ok(None);
+        };
         // The dense matrix is not needed any more: free it before the blocks are laid out, and
         // lay them out band by band (each band freed once copied), so loading never holds
         // the dense matrix, the ggml bytes and the blocks at once.
@@ -248,6 +259,27 @@ impl Linear {
         drop(w_storage);
         Tensor::from_vec(out, (1, out_features), &Device::Cpu).map(Some)
     }
+}
+
+/// Whether some block of 32 weights, not all zero, came back all zero from `blocks`: candle's
+/// q4_K quantizer does that to a block of 32 equal or nearly equal weights (ggml's own keeps
+/// them), which trained weights almost never hold but would then lose outright.
+fn zeroes_a_block(values: &Tensor, blocks: &QTensor) -> candle_core::Result<bool> {
+    let values = values.flatten_all()?.to_vec1::<f32>()?;
+    // Only a block of equal weights is at risk (the quantizer gives up on `max == min`):
+    // without one, the blocks are not widened back (a sixth of q4_K's loading time).
+    let equal = |v: &[f32]| v.iter().all(|x| *x == v[0] && *x != 0.0);
+    if !values.chunks(32).any(equal) {
+        return Ok(false);
+    }
+    let back = blocks
+        .dequantize(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    Ok(values
+        .chunks(32)
+        .zip(back.chunks(32))
+        .any(|(v, b)| b.iter().all(|x| *x == 0.0) && v.iter().any(|x| *x != 0.0)))
 }
 
 /// A dense tensor as a GGUF tensor of the same dtype (f32, f16 or bf16).
@@ -434,10 +466,11 @@ fn blocks_forward(blocks: &BlockMatrix, x: &Tensor) -> candle_core::Result<Tenso
 /// Quantizes `weight` (`[rows, cols]`, any float dtype) with every core: blocks never straddle
 /// rows, so bands of rows quantize independently and their bytes concatenate into the whole
 /// tensor. Only a band at a time is widened to f32, so a 16-bit matrix never exists in f32.
+/// `None` when candle's quantizer lost a block (see [`zeroes_a_block`]).
 fn quantize_rows_in_parallel(
     weight: &Tensor,
     dtype: GgmlDType,
-) -> candle_core::Result<Vec<Vec<u8>>> {
+) -> candle_core::Result<Option<Vec<Vec<u8>>>> {
     let (rows, cols) = weight.dims2()?;
     let threads = rayon::current_num_threads().max(1);
     // Bands of at most 16 MiB in f32: what is widened at a time stays small next to the model.
@@ -459,11 +492,13 @@ fn quantize_rows_in_parallel(
                 .flatten_all()?
                 .to_vec1::<f32>()?;
             let part = Tensor::from_vec(values, (n, cols), &Device::Cpu)?;
-            QTensor::quantize(&part, dtype)?
-                .data()
-                .map(|d| d.into_owned())
+            let blocks = QTensor::quantize(&part, dtype)?;
+            if dtype == GgmlDType::Q4K && zeroes_a_block(&part, &blocks)? {
+                return Ok(None);
+            }
+            blocks.data().map(|d| Some(d.into_owned()))
         })
-        .collect::<candle_core::Result<Vec<Vec<u8>>>>()?;
+        .collect::<candle_core::Result<Option<Vec<Vec<u8>>>>>()?;
     Ok(parts)
 }
 
@@ -526,20 +561,52 @@ mod tests {
 
     #[test]
     fn parallel_quantization_is_byte_identical() -> candle_core::Result<()> {
+        // Weights that vary within every block of 32, as trained ones do (candle's q4_K
+        // quantizer zeroes blocks that barely vary: see `zeroes_a_block`).
         let w = Tensor::arange(0f32, 67.0 * 256.0, &Device::Cpu)?
             .reshape((67, 256))?
-            .affine(0.0003, -2.0)?
+            .affine(0.37, -2.0)?
             .sin()?;
         for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4K] {
             let whole = QTensor::quantize(&w, dtype)?;
-            let banded = quantize_rows_in_parallel(&w, dtype)?.concat();
+            let banded = quantize_rows_in_parallel(&w, dtype)?
+                .expect("no block lost")
+                .concat();
             assert_eq!(&whole.data()?[..], &banded[..], "{dtype:?}");
             // From 16-bit weights too, widened a band at a time.
             let half = w.to_dtype(DType::F16)?;
             let from_half = QTensor::quantize(&half.to_dtype(DType::F32)?, dtype)?;
-            let banded = quantize_rows_in_parallel(&half, dtype)?.concat();
+            let banded = quantize_rows_in_parallel(&half, dtype)?
+                .expect("no block lost")
+                .concat();
             assert_eq!(&from_half.data()?[..], &banded[..], "{dtype:?} from f16");
         }
+        Ok(())
+    }
+
+    /// A block of 32 equal weights, which candle's q4_K quantizer would zero, sends the matrix
+    /// to q4k's next format, q8_0, which keeps it.
+    #[test]
+    fn q4k_falls_back_when_a_block_of_equal_weights_would_be_lost() -> candle_core::Result<()> {
+        let mut values: Vec<f32> = (0..4 * 256).map(|i| (i as f32 * 0.37).sin()).collect();
+        values[256..288].fill(1.0);
+        let w = Tensor::from_vec(values, (4, 256), &Device::Cpu)?;
+        let mut layer = Linear::new(w.clone(), None);
+        assert_eq!(layer.quantize(Quantization::Q4K)?, Some(GgmlDType::Q8_0));
+        let x = Tensor::ones((1, 256), DType::F32, &Device::Cpu)?;
+        let got = layer.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
+        let want = x.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 0.05 * w.abs().max(1.0), "{g} vs {w}");
+        }
+        // Varied weights keep q4_K.
+        let mut varied = Linear::new(
+            Tensor::arange(0f32, 1024.0, &Device::Cpu)?
+                .reshape((4, 256))?
+                .sin()?,
+            None,
+        );
+        assert_eq!(varied.quantize(Quantization::Q4K)?, Some(GgmlDType::Q4K));
         Ok(())
     }
 

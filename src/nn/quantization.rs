@@ -22,7 +22,8 @@ pub enum Quantization {
     Q4_0,
     /// 4-bit k-quant, super-blocks of 256 (4.5 bits per weight), more accurate than q4_0. Rows
     /// whose width is not a multiple of 256 (ChatGLM's MLP down-projection) fall back to q8_0,
-    /// which keeps the layer whose inputs vary most nearly lossless.
+    /// which keeps the layer whose inputs vary most nearly lossless; so does a matrix holding a
+    /// block of 32 equal nonzero weights, which candle's q4_K quantizer would zero.
     Q4K,
 }
 
