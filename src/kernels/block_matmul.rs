@@ -1407,6 +1407,29 @@ mod tests {
         }
     }
 
+    /// `blocks` times `x` on `path` is within `tolerance` of the largest output of `x` times
+    /// the dense `w` (`rows x cols`), output by output.
+    fn assert_near_product(
+        blocks: &BlockMatrix,
+        path: KernelPath,
+        x: &Tensor,
+        w: &Tensor,
+        tolerance: f32,
+        what: &str,
+    ) -> candle_core::Result<()> {
+        let expected = x.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+        let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let mut out = vec![0f32; expected.len()];
+        blocks.matmul_on(path, &x.flatten_all()?.to_vec1::<f32>()?, &mut out);
+        for (got, want) in out.iter().zip(&expected) {
+            assert!(
+                (got - want).abs() <= tolerance * scale,
+                "{what}: {got} vs {want}"
+            );
+        }
+        Ok(())
+    }
+
     /// Every path against the dequantized matrix times the exact activations, for row counts
     /// that leave the last tile part empty and token counts that are not whole passes.
     #[test]
@@ -1424,19 +1447,10 @@ mod tests {
                 let blocks = BlockMatrix::from_qtensor(&q)?.expect("format is supported");
                 for tokens in [1, 2, 5, 8] {
                     let x = matrix(tokens, cols, 0.7)?;
-                    let expected = x.matmul(&exact_w.t()?)?.flatten_all()?.to_vec1::<f32>()?;
-                    let x = x.flatten_all()?.to_vec1::<f32>()?;
-                    let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
                     for path in KernelPath::available() {
-                        let mut out = vec![0f32; tokens * rows];
-                        blocks.matmul_on(path, &x, &mut out);
-                        for (got, want) in out.iter().zip(&expected) {
-                            // The activations are quantized to 8 bits: ~1% of the largest output.
-                            assert!(
-                                (got - want).abs() <= 0.02 * scale,
-                                "{format:?} {rows}x{cols}, {tokens} tokens, {path:?}: {got} vs {want}"
-                            );
-                        }
+                        // The activations are quantized to 8 bits: ~1% of the largest output.
+                        let what = format!("{format:?} {rows}x{cols}, {tokens} tokens, {path:?}");
+                        assert_near_product(&blocks, path, &x, &exact_w, 0.02, &what)?;
                     }
                 }
             }
@@ -1465,20 +1479,8 @@ mod tests {
             let blocks = BlockMatrix::from_qtensor(&q)?.expect("taken after requantizing");
             assert_eq!(blocks.ggml_dtype(), target, "{source:?}");
             let x = matrix(3, cols, 0.7)?;
-            let expected = x.matmul(&stored.t()?)?.flatten_all()?.to_vec1::<f32>()?;
-            let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let mut out = vec![0f32; 3 * rows];
-            blocks.matmul_on(
-                KernelPath::detect(),
-                &x.flatten_all()?.to_vec1::<f32>()?,
-                &mut out,
-            );
-            for (got, want) in out.iter().zip(&expected) {
-                assert!(
-                    (got - want).abs() <= 0.03 * scale,
-                    "{source:?}: {got} vs {want}"
-                );
-            }
+            let what = format!("{source:?}");
+            assert_near_product(&blocks, KernelPath::detect(), &x, &stored, 0.03, &what)?;
         }
         Ok(())
     }

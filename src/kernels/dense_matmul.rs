@@ -672,8 +672,7 @@ unsafe fn avx512_tile<W: DenseWeight>(
 /// same-binary pairs: f16 at 32 tokens 140-144 widened against 172-175 in registers, at 512
 /// 179-180 against 190; bf16 the same).
 fn widen_blocks_first() -> bool {
-    static WIDEN: LazyLock<bool> = LazyLock::new(|| !cpu::amd());
-    *WIDEN
+    !cpu::amd()
 }
 
 /// Columns of a panel widened to f32 at a time: 64 rows of them fill 32 KiB, which stays in

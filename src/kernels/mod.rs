@@ -10,7 +10,6 @@ pub(crate) mod dense_matmul;
 pub(crate) mod elementwise;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::LazyLock;
 
 /// Runs `work` on one of rayon's worker threads, with every other worker kept awake to take
 /// its share of each parallel step, and returns its result.
@@ -68,15 +67,8 @@ const SINGLE_ROW_AHEAD_AMD: usize = 1024;
 /// (785M q4_0 decode, alternating runs: 90.8-95.6 tokens/s against 82.6-83.6 at 4 KiB with
 /// memory at 68 GB/s, 75.5-76.5 against 72.0-74.9 at 38 GB/s).
 pub(crate) fn block_prefetch_ahead(tokens: usize) -> usize {
-    static SINGLE_ROW: LazyLock<usize> = LazyLock::new(|| {
-        if cpu::amd() {
-            SINGLE_ROW_AHEAD_AMD
-        } else {
-            PREFETCH_AHEAD
-        }
-    });
-    if tokens == 1 {
-        *SINGLE_ROW
+    if tokens == 1 && cpu::amd() {
+        SINGLE_ROW_AHEAD_AMD
     } else {
         PREFETCH_AHEAD
     }
@@ -98,8 +90,11 @@ pub(crate) fn prefetch_ahead(base: *const u8, ahead: usize, bytes: usize) {
 /// at 62-66 GB/s) and a little at the slower one, so there the hardware prefetcher works
 /// alone. (The block kernels have their own rule: [`block_prefetch_ahead`].)
 pub(crate) fn panel_prefetch_ahead() -> usize {
-    static AHEAD: LazyLock<usize> = LazyLock::new(|| if cpu::amd() { 0 } else { PREFETCH_AHEAD });
-    *AHEAD
+    if cpu::amd() {
+        0
+    } else {
+        PREFETCH_AHEAD
+    }
 }
 
 /// Asks for the `bytes` bytes at `at` to be brought into L2 (a no-op off x86-64).
