@@ -1,5 +1,5 @@
-//! Products of f32 activations with q8_0 / q4_0 / q4_K weight matrices, by kernels made for
-//! them.
+//! Products of f32 activations with q8_0 / q4_0 / q4_K / q6_K weight matrices, by kernels
+//! made for them.
 //!
 //! Weights are repacked at load into tiles of 16 rows, the layout llama.cpp's CPU "repack"
 //! kernels use for the same reason: within a tile, block after block, the rows' quants are
@@ -18,15 +18,19 @@
 //! minimum` for each block of 32, so its minimum times the activation block's sum is a second
 //! multiply-add; its 6-bit scales and minimums are expanded at load to one f16 pair per block of
 //! 32, and the super-block headers are kept aside so the original bytes can be written back.
+//! q6_K's weight is `d * s * (q - 32)` with a signed 8-bit `s` for each 16 weights: each half
+//! block gets its own integer chain, times its rows' `s` in integers, and the block's sum goes
+//! on as the others' do, with `d` as its scale. Its quants stay six bits in memory (four in
+//! nibble runs, two in bit-pair runs, widened in registers): 7 bits a weight with the scales,
+//! against q8_0's 8.5 (llama.cpp's output layers, and the 4-bit choices' own).
 //!
-//! Other ggml block formats (llama.cpp's q6_K output layers, its q5_K_M and q3_K_M files) are
-//! requantized at load, to q8_0 from five bits or more, to q4_0 from fewer (see
-//! [`requantized_format`]).
+//! Other ggml block formats (llama.cpp's q5_K_M and q3_K_M files) are requantized at load, to
+//! q8_0 from five bits or more, to q4_0 from fewer (see [`requantized_format`]).
 //!
 //! Every path (AVX-512 VNNI, 256-bit VNNI for AVX-VNNI CPUs, AVX2 `vpmaddubsw`, portable Rust)
 //! computes each output as the same integer sums followed by the same chain of fused
-//! multiply-adds, one per block in column order: they all give the same bits, and a token's outputs do not depend on the other tokens
-//! of its pass (batch invariance).
+//! multiply-adds, one per block in column order: they all give the same bits, and a token's
+//! outputs do not depend on the other tokens of its pass (batch invariance).
 
 use std::mem::MaybeUninit;
 use std::sync::LazyLock;
@@ -37,6 +41,29 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::cpu;
+
+/// The q6_K quants of four-column groups `j` and `j + 4` (`j < 4`) of a tile block as
+/// unsigned bytes `0..64`, from run `j` of low nibbles (`packed`) and run `4 + j / 2` of high
+/// bit pairs (`high`), with one register width's `and`, `or` and 16-bit shifts (a bit shifted
+/// across a byte boundary is masked off). A macro, not a function, so that each kernel
+/// expands it under its own target features.
+#[cfg(target_arch = "x86_64")]
+macro_rules! q6k_groups {
+    ($j:expr, $packed:expr, $high:expr, ($and:ident, $or:ident), ($srli:ident, $slli:ident),
+     ($low:expr, $top:expr)) => {{
+        // Group `j`'s pair sits at bit 4 * (j % 2), group `j + 4`'s two bits above it; both
+        // go to bits 4 and 5.
+        let (first, second) = if $j % 2 == 0 {
+            ($slli::<4>($high), $slli::<2>($high))
+        } else {
+            ($high, $srli::<2>($high))
+        };
+        (
+            $or($and($packed, $low), $and(first, $top)),
+            $or($and($srli::<4>($packed), $low), $and(second, $top)),
+        )
+    }};
+}
 
 #[cfg(target_arch = "x86_64")]
 mod vnni256;
@@ -67,6 +94,9 @@ pub(crate) enum BlockFormat {
     /// ggml's q4_K super-blocks of 256: an f16 scale and minimum, 6-bit scales and minimums
     /// for each block of 32, and 4-bit quants `q` with weight `scale * q - minimum`.
     Q4K,
+    /// ggml's q6_K super-blocks of 256: an f16 scale `d`, a signed 8-bit scale `s` for each
+    /// sub-block of 16, and 6-bit quants `q` with weight `d * s * (q - 32)`.
+    Q6K,
 }
 
 impl BlockFormat {
@@ -76,6 +106,7 @@ impl BlockFormat {
             GgmlDType::Q8_0 => Some(BlockFormat::Q8_0),
             GgmlDType::Q4_0 => Some(BlockFormat::Q4_0),
             GgmlDType::Q4K => Some(BlockFormat::Q4K),
+            GgmlDType::Q6K => Some(BlockFormat::Q6K),
             _ => None,
         }
     }
@@ -85,23 +116,26 @@ impl BlockFormat {
             BlockFormat::Q8_0 => GgmlDType::Q8_0,
             BlockFormat::Q4_0 => GgmlDType::Q4_0,
             BlockFormat::Q4K => GgmlDType::Q4K,
+            BlockFormat::Q6K => GgmlDType::Q6K,
         }
     }
 
-    /// Bytes and weights of one block as ggml stores it (q4_K: a super-block).
+    /// Bytes and weights of one block as ggml stores it (q4_K, q6_K: a super-block).
     fn ggml_block(self) -> (usize, usize) {
         match self {
             BlockFormat::Q8_0 => (34, BLOCK),
             BlockFormat::Q4_0 => (18, BLOCK),
             BlockFormat::Q4K => (Q4K_BYTES, SUPER_BLOCK),
+            BlockFormat::Q6K => (Q6K_BYTES, SUPER_BLOCK),
         }
     }
 
-    /// Bytes of one row's quants for a block of 32.
+    /// Bytes of one row's quants for a block of 32 (q6_K: 16 of low nibbles, 8 of high bits).
     fn quant_bytes_per_block(self) -> usize {
         match self {
             BlockFormat::Q8_0 => BLOCK,
             BlockFormat::Q4_0 | BlockFormat::Q4K => BLOCK / 2,
+            BlockFormat::Q6K => BLOCK / 2 + BLOCK / 4,
         }
     }
 
@@ -116,10 +150,13 @@ impl BlockFormat {
     }
 
     /// Bytes of one block of 32 columns of a tile: the 16 rows' quants, their f16 scales and
-    /// (q4_K) their f16 minimums.
+    /// (q4_K) their f16 minimums or (q6_K) their two sub-block scales.
     fn tile_block_bytes(self) -> usize {
-        let per_row = self.quant_bytes_per_block() + 2 + if self.has_minimums() { 2 } else { 0 };
-        TILE_ROWS * per_row
+        let extra = match self {
+            BlockFormat::Q4K | BlockFormat::Q6K => 2,
+            BlockFormat::Q8_0 | BlockFormat::Q4_0 => 0,
+        };
+        TILE_ROWS * (self.quant_bytes_per_block() + 2 + extra)
     }
 }
 
@@ -173,8 +210,13 @@ static DETECTED: LazyLock<KernelPath> = LazyLock::new(|| {
 const Q4K_BYTES: usize = 144;
 /// Bytes of a q4_K super-block before its quants.
 const Q4K_HEADER: usize = 16;
-/// Weights per q4_K super-block.
+/// Weights per q4_K or q6_K super-block.
 const SUPER_BLOCK: usize = 256;
+/// Bytes of a q6_K super-block: 128 of low nibbles, 64 of high bit pairs, 16 signed scales
+/// (one per 16 weights), an f16 scale.
+const Q6K_BYTES: usize = 210;
+/// Weights per q6_K sub-block (one signed 8-bit scale each).
+const Q6K_SUB: usize = 16;
 
 /// A `[rows, cols]` weight matrix in q8_0, q4_0 or q4_K blocks, repacked into tiles of 16 rows.
 #[derive(Debug, Clone)]
@@ -185,8 +227,9 @@ pub(crate) struct BlockMatrix {
     /// Tile after tile (the last one padded with zero rows); within a tile, block of 32 columns
     /// after block: the quants of four-column group `g` for rows 0..16 (4 bytes a row) — q8_0
     /// groups 0..8 in 8 runs of 64 bytes; 4-bit formats groups `j` and `j + 4` in the low and
-    /// high nibbles of run `j` of 4 — then the 16 rows' f16 scales, then (q4_K) their f16
-    /// minimums.
+    /// high nibbles of run `j` of 4 (q6_K: their low four bits, and their top two bits at bits
+    /// `4 * (j % 2)` and `4 * (j % 2) + 2` of two more runs' run `4 + j / 2`) — then the 16 rows' f16 scales, then (q4_K) their f16 minimums or (q6_K)
+    /// their signed scales of columns 0..16, then those of columns 16..32.
     tiles: Vec<u8>,
     /// q4_K: each super-block's first 16 bytes as stored, row after row, to write the original
     /// back.
@@ -287,6 +330,8 @@ struct TileScratch {
     quants: Vec<u8>,
     scales: Vec<f16>,
     minimums: Vec<f16>,
+    /// q6_K's signed scale of each 16 weights.
+    sub_scales: Vec<i8>,
 }
 
 impl TileScratch {
@@ -295,6 +340,7 @@ impl TileScratch {
             quants: vec![0; TILE_ROWS * cols],
             scales: vec![f16::ZERO; TILE_ROWS * cols / BLOCK],
             minimums: vec![f16::ZERO; TILE_ROWS * cols / BLOCK],
+            sub_scales: vec![0; TILE_ROWS * cols / Q6K_SUB],
         }
     }
 }
@@ -313,14 +359,17 @@ fn repack_tile(
         quants,
         scales,
         minimums,
+        sub_scales,
     } = scratch;
     quants.fill(0);
     scales.fill(f16::ZERO);
     minimums.fill(f16::ZERO);
+    sub_scales.fill(0);
     for (r, row) in rows.iter().enumerate() {
         let quants = &mut quants[r * cols..][..cols];
         let scales = &mut scales[r * blocks..][..blocks];
         let minimums = &mut minimums[r * blocks..][..blocks];
+        let sub_scales = &mut sub_scales[r * cols / Q6K_SUB..][..cols / Q6K_SUB];
         match format {
             BlockFormat::Q8_0 | BlockFormat::Q4_0 => {
                 for ((block, q), s) in row
@@ -351,6 +400,17 @@ fn repack_tile(
                     );
                 }
             }
+            BlockFormat::Q6K => {
+                let per_super = SUPER_BLOCK / BLOCK;
+                for (s, block) in row.chunks_exact(Q6K_BYTES).enumerate() {
+                    let d = unpack_q6k(
+                        block,
+                        &mut quants[s * SUPER_BLOCK..][..SUPER_BLOCK],
+                        &mut sub_scales[s * SUPER_BLOCK / Q6K_SUB..][..SUPER_BLOCK / Q6K_SUB],
+                    );
+                    scales[s * per_super..][..per_super].fill(d);
+                }
+            }
         }
     }
     let quant_bytes = TILE_ROWS * format.quant_bytes_per_block();
@@ -373,11 +433,28 @@ fn repack_tile(
                         }
                     }
                 }
+                BlockFormat::Q6K => {
+                    for j in 0..BLOCK / GROUP / 2 {
+                        let shift = 4 * (j % 2);
+                        for i in 0..GROUP {
+                            let k = j * GROUP + i;
+                            let (first, second) = (column[k], column[16 + k]);
+                            q[j * 64 + r * GROUP + i] = (first & 0x0F) | (second << 4);
+                            q[(4 + j / 2) * 64 + r * GROUP + i] |=
+                                ((first >> 4) << shift) | ((second >> 4) << (shift + 2));
+                        }
+                    }
+                }
             }
             tail[2 * r..][..2].copy_from_slice(&scales[r * blocks + b].to_le_bytes());
             if format.has_minimums() {
                 tail[2 * (TILE_ROWS + r)..][..2]
                     .copy_from_slice(&minimums[r * blocks + b].to_le_bytes());
+            }
+            if format == BlockFormat::Q6K {
+                let subs = &sub_scales[r * cols / Q6K_SUB + 2 * b..][..2];
+                tail[2 * TILE_ROWS + r] = subs[0] as u8;
+                tail[3 * TILE_ROWS + r] = subs[1] as u8;
             }
         }
     }
@@ -447,19 +524,55 @@ fn unpack_q4k(block: &[u8], quants: &mut [u8], scales: &mut [f16], minimums: &mu
     }
 }
 
+/// Unpacks one q6_K super-block: its 256 quants in column order (0..64, weight `q - 32`
+/// steps), the signed scale of each 16, and the super-block's scale.
+fn unpack_q6k(block: &[u8], quants: &mut [u8], sub_scales: &mut [i8]) -> f16 {
+    // ggml's layout: each half of 128 weights takes 64 bytes of low nibbles (weights `l` and
+    // `l + 64` in byte `l`'s low and high nibble, `l < 64`) and 32 bytes of high bit pairs
+    // (weights `l`, `l + 32`, `l + 64`, `l + 96` at bits 0, 2, 4, 6 of byte `l`, `l < 32`).
+    for half in 0..2 {
+        let low = &block[64 * half..][..64];
+        let high = &block[128 + 32 * half..][..32];
+        let quants = &mut quants[128 * half..][..128];
+        for (l, q) in quants.iter_mut().enumerate() {
+            let nibble = (low[l % 64] >> (4 * (l / 64))) & 0x0F;
+            *q = nibble | (((high[l % 32] >> (2 * (l / 32))) & 3) << 4);
+        }
+    }
+    for (s, byte) in sub_scales.iter_mut().zip(&block[192..208]) {
+        *s = *byte as i8;
+    }
+    f16::from_le_bytes([block[208], block[209]])
+}
+
+/// The inverse of [`unpack_q6k`]: one super-block in ggml's layout.
+fn pack_q6k(quants: &[u8], sub_scales: &[i8], d: f16) -> [u8; Q6K_BYTES] {
+    let mut block = [0u8; Q6K_BYTES];
+    for half in 0..2 {
+        let quants = &quants[128 * half..][..128];
+        for (l, q) in quants.iter().enumerate() {
+            block[64 * half + l % 64] |= (q & 0x0F) << (4 * (l / 64));
+            block[128 + 32 * half + l % 32] |= (q >> 4) << (2 * (l / 32));
+        }
+    }
+    for (byte, s) in block[192..208].iter_mut().zip(sub_scales) {
+        *byte = *s as u8;
+    }
+    block[208..].copy_from_slice(&d.to_le_bytes());
+    block
+}
+
 /// The format these kernels run a ggml format they do not run as stored in, requantized at
 /// load; `None` for the ones they run as stored (and the dense ones, which are not blocks).
 ///
-/// llama.cpp's own files hold such formats: q6_K for the output layer of its q4_0, q4_K_M and
-/// q5_K_M files and for half of q4_K_M's value and down projections, q5_K and q5_0/q5_1 for
-/// most of q5_K_M and q5_0/q5_1. candle's kernels, which ran them before, were slow (785M bench
-/// model: llama.cpp's q5_K_M file decoded at 11.7 tokens/s against llama.cpp's 48, its prompts
-/// at 17 against 216; in its q4_0 file the q6_K output layer alone took a fifth of each step).
+/// llama.cpp's own files hold such formats: q5_K and q5_0/q5_1 for most of q5_K_M and
+/// q5_0/q5_1. candle's kernels, which ran them before, were slow (785M bench model:
+/// llama.cpp's q5_K_M file decoded at 11.7 tokens/s against llama.cpp's 48, its prompts at 17
+/// against 216).
 ///
-/// Formats of five bits or more become q8_0, 255 levels per block of 32 against their 16 to 64
-/// (for q6_K, whose weights are at most 32 of their sub-block's steps, q8_0's step is a fourth
-/// of the coarser one's or finer; formats with a minimum get as close where a block's weights
-/// straddle zero, as trained weights do), for 30% (q6_K) to 70% (q4_1) more bytes.
+/// Formats of five bits or more become q8_0, 255 levels per block of 32 against their 16 to 32
+/// (formats with a minimum get as close where a block's weights straddle zero, as trained
+/// weights do), for 45% (q5_K) to 70% (q4_1) more bytes.
 ///
 /// q3_K and q2_K (llama.cpp's smallest files) become q4_0, for 30% and 75% more bytes: 16
 /// levels against their 8 and 4, and since a q3_K weight is at most 4 of its sub-block's steps,
@@ -468,7 +581,7 @@ fn unpack_q4k(block: &[u8], quants: &mut [u8], scales: &mut [f16], minimums: &mu
 /// levels make such blocks common.)
 fn requantized_format(dtype: GgmlDType) -> Option<GgmlDType> {
     match dtype {
-        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q5K | GgmlDType::Q6K => {
+        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q5K => {
             Some(GgmlDType::Q8_0)
         }
         GgmlDType::Q3K | GgmlDType::Q2K => Some(GgmlDType::Q4_0),
@@ -597,6 +710,23 @@ impl BlockMatrix {
                             bytes.extend((0..BLOCK).map(|i| pair[0][i] | (pair[1][i] << 4)));
                         }
                     }
+                }
+                continue;
+            }
+            if self.format == BlockFormat::Q6K {
+                let per_super = SUPER_BLOCK / BLOCK;
+                let mut quants = [0u8; SUPER_BLOCK];
+                let mut sub_scales = [0i8; SUPER_BLOCK / Q6K_SUB];
+                for s in 0..self.cols / SUPER_BLOCK {
+                    for sub in 0..per_super {
+                        let b = s * per_super + sub;
+                        let block = &mut quants[sub * BLOCK..][..BLOCK];
+                        self.block_quants(row, b, block.try_into().expect("a block"));
+                        sub_scales[2 * sub..][..2]
+                            .copy_from_slice(&lane_sub_scales(self.tile_block(row, b), row % 16));
+                    }
+                    let d = self.block_scale(row, s * per_super);
+                    bytes.extend_from_slice(&pack_q6k(&quants, &sub_scales, d));
                 }
                 continue;
             }
@@ -782,6 +912,7 @@ impl BlockMatrix {
         assert_eq!(tile.len(), blocks * self.format.tile_block_bytes());
         for act in acts {
             assert!(act.scales.len() == blocks && act.quants.len() == blocks * BLOCK);
+            assert!(act.q6_offsets.len() == 2 * blocks);
         }
         #[cfg(target_arch = "x86_64")]
         match path {
@@ -794,6 +925,7 @@ impl BlockMatrix {
                         BlockFormat::Q8_0 => x86::q8_0_vnni(tile, acts),
                         BlockFormat::Q4_0 => x86::q4_vnni::<T, false>(tile, acts),
                         BlockFormat::Q4K => x86::q4_vnni::<T, true>(tile, acts),
+                        BlockFormat::Q6K => x86::q6k_vnni(tile, acts),
                     }
                 };
             }
@@ -810,6 +942,8 @@ impl BlockMatrix {
                         (BlockFormat::Q4_0, false) => vnni256::q4_vex::<T, false>(tile, acts),
                         (BlockFormat::Q4K, true) => vnni256::q4_evex::<T, true>(tile, acts),
                         (BlockFormat::Q4K, false) => vnni256::q4_vex::<T, true>(tile, acts),
+                        (BlockFormat::Q6K, true) => vnni256::q6k_evex(tile, acts),
+                        (BlockFormat::Q6K, false) => vnni256::q6k_vex(tile, acts),
                     }
                 };
             }
@@ -821,6 +955,7 @@ impl BlockMatrix {
                         BlockFormat::Q8_0 => x86::q8_0_avx2(tile, acts),
                         BlockFormat::Q4_0 => x86::q4_avx2::<T, false>(tile, acts),
                         BlockFormat::Q4K => x86::q4_avx2::<T, true>(tile, acts),
+                        BlockFormat::Q6K => x86::q6k_avx2(tile, acts),
                     }
                 };
             }
@@ -844,6 +979,8 @@ struct Activations {
     /// broadcast them with a load instead of a shuffle-port instruction per token and block.
     q4_offsets: Vec<i32>,
     q8_offsets: Vec<i32>,
+    /// `-32 * sum` of each half block (16 quants), where q6_K's two chains per block start.
+    q6_offsets: Vec<i32>,
     /// `-(scale * sum)` per block: what q4_K's minimum multiplies.
     negated_scaled_sums: Vec<f32>,
 }
@@ -872,23 +1009,27 @@ fn quantize_row(x: &[f32]) -> Activations {
     let blocks = x.len() / BLOCK;
     let mut quants = vec![0i8; blocks * BLOCK];
     let mut scales = vec![0f32; blocks];
-    let mut sums = vec![0i32; blocks];
-    for ((block, quants), (scale, sum)) in x
+    let mut half_sums = vec![0i32; 2 * blocks];
+    for ((block, quants), (scale, halves)) in x
         .chunks_exact(BLOCK)
         .zip(quants.chunks_exact_mut(BLOCK))
-        .zip(scales.iter_mut().zip(&mut sums))
+        .zip(scales.iter_mut().zip(half_sums.chunks_exact_mut(2)))
     {
         *scale = abs_max(block) / 127.0;
         let inverse = if *scale > 0.0 { 1.0 / *scale } else { 0.0 };
         for (q, v) in quants.iter_mut().zip(block) {
             *q = round_to_i8(v * inverse);
         }
-        *sum = quants.iter().map(|&q| i32::from(q)).sum();
+        for (sum, half) in halves.iter_mut().zip(quants.chunks_exact(Q6K_SUB)) {
+            *sum = half.iter().map(|&q| i32::from(q)).sum();
+        }
     }
+    let sums: Vec<i32> = half_sums.chunks_exact(2).map(|h| h[0] + h[1]).collect();
     Activations {
         quants,
         q4_offsets: sums.iter().map(|s| -8 * s).collect(),
         q8_offsets: sums.iter().map(|s| -128 * s).collect(),
+        q6_offsets: half_sums.iter().map(|s| -32 * s).collect(),
         negated_scaled_sums: scales
             .iter()
             .zip(&sums)
@@ -949,12 +1090,29 @@ fn lane_quants(format: BlockFormat, block: &[u8], lane: usize) -> [u8; BLOCK] {
     std::array::from_fn(|k| {
         let (group, i) = (k / GROUP, k % GROUP);
         let at = |run: usize| block[run * 64 + lane * GROUP + i];
+        let nibble = |group: usize| {
+            if group < 4 {
+                at(group) & 0x0F
+            } else {
+                at(group - 4) >> 4
+            }
+        };
         match format {
             BlockFormat::Q8_0 => at(group),
-            _ if group < 4 => at(group) & 0x0F,
-            _ => at(group - 4) >> 4,
+            BlockFormat::Q4_0 | BlockFormat::Q4K => nibble(group),
+            BlockFormat::Q6K => {
+                let j = group % 4;
+                let shift = 4 * (j % 2) + 2 * (group / 4);
+                nibble(group) | (((at(4 + j / 2) >> shift) & 3) << 4)
+            }
         }
     })
+}
+
+/// Row `lane`'s q6_K scales of columns 0..16 and 16..32 in one tile block.
+fn lane_sub_scales(block: &[u8], lane: usize) -> [i8; 2] {
+    let at = TILE_ROWS * (BlockFormat::Q6K.quant_bytes_per_block() + 2) + lane;
+    [block[at] as i8, block[at + TILE_ROWS] as i8]
 }
 
 /// Row `lane`'s scale (or, with `minimum`, q4_K's minimum) in one tile block.
@@ -976,27 +1134,41 @@ fn portable<const T: usize>(
     let mut weights = [[0i32; BLOCK]; TILE_ROWS];
     let mut scales = [0f32; TILE_ROWS];
     let mut minimums = [0f32; TILE_ROWS];
+    // The integer scale of each half block: q6_K's sub-block scales, 1 for the others.
+    let mut halves = [[1i32; 2]; TILE_ROWS];
     for (b, block) in tile.chunks_exact(format.tile_block_bytes()).enumerate() {
         for (r, row) in weights.iter_mut().enumerate() {
             // The weights' integer values with their offsets taken off: q8_0's quants, q4_0's
-            // nibbles less 8, q4_K's nibbles (its minimum is applied in floats).
+            // nibbles less 8, q4_K's nibbles (its minimum is applied in floats), q6_K's quants
+            // less 32.
             let quants = lane_quants(format, block, r);
             for (w, q) in row.iter_mut().zip(quants) {
                 *w = match format {
                     BlockFormat::Q8_0 => q as i8 as i32,
                     BlockFormat::Q4_0 => q as i32 - 8,
                     BlockFormat::Q4K => q as i32,
+                    BlockFormat::Q6K => q as i32 - 32,
                 };
             }
             scales[r] = lane_half(format, block, r, false).to_f32();
             if format.has_minimums() {
                 minimums[r] = lane_half(format, block, r, true).to_f32();
             }
+            if format == BlockFormat::Q6K {
+                halves[r] = lane_sub_scales(block, r).map(i32::from);
+            }
         }
         for (lanes, act) in out.iter_mut().zip(acts) {
             let x = &act.quants[b * BLOCK..][..BLOCK];
             for (r, lane) in lanes.iter_mut().enumerate() {
-                let dot: i32 = weights[r].iter().zip(x).map(|(w, x)| w * *x as i32).sum();
+                // Exact in i32 and in f32's 24 bits: under 2 * 16 * 32 * 127 * 128 for q6_K.
+                let dot: i32 = (0..2)
+                    .map(|h| {
+                        let (w, x) = (&weights[r][h * Q6K_SUB..], &x[h * Q6K_SUB..]);
+                        let half: i32 = (0..Q6K_SUB).map(|k| w[k] * x[k] as i32).sum();
+                        halves[r][h] * half
+                    })
+                    .sum();
                 *lane = (dot as f32).mul_add(scales[r] * act.scales[b], *lane);
                 if format.has_minimums() {
                     *lane = minimums[r].mul_add(act.negated_scaled_sums[b], *lane);
@@ -1213,6 +1385,101 @@ mod x86 {
         out
     }
 
+    /// q6_K tile × `T` tokens: two chains per token and block, one per sub-block of 16, each
+    /// times its rows' signed scales in integers, then the one multiply-add every path does.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F/BW/VL, AVX-512 VNNI and F16C; `tile` is whole q6_K tile blocks,
+    /// and every `acts[t]` holds at least as many blocks (quants, scales and offsets).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+    pub(super) unsafe fn q6k_vnni<const T: usize>(
+        tile: &[u8],
+        acts: [&Activations; T],
+    ) -> [[f32; TILE_ROWS]; T] {
+        let bytes = BlockFormat::Q6K.tile_block_bytes();
+        let ahead = crate::kernels::block_prefetch_ahead(T);
+        let (low, top) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x30));
+        let mut acc = [_mm512_setzero_ps(); T];
+        for b in 0..tile.len() / bytes {
+            // SAFETY: tile block `b` is `bytes` long: four 64-byte runs of nibbles, two of high
+            // bit pairs, 16 f16 scales and 32 signed sub-block scales; the activations hold
+            // block `b` (the caller's contract).
+            unsafe {
+                let base = tile.as_ptr().add(b * bytes);
+                prefetch(base, ahead, bytes);
+                // Each chain starts at what the quants' offset adds (32 times the half block's
+                // activation sum), so it ends at the signed dot product.
+                let mut dots: [[__m512i; 2]; T] = std::array::from_fn(|t| {
+                    let offsets = acts[t].q6_offsets.get_unchecked(2 * b..);
+                    [_mm512_set1_epi32(offsets[0]), _mm512_set1_epi32(offsets[1])]
+                });
+                for j in 0..4 {
+                    let packed = _mm512_loadu_si512(base.add(j * 64) as *const __m512i);
+                    let high = _mm512_loadu_si512(base.add((4 + j / 2) * 64) as *const __m512i);
+                    let (lo, hi) = q6k_groups!(
+                        j,
+                        packed,
+                        high,
+                        (_mm512_and_si512, _mm512_or_si512),
+                        (_mm512_srli_epi16, _mm512_slli_epi16),
+                        (low, top)
+                    );
+                    for t in 0..T {
+                        let x_lo = _mm512_set1_epi32(broadcast_group(acts[t], b, j));
+                        let x_hi = _mm512_set1_epi32(broadcast_group(acts[t], b, j + 4));
+                        dots[t][0] = _mm512_dpbusd_epi32(dots[t][0], lo, x_lo);
+                        dots[t][1] = _mm512_dpbusd_epi32(dots[t][1], hi, x_hi);
+                    }
+                }
+                let tail = base.add(16 * 24);
+                let scales = _mm512_cvtph_ps(_mm256_loadu_si256(tail as *const __m256i));
+                let first = _mm512_cvtepi8_epi32(_mm_loadu_si128(tail.add(32) as *const __m128i));
+                let second = _mm512_cvtepi8_epi32(_mm_loadu_si128(tail.add(48) as *const __m128i));
+                for t in 0..T {
+                    let dot = _mm512_add_epi32(
+                        _mm512_mullo_epi32(dots[t][0], first),
+                        _mm512_mullo_epi32(dots[t][1], second),
+                    );
+                    let s = _mm512_mul_ps(scales, _mm512_set1_ps(*acts[t].scales.get_unchecked(b)));
+                    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc[t]);
+                }
+            }
+        }
+        let mut out = [[0f32; TILE_ROWS]; T];
+        for t in 0..T {
+            // SAFETY: `out[t]` holds 16 floats.
+            unsafe { _mm512_storeu_ps(out[t].as_mut_ptr(), acc[t]) };
+        }
+        out
+    }
+
+    /// Eight rows' q6_K integer sums for one tile block: `dots[t][h]` (sub-block `h`'s chain,
+    /// offset included) times those rows' signed scales at `sub_scales + 16 h`, added (the
+    /// 256-bit kernels' shared step).
+    ///
+    /// # Safety
+    /// The CPU has AVX2; `sub_scales` and `sub_scales + 16` hold eight signed scales each.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub(super) unsafe fn q6k_scaled_sums<const T: usize>(
+        dots: [[__m256i; 2]; T],
+        sub_scales: *const u8,
+    ) -> [__m256i; T] {
+        // SAFETY: the caller guarantees the scales.
+        let (first, second) = unsafe {
+            (
+                _mm256_cvtepi8_epi32(_mm_loadl_epi64(sub_scales as *const __m128i)),
+                _mm256_cvtepi8_epi32(_mm_loadl_epi64(sub_scales.add(16) as *const __m128i)),
+            )
+        };
+        std::array::from_fn(|t| {
+            _mm256_add_epi32(
+                _mm256_mullo_epi32(dots[t][0], first),
+                _mm256_mullo_epi32(dots[t][1], second),
+            )
+        })
+    }
+
     /// q8_0 tile × `T` tokens, eight rows per 256-bit register: |w| times x with w's sign.
     ///
     /// # Safety
@@ -1331,6 +1598,81 @@ mod x86 {
         }
         out
     }
+
+    /// q6_K tile × `T` tokens, eight rows per 256-bit register: `vpmaddubsw` pairs of two
+    /// groups summed in 16 bits, then the sub-block chains as on the VNNI paths.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; `tile` is whole q6_K tile blocks, and every `acts[t]`
+    /// holds at least as many blocks (quants, scales and offsets).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q6k_avx2<const T: usize>(
+        tile: &[u8],
+        acts: [&Activations; T],
+    ) -> [[f32; TILE_ROWS]; T] {
+        let bytes = BlockFormat::Q6K.tile_block_bytes();
+        let ahead = crate::kernels::block_prefetch_ahead(T);
+        let (low, top) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
+        let ones = _mm256_set1_epi16(1);
+        let mut out = [[0f32; TILE_ROWS]; T];
+        for half in 0..2 {
+            let mut acc = [_mm256_setzero_ps(); T];
+            for b in 0..tile.len() / bytes {
+                // SAFETY: tile block `b` is `bytes` long: four 64-byte runs of nibbles and two
+                // of high bit pairs (this half's rows in bytes `32 * half..` of each), 16 f16
+                // scales and 32 signed sub-block scales; the activations hold block `b` (the
+                // caller's contract).
+                unsafe {
+                    let base = tile.as_ptr().add(b * bytes);
+                    if half == 0 {
+                        prefetch(base, ahead, bytes);
+                    }
+                    let mut dots: [[__m256i; 2]; T] = std::array::from_fn(|t| {
+                        let offsets = acts[t].q6_offsets.get_unchecked(2 * b..);
+                        [_mm256_set1_epi32(offsets[0]), _mm256_set1_epi32(offsets[1])]
+                    });
+                    // Two groups' products of at most 63 * 127 * 2 each fit 16 bits.
+                    let mut pairs = [[_mm256_setzero_si256(); 2]; T];
+                    for j in 0..4 {
+                        let packed = base.add(j * 64 + half * 32) as *const __m256i;
+                        let high = base.add((4 + j / 2) * 64 + half * 32) as *const __m256i;
+                        let (lo, hi) = q6k_groups!(
+                            j,
+                            _mm256_loadu_si256(packed),
+                            _mm256_loadu_si256(high),
+                            (_mm256_and_si256, _mm256_or_si256),
+                            (_mm256_srli_epi16, _mm256_slli_epi16),
+                            (low, top)
+                        );
+                        for t in 0..T {
+                            let x_lo = _mm256_set1_epi32(broadcast_group(acts[t], b, j));
+                            let x_hi = _mm256_set1_epi32(broadcast_group(acts[t], b, j + 4));
+                            let p = &mut pairs[t];
+                            p[0] = _mm256_add_epi16(p[0], _mm256_maddubs_epi16(lo, x_lo));
+                            p[1] = _mm256_add_epi16(p[1], _mm256_maddubs_epi16(hi, x_hi));
+                            if j % 2 == 1 {
+                                for h in 0..2 {
+                                    let wide = _mm256_madd_epi16(p[h], ones);
+                                    dots[t][h] = _mm256_add_epi32(dots[t][h], wide);
+                                    p[h] = _mm256_setzero_si256();
+                                }
+                            }
+                        }
+                    }
+                    let tail = base.add(16 * 24);
+                    let scales =
+                        _mm256_cvtph_ps(_mm_loadu_si128(tail.add(half * 16) as *const __m128i));
+                    let sums = q6k_scaled_sums(dots, tail.add(32 + half * 8));
+                    add_scaled_block(&mut acc, sums, scales, acts, b);
+                }
+            }
+            for t in 0..T {
+                // SAFETY: `out[t]` holds 16 floats, 8 from `8 * half`.
+                unsafe { _mm256_storeu_ps(out[t].as_mut_ptr().add(half * 8), acc[t]) };
+            }
+        }
+        out
+    }
 }
 
 #[cfg(test)]
@@ -1339,7 +1681,12 @@ mod tests {
 
     use super::*;
 
-    const ALL: [BlockFormat; 3] = [BlockFormat::Q8_0, BlockFormat::Q4_0, BlockFormat::Q4K];
+    const ALL: [BlockFormat; 4] = [
+        BlockFormat::Q8_0,
+        BlockFormat::Q4_0,
+        BlockFormat::Q4K,
+        BlockFormat::Q6K,
+    ];
 
     fn matrix(rows: usize, cols: usize, seed: f64) -> candle_core::Result<Tensor> {
         Tensor::arange(0f32, (rows * cols) as f32, &Device::Cpu)?
@@ -1435,7 +1782,9 @@ mod tests {
     #[test]
     fn kernels_match_the_dequantized_product() -> candle_core::Result<()> {
         let shapes = |format| match format {
-            BlockFormat::Q4K => [(3, 256), (17, 768), (40, 1280), (9, 2304), (300, 256)],
+            BlockFormat::Q4K | BlockFormat::Q6K => {
+                [(3, 256), (17, 768), (40, 1280), (9, 2304), (300, 256)]
+            }
             // 300 rows: tasks of several tiles, the last one short, the last tile partial.
             _ => [(3, 32), (17, 96), (40, 544), (9, 1056), (300, 64)],
         };
@@ -1468,7 +1817,6 @@ mod tests {
             (GgmlDType::Q5_0, GgmlDType::Q8_0),
             (GgmlDType::Q5_1, GgmlDType::Q8_0),
             (GgmlDType::Q5K, GgmlDType::Q8_0),
-            (GgmlDType::Q6K, GgmlDType::Q8_0),
             (GgmlDType::Q3K, GgmlDType::Q4_0),
             (GgmlDType::Q2K, GgmlDType::Q4_0),
         ];
@@ -1485,33 +1833,45 @@ mod tests {
         Ok(())
     }
 
-    /// llama.cpp's q6_K layers run on the q8_0 kernels: every weight within rounding of a
-    /// q8_0 step of its q6_K value, over several bands of rows as well as one.
+    /// llama.cpp's q6_K layers run as stored: every weight the kernels see is the one ggml
+    /// dequantizes, with the extremes of the format (quants 0 and 63, scales -128 and 127).
     #[test]
-    fn q6k_is_requantized_to_q8_0() -> candle_core::Result<()> {
-        for (rows, cols) in [(5, 256), (17, 768), (4100, 256)] {
-            let w = matrix(rows, cols, 0.9)?;
-            let q6 = QTensor::quantize(&w, GgmlDType::Q6K)?;
-            let w6 = q6
-                .dequantize(&Device::Cpu)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            let blocks = BlockMatrix::from_qtensor(&q6)?.expect("q6_K is taken");
-            assert_eq!(blocks.ggml_dtype(), GgmlDType::Q8_0);
-            assert_eq!(blocks.dims(), (rows, cols));
-            let w8 = blocks.to_qtensor()?.dequantize(&Device::Cpu)?;
-            let w8 = w8.flatten_all()?.to_vec1::<f32>()?;
-            for (i, (b6, b8)) in w6.chunks(BLOCK).zip(w8.chunks(BLOCK)).enumerate() {
-                // Half a step, and what the step's rounding to f16 adds over 127 of them.
-                let step = b6.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
-                for (a, b) in b6.iter().zip(b8) {
-                    assert!(
-                        (a - b).abs() <= 0.6 * step,
-                        "{rows}x{cols} block {i}: {a} became {b}"
-                    );
+    fn q6k_runs_as_stored() -> candle_core::Result<()> {
+        let (rows, cols) = (20, 512);
+        let q6 = QTensor::quantize(&matrix(rows, cols, 0.9)?, GgmlDType::Q6K)?;
+        let mut bytes = q6.data()?.into_owned();
+        for (i, block) in bytes.chunks_exact_mut(Q6K_BYTES).enumerate() {
+            // Low nibbles and high bit pairs all set or clear: quants 63 or 0.
+            block[i % 128] = if i % 2 == 0 { 0xFF } else { 0 };
+            block[128 + i % 64] = if i % 2 == 0 { 0xFF } else { 0 };
+            block[192 + i % 16] = if i % 3 == 0 { 0x80 } else { 0x7F };
+        }
+        let q6 = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            GgmlDType::Q6K,
+            &bytes,
+            vec![rows, cols],
+            &Device::Cpu,
+        )?;
+        let blocks = BlockMatrix::from_qtensor(&q6)?.expect("q6_K is taken");
+        assert_eq!(blocks.ggml_dtype(), GgmlDType::Q6K);
+        assert_eq!(
+            blocks.bytes_read_per_token(),
+            rows.div_ceil(16) * 16 * cols * 7 / 8
+        );
+        let want = q6.dequantize(&Device::Cpu)?.to_vec2::<f32>()?;
+        for (r, want) in want.iter().enumerate() {
+            for (b, want) in want.chunks_exact(BLOCK).enumerate() {
+                let mut quants = [0u8; BLOCK];
+                blocks.block_quants(r, b, &mut quants);
+                let subs = lane_sub_scales(blocks.tile_block(r, b), r % TILE_ROWS);
+                let d = blocks.block_scale(r, b).to_f32();
+                for (k, (q, want)) in quants.iter().zip(want).enumerate() {
+                    let got = d * f32::from(subs[k / Q6K_SUB]) * (*q as f32 - 32.0);
+                    assert_eq!(got, *want, "row {r} block {b} column {k}");
                 }
             }
         }
+        assert_eq!(blocks.to_qtensor()?.data()?, &bytes[..]);
         Ok(())
     }
 
@@ -1522,7 +1882,7 @@ mod tests {
         for format in ALL {
             let (rows, cols) = (
                 33,
-                if format == BlockFormat::Q4K {
+                if matches!(format, BlockFormat::Q4K | BlockFormat::Q6K) {
                     1280
                 } else {
                     1376

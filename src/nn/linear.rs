@@ -20,7 +20,6 @@ use rayon::prelude::*;
 use crate::formats::weights::HostRows;
 use crate::kernels::block_matmul::{BlockFormat, BlockMatrix};
 use crate::kernels::dense_matmul::{self, DenseRows, PanelMatrix};
-use crate::Quantization;
 
 /// `y = x W^T + b` with `W` stored `[out_features, in_features]` as in PyTorch checkpoints.
 #[derive(Debug, Clone)]
@@ -145,13 +144,23 @@ impl Linear {
         self.bias.as_ref()
     }
 
-    /// Re-encodes the weight in `quantization`'s block format, or the closest one the matrix
-    /// shape allows (k-quants need rows that are a multiple of 256 wide, the others of 32).
-    /// Returns the format used; a matrix no format fits stays dense (`None`). Weights that are
-    /// quantized already keep their format.
+    /// [`Linear::quantize_to`] with `quantization`'s formats (what the model's layers take).
+    #[cfg(test)]
     pub(crate) fn quantize(
         &mut self,
-        quantization: Quantization,
+        quantization: crate::Quantization,
+    ) -> candle_core::Result<Option<GgmlDType>> {
+        self.quantize_to(quantization.candidates())
+    }
+
+    /// Re-encodes the weight in the first of the block formats `candidates` the matrix shape
+    /// allows (k-quants need rows that are a multiple of 256 wide, the others of 32; see
+    /// [`crate::Quantization::candidates`] and [`crate::Quantization::output_candidates`]).
+    /// Returns the format used; a matrix no format fits stays dense (`None`). Weights that are
+    /// quantized already keep their format.
+    pub(crate) fn quantize_to(
+        &mut self,
+        candidates: &[GgmlDType],
     ) -> candle_core::Result<Option<GgmlDType>> {
         let unpacked;
         let weight = match &self.weight {
@@ -174,7 +183,7 @@ impl Linear {
             weight.to_device(&Device::Cpu)?
         };
         let mut quantized = None;
-        for &dtype in quantization.candidates() {
+        for &dtype in candidates {
             if !cols.is_multiple_of(dtype.block_size()) {
                 continue;
             }
@@ -530,6 +539,7 @@ fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Quantization;
 
     #[test]
     fn half_weights_match_their_f32_widening() -> candle_core::Result<()> {
@@ -581,6 +591,49 @@ mod tests {
                 .concat();
             assert_eq!(&from_half.data()?[..], &banded[..], "{dtype:?} from f16");
         }
+        Ok(())
+    }
+
+    /// The 4-bit choices' output layer in q6_K keeps every weight within a step and a half of
+    /// its sub-block of 16 (a step is a 64th of its range; ggml's quantizer picks the scale
+    /// with the least squared error, which may clamp an extreme weight a step short) and
+    /// within 0.3 of a step on average (rounding alone: 0.25), blocks of equal weights
+    /// included (which candle's q4_K quantizer loses); and it runs on the block kernels.
+    #[test]
+    fn the_output_layer_of_4_bit_choices_is_q6k() -> candle_core::Result<()> {
+        let mut values: Vec<f32> = (0..8 * 512).map(|i| (i as f32 * 0.37).sin()).collect();
+        values[512..544].fill(0.25);
+        values[1040..1056].fill(-3.0);
+        let w = Tensor::from_vec(values.clone(), (8, 512), &Device::Cpu)?;
+        for q in [Quantization::Q4_0, Quantization::Q4K] {
+            let mut layer = Linear::new(w.clone(), None);
+            assert_eq!(
+                layer.quantize_to(q.output_candidates())?,
+                Some(GgmlDType::Q6K)
+            );
+            assert!(matches!(layer.weight, Weight::Blocks(_)), "{q:?}");
+            let back = layer.export_weight()?.dequantize(&Device::Cpu)?;
+            let back = back.flatten_all()?.to_vec1::<f32>()?;
+            let mut relative = 0.0;
+            for (i, (want, got)) in values.chunks(16).zip(back.chunks(16)).enumerate() {
+                let step = want.iter().fold(0f32, |m, v| m.max(v.abs())) / 32.0;
+                for (a, b) in want.iter().zip(got) {
+                    let error = (a - b).abs();
+                    assert!(error <= 1.5 * step, "{q:?} sub-block {i}: {a} became {b}");
+                    relative += error / step;
+                }
+            }
+            let mean = relative / values.len() as f32;
+            assert!(mean <= 0.3, "{q:?}: mean error {mean} steps");
+        }
+        // q8_0's output layer stays q8_0; rows too narrow for q6_K take q8_0.
+        let mut layer = Linear::new(w, None);
+        let q8 = Quantization::Q8_0.output_candidates();
+        assert_eq!(layer.quantize_to(q8)?, Some(GgmlDType::Q8_0));
+        let narrow = Tensor::from_vec(values[..16 * 224].to_vec(), (16, 224), &Device::Cpu)?;
+        let mut layer = Linear::new(narrow, None);
+        let q4 = Quantization::Q4_0.output_candidates();
+        assert_eq!(layer.quantize_to(q4)?, Some(GgmlDType::Q8_0));
         Ok(())
     }
 

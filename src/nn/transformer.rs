@@ -17,7 +17,7 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::QTensor;
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Module, Storage, Tensor};
 
 use super::linear::{export_dense, Linear};
@@ -163,9 +163,9 @@ fn from_matrix(
 }
 
 /// Quantizes one layer, saying so when its shape forces another format than the one asked for.
-fn quantize_linear(layer: &mut Linear, name: &str, quantization: Quantization) -> Result<()> {
-    let wanted = quantization.candidates()[0];
-    match layer.quantize(quantization)? {
+fn quantize_linear(layer: &mut Linear, name: &str, candidates: &[GgmlDType]) -> Result<()> {
+    let wanted = candidates[0];
+    match layer.quantize_to(candidates)? {
         Some(used) if used == wanted => {}
         Some(used) => tracing::info!(
             layer = name,
@@ -656,7 +656,7 @@ impl Block {
 
     fn quantize(&mut self, quantization: Quantization, i: usize) -> Result<()> {
         for layer in self.linears_mut() {
-            quantize_linear(layer, &format!("layer {i}"), quantization)?;
+            quantize_linear(layer, &format!("layer {i}"), quantization.candidates())?;
         }
         Ok(())
     }
@@ -751,9 +751,8 @@ impl Transformer {
             false,
             quantization.is_none(),
         )?;
-        if quantization.is_some() {
-            // The output layer's errors land on the logits directly: it keeps 8 bits.
-            quantize_linear(&mut output, names.output, Quantization::Q8_0)?;
+        if let Some(q) = quantization {
+            quantize_linear(&mut output, names.output, q.output_candidates())?;
         }
         Ok(Transformer {
             embedding,

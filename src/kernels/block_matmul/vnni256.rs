@@ -13,17 +13,17 @@
 
 use std::arch::x86_64::*;
 
-use super::x86::{add_minimums, add_scaled_block, broadcast_group};
+use super::x86::{add_minimums, add_scaled_block, broadcast_group, q6k_scaled_sums};
 use super::{Activations, BlockFormat, BLOCK, GROUP, TILE_ROWS};
 use crate::kernels::prefetch_ahead as prefetch;
 
 /// Rows one 256-bit register holds, one 32-bit lane each.
 const HALF: usize = TILE_ROWS / 2;
 
-/// Defines `$q8` (q8_0) and `$q4` (q4_0, or q4_K with `MINIMUMS`) for one encoding of the
-/// 256-bit `vpdpbusd`, `$dpbusd`, under the target features `$features`.
+/// Defines `$q8` (q8_0), `$q4` (q4_0, or q4_K with `MINIMUMS`) and `$q6k` (q6_K) for one
+/// encoding of the 256-bit `vpdpbusd`, `$dpbusd`, under the target features `$features`.
 macro_rules! kernels {
-    ($q8:ident, $q4:ident, $features:literal, $dpbusd:ident, $isa:literal) => {
+    ($q8:ident, $q4:ident, $q6k:ident, $features:literal, $dpbusd:ident, $isa:literal) => {
         /// q8_0 tile × `T` tokens, eight rows per register, on
         #[doc = $isa]
         ///
@@ -147,12 +147,80 @@ macro_rules! kernels {
             }
             out
         }
+
+        /// q6_K tile × `T` tokens, eight rows per register, two chains per sub-block pair, on
+        #[doc = $isa]
+        ///
+        /// # Safety
+        /// The CPU runs the target features this is compiled for; `tile` is whole q6_K tile
+        /// blocks, and every `acts[t]` holds at least as many blocks (quants, scales,
+        /// offsets).
+        #[target_feature(enable = $features)]
+        pub(in crate::kernels::block_matmul) unsafe fn $q6k<const T: usize>(
+            tile: &[u8],
+            acts: [&Activations; T],
+        ) -> [[f32; TILE_ROWS]; T] {
+            let bytes = BlockFormat::Q6K.tile_block_bytes();
+            let ahead = crate::kernels::block_prefetch_ahead(T);
+            let (low, top) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
+            let mut out = [[0f32; TILE_ROWS]; T];
+            for half in 0..2 {
+                let mut acc = [_mm256_setzero_ps(); T];
+                for b in 0..tile.len() / bytes {
+                    // SAFETY: tile block `b` is `bytes` long: four 64-byte runs of nibbles and
+                    // two of high bit pairs (this half's rows in bytes `32 * half..` of each),
+                    // 16 f16 scales and 32 signed sub-block scales; the activations hold block
+                    // `b` (the caller's contract).
+                    unsafe {
+                        let base = tile.as_ptr().add(b * bytes);
+                        if half == 0 {
+                            prefetch(base, ahead, bytes);
+                        }
+                        // Each chain starts at what the quants' offset adds (-32 times the half
+                        // block's activation sum), so it ends at the signed dot product.
+                        let mut dots: [[__m256i; 2]; T] = std::array::from_fn(|t| {
+                            let offsets = acts[t].q6_offsets.get_unchecked(2 * b..);
+                            [_mm256_set1_epi32(offsets[0]), _mm256_set1_epi32(offsets[1])]
+                        });
+                        for j in 0..4 {
+                            let packed = base.add(j * 64 + half * 32) as *const __m256i;
+                            let high = base.add((4 + j / 2) * 64 + half * 32) as *const __m256i;
+                            let (lo, hi) = q6k_groups!(
+                                j,
+                                _mm256_loadu_si256(packed),
+                                _mm256_loadu_si256(high),
+                                (_mm256_and_si256, _mm256_or_si256),
+                                (_mm256_srli_epi16, _mm256_slli_epi16),
+                                (low, top)
+                            );
+                            for t in 0..T {
+                                let x_lo = _mm256_set1_epi32(broadcast_group(acts[t], b, j));
+                                let x_hi = _mm256_set1_epi32(broadcast_group(acts[t], b, j + 4));
+                                dots[t][0] = $dpbusd(dots[t][0], lo, x_lo);
+                                dots[t][1] = $dpbusd(dots[t][1], hi, x_hi);
+                            }
+                        }
+                        let tail = base.add(16 * 24);
+                        let scales = tail.add(half * 2 * HALF) as *const __m128i;
+                        let scales = _mm256_cvtph_ps(_mm_loadu_si128(scales));
+                        let sums = q6k_scaled_sums(dots, tail.add(32 + half * HALF));
+                        add_scaled_block(&mut acc, sums, scales, acts, b);
+                    }
+                }
+                for t in 0..T {
+                    // SAFETY: `out[t]` holds 16 floats, 8 from `8 * half`.
+                    unsafe { _mm256_storeu_ps(out[t].as_mut_ptr().add(half * HALF), acc[t]) };
+                }
+            }
+            out
+        }
     };
 }
 
 kernels!(
     q8_0_vex,
     q4_vex,
+    q6k_vex,
     "avx2,fma,f16c,avxvnni",
     _mm256_dpbusd_avx_epi32,
     "AVX-VNNI (VEX encoding)."
@@ -160,6 +228,7 @@ kernels!(
 kernels!(
     q8_0_evex,
     q4_evex,
+    q6k_evex,
     "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
     _mm256_dpbusd_epi32,
     "AVX-512 VNNI's 256-bit form (EVEX encoding)."
