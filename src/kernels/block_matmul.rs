@@ -1410,8 +1410,11 @@ mod x86 {
                 // Each chain starts at what the quants' offset adds (32 times the half block's
                 // activation sum), so it ends at the signed dot product.
                 let mut dots: [[__m512i; 2]; T] = std::array::from_fn(|t| {
-                    let offsets = acts[t].q6_offsets.get_unchecked(2 * b..);
-                    [_mm512_set1_epi32(offsets[0]), _mm512_set1_epi32(offsets[1])]
+                    let offsets = &acts[t].q6_offsets;
+                    [
+                        _mm512_set1_epi32(*offsets.get_unchecked(2 * b)),
+                        _mm512_set1_epi32(*offsets.get_unchecked(2 * b + 1)),
+                    ]
                 });
                 for j in 0..4 {
                     let packed = _mm512_loadu_si512(base.add(j * 64) as *const __m512i);
@@ -1628,8 +1631,11 @@ mod x86 {
                         prefetch(base, ahead, bytes);
                     }
                     let mut dots: [[__m256i; 2]; T] = std::array::from_fn(|t| {
-                        let offsets = acts[t].q6_offsets.get_unchecked(2 * b..);
-                        [_mm256_set1_epi32(offsets[0]), _mm256_set1_epi32(offsets[1])]
+                        let offsets = &acts[t].q6_offsets;
+                        [
+                            _mm256_set1_epi32(*offsets.get_unchecked(2 * b)),
+                            _mm256_set1_epi32(*offsets.get_unchecked(2 * b + 1)),
+                        ]
                     });
                     // Two groups' products of at most 63 * 127 * 2 each fit 16 bits.
                     let mut pairs = [[_mm256_setzero_si256(); 2]; T];

@@ -179,8 +179,11 @@ macro_rules! kernels {
                         // Each chain starts at what the quants' offset adds (-32 times the half
                         // block's activation sum), so it ends at the signed dot product.
                         let mut dots: [[__m256i; 2]; T] = std::array::from_fn(|t| {
-                            let offsets = acts[t].q6_offsets.get_unchecked(2 * b..);
-                            [_mm256_set1_epi32(offsets[0]), _mm256_set1_epi32(offsets[1])]
+                            let offsets = &acts[t].q6_offsets;
+                            [
+                                _mm256_set1_epi32(*offsets.get_unchecked(2 * b)),
+                                _mm256_set1_epi32(*offsets.get_unchecked(2 * b + 1)),
+                            ]
                         });
                         for j in 0..4 {
                             let packed = base.add(j * 64 + half * 32) as *const __m256i;
