@@ -37,12 +37,27 @@ pub(crate) const MAX_BATCH_ROWS: usize = 64;
 /// How long a step waits at most for generations that are between two steps (sampling,
 /// streaming a token to their client) before it runs without them: without waiting, the
 /// caller that ran the last step would always queue first and run alone, and the rest would
-/// form a second batch behind it. Never more than [`GATHER_SHARE`] of the last pass's time,
-/// so a small model's sub-millisecond steps are not slowed by it.
+/// form a second batch behind it. See [`gather_wait`] for how long it waits below that.
 const GATHER_WAIT: Duration = Duration::from_millis(20);
 
-/// The most a step waits to gather, as a fraction (1 / this) of the last pass's time.
+/// A step may always wait this fraction (1 / this) of the last pass's time to gather.
 const GATHER_SHARE: u32 = 10;
+
+/// How long a step waits for the generations between two steps, given how long the last
+/// pass took and how long generations have been taking to come back after a pass
+/// ([`State::comeback`]).
+///
+/// A tenth of the pass ([`GATHER_SHARE`]) covers a large model, whose callers sample and
+/// stream a token in far less. A small model's pass is as short as that turnaround (the
+/// built-in demo model's decode step takes 60-90 microseconds on two cores, and three
+/// generations woken at its end take tens of microseconds to sample and queue again), so a
+/// tenth of it gathered 2.4 sequences a pass out of 4; there a step waits for twice the usual
+/// turnaround, but never longer than a pass, which running the stragglers apart would cost
+/// anyway.
+fn gather_wait(last_pass: Duration, comeback: Duration) -> Duration {
+    let share = last_pass / GATHER_SHARE;
+    GATHER_WAIT.min(share.max((2 * comeback).min(last_pass)))
+}
 
 /// Who is asking: requests first, background work when no request waits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +95,9 @@ struct State {
     /// How long the last pass took, and when it ended.
     last_pass: Duration,
     last_pass_end: Option<Instant>,
+    /// How long after a pass ends a decode step comes back for the next one, averaged
+    /// (exponentially, over the last eight or so): what [`gather_wait`] waits for.
+    comeback: Duration,
     /// What [`BatchCounts`] reports.
     counts: BatchCounts,
 }
@@ -167,6 +185,10 @@ impl Batcher {
             });
         }
         let mut state = self.lock();
+        if let (1, false, Some(end)) = (ids.len(), state.running, state.last_pass_end) {
+            let sample = end.elapsed().min(GATHER_WAIT);
+            state.comeback = (state.comeback * 7 + sample) / 8;
+        }
         let id = state.next_id;
         state.next_id += 1;
         state.queue.push_back(Job {
@@ -193,7 +215,7 @@ impl Batcher {
                 .count();
             // Counted from the end of the last pass, the same for every waiting caller.
             let now = Instant::now();
-            let wait = GATHER_WAIT.min(state.last_pass / GATHER_SHARE);
+            let wait = gather_wait(state.last_pass, state.comeback);
             let deadline = state.last_pass_end.map_or(now, |end| end + wait);
             if requests < state.members && now < deadline {
                 state = self
@@ -380,4 +402,25 @@ fn fail_all(batch: Vec<(Job, usize)>, reason: &str) -> Vec<(Job, Option<Result<V
             (job, Some(Err(error)))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_step_waits_for_the_usual_turnaround_but_never_a_pass_or_the_cap() {
+        let us = Duration::from_micros;
+        let ms = Duration::from_millis;
+        // A large model: a tenth of its pass, whatever the turnaround.
+        assert_eq!(gather_wait(ms(13), us(200)), us(1300));
+        // A small one: twice the turnaround, more than a tenth of the pass...
+        assert_eq!(gather_wait(us(80), us(15)), us(30));
+        // ...but never more than the pass,
+        assert_eq!(gather_wait(us(80), us(60)), us(80));
+        // nor than the cap.
+        assert_eq!(gather_wait(ms(500), ms(20)), GATHER_WAIT);
+        // No pass yet: no wait.
+        assert_eq!(gather_wait(Duration::ZERO, us(15)), Duration::ZERO);
+    }
 }
