@@ -96,7 +96,8 @@ struct State {
     last_pass: Duration,
     last_pass_end: Option<Instant>,
     /// How long after a pass ends a decode step comes back for the next one, averaged
-    /// (exponentially, over the last eight or so): what [`gather_wait`] waits for.
+    /// (exponentially, over the last eight or so; steps later than a whole pass left out):
+    /// what [`gather_wait`] waits for.
     comeback: Duration,
     /// What [`BatchCounts`] reports.
     counts: BatchCounts,
@@ -186,8 +187,12 @@ impl Batcher {
         }
         let mut state = self.lock();
         if let (1, false, Some(end)) = (ids.len(), state.running, state.last_pass_end) {
-            let sample = end.elapsed().min(GATHER_WAIT);
-            state.comeback = (state.comeback * 7 + sample) / 8;
+            // Later than a whole pass is not a turnaround: the step was somewhere else (a
+            // generation starting after an idle spell, a client that stopped reading).
+            let sample = end.elapsed();
+            if sample <= state.last_pass {
+                state.comeback = (state.comeback * 7 + sample) / 8;
+            }
         }
         let id = state.next_id;
         state.next_id += 1;
@@ -225,6 +230,7 @@ impl Batcher {
                     .0;
                 continue;
             }
+            let comeback = state.comeback;
             let batch = self.take_batch(&mut state);
             state.running = true;
             state.counts.passes += 1;
@@ -238,6 +244,7 @@ impl Batcher {
                 sequences,
                 tokens,
                 ms = elapsed.as_secs_f64() * 1e3,
+                comeback_ms = comeback.as_secs_f64() * 1e3,
                 "forward pass"
             );
             state = self.lock();
