@@ -20,7 +20,8 @@ use crate::kernels::prefetch_ahead as prefetch;
 /// Rows one 256-bit register holds, one 32-bit lane each.
 const HALF: usize = TILE_ROWS / 2;
 
-/// Defines `$q8` (q8_0), `$q4` (q4_0, or q4_K with `MINIMUMS`) and `$q6k` (q6_K) for one
+/// Defines `$q8` (q8_0), `$q4` (q4_0; q4_K with `MINIMUMS`, q5_0 with `FIFTH`, q5_K with
+/// both) and `$q6k` (q6_K) for one
 /// encoding of the 256-bit `vpdpbusd`, `$dpbusd`, under the target features `$features`.
 macro_rules! kernels {
     ($q8:ident, $q4:ident, $q6k:ident, $features:literal, $dpbusd:ident, $isa:literal) => {
@@ -76,8 +77,8 @@ macro_rules! kernels {
             out
         }
 
-        /// q4_0 (`MINIMUMS` false) or q4_K (`MINIMUMS` true) tile × `T` tokens, eight rows per
-        /// register, on
+        /// q4_0, q4_K (`MINIMUMS`), q5_0 (`FIFTH`) or q5_K (both) tile × `T` tokens, eight
+        /// rows per register, on
         #[doc = $isa]
         ///
         /// # Safety
@@ -85,18 +86,18 @@ macro_rules! kernels {
         /// of the format, and every `acts[t]` holds at least as many blocks (quants, scales,
         /// sums).
         #[target_feature(enable = $features)]
-        pub(in crate::kernels::block_matmul) unsafe fn $q4<const T: usize, const MINIMUMS: bool>(
+        pub(in crate::kernels::block_matmul) unsafe fn $q4<
+            const T: usize,
+            const MINIMUMS: bool,
+            const FIFTH: bool,
+        >(
             tile: &[u8],
             acts: [&Activations; T],
         ) -> [[f32; TILE_ROWS]; T] {
-            let format = if MINIMUMS {
-                BlockFormat::Q4K
-            } else {
-                BlockFormat::Q4_0
-            };
+            let format = BlockFormat::nibbles(MINIMUMS, FIFTH);
             let bytes = format.tile_block_bytes();
             let ahead = crate::kernels::block_prefetch_ahead(T);
-            let low = _mm256_set1_epi8(0x0F);
+            let (low, bit4) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x10));
             let mut out = [[0f32; TILE_ROWS]; T];
             for half in 0..2 {
                 let mut acc = [_mm256_setzero_ps(); T];
@@ -110,21 +111,25 @@ macro_rules! kernels {
                         if half == 0 {
                             prefetch(base, ahead, bytes);
                         }
-                        // q4_0's chain starts at what the nibbles' offset adds (-8 times the
-                        // activations' sum), so it ends at the signed dot product.
                         let mut dots: [__m256i; T] = std::array::from_fn(|t| {
-                            let offset = if MINIMUMS {
-                                0
-                            } else {
-                                *acts[t].q4_offsets.get_unchecked(b)
-                            };
-                            _mm256_set1_epi32(offset)
+                            _mm256_set1_epi32(format.chain_start(acts[t], b))
                         });
+                        let fifth = if FIFTH {
+                            _mm256_loadu_si256(base.add(4 * 64 + half * 32) as *const __m256i)
+                        } else {
+                            _mm256_setzero_si256()
+                        };
                         for j in 0..4 {
                             let packed = base.add(j * 64 + half * 32) as *const __m256i;
                             let packed = _mm256_loadu_si256(packed);
-                            let lo = _mm256_and_si256(packed, low);
-                            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(packed), low);
+                            let mut lo = _mm256_and_si256(packed, low);
+                            let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(packed), low);
+                            if FIFTH {
+                                let (first, second) =
+                                    fifth_bits!(j, fifth, (_mm256_srli_epi16, _mm256_slli_epi16));
+                                lo = _mm256_or_si256(lo, _mm256_and_si256(first, bit4));
+                                hi = _mm256_or_si256(hi, _mm256_and_si256(second, bit4));
+                            }
                             for t in 0..T {
                                 let x_lo = _mm256_set1_epi32(broadcast_group(acts[t], b, j));
                                 let x_hi = _mm256_set1_epi32(broadcast_group(acts[t], b, j + 4));
@@ -132,7 +137,8 @@ macro_rules! kernels {
                                 dots[t] = $dpbusd(dots[t], hi, x_hi);
                             }
                         }
-                        let tail = base.add(16 * BLOCK / 2 + half * 2 * HALF);
+                        let tail = TILE_ROWS * format.quant_bytes_per_block() + half * 2 * HALF;
+                        let tail = base.add(tail);
                         let scales = _mm256_cvtph_ps(_mm_loadu_si128(tail as *const __m128i));
                         add_scaled_block(&mut acc, dots, scales, acts, b);
                         if MINIMUMS {
