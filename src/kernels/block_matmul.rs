@@ -1,5 +1,5 @@
-//! Products of f32 activations with q8_0 / q4_0 / q5_0 / q4_K / q5_K / q6_K weight matrices,
-//! by kernels made for them.
+//! Products of f32 activations with q8_0 / q4_0 / q4_1 / q5_0 / q5_1 / q4_K / q5_K / q6_K
+//! weight matrices, by kernels made for them.
 //!
 //! Weights are repacked at load into tiles of 16 rows, the layout llama.cpp's CPU "repack"
 //! kernels use for the same reason: within a tile, block after block, the rows' quants are
@@ -24,11 +24,12 @@
 //! nibble runs, two in bit-pair runs, widened in registers): 7 bits a weight with the scales,
 //! against q8_0's 8.5 (llama.cpp's output layers, and the 4-bit choices' own).
 //!
-//! q5_0 and q5_K are q4_0 and q4_K with a fifth bit: it is kept in one more run of 64 bytes,
-//! a bit of each of the eight groups in each byte, and put in place in registers.
+//! q4_1's weight is `scale * q + minimum` for each block of 32, q4_K's with the minimum
+//! negated: it runs on q4_K's kernels. q5_0, q5_1 and q5_K are q4_0, q4_1 and q4_K with a
+//! fifth bit: it is kept in one more run of 64 bytes, a bit of each of the eight groups in each
+//! byte, and put in place in registers.
 //!
-//! Other ggml block formats (q4_1, q5_1, q3_K, q2_K) are requantized at load, to q8_0 from
-//! five bits or more, to q4_0 from fewer (see [`requantized_format`]).
+//! ggml's q3_K and q2_K are requantized to q4_0 at load (see [`requantized_format`]).
 //!
 //! Every path (AVX-512 VNNI, 256-bit VNNI for AVX-VNNI CPUs, AVX2 `vpmaddubsw`, portable Rust)
 //! computes each output as the same integer sums followed by the same chain of fused
@@ -112,8 +113,13 @@ pub(crate) enum BlockFormat {
     /// ggml's q4_K super-blocks of 256: an f16 scale and minimum, 6-bit scales and minimums
     /// for each block of 32, and 4-bit quants `q` with weight `scale * q - minimum`.
     Q4K,
+    /// 32 4-bit quants `q` per block, with weight `scale * q + minimum` (the minimum kept
+    /// negated, as q4_K's).
+    Q4_1,
     /// 32 5-bit quants per block, stored `w + 16`: q4_0's nibbles and a fifth bit for each.
     Q5_0,
+    /// q4_1 with 5-bit quants.
+    Q5_1,
     /// ggml's q5_K super-blocks of 256: q4_K with 5-bit quants.
     Q5K,
     /// ggml's q6_K super-blocks of 256: an f16 scale `d`, a signed 8-bit scale `s` for each
@@ -131,6 +137,8 @@ impl BlockFormat {
             GgmlDType::Q6K => Some(BlockFormat::Q6K),
             GgmlDType::Q5_0 => Some(BlockFormat::Q5_0),
             GgmlDType::Q5K => Some(BlockFormat::Q5K),
+            GgmlDType::Q4_1 => Some(BlockFormat::Q4_1),
+            GgmlDType::Q5_1 => Some(BlockFormat::Q5_1),
             _ => None,
         }
     }
@@ -143,6 +151,8 @@ impl BlockFormat {
             BlockFormat::Q6K => GgmlDType::Q6K,
             BlockFormat::Q5_0 => GgmlDType::Q5_0,
             BlockFormat::Q5K => GgmlDType::Q5K,
+            BlockFormat::Q4_1 => GgmlDType::Q4_1,
+            BlockFormat::Q5_1 => GgmlDType::Q5_1,
         }
     }
 
@@ -155,6 +165,8 @@ impl BlockFormat {
             BlockFormat::Q6K => (Q6K_BYTES, SUPER_BLOCK),
             BlockFormat::Q5_0 => (22, BLOCK),
             BlockFormat::Q5K => (Q5K_BYTES, SUPER_BLOCK),
+            BlockFormat::Q4_1 => (20, BLOCK),
+            BlockFormat::Q5_1 => (24, BLOCK),
         }
     }
 
@@ -163,19 +175,28 @@ impl BlockFormat {
     fn quant_bytes_per_block(self) -> usize {
         match self {
             BlockFormat::Q8_0 => BLOCK,
-            BlockFormat::Q4_0 | BlockFormat::Q4K => BLOCK / 2,
-            BlockFormat::Q5_0 | BlockFormat::Q5K => BLOCK / 2 + BLOCK / 8,
+            BlockFormat::Q4_0 | BlockFormat::Q4_1 | BlockFormat::Q4K => BLOCK / 2,
+            BlockFormat::Q5_0 | BlockFormat::Q5_1 | BlockFormat::Q5K => BLOCK / 2 + BLOCK / 8,
             BlockFormat::Q6K => BLOCK / 2 + BLOCK / 4,
         }
     }
 
-    /// Whether each block of 32 carries a minimum (q4_K, q5_K).
+    /// Whether each block of 32 carries a minimum (q4_1, q5_1, q4_K, q5_K).
     fn has_minimums(self) -> bool {
+        matches!(
+            self,
+            BlockFormat::Q4_1 | BlockFormat::Q5_1 | BlockFormat::Q4K | BlockFormat::Q5K
+        )
+    }
+
+    /// Whether the super-blocks' headers are kept aside to be written back (q4_K, q5_K).
+    fn has_headers(self) -> bool {
         matches!(self, BlockFormat::Q4K | BlockFormat::Q5K)
     }
 
     /// The nibble format the 4- and 5-bit kernels run for their `MINIMUMS` and `FIFTH`
-    /// parameters.
+    /// parameters (q4_1 and q5_1 tiles are laid out as q4_K's and q5_K's, so they run on the
+    /// same kernels).
     #[cfg(target_arch = "x86_64")]
     const fn nibbles(minimums: bool, fifth: bool) -> Self {
         match (minimums, fifth) {
@@ -207,6 +228,7 @@ impl BlockFormat {
     /// (q4_K) their f16 minimums or (q6_K) their two sub-block scales.
     fn tile_block_bytes(self) -> usize {
         let extra = match self {
+            BlockFormat::Q4_1 | BlockFormat::Q5_1 => 2,
             BlockFormat::Q4K | BlockFormat::Q5K | BlockFormat::Q6K => 2,
             BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q5_0 => 0,
         };
@@ -370,7 +392,7 @@ impl TileBuilder {
 /// Keeps the q4_K or q5_K super-block headers of `rows` (ggml's layout) aside, to write them
 /// back.
 fn push_q4k_headers(matrix: &mut BlockMatrix, rows: &[&[u8]]) {
-    if matrix.format.has_minimums() {
+    if matrix.format.has_headers() {
         for row in rows {
             for block in row.chunks_exact(matrix.format.ggml_block().0) {
                 matrix
@@ -429,16 +451,29 @@ fn repack_tile(
         let minimums = &mut minimums[r * blocks..][..blocks];
         let sub_scales = &mut sub_scales[r * cols / Q6K_SUB..][..cols / Q6K_SUB];
         match format {
-            BlockFormat::Q5_0 => {
-                for ((block, q), s) in row
+            BlockFormat::Q4_1 | BlockFormat::Q5_0 | BlockFormat::Q5_1 => {
+                // ggml's blocks: the f16 scale, (q4_1, q5_1) the f16 minimum, (q5_0, q5_1) 32
+                // fifth bits in a little-endian word, 16 bytes of nibbles.
+                let minimum = format.has_minimums();
+                let fifth_at = if minimum { 4 } else { 2 };
+                let nibbles_at = fifth_at + if format == BlockFormat::Q4_1 { 0 } else { 4 };
+                for ((block, q), (s, m)) in row
                     .chunks_exact(format.ggml_block().0)
                     .zip(quants.chunks_exact_mut(BLOCK))
-                    .zip(scales.iter_mut())
+                    .zip(scales.iter_mut().zip(minimums.iter_mut()))
                 {
                     *s = f16::from_le_bytes([block[0], block[1]]);
-                    let fifth = u32::from_le_bytes(block[2..6].try_into().expect("4 bytes"));
+                    if minimum {
+                        *m = -f16::from_le_bytes([block[2], block[3]]);
+                    }
+                    let fifth = match format {
+                        BlockFormat::Q4_1 => 0,
+                        _ => {
+                            u32::from_le_bytes(block[fifth_at..][..4].try_into().expect("4 bytes"))
+                        }
+                    };
                     for (i, q) in q.iter_mut().enumerate() {
-                        let nibble = (block[6 + i % 16] >> (4 * (i / 16))) & 0x0F;
+                        let nibble = (block[nibbles_at + i % 16] >> (4 * (i / 16))) & 0x0F;
                         *q = nibble | ((((fifth >> i) & 1) as u8) << 4);
                     }
                 }
@@ -508,7 +543,7 @@ fn repack_tile(
                             .copy_from_slice(&column[g * GROUP..][..GROUP]);
                     }
                 }
-                BlockFormat::Q4_0 | BlockFormat::Q4K => {
+                BlockFormat::Q4_0 | BlockFormat::Q4_1 | BlockFormat::Q4K => {
                     for j in 0..BLOCK / GROUP / 2 {
                         for i in 0..GROUP {
                             let k = j * GROUP + i;
@@ -516,7 +551,7 @@ fn repack_tile(
                         }
                     }
                 }
-                BlockFormat::Q5_0 | BlockFormat::Q5K => {
+                BlockFormat::Q5_0 | BlockFormat::Q5_1 | BlockFormat::Q5K => {
                     for j in 0..BLOCK / GROUP / 2 {
                         for i in 0..GROUP {
                             let k = j * GROUP + i;
@@ -680,13 +715,9 @@ fn pack_q6k(quants: &[u8], sub_scales: &[i8], d: f16) -> [u8; Q6K_BYTES] {
 /// The format these kernels run a ggml format they do not run as stored in, requantized at
 /// load; `None` for the ones they run as stored (and the dense ones, which are not blocks).
 ///
-/// llama.cpp's own files hold such formats: q4_1 and q5_1 (its q4_1 and q5_1 files), q3_K and
-/// q2_K (its q3_K_* and q2_K files). candle's kernels, which ran them before, were slow (785M
-/// bench model: llama.cpp's q3_K_M file's prompts at 92-97 tokens/s, against 380-399 since).
-///
-/// q4_1 and q5_1 become q8_0, 255 levels per block of 32 against their 16 and 32 (their
-/// minimum is matched as closely where a block's weights straddle zero, as trained weights
-/// do), for 70% and 42% more bytes.
+/// llama.cpp's own files hold such formats: q3_K and q2_K (its q3_K_* and q2_K files).
+/// candle's kernels, which ran them before, were slow (785M bench model: llama.cpp's q3_K_M
+/// file's prompts at 92-97 tokens/s, against 380-399 since).
 ///
 /// q3_K and q2_K (llama.cpp's smallest files) become q4_0, for 30% and 75% more bytes: 16
 /// levels against their 8 and 4, and since a q3_K weight is at most 4 of its sub-block's steps,
@@ -695,7 +726,6 @@ fn pack_q6k(quants: &[u8], sub_scales: &[i8], d: f16) -> [u8; Q6K_BYTES] {
 /// levels make such blocks common.)
 fn requantized_format(dtype: GgmlDType) -> Option<GgmlDType> {
     match dtype {
-        GgmlDType::Q4_1 | GgmlDType::Q5_1 => Some(GgmlDType::Q8_0),
         GgmlDType::Q3K | GgmlDType::Q2K => Some(GgmlDType::Q4_0),
         _ => None,
     }
@@ -810,7 +840,7 @@ impl BlockMatrix {
         let mut bytes = Vec::with_capacity(self.storage_bytes());
         let mut quants = [0u8; BLOCK];
         for row in 0..self.rows {
-            if self.format.has_minimums() {
+            if self.format.has_headers() {
                 let supers = self.cols / SUPER_BLOCK;
                 for (s, header) in self.headers[row * supers..][..supers].iter().enumerate() {
                     bytes.extend_from_slice(header);
@@ -855,8 +885,12 @@ impl BlockMatrix {
             }
             for b in 0..blocks {
                 bytes.extend_from_slice(&self.block_scale(row, b).to_le_bytes());
+                if self.format.has_minimums() {
+                    let minimum = lane_half(self.format, self.tile_block(row, b), row % 16, true);
+                    bytes.extend_from_slice(&(-minimum).to_le_bytes());
+                }
                 self.block_quants(row, b, &mut quants);
-                if self.format == BlockFormat::Q5_0 {
+                if matches!(self.format, BlockFormat::Q5_0 | BlockFormat::Q5_1) {
                     let fifth = (0..BLOCK).fold(0u32, |h, i| h | (u32::from(quants[i] >> 4) << i));
                     bytes.extend_from_slice(&fifth.to_le_bytes());
                 }
@@ -1054,6 +1088,8 @@ impl BlockMatrix {
                         BlockFormat::Q4K => x86::q4_vnni::<T, true, false>(tile, acts),
                         BlockFormat::Q5_0 => x86::q4_vnni::<T, false, true>(tile, acts),
                         BlockFormat::Q5K => x86::q4_vnni::<T, true, true>(tile, acts),
+                        BlockFormat::Q4_1 => x86::q4_vnni::<T, true, false>(tile, acts),
+                        BlockFormat::Q5_1 => x86::q4_vnni::<T, true, true>(tile, acts),
                         BlockFormat::Q6K => x86::q6k_vnni(tile, acts),
                     }
                 };
@@ -1079,6 +1115,10 @@ impl BlockMatrix {
                         (BlockFormat::Q5_0, false) => vnni256::q4_vex::<T, false, true>(tile, acts),
                         (BlockFormat::Q5K, true) => vnni256::q4_evex::<T, true, true>(tile, acts),
                         (BlockFormat::Q5K, false) => vnni256::q4_vex::<T, true, true>(tile, acts),
+                        (BlockFormat::Q4_1, true) => vnni256::q4_evex::<T, true, false>(tile, acts),
+                        (BlockFormat::Q4_1, false) => vnni256::q4_vex::<T, true, false>(tile, acts),
+                        (BlockFormat::Q5_1, true) => vnni256::q4_evex::<T, true, true>(tile, acts),
+                        (BlockFormat::Q5_1, false) => vnni256::q4_vex::<T, true, true>(tile, acts),
                         (BlockFormat::Q6K, true) => vnni256::q6k_evex(tile, acts),
                         (BlockFormat::Q6K, false) => vnni256::q6k_vex(tile, acts),
                     }
@@ -1094,6 +1134,8 @@ impl BlockMatrix {
                         BlockFormat::Q4K => x86::q4_avx2::<T, true, false>(tile, acts),
                         BlockFormat::Q5_0 => x86::q4_avx2::<T, false, true>(tile, acts),
                         BlockFormat::Q5K => x86::q4_avx2::<T, true, true>(tile, acts),
+                        BlockFormat::Q4_1 => x86::q4_avx2::<T, true, false>(tile, acts),
+                        BlockFormat::Q5_1 => x86::q4_avx2::<T, true, true>(tile, acts),
                         BlockFormat::Q6K => x86::q6k_avx2(tile, acts),
                     }
                 };
@@ -1236,8 +1278,10 @@ fn lane_quants(format: BlockFormat, block: &[u8], lane: usize) -> [u8; BLOCK] {
         };
         match format {
             BlockFormat::Q8_0 => at(group),
-            BlockFormat::Q4_0 | BlockFormat::Q4K => nibble(group),
-            BlockFormat::Q5_0 | BlockFormat::Q5K => nibble(group) | (((at(4) >> group) & 1) << 4),
+            BlockFormat::Q4_0 | BlockFormat::Q4_1 | BlockFormat::Q4K => nibble(group),
+            BlockFormat::Q5_0 | BlockFormat::Q5_1 | BlockFormat::Q5K => {
+                nibble(group) | (((at(4) >> group) & 1) << 4)
+            }
             BlockFormat::Q6K => {
                 let j = group % 4;
                 let shift = 4 * (j % 2) + 2 * (group / 4);
@@ -1284,6 +1328,7 @@ fn portable<const T: usize>(
                 *w = match format {
                     BlockFormat::Q8_0 => q as i8 as i32,
                     BlockFormat::Q4_0 => q as i32 - 8,
+                    BlockFormat::Q4_1 | BlockFormat::Q5_1 => q as i32,
                     BlockFormat::Q4K | BlockFormat::Q5K => q as i32,
                     BlockFormat::Q5_0 => q as i32 - 16,
                     BlockFormat::Q6K => q as i32 - 32,
@@ -1831,10 +1876,12 @@ mod tests {
 
     use super::*;
 
-    const ALL: [BlockFormat; 6] = [
+    const ALL: [BlockFormat; 8] = [
         BlockFormat::Q8_0,
         BlockFormat::Q4_0,
+        BlockFormat::Q4_1,
         BlockFormat::Q5_0,
+        BlockFormat::Q5_1,
         BlockFormat::Q4K,
         BlockFormat::Q5K,
         BlockFormat::Q6K,
@@ -1966,8 +2013,6 @@ mod tests {
     #[test]
     fn other_block_formats_are_requantized() -> candle_core::Result<()> {
         let formats = [
-            (GgmlDType::Q4_1, GgmlDType::Q8_0),
-            (GgmlDType::Q5_1, GgmlDType::Q8_0),
             (GgmlDType::Q3K, GgmlDType::Q4_0),
             (GgmlDType::Q2K, GgmlDType::Q4_0),
         ];
