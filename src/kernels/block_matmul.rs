@@ -156,7 +156,7 @@ impl BlockFormat {
         }
     }
 
-    /// Bytes and weights of one block as ggml stores it (q4_K, q6_K: a super-block).
+    /// Bytes and weights of one block as ggml stores it (k-quants: a super-block).
     fn ggml_block(self) -> (usize, usize) {
         match self {
             BlockFormat::Q8_0 => (34, BLOCK),
@@ -225,11 +225,11 @@ impl BlockFormat {
     }
 
     /// Bytes of one block of 32 columns of a tile: the 16 rows' quants, their f16 scales and
-    /// (q4_K) their f16 minimums or (q6_K) their two sub-block scales.
+    /// (formats with minimums) their f16 minimums or (q6_K) their two sub-block scales.
     fn tile_block_bytes(self) -> usize {
         let extra = match self {
-            BlockFormat::Q4_1 | BlockFormat::Q5_1 => 2,
-            BlockFormat::Q4K | BlockFormat::Q5K | BlockFormat::Q6K => 2,
+            BlockFormat::Q4_1 | BlockFormat::Q5_1 | BlockFormat::Q4K | BlockFormat::Q5K => 2,
+            BlockFormat::Q6K => 2,
             BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q5_0 => 0,
         };
         TILE_ROWS * (self.quant_bytes_per_block() + 2 + extra)
@@ -286,7 +286,7 @@ static DETECTED: LazyLock<KernelPath> = LazyLock::new(|| {
 const Q4K_BYTES: usize = 144;
 /// Bytes of a q4_K super-block before its quants.
 const Q4K_HEADER: usize = 16;
-/// Weights per q4_K or q6_K super-block.
+/// Weights per k-quant super-block.
 const SUPER_BLOCK: usize = 256;
 /// Bytes of a q6_K super-block: 128 of low nibbles, 64 of high bit pairs, 16 signed scales
 /// (one per 16 weights), an f16 scale.
@@ -307,8 +307,9 @@ pub(crate) struct BlockMatrix {
     /// groups 0..8 in 8 runs of 64 bytes; 4-bit formats groups `j` and `j + 4` in the low and
     /// high nibbles of run `j` of 4 (5-bit formats: their low four bits, and the fifth bit of
     /// group `g` at bit `g` of a fifth run; q6_K: their low four bits, and their top two bits
-    /// at bits `4 * (j % 2)` and `4 * (j % 2) + 2` of two more runs' run `4 + j / 2`) — then the 16 rows' f16 scales, then (q4_K) their f16 minimums or (q6_K)
-    /// their signed scales of columns 0..16, then those of columns 16..32.
+    /// at bits `4 * (j % 2)` and `4 * (j % 2) + 2` of two more runs' run `4 + j / 2`) — then
+    /// the 16 rows' f16 scales, then (formats with minimums) their f16 minimums or (q6_K) their
+    /// signed scales of columns 0..16, then those of columns 16..32.
     tiles: Vec<u8>,
     /// q4_K, q5_K: each super-block's first 16 bytes as stored, row after row, to write the
     /// original back.

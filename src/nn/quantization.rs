@@ -12,7 +12,8 @@ use crate::error::Error;
 /// These are ggml's formats (the ones llama.cpp and chatglm.cpp use): weights are stored in
 /// blocks with a scale each, and multiplied without widening them back to f32 first. The
 /// embedding table stays dense, and the output layer, whose errors land directly on the
-/// logits, keeps more bits than 4 (see [`Quantization::output_candidates`]).
+/// logits, keeps more bits than 4: q8_0 with [`Quantization::Q8_0`], q6_K (6.56 bits, as in
+/// llama.cpp's 4-bit files) with the 4-bit choices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Quantization {
