@@ -293,6 +293,9 @@ const SUPER_BLOCK: usize = 256;
 const Q6K_BYTES: usize = 210;
 /// Bytes of a q5_K super-block: q4_K's header, 32 bytes of fifth bits, 128 of nibbles.
 const Q5K_BYTES: usize = 176;
+/// Bytes of a q6_K tile block's quants (its scales follow).
+#[cfg(target_arch = "x86_64")]
+const Q6K_TILE_QUANT_BYTES: usize = TILE_ROWS * (BLOCK / 2 + BLOCK / 4);
 /// Weights per q6_K sub-block (one signed 8-bit scale each).
 const Q6K_SUB: usize = 16;
 
@@ -1368,7 +1371,9 @@ fn portable<const T: usize>(
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{quantize_row, Activations, BlockFormat, BLOCK, GROUP, TILE_ROWS};
+    use super::{
+        quantize_row, Activations, BlockFormat, BLOCK, GROUP, Q6K_TILE_QUANT_BYTES, TILE_ROWS,
+    };
     use crate::kernels::prefetch_ahead as prefetch;
 
     /// `T` tokens' activation bytes for four-weight group `group` of block `b`, broadcast to
@@ -1484,19 +1489,10 @@ mod x86 {
                 }
                 let scales =
                     _mm512_cvtph_ps(_mm256_loadu_si256(base.add(16 * BLOCK) as *const __m256i));
-                for t in 0..T {
-                    let dot = dots[t];
-                    let s = _mm512_mul_ps(scales, _mm512_set1_ps(*acts[t].scales.get_unchecked(b)));
-                    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc[t]);
-                }
+                add_scaled_block_512(&mut acc, dots, scales, acts, b);
             }
         }
-        let mut out = [[0f32; TILE_ROWS]; T];
-        for t in 0..T {
-            // SAFETY: `out[t]` holds 16 floats.
-            unsafe { _mm512_storeu_ps(out[t].as_mut_ptr(), acc[t]) };
-        }
-        out
+        store_512(acc)
     }
 
     /// q4_0, q4_K (`MINIMUMS`), q5_0 (`FIFTH`) or q5_K (both) tile × `T` tokens.
@@ -1547,26 +1543,18 @@ mod x86 {
                 }
                 let tail = base.add(TILE_ROWS * format.quant_bytes_per_block());
                 let scales = _mm512_cvtph_ps(_mm256_loadu_si256(tail as *const __m256i));
-                for t in 0..T {
-                    let act = acts[t];
-                    let dot = dots[t];
-                    let s = _mm512_mul_ps(scales, _mm512_set1_ps(*act.scales.get_unchecked(b)));
-                    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc[t]);
-                    if MINIMUMS {
-                        let minimums =
-                            _mm512_cvtph_ps(_mm256_loadu_si256(tail.add(32) as *const __m256i));
-                        let sums = _mm512_set1_ps(*act.negated_scaled_sums.get_unchecked(b));
+                add_scaled_block_512(&mut acc, dots, scales, acts, b);
+                if MINIMUMS {
+                    let minimums =
+                        _mm512_cvtph_ps(_mm256_loadu_si256(tail.add(32) as *const __m256i));
+                    for t in 0..T {
+                        let sums = _mm512_set1_ps(*acts[t].negated_scaled_sums.get_unchecked(b));
                         acc[t] = _mm512_fmadd_ps(minimums, sums, acc[t]);
                     }
                 }
             }
         }
-        let mut out = [[0f32; TILE_ROWS]; T];
-        for t in 0..T {
-            // SAFETY: `out[t]` holds 16 floats.
-            unsafe { _mm512_storeu_ps(out[t].as_mut_ptr(), acc[t]) };
-        }
-        out
+        store_512(acc)
     }
 
     /// q6_K tile × `T` tokens: two chains per token and block, one per sub-block of 16, each
@@ -1618,53 +1606,104 @@ mod x86 {
                         dots[t][1] = _mm512_dpbusd_epi32(dots[t][1], hi, x_hi);
                     }
                 }
-                let tail = base.add(16 * 24);
+                let tail = base.add(Q6K_TILE_QUANT_BYTES);
                 let scales = _mm512_cvtph_ps(_mm256_loadu_si256(tail as *const __m256i));
                 let first = _mm512_cvtepi8_epi32(_mm_loadu_si128(tail.add(32) as *const __m128i));
                 let second = _mm512_cvtepi8_epi32(_mm_loadu_si128(tail.add(48) as *const __m128i));
-                for t in 0..T {
-                    let dot = _mm512_add_epi32(
+                let sums = std::array::from_fn(|t| {
+                    _mm512_add_epi32(
                         _mm512_mullo_epi32(dots[t][0], first),
                         _mm512_mullo_epi32(dots[t][1], second),
-                    );
-                    let s = _mm512_mul_ps(scales, _mm512_set1_ps(*acts[t].scales.get_unchecked(b)));
-                    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc[t]);
-                }
+                    )
+                });
+                add_scaled_block_512(&mut acc, sums, scales, acts, b);
             }
         }
-        let mut out = [[0f32; TILE_ROWS]; T];
-        for t in 0..T {
-            // SAFETY: `out[t]` holds 16 floats.
-            unsafe { _mm512_storeu_ps(out[t].as_mut_ptr(), acc[t]) };
-        }
-        out
+        store_512(acc)
     }
 
-    /// Eight rows' q6_K integer sums for one tile block: `dots[t][h]` (sub-block `h`'s chain,
-    /// offset included) times those rows' signed scales at `sub_scales + 16 h`, added (the
-    /// 256-bit kernels' shared step).
+    /// Adds one q6_K tile block's sums to eight rows (`half` of the tile) of each token's:
+    /// `dots[t][h]` (sub-block `h`'s chain, offset included) times the rows' signed scales, added
+    /// in integers, then [`add_scaled_block`] with the rows' f16 scales (the 256-bit kernels'
+    /// shared step).
     ///
     /// # Safety
-    /// The CPU has AVX2; `sub_scales` and `sub_scales + 16` hold eight signed scales each.
-    #[target_feature(enable = "avx2")]
+    /// The CPU has AVX2, FMA and F16C; `tail` is a q6_K tile block's scales (16 f16, then 16
+    /// and 16 signed scales); every `acts[t]` holds block `b`.
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    pub(super) unsafe fn q6k_scaled_sums<const T: usize>(
+    pub(super) unsafe fn add_q6k_block<const T: usize>(
+        acc: &mut [__m256; T],
         dots: [[__m256i; 2]; T],
-        sub_scales: *const u8,
-    ) -> [__m256i; T] {
-        // SAFETY: the caller guarantees the scales.
-        let (first, second) = unsafe {
-            (
-                _mm256_cvtepi8_epi32(_mm_loadl_epi64(sub_scales as *const __m128i)),
-                _mm256_cvtepi8_epi32(_mm_loadl_epi64(sub_scales.add(16) as *const __m128i)),
-            )
-        };
-        std::array::from_fn(|t| {
-            _mm256_add_epi32(
-                _mm256_mullo_epi32(dots[t][0], first),
-                _mm256_mullo_epi32(dots[t][1], second),
-            )
-        })
+        tail: *const u8,
+        half: usize,
+        acts: [&Activations; T],
+        b: usize,
+    ) {
+        // SAFETY: the caller guarantees the scales and block `b`.
+        unsafe {
+            let scales = _mm256_cvtph_ps(_mm_loadu_si128(tail.add(half * 16) as *const __m128i));
+            let sub_scales = tail.add(2 * TILE_ROWS + half * 8);
+            let first = _mm256_cvtepi8_epi32(_mm_loadl_epi64(sub_scales as *const __m128i));
+            let second =
+                _mm256_cvtepi8_epi32(_mm_loadl_epi64(sub_scales.add(16) as *const __m128i));
+            let sums = std::array::from_fn(|t| {
+                _mm256_add_epi32(
+                    _mm256_mullo_epi32(dots[t][0], first),
+                    _mm256_mullo_epi32(dots[t][1], second),
+                )
+            });
+            add_scaled_block(acc, sums, scales, acts, b);
+        }
+    }
+
+    /// Stores eight rows (`half` of the tile) of each token's sums into `out[t]`.
+    #[target_feature(enable = "avx")]
+    #[inline]
+    pub(super) fn store_half<const T: usize>(
+        out: &mut [[f32; TILE_ROWS]; T],
+        half: usize,
+        acc: [__m256; T],
+    ) {
+        for (out, acc) in out.iter_mut().zip(acc) {
+            // SAFETY: `out` holds 16 floats, 8 from `8 * half` (`half` is 0 or 1).
+            unsafe { _mm256_storeu_ps(out[half * 8..][..8].as_mut_ptr(), acc) };
+        }
+    }
+
+    /// Adds block `b`'s integer dot products to each token's 16 sums: `acc[t] += dots[t] ·
+    /// (scales · act_scale[t])`, one fused multiply-add per lane, the chain every path
+    /// computes (the 512-bit kernels' shared step).
+    ///
+    /// # Safety
+    /// Every `acts[t]` holds block `b`'s scale.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn add_scaled_block_512<const T: usize>(
+        acc: &mut [__m512; T],
+        dots: [__m512i; T],
+        scales: __m512,
+        acts: [&Activations; T],
+        b: usize,
+    ) {
+        for t in 0..T {
+            // SAFETY: the caller guarantees block `b`.
+            let act = unsafe { *acts[t].scales.get_unchecked(b) };
+            let s = _mm512_mul_ps(scales, _mm512_set1_ps(act));
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[t]), s, acc[t]);
+        }
+    }
+
+    /// Each token's 16 sums, as the 512-bit kernels return them.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn store_512<const T: usize>(acc: [__m512; T]) -> [[f32; TILE_ROWS]; T] {
+        let mut out = [[0f32; TILE_ROWS]; T];
+        for (out, acc) in out.iter_mut().zip(acc) {
+            // SAFETY: `out` holds 16 floats.
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr(), acc) };
+        }
+        out
     }
 
     /// q8_0 tile × `T` tokens, eight rows per 256-bit register: |w| times x with w's sign.
@@ -1707,10 +1746,7 @@ mod x86 {
                     add_scaled_block(&mut acc, dots, scales, acts, b);
                 }
             }
-            for t in 0..T {
-                // SAFETY: `out[t]` holds 16 floats, 8 from `8 * half`.
-                unsafe { _mm256_storeu_ps(out[t].as_mut_ptr().add(half * 8), acc[t]) };
-            }
+            store_half(&mut out, half, acc);
         }
         out
     }
@@ -1784,10 +1820,7 @@ mod x86 {
                     }
                 }
             }
-            for t in 0..T {
-                // SAFETY: `out[t]` holds 16 floats, 8 from `8 * half`.
-                unsafe { _mm256_storeu_ps(out[t].as_mut_ptr().add(half * 8), acc[t]) };
-            }
+            store_half(&mut out, half, acc);
         }
         out
     }
@@ -1855,17 +1888,17 @@ mod x86 {
                             }
                         }
                     }
-                    let tail = base.add(16 * 24);
-                    let scales =
-                        _mm256_cvtph_ps(_mm_loadu_si128(tail.add(half * 16) as *const __m128i));
-                    let sums = q6k_scaled_sums(dots, tail.add(32 + half * 8));
-                    add_scaled_block(&mut acc, sums, scales, acts, b);
+                    add_q6k_block(
+                        &mut acc,
+                        dots,
+                        base.add(Q6K_TILE_QUANT_BYTES),
+                        half,
+                        acts,
+                        b,
+                    );
                 }
             }
-            for t in 0..T {
-                // SAFETY: `out[t]` holds 16 floats, 8 from `8 * half`.
-                unsafe { _mm256_storeu_ps(out[t].as_mut_ptr().add(half * 8), acc[t]) };
-            }
+            store_half(&mut out, half, acc);
         }
         out
     }

@@ -13,8 +13,8 @@
 
 use std::arch::x86_64::*;
 
-use super::x86::{add_minimums, add_scaled_block, broadcast_group, q6k_scaled_sums};
-use super::{Activations, BlockFormat, BLOCK, GROUP, TILE_ROWS};
+use super::x86::{add_minimums, add_q6k_block, add_scaled_block, broadcast_group, store_half};
+use super::{Activations, BlockFormat, BLOCK, GROUP, Q6K_TILE_QUANT_BYTES, TILE_ROWS};
 use crate::kernels::prefetch_ahead as prefetch;
 
 /// Rows one 256-bit register holds, one 32-bit lane each.
@@ -69,10 +69,7 @@ macro_rules! kernels {
                         add_scaled_block(&mut acc, dots, scales, acts, b);
                     }
                 }
-                for t in 0..T {
-                    // SAFETY: `out[t]` holds 16 floats, 8 from `8 * half`.
-                    unsafe { _mm256_storeu_ps(out[t].as_mut_ptr().add(half * HALF), acc[t]) };
-                }
+                store_half(&mut out, half, acc);
             }
             out
         }
@@ -146,10 +143,7 @@ macro_rules! kernels {
                         }
                     }
                 }
-                for t in 0..T {
-                    // SAFETY: `out[t]` holds 16 floats, 8 from `8 * half`.
-                    unsafe { _mm256_storeu_ps(out[t].as_mut_ptr().add(half * HALF), acc[t]) };
-                }
+                store_half(&mut out, half, acc);
             }
             out
         }
@@ -209,17 +203,11 @@ macro_rules! kernels {
                                 dots[t][1] = $dpbusd(dots[t][1], hi, x_hi);
                             }
                         }
-                        let tail = base.add(16 * 24);
-                        let scales = tail.add(half * 2 * HALF) as *const __m128i;
-                        let scales = _mm256_cvtph_ps(_mm_loadu_si128(scales));
-                        let sums = q6k_scaled_sums(dots, tail.add(32 + half * HALF));
-                        add_scaled_block(&mut acc, sums, scales, acts, b);
+                        let tail = base.add(Q6K_TILE_QUANT_BYTES);
+                        add_q6k_block(&mut acc, dots, tail, half, acts, b);
                     }
                 }
-                for t in 0..T {
-                    // SAFETY: `out[t]` holds 16 floats, 8 from `8 * half`.
-                    unsafe { _mm256_storeu_ps(out[t].as_mut_ptr().add(half * HALF), acc[t]) };
-                }
+                store_half(&mut out, half, acc);
             }
             out
         }
