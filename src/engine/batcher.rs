@@ -12,9 +12,10 @@
 //! most [`INTERLEAVED_PREFILL`] prompt tokens next to their rows, so a long prompt arriving
 //! never holds their next tokens back by more than one such chunk; otherwise prompts share
 //! chunks of the engine's full size (several prompts arriving together run in one pass).
-//! Background work (next-turn warm-ups) runs only when no request is waiting, unless a request
-//! waits for it ([`Batcher::expedite_background`]), and in chunks of [`INTERLEAVED_PREFILL`],
-//! so that a request arriving while it runs waits at most one such chunk.
+//! Background work (next-turn warm-ups) runs only while no generation is in progress, unless a
+//! request waits for it ([`Batcher::expedite_background`]), in chunks of
+//! [`INTERLEAVED_PREFILL`], and gives the model up between two layers when a request arrives
+//! while it runs: a request waits at most one layer of it.
 //!
 //! Every row is computed as it would be alone ([`Transformer::forward_batch`]), so a greedy
 //! reply is the same batched or not.
@@ -139,6 +140,9 @@ pub struct BatchCounts {
     pub passes: u64,
     /// Sequences carried, summed over the passes.
     pub sequences: u64,
+    /// Background passes given up part-way for a request that arrived while they ran (run
+    /// again later, from where they started).
+    pub background_yields: u64,
 }
 
 impl Batcher {
@@ -209,15 +213,19 @@ impl Batcher {
                 *cache = kv;
                 return result;
             }
-            if state.running {
-                state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
-                continue;
-            }
             let requests = state
                 .queue
                 .iter()
                 .filter(|j| state.priority_of(j) == Priority::Request)
                 .count();
+            // Background work waits for every generation in progress to end, not only for
+            // their queued steps: between two of their steps it would hold them back by a
+            // layer each time it started (see `run`), for work that their end makes stale
+            // anyway (a warm-up of a conversation whose next turn is already being asked).
+            if state.running || (requests == 0 && state.members > 0) {
+                state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
             // Counted from the end of the last pass, the same for every waiting caller.
             let now = Instant::now();
             let wait = gather_wait(state.last_pass, state.comeback);
@@ -231,32 +239,38 @@ impl Batcher {
                 continue;
             }
             let comeback = state.comeback;
-            let batch = self.take_batch(&mut state);
+            let (priority, batch) = self.take_batch(&mut state);
             state.running = true;
             state.counts.passes += 1;
             state.counts.sequences += batch.len() as u64;
             drop(state);
             let started = Instant::now();
             let (sequences, tokens) = (batch.len(), batch.iter().map(|(_, n)| n).sum::<usize>());
-            let outcome = self.run(batch);
+            let (outcome, yielded) = self.run(batch, priority);
             let elapsed = started.elapsed();
             tracing::trace!(
                 sequences,
                 tokens,
+                yielded,
                 ms = elapsed.as_secs_f64() * 1e3,
                 comeback_ms = comeback.as_secs_f64() * 1e3,
                 "forward pass"
             );
             state = self.lock();
             state.running = false;
-            state.last_pass = elapsed;
+            if yielded {
+                state.counts.background_yields += 1;
+            } else {
+                // A pass given up part-way says nothing of how long a pass takes.
+                state.last_pass = elapsed;
+            }
             state.last_pass_end = Some(Instant::now());
-            for (job, result) in outcome {
+            // Jobs with chunks still to run keep their places at the front, in their order.
+            for (job, result) in outcome.into_iter().rev() {
                 match result {
                     Some(result) => {
                         state.finished.insert(job.id, (job.cache, result));
                     }
-                    // A prompt with chunks still to run keeps its place at the front.
                     None => state.queue.push_front(job),
                 }
             }
@@ -280,9 +294,9 @@ impl Batcher {
 
     /// Takes the next batch off the queue, from requests if any wait, else from background
     /// work: each waiting decode step (one token) up to [`MAX_BATCH_ROWS`], and prompt tokens
-    /// up to one chunk in all, oldest prompt first. Returns each job with the number of its ids
-    /// to run now.
-    fn take_batch(&self, state: &mut State) -> Vec<(Job, usize)> {
+    /// up to one chunk in all, oldest prompt first. Returns whose batch it is and each job with
+    /// the number of its ids to run now.
+    fn take_batch(&self, state: &mut State) -> (Priority, Vec<(Job, usize)>) {
         let priority = if state
             .queue
             .iter()
@@ -324,14 +338,28 @@ impl Batcher {
             }
         }
         state.queue = rest;
-        batch
+        (priority, batch)
     }
 
-    /// Runs one batch. Each job comes back with its result when all its ids have run, or with
-    /// `None` when it has chunks left. A failure fails every job in the batch (their caches
-    /// may be part-written); a panic in the model is contained the same way, so no caller
-    /// waits forever.
-    fn run(&self, mut batch: Vec<(Job, usize)>) -> Vec<(Job, Option<Result<Vec<f32>>>)> {
+    /// Runs one batch of `priority`'s jobs. Each job comes back with its result when all its
+    /// ids have run, or with `None` when it has chunks left. A background batch gives the
+    /// model up between two layers when a request is queued meanwhile (its jobs then come back
+    /// with `None` and nothing run, and the flag says so). A failure fails every job in the
+    /// batch (their caches may be part-written); a panic in the model is contained the same
+    /// way, so no caller waits forever.
+    fn run(&self, mut batch: Vec<(Job, usize)>, priority: Priority) -> (Outcome, bool) {
+        let request_waits = || {
+            let state = self.lock();
+            state
+                .queue
+                .iter()
+                .any(|j| state.priority_of(j) == Priority::Request)
+        };
+        let never = || false;
+        let stop: &(dyn Fn() -> bool + Sync) = match priority {
+            Priority::Background => &request_waits,
+            Priority::Request => &never,
+        };
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let mut segments: Vec<Segment<'_>> = batch
                 .iter_mut()
@@ -340,14 +368,23 @@ impl Batcher {
                     cache: &mut job.cache,
                 })
                 .collect();
-            self.model.forward_batch(&mut segments)
+            self.model.forward_batch_unless(&mut segments, stop)
         }));
         let logits = match outcome {
-            Ok(Ok(logits)) => logits,
-            Ok(Err(error)) => return fail_all(batch, &error.to_string()),
-            Err(_) => return fail_all(batch, "the model panicked during a forward pass"),
+            Ok(Ok(Some(logits))) => logits,
+            Ok(Ok(None)) => {
+                return (
+                    batch.into_iter().map(|(job, _)| (job, None)).collect(),
+                    true,
+                )
+            }
+            Ok(Err(error)) => return (fail_all(batch, &error.to_string()), false),
+            Err(_) => {
+                let reason = "the model panicked during a forward pass";
+                return (fail_all(batch, reason), false);
+            }
         };
-        batch
+        let outcome = batch
             .into_iter()
             .zip(logits)
             .map(|((mut job, n), logits)| {
@@ -355,7 +392,8 @@ impl Batcher {
                 let result = (job.remaining() == 0).then_some(Ok(logits));
                 (job, result)
             })
-            .collect()
+            .collect();
+        (outcome, false)
     }
 }
 
@@ -401,7 +439,10 @@ impl Drop for Expedite<'_> {
     }
 }
 
-fn fail_all(batch: Vec<(Job, usize)>, reason: &str) -> Vec<(Job, Option<Result<Vec<f32>>>)> {
+/// Each job of a batch after it ran, with its result once all its ids have run.
+type Outcome = Vec<(Job, Option<Result<Vec<f32>>>)>;
+
+fn fail_all(batch: Vec<(Job, usize)>, reason: &str) -> Outcome {
     batch
         .into_iter()
         .map(|(job, _)| {
@@ -414,6 +455,74 @@ fn fail_all(batch: Vec<(Job, usize)>, reason: &str) -> Vec<(Job, Option<Result<V
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::synthetic::demo_model_dir;
+    use crate::Engine;
+
+    fn demo() -> Engine {
+        Engine::load(demo_model_dir().expect("demo model")).expect("loads")
+    }
+
+    /// A pass given up part-way leaves the cache as it was: run again, it gives the bits of a
+    /// pass never interrupted, and so does the step after it.
+    #[test]
+    fn a_pass_given_up_between_layers_runs_again_to_the_same_bits() -> Result<()> {
+        let engine = demo();
+        let model = &engine.model;
+        let prompt = [5u32, 17, 99, 3, 42, 8];
+        let mut whole = model.new_cache(16);
+        let expected = model.forward(&prompt, &mut whole)?;
+        let expected_next = model.forward(&[7], &mut whole)?;
+
+        let mut cache = model.new_cache(16);
+        let asked = std::sync::atomic::AtomicUsize::new(0);
+        let stop_at_once = || {
+            asked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            true
+        };
+        let given_up = model.forward_batch_unless(
+            &mut [Segment {
+                ids: &prompt,
+                cache: &mut cache,
+            }],
+            &stop_at_once,
+        )?;
+        assert!(given_up.is_none());
+        assert_eq!(asked.into_inner(), 1, "asked once, before the second layer");
+        assert_eq!(cache.len(), 0);
+
+        assert_eq!(model.forward(&prompt, &mut cache)?, expected);
+        assert_eq!(model.forward(&[7], &mut cache)?, expected_next);
+        Ok(())
+    }
+
+    /// Background work waits while a generation is in progress, even between its steps, and
+    /// runs once it has ended.
+    #[test]
+    fn background_work_waits_for_generations_in_progress() {
+        let engine = demo();
+        let batcher = &engine.batcher;
+        let member = batcher.join();
+        std::thread::scope(|scope| {
+            let background = scope.spawn(|| {
+                let mut cache = engine.model.new_cache(16);
+                batcher.forward(&[1, 2, 3], &mut cache, Priority::Background)
+            });
+            // The generation's own step runs; the background job stays queued.
+            let mut cache = engine.model.new_cache(16);
+            batcher
+                .forward(&[4, 5], &mut cache, Priority::Request)
+                .expect("the request runs");
+            std::thread::sleep(Duration::from_millis(50));
+            assert_eq!(batcher.counts().passes, 1, "only the request's pass ran");
+            assert!(!background.is_finished());
+            drop(member);
+            background
+                .join()
+                .expect("no panic")
+                .expect("the background work runs once the generation has ended");
+        });
+        assert_eq!(batcher.counts().passes, 2);
+    }
 
     #[test]
     fn a_step_waits_for_the_usual_turnaround_but_never_a_pass_or_the_cap() {

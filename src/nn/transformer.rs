@@ -890,10 +890,29 @@ impl Transformer {
     /// Every row is computed as it would be alone (the products, norms and rotations are per
     /// row, attention per sequence), so a sequence gets the same bits batched or not.
     pub(crate) fn forward_batch(&self, segments: &mut [Segment<'_>]) -> Result<Vec<Vec<f32>>> {
-        kernels::on_pool(|| self.forward_batch_on_pool(segments))
+        let logits = self.forward_batch_unless(segments, &|| false)?;
+        Ok(logits.expect("a pass that is never asked to stop finishes"))
     }
 
-    fn forward_batch_on_pool(&self, segments: &mut [Segment<'_>]) -> Result<Vec<Vec<f32>>> {
+    /// [`Transformer::forward_batch`], asking `stop` before every layer after the first
+    /// whether to give up: `None` when it said so. A pass given up leaves every cache as it
+    /// was (positions are counted only once the last layer has run; what the layers before
+    /// wrote past the end is overwritten by the next pass), so running it again later gives
+    /// the same bits. For background work, which yields the model to a request that arrives
+    /// while it runs within one layer instead of one whole pass.
+    pub(crate) fn forward_batch_unless(
+        &self,
+        segments: &mut [Segment<'_>],
+        stop: &(dyn Fn() -> bool + Sync),
+    ) -> Result<Option<Vec<Vec<f32>>>> {
+        kernels::on_pool(|| self.forward_batch_on_pool(segments, stop))
+    }
+
+    fn forward_batch_on_pool(
+        &self,
+        segments: &mut [Segment<'_>],
+        stop: &(dyn Fn() -> bool + Sync),
+    ) -> Result<Option<Vec<Vec<f32>>>> {
         let mut spans = Vec::with_capacity(segments.len());
         for segment in segments.iter() {
             let span = Span {
@@ -923,6 +942,9 @@ impl Transformer {
             .to_dtype(self.dtype)?;
         let angles = self.rotary.angles(&spans, self.dtype, &self.device)?;
         for (i, block) in self.layers.iter().enumerate() {
+            if i > 0 && stop() {
+                return Ok(None);
+            }
             let mut caches = Vec::with_capacity(segments.len());
             for (segment, span) in segments.iter_mut().zip(&spans) {
                 let layer_cache = &mut segment.cache.layers[i];
@@ -953,7 +975,7 @@ impl Transformer {
             None => last,
         };
         let logits = self.output.forward(&last)?;
-        Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+        Ok(Some(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?))
     }
 }
 
