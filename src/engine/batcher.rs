@@ -3,27 +3,33 @@
 //!
 //! On a CPU a decode step is bound by reading the weights, so a step for four conversations
 //! costs little more than a step for one; a server that ran each request on its own split the
-//! memory bandwidth between them instead. Each generation keeps its own loop (sampling, stop
-//! strings, streaming, cancellation stay where they were, on the caller's thread); only the
-//! model call is shared. A conversation joins the batch with its next step and leaves it by not
-//! coming back, so a cancelled or finished one is out within one step.
+//! memory bandwidth between them instead. A generation ([`Batcher::generate`]) hands its prompt
+//! and its sampler to the queue: the thread that runs a pass also samples each finished row's
+//! next token and queues that row's next step at once, so consecutive passes follow each other
+//! without waiting for the generations' threads to come back. Those threads read their tokens
+//! ([`Generation::next`]), turn them into text and stream it meanwhile, and run passes
+//! themselves whenever the model is idle: there is no engine thread. A generation runs at most
+//! [`MAX_AHEAD`] tokens ahead of its reader, and leaves the batch within one step once it is
+//! cancelled, has sampled a stop token or reached its length.
 //!
 //! Prompts are prefilled in chunks. While other conversations are decoding, a batch carries at
 //! most [`INTERLEAVED_PREFILL`] prompt tokens next to their rows, so a long prompt arriving
 //! never holds their next tokens back by more than one such chunk; otherwise prompts share
 //! chunks of the engine's full size (several prompts arriving together run in one pass).
-//! Background work (next-turn warm-ups) runs only while no generation is in progress, unless a
-//! request waits for it ([`Batcher::expedite_background`]), in chunks of
+//! Background work (next-turn warm-ups, [`Batcher::forward`]) runs only while no generation is
+//! in progress, unless a request waits for it ([`Batcher::expedite_background`]), in chunks of
 //! [`INTERLEAVED_PREFILL`], and gives the model up between two layers when a request arrives
 //! while it runs: a request waits at most one layer of it.
 //!
-//! Every row is computed as it would be alone ([`Transformer::forward_batch`]), so a greedy
-//! reply is the same batched or not.
+//! Every row is computed as it would be alone ([`Transformer::forward_batch`]) and each
+//! generation samples with its own seeded sampler, so a reply is the same batched or not.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use crate::chat::request::FinishReason;
+use crate::engine::sampling::Sampler;
 use crate::error::{Error, Result};
 use crate::nn::transformer::{KvCache, Segment, Transformer};
 
@@ -35,30 +41,11 @@ pub(crate) const INTERLEAVED_PREFILL: usize = 32;
 /// Most sequences one batched step decodes; more wait for the next step.
 pub(crate) const MAX_BATCH_ROWS: usize = 64;
 
-/// How long a step waits at most for generations that are between two steps (sampling,
-/// streaming a token to their client) before it runs without them: without waiting, the
-/// caller that ran the last step would always queue first and run alone, and the rest would
-/// form a second batch behind it. See [`gather_wait`] for how long it waits below that.
-const GATHER_WAIT: Duration = Duration::from_millis(20);
-
-/// A step may always wait this fraction (1 / this) of the last pass's time to gather.
-const GATHER_SHARE: u32 = 10;
-
-/// How long a step waits for the generations between two steps, given how long the last
-/// pass took and how long generations have been taking to come back after a pass
-/// ([`State::comeback`]).
-///
-/// A tenth of the pass ([`GATHER_SHARE`]) covers a large model, whose callers sample and
-/// stream a token in far less. A small model's pass is as short as that turnaround (the
-/// built-in demo model's decode step takes 60-90 microseconds on two cores, and three
-/// generations woken at its end take tens of microseconds to sample and queue again), so a
-/// tenth of it gathered 2.4 sequences a pass out of 4; there a step waits for twice the usual
-/// turnaround, but never longer than a pass, which running the stragglers apart would cost
-/// anyway.
-fn gather_wait(last_pass: Duration, comeback: Duration) -> Duration {
-    let share = last_pass / GATHER_SHARE;
-    GATHER_WAIT.min(share.max((2 * comeback).min(last_pass)))
-}
+/// Tokens a generation may sample before its reader has taken them: beyond that it sits out
+/// of the batch until the reader catches up, so a client that stops reading stops its
+/// generation (as it did when each generation stepped on its own thread) instead of having it
+/// run on to its length in the others' passes.
+pub(crate) const MAX_AHEAD: usize = 4;
 
 /// Who is asking: requests first, background work when no request waits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,8 +69,7 @@ struct State {
     queue: VecDeque<Job>,
     /// Whether some caller is running a batch now.
     running: bool,
-    /// Generations in progress (see [`Batcher::join`]): how many requests' steps a batch
-    /// should gather.
+    /// Generations in progress, from [`Batcher::generate`] until their end is handed over.
     members: usize,
     /// Of those, the ones past their prompt: a prompt runs in small chunks while there are
     /// any, so that their next tokens are not held back.
@@ -91,15 +77,15 @@ struct State {
     /// Requests waiting for background work (see [`Batcher::expedite_background`]): while
     /// there are any, background jobs run as requests do.
     expedited: usize,
+    /// Results of [`Batcher::forward`] jobs, by job id.
     finished: HashMap<u64, (KvCache, Result<Vec<f32>>)>,
+    /// What each generation's reader has yet to take, by job id; gone once its reader is.
+    events: HashMap<u64, VecDeque<Event>>,
+    /// Generations [`MAX_AHEAD`] tokens ahead of their readers, out of the queue until read.
+    parked: HashMap<u64, Job>,
+    /// Generations asked to stop while their job was in a pass: ended when it comes back.
+    cancelled: HashSet<u64>,
     next_id: u64,
-    /// How long the last pass took, and when it ended.
-    last_pass: Duration,
-    last_pass_end: Option<Instant>,
-    /// How long after a pass ends a decode step comes back for the next one, averaged
-    /// (exponentially, over the last eight or so; steps later than a whole pass left out):
-    /// what [`gather_wait`] waits for.
-    comeback: Duration,
     /// What [`BatchCounts`] reports.
     counts: BatchCounts,
 }
@@ -112,6 +98,44 @@ impl State {
             job.priority
         }
     }
+
+    fn requests_queued(&self) -> usize {
+        self.queue
+            .iter()
+            .filter(|j| self.priority_of(j) == Priority::Request)
+            .count()
+    }
+
+    /// Hands a generation's event to its reader, if it still has one.
+    fn deliver(&mut self, id: u64, event: Event) {
+        if let Some(events) = self.events.get_mut(&id) {
+            events.push_back(event);
+        }
+    }
+
+    /// Ends generation `job` with `reason`: its reader gets its cache back.
+    fn end(&mut self, mut job: Job, reason: FinishReason) {
+        let decode = job.decode.take().expect("a generation's job");
+        self.leave(&decode);
+        let event = Event::End {
+            reason,
+            cache: job.cache,
+            context: decode.context,
+        };
+        self.deliver(job.id, event);
+    }
+
+    /// Ends generation `job` with a failed pass.
+    fn fail(&mut self, mut job: Job, error: Error) {
+        let decode = job.decode.take().expect("a generation's job");
+        self.leave(&decode);
+        self.deliver(job.id, Event::Failed(error));
+    }
+
+    fn leave(&mut self, decode: &Decode) {
+        self.members -= 1;
+        self.decoding -= usize::from(decode.produced > 0);
+    }
 }
 
 #[derive(Debug)]
@@ -122,12 +146,62 @@ struct Job {
     done: usize,
     cache: KvCache,
     priority: Priority,
+    /// How a generation goes on from its logits; `None` for a [`Batcher::forward`] job.
+    decode: Option<Decode>,
 }
 
 impl Job {
     fn remaining(&self) -> usize {
         self.ids.len() - self.done
     }
+}
+
+/// How a generation goes on from each pass's logits: its sampler, what it has seen, and when it
+/// ends. Owned by its job, and run by whichever thread ran the pass.
+#[derive(Debug)]
+pub(crate) struct Decode {
+    sampler: Sampler,
+    context: Vec<u32>,
+    stop_ids: Vec<u32>,
+    max_new: usize,
+    produced: usize,
+}
+
+impl Decode {
+    /// Samples with `sampler` after `context` (the prompt: what the repetition penalty looks
+    /// at first); a token in `stop_ids` ends the reply unseen, and `max_new` tokens end it
+    /// (the first one is always sampled).
+    pub(crate) fn new(
+        sampler: Sampler,
+        context: Vec<u32>,
+        stop_ids: Vec<u32>,
+        max_new: usize,
+    ) -> Self {
+        Decode {
+            sampler,
+            context,
+            stop_ids,
+            max_new,
+            produced: 0,
+        }
+    }
+}
+
+/// What a generation's reader gets ([`Generation::next`]).
+#[derive(Debug)]
+pub(crate) enum Event {
+    /// The reply's next token.
+    Token(u32),
+    /// The generation is over: a stop token (not delivered), its length, or a cancellation.
+    /// `cache` holds the keys and values of `context[..cache.len()]`, where `context` is the
+    /// prompt and every token delivered.
+    End {
+        reason: FinishReason,
+        cache: KvCache,
+        context: Vec<u32>,
+    },
+    /// A forward pass failed; the cache, possibly part-written, is dropped.
+    Failed(Error),
 }
 
 /// How many forward passes an [`Engine`](crate::Engine) ran and how many sequences they
@@ -145,6 +219,17 @@ pub struct BatchCounts {
     pub background_yields: u64,
 }
 
+/// What became of one job in a pass.
+enum Ran {
+    /// A [`Batcher::forward`] job's ids have all run: the logits after the last one.
+    Logits(Vec<f32>),
+    /// A generation's prompt or step has run: the token it sampled next.
+    Sampled(u32),
+    /// Ids are left to run: a prompt's next chunks, or a background pass given up.
+    Pending,
+    Failed(Error),
+}
+
 impl Batcher {
     /// A queue in front of `model`; a prompt alone runs in chunks of `chunk` tokens.
     pub(crate) fn new(model: Arc<Transformer>, chunk: usize) -> Self {
@@ -156,18 +241,71 @@ impl Batcher {
         }
     }
 
-    /// Registers a generation for as long as the returned guard lives, so that each step
-    /// waits (at most [`GATHER_WAIT`]) for its next forward pass before running.
-    pub(crate) fn join(&self) -> Member<'_> {
-        self.lock().members += 1;
-        Member {
-            batcher: self,
-            decoding: false,
-        }
-    }
-
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn check(&self, ids: &[u32], cache: &KvCache) -> Result<()> {
+        if ids.is_empty() {
+            return Err(Error::invalid("ids", 0, "at least one token is needed"));
+        }
+        let limit = self.model.spec().max_positions;
+        if cache.len() + ids.len() > limit {
+            return Err(Error::PromptTooLong {
+                prompt_tokens: cache.len() + ids.len(),
+                limit,
+            });
+        }
+        Ok(())
+    }
+
+    /// Queues `job` under a new id and returns the state, still locked, and the id.
+    fn queue(
+        &self,
+        ids: &[u32],
+        cache: KvCache,
+        priority: Priority,
+        decode: Option<Decode>,
+    ) -> (MutexGuard<'_, State>, u64) {
+        let mut state = self.lock();
+        let id = state.next_id;
+        state.next_id += 1;
+        state.queue.push_back(Job {
+            id,
+            ids: ids.to_vec(),
+            done: 0,
+            cache,
+            priority,
+            decode,
+        });
+        self.changed.notify_all();
+        (state, id)
+    }
+
+    /// Starts a generation: runs `prompt` at positions `cache.len()..` of `cache`, batched
+    /// with whatever else is queued, then samples and runs one token per step as `decode`
+    /// says, until it ends. Read its tokens with [`Generation::next`]; the calling thread runs
+    /// passes for everyone while it waits for them.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] for an empty prompt, [`Error::PromptTooLong`] past the
+    /// model's context.
+    pub(crate) fn generate(
+        &self,
+        prompt: &[u32],
+        cache: KvCache,
+        decode: Decode,
+    ) -> Result<Generation<'_>> {
+        self.check(prompt, &cache)?;
+        let (mut state, id) = self.queue(prompt, cache, Priority::Request, Some(decode));
+        state.members += 1;
+        state.events.insert(id, VecDeque::new());
+        Ok(Generation {
+            batcher: self,
+            id,
+            ended: false,
+        })
     }
 
     /// Runs `ids` at positions `cache.len()..` of `cache`, batched with whatever else is
@@ -179,103 +317,94 @@ impl Batcher {
         cache: &mut KvCache,
         priority: Priority,
     ) -> Result<Vec<f32>> {
-        if ids.is_empty() {
-            return Err(Error::invalid("ids", 0, "at least one token is needed"));
-        }
-        let limit = self.model.spec().max_positions;
-        if cache.len() + ids.len() > limit {
-            return Err(Error::PromptTooLong {
-                prompt_tokens: cache.len() + ids.len(),
-                limit,
-            });
-        }
-        let mut state = self.lock();
-        if let (1, false, Some(end)) = (ids.len(), state.running, state.last_pass_end) {
-            // Later than a whole pass is not a turnaround: the step was somewhere else (a
-            // generation starting after an idle spell, a client that stopped reading).
-            let sample = end.elapsed();
-            if sample <= state.last_pass {
-                state.comeback = (state.comeback * 7 + sample) / 8;
-            }
-        }
-        let id = state.next_id;
-        state.next_id += 1;
-        state.queue.push_back(Job {
-            id,
-            ids: ids.to_vec(),
-            done: 0,
-            cache: std::mem::take(cache),
-            priority,
-        });
-        self.changed.notify_all();
+        self.check(ids, cache)?;
+        let (mut state, id) = self.queue(ids, std::mem::take(cache), priority, None);
         loop {
             if let Some((kv, result)) = state.finished.remove(&id) {
                 *cache = kv;
                 return result;
             }
-            let requests = state
-                .queue
-                .iter()
-                .filter(|j| state.priority_of(j) == Priority::Request)
-                .count();
-            // Background work waits for every generation in progress to end, not only for
-            // their queued steps: between two of their steps it would hold them back by a
-            // layer each time it started (see `run`), for work that their end makes stale
-            // anyway (a warm-up of a conversation whose next turn is already being asked).
-            if state.running || (requests == 0 && state.members > 0) {
-                state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
-                continue;
-            }
-            // Counted from the end of the last pass, the same for every waiting caller.
-            let now = Instant::now();
-            let wait = gather_wait(state.last_pass, state.comeback);
-            let deadline = state.last_pass_end.map_or(now, |end| end + wait);
-            if requests < state.members && now < deadline {
-                state = self
-                    .changed
-                    .wait_timeout(state, deadline - now)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
-                continue;
-            }
-            let comeback = state.comeback;
-            let (priority, batch) = self.take_batch(&mut state);
-            state.running = true;
-            state.counts.passes += 1;
-            state.counts.sequences += batch.len() as u64;
-            drop(state);
-            let started = Instant::now();
-            let (sequences, tokens) = (batch.len(), batch.iter().map(|(_, n)| n).sum::<usize>());
-            let (outcome, yielded) = self.run(batch, priority);
-            let elapsed = started.elapsed();
-            tracing::trace!(
-                sequences,
-                tokens,
-                yielded,
-                ms = elapsed.as_secs_f64() * 1e3,
-                comeback_ms = comeback.as_secs_f64() * 1e3,
-                "forward pass"
-            );
-            state = self.lock();
-            state.running = false;
-            if yielded {
-                state.counts.background_yields += 1;
-            } else {
-                // A pass given up part-way says nothing of how long a pass takes.
-                state.last_pass = elapsed;
-            }
-            state.last_pass_end = Some(Instant::now());
-            // Jobs with chunks still to run keep their places at the front, in their order.
-            for (job, result) in outcome.into_iter().rev() {
-                match result {
-                    Some(result) => {
-                        state.finished.insert(job.id, (job.cache, result));
+            state = self.step(state);
+        }
+    }
+
+    /// Runs the next batch if the model is idle and something may run, else waits until the
+    /// state changes. Returns with the state locked again.
+    fn step<'a>(&'a self, mut state: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        // Background work waits for every generation in progress to end, not only for their
+        // queued steps: it would hold them back by a layer each time it started (see `run`),
+        // for work that their end makes stale anyway (a warm-up of a conversation whose next
+        // turn is already being asked).
+        if state.running
+            || state.queue.is_empty()
+            || (state.requests_queued() == 0 && state.members > 0)
+        {
+            return self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        let (priority, batch) = self.take_batch(&mut state);
+        state.running = true;
+        state.counts.passes += 1;
+        state.counts.sequences += batch.len() as u64;
+        drop(state);
+        let started = Instant::now();
+        let (sequences, tokens) = (batch.len(), batch.iter().map(|(_, n)| n).sum::<usize>());
+        let (outcome, yielded) = self.run(batch, priority);
+        tracing::trace!(
+            sequences,
+            tokens,
+            yielded,
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "forward pass"
+        );
+        let mut state = self.lock();
+        state.running = false;
+        state.counts.background_yields += u64::from(yielded);
+        // Jobs with chunks still to run keep their places at the front, in their order; the
+        // generations going on queue up behind everything waiting.
+        let mut front = Vec::new();
+        for (mut job, ran) in outcome {
+            let cancelled = state.cancelled.remove(&job.id);
+            match ran {
+                Ran::Logits(logits) => {
+                    state.finished.insert(job.id, (job.cache, Ok(logits)));
+                }
+                Ran::Failed(error) if job.decode.is_some() => state.fail(job, error),
+                Ran::Failed(error) => {
+                    state.finished.insert(job.id, (job.cache, Err(error)));
+                }
+                _ if cancelled => state.end(job, FinishReason::Cancelled),
+                Ran::Pending => front.push(job),
+                Ran::Sampled(token) => {
+                    let decode = job.decode.as_mut().expect("a generation's job");
+                    if decode.stop_ids.contains(&token) {
+                        state.end(job, FinishReason::Stop);
+                        continue;
                     }
-                    None => state.queue.push_front(job),
+                    decode.context.push(token);
+                    decode.produced += 1;
+                    let (first, done) = (decode.produced == 1, decode.produced >= decode.max_new);
+                    state.decoding += usize::from(first);
+                    state.deliver(job.id, Event::Token(token));
+                    if done {
+                        state.end(job, FinishReason::Length);
+                        continue;
+                    }
+                    job.ids = vec![token];
+                    job.done = 0;
+                    let unread = state.events.get(&job.id).map_or(0, VecDeque::len);
+                    if unread >= MAX_AHEAD {
+                        state.parked.insert(job.id, job);
+                    } else {
+                        state.queue.push_back(job);
+                    }
                 }
             }
-            self.changed.notify_all();
         }
+        for job in front.into_iter().rev() {
+            state.queue.push_front(job);
+        }
+        self.changed.notify_all();
+        state
     }
 
     /// Runs background work as requests for as long as the returned guard lives: for a
@@ -297,20 +426,16 @@ impl Batcher {
     /// up to one chunk in all, oldest prompt first. Returns whose batch it is and each job with
     /// the number of its ids to run now.
     fn take_batch(&self, state: &mut State) -> (Priority, Vec<(Job, usize)>) {
-        let priority = if state
-            .queue
-            .iter()
-            .any(|j| state.priority_of(j) == Priority::Request)
-        {
+        let priority = if state.requests_queued() > 0 {
             Priority::Request
         } else {
             Priority::Background
         };
-        // Generations past their prompt (decoding now, or due back after sampling) get their
-        // next step after one small chunk of prompt tokens, not after a whole one. Background
-        // work always runs in small chunks: a request arriving meanwhile waits for the pass
-        // under way, and a warm-up of a long reply in one pass held a burst of new requests
-        // back by 0.7 s (785M f16), a tenth of their whole replies.
+        // Generations past their prompt get their next step after one small chunk of prompt
+        // tokens, not after a whole one. Background work always runs in small chunks: a
+        // request arriving meanwhile waits for the pass under way, and a warm-up of a long
+        // reply in one pass held a burst of new requests back by 0.7 s (785M f16), a tenth of
+        // their whole replies.
         let decoders_waiting = state
             .queue
             .iter()
@@ -341,20 +466,13 @@ impl Batcher {
         (priority, batch)
     }
 
-    /// Runs one batch of `priority`'s jobs. Each job comes back with its result when all its
-    /// ids have run, or with `None` when it has chunks left. A background batch gives the
-    /// model up between two layers when a request is queued meanwhile (its jobs then come back
-    /// with `None` and nothing run, and the flag says so). A failure fails every job in the
-    /// batch (their caches may be part-written); a panic in the model is contained the same
-    /// way, so no caller waits forever.
-    fn run(&self, mut batch: Vec<(Job, usize)>, priority: Priority) -> (Outcome, bool) {
-        let request_waits = || {
-            let state = self.lock();
-            state
-                .queue
-                .iter()
-                .any(|j| state.priority_of(j) == Priority::Request)
-        };
+    /// Runs one batch of `priority`'s jobs and samples each generation whose ids have all
+    /// run. A background batch gives the model up between two layers when a request is queued
+    /// meanwhile (its jobs then come back pending with nothing run, and the flag says so). A
+    /// failure fails every job in the batch (their caches may be part-written); a panic in
+    /// the model is contained the same way, so no caller waits forever.
+    fn run(&self, mut batch: Vec<(Job, usize)>, priority: Priority) -> (Vec<(Job, Ran)>, bool) {
+        let request_waits = || self.lock().requests_queued() > 0;
         let never = || false;
         let stop: &(dyn Fn() -> bool + Sync) = match priority {
             Priority::Background => &request_waits,
@@ -370,59 +488,130 @@ impl Batcher {
                 .collect();
             self.model.forward_batch_unless(&mut segments, stop)
         }));
+        let failed = |batch: Vec<(Job, usize)>, reason: &str| {
+            let jobs = batch.into_iter().map(|(job, _)| {
+                let error = Error::Compute(candle_core::Error::Msg(reason.to_string()));
+                (job, Ran::Failed(error))
+            });
+            (jobs.collect(), false)
+        };
         let logits = match outcome {
             Ok(Ok(Some(logits))) => logits,
             Ok(Ok(None)) => {
-                return (
-                    batch.into_iter().map(|(job, _)| (job, None)).collect(),
-                    true,
-                )
+                let pending = batch.into_iter().map(|(job, _)| (job, Ran::Pending));
+                return (pending.collect(), true);
             }
-            Ok(Err(error)) => return (fail_all(batch, &error.to_string()), false),
-            Err(_) => {
-                let reason = "the model panicked during a forward pass";
-                return (fail_all(batch, reason), false);
-            }
+            Ok(Err(error)) => return failed(batch, &error.to_string()),
+            Err(_) => return failed(batch, "the model panicked during a forward pass"),
         };
-        let outcome = batch
+        let ran = batch
             .into_iter()
             .zip(logits)
-            .map(|((mut job, n), logits)| {
+            .map(|((mut job, n), mut logits)| {
                 job.done += n;
-                let result = (job.remaining() == 0).then_some(Ok(logits));
-                (job, result)
+                let ran = if job.remaining() > 0 {
+                    Ran::Pending
+                } else if let Some(decode) = &mut job.decode {
+                    Ran::Sampled(decode.sampler.next(&mut logits, &decode.context))
+                } else {
+                    Ran::Logits(logits)
+                };
+                (job, ran)
             })
             .collect();
-        (outcome, false)
+        (ran, false)
     }
 }
 
-/// A generation in progress (see [`Batcher::join`]).
+/// A generation under way (see [`Batcher::generate`]): its reader's end.
 #[derive(Debug)]
-pub(crate) struct Member<'a> {
+pub(crate) struct Generation<'a> {
     batcher: &'a Batcher,
-    decoding: bool,
+    id: u64,
+    /// Whether the end has been handed over.
+    ended: bool,
 }
 
-impl Member<'_> {
-    /// Says the prompt is done: from now on this generation asks for one token per step, and
-    /// other prompts run in small chunks so as not to hold it back.
-    pub(crate) fn decoding(&mut self) {
-        if !self.decoding {
-            self.decoding = true;
-            self.batcher.lock().decoding += 1;
+impl Generation<'_> {
+    /// The next event: a token, or the end. Blocks until there is one, running passes (for
+    /// every generation) while the model is idle. After the end, returns the end's reason
+    /// as [`Event::Failed`]: there is nothing more.
+    pub(crate) fn next(&mut self) -> Event {
+        if self.ended {
+            return Event::Failed(Error::invalid("generation", "ended", "already ended"));
+        }
+        let mut state = self.batcher.lock();
+        loop {
+            let events = state.events.get_mut(&self.id);
+            if let Some(event) = events.and_then(VecDeque::pop_front) {
+                if matches!(event, Event::Token(_)) {
+                    // Read: a generation parked ahead of its reader may go on.
+                    if let Some(job) = state.parked.remove(&self.id) {
+                        state.queue.push_back(job);
+                        self.batcher.changed.notify_all();
+                    }
+                } else {
+                    self.ended = true;
+                    state.events.remove(&self.id);
+                }
+                return event;
+            }
+            state = self.batcher.step(state);
         }
     }
+
+    /// Stops the generation before its next step and waits for its end: the reason given
+    /// (what the reader decided), the cache and the ids it holds a prefix of, as
+    /// [`Event::End`] says. Tokens sampled meanwhile are dropped.
+    ///
+    /// # Errors
+    ///
+    /// The error of a pass that failed meanwhile.
+    pub(crate) fn stop(mut self) -> Result<(KvCache, Vec<u32>)> {
+        self.cancel();
+        loop {
+            match self.next() {
+                Event::Token(_) => {}
+                Event::End { cache, context, .. } => return Ok((cache, context)),
+                Event::Failed(error) => return Err(error),
+            }
+        }
+    }
+
+    /// Ends the generation now when its job is waiting (queued or parked), else when its pass
+    /// comes back.
+    fn cancel(&mut self) {
+        if self.ended {
+            return;
+        }
+        let mut state = self.batcher.lock();
+        let queued = state.queue.iter().position(|j| j.id == self.id);
+        let job = match queued {
+            Some(i) => state.queue.remove(i),
+            None => state.parked.remove(&self.id),
+        };
+        let ended = state
+            .events
+            .get(&self.id)
+            .is_some_and(|events| events.iter().any(|e| !matches!(e, Event::Token(_))));
+        match job {
+            Some(job) => state.end(job, FinishReason::Cancelled),
+            None if !ended => {
+                state.cancelled.insert(self.id);
+            }
+            None => {}
+        }
+        self.batcher.changed.notify_all();
+    }
 }
 
-impl Drop for Member<'_> {
+impl Drop for Generation<'_> {
     fn drop(&mut self) {
-        let mut state = self.batcher.lock();
-        state.members -= 1;
-        state.decoding -= usize::from(self.decoding);
-        drop(state);
-        // A step gathering for this generation need not wait for it any longer.
-        self.batcher.changed.notify_all();
+        if !self.ended {
+            self.cancel();
+            // Nobody reads its end: the cache is dropped when the job comes back.
+            self.batcher.lock().events.remove(&self.id);
+        }
     }
 }
 
@@ -439,21 +628,10 @@ impl Drop for Expedite<'_> {
     }
 }
 
-/// Each job of a batch after it ran, with its result once all its ids have run.
-type Outcome = Vec<(Job, Option<Result<Vec<f32>>>)>;
-
-fn fail_all(batch: Vec<(Job, usize)>, reason: &str) -> Outcome {
-    batch
-        .into_iter()
-        .map(|(job, _)| {
-            let error = Error::Compute(candle_core::Error::Msg(reason.to_string()));
-            (job, Some(Err(error)))
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::engine::synthetic::demo_model_dir;
     use crate::Engine;
@@ -495,48 +673,108 @@ mod tests {
         Ok(())
     }
 
-    /// Background work waits while a generation is in progress, even between its steps, and
-    /// runs once it has ended.
+    fn greedy(prompt: &[u32], max_new: usize) -> Decode {
+        use crate::chat::request::Sampling;
+        Decode::new(
+            Sampler::new(Sampling::ArgMax, 1.0, 0),
+            prompt.to_vec(),
+            Vec::new(),
+            max_new,
+        )
+    }
+
+    /// Background work waits while a generation is in progress, even while that generation
+    /// has no step queued (here: parked ahead of a reader that does not read), and runs once it
+    /// has ended. The background caller meanwhile runs the generation's passes itself.
     #[test]
     fn background_work_waits_for_generations_in_progress() {
         let engine = demo();
         let batcher = &engine.batcher;
-        let member = batcher.join();
+        let prompt = [4u32, 5, 6];
+        let generation = batcher
+            .generate(&prompt, engine.model.new_cache(16), greedy(&prompt, 1000))
+            .expect("starts");
         std::thread::scope(|scope| {
             let background = scope.spawn(|| {
                 let mut cache = engine.model.new_cache(16);
                 batcher.forward(&[1, 2, 3], &mut cache, Priority::Background)
             });
-            // The generation's own step runs; the background job stays queued.
-            let mut cache = engine.model.new_cache(16);
-            batcher
-                .forward(&[4, 5], &mut cache, Priority::Request)
-                .expect("the request runs");
-            std::thread::sleep(Duration::from_millis(50));
-            assert_eq!(batcher.counts().passes, 1, "only the request's pass ran");
+            std::thread::sleep(Duration::from_millis(100));
+            assert_eq!(
+                batcher.counts().passes,
+                MAX_AHEAD as u64,
+                "the generation ran until it was a reader's read ahead, and nothing else ran"
+            );
             assert!(!background.is_finished());
-            drop(member);
+            drop(generation);
             background
                 .join()
                 .expect("no panic")
                 .expect("the background work runs once the generation has ended");
         });
-        assert_eq!(batcher.counts().passes, 2);
+        assert_eq!(batcher.counts().passes, MAX_AHEAD as u64 + 1);
     }
 
+    /// A reader gets the tokens a model call per token gives, and its end: the cache holds
+    /// the prompt and every token but the last, which `context` ends with.
     #[test]
-    fn a_step_waits_for_the_usual_turnaround_but_never_a_pass_or_the_cap() {
-        let us = Duration::from_micros;
-        let ms = Duration::from_millis;
-        // A large model: a tenth of its pass, whatever the turnaround.
-        assert_eq!(gather_wait(ms(13), us(200)), us(1300));
-        // A small one: twice the turnaround, more than a tenth of the pass...
-        assert_eq!(gather_wait(us(80), us(15)), us(30));
-        // ...but never more than the pass,
-        assert_eq!(gather_wait(us(80), us(60)), us(80));
-        // nor than the cap.
-        assert_eq!(gather_wait(ms(500), ms(20)), GATHER_WAIT);
-        // No pass yet: no wait.
-        assert_eq!(gather_wait(Duration::ZERO, us(15)), Duration::ZERO);
+    fn a_generation_reads_the_greedy_tokens_and_gets_its_cache_back() -> Result<()> {
+        let engine = demo();
+        let prompt = [9u32, 8, 7, 6];
+        let mut expected = Vec::new();
+        let mut cache = engine.model.new_cache(16);
+        let mut logits = engine.model.forward(&prompt, &mut cache)?;
+        for _ in 0..5 {
+            let token = crate::engine::sampling::argmax(&logits);
+            expected.push(token);
+            logits = engine.model.forward(&[token], &mut cache)?;
+        }
+        let mut generation =
+            engine
+                .batcher
+                .generate(&prompt, engine.model.new_cache(16), greedy(&prompt, 5))?;
+        let mut got = Vec::new();
+        let (reason, cache, context) = loop {
+            match generation.next() {
+                Event::Token(token) => got.push(token),
+                Event::End {
+                    reason,
+                    cache,
+                    context,
+                } => break (reason, cache, context),
+                Event::Failed(error) => return Err(error),
+            }
+        };
+        assert_eq!(got, expected);
+        assert_eq!(reason, FinishReason::Length);
+        assert_eq!(context, [&prompt[..], &expected].concat());
+        assert_eq!(cache.len(), prompt.len() + 4);
+        Ok(())
+    }
+
+    /// Stopping a generation hands its cache back; the ids it holds are the prompt and the
+    /// tokens delivered, whatever was sampled after the stop.
+    #[test]
+    fn a_stopped_generation_hands_back_a_cache_its_context_describes() -> Result<()> {
+        let engine = demo();
+        let prompt = [3u32, 1, 4, 1, 5];
+        let mut generation =
+            engine
+                .batcher
+                .generate(&prompt, engine.model.new_cache(16), greedy(&prompt, 1000))?;
+        let mut read = Vec::new();
+        while read.len() < 3 {
+            match generation.next() {
+                Event::Token(token) => read.push(token),
+                other => panic!("ended early: {other:?}"),
+            }
+        }
+        let (cache, context) = generation.stop()?;
+        assert!(context.starts_with(&prompt) && context[prompt.len()..].starts_with(&read));
+        assert!(cache.len() <= context.len());
+        assert!(cache.len() >= prompt.len() + read.len() - 1);
+        let counts = engine.batcher.counts();
+        assert!(counts.passes <= (read.len() + MAX_AHEAD) as u64);
+        Ok(())
     }
 }

@@ -22,7 +22,7 @@ use crate::chat::request::{
     ChatOutcome, ChatRequest, FinishReason, ResolvedParams, SpecialText, Timings, Usage,
 };
 use crate::chat::tools::ToolCall;
-use crate::engine::batcher::{BatchCounts, Batcher, Priority};
+use crate::engine::batcher::{BatchCounts, Batcher, Decode, Event};
 use crate::engine::next_turn::NextTurnWarmer;
 use crate::engine::prefix_cache::PrefixCache;
 use crate::engine::sampling::Sampler;
@@ -549,20 +549,29 @@ impl Engine {
             }
             self.prefix_cache.take(&prompt.ids, prompt_len + max_new)
         };
-        let (mut cache, cached) =
+        let (cache, cached) =
             reused.unwrap_or_else(|| (self.model.new_cache(prompt_len + max_new), 0));
 
-        // From here on each step is batched with the other generations under way.
-        let mut member = self.batcher.join();
+        // From here on each step is batched with the other generations under way; the
+        // batcher samples each token (so that the next step need not wait for this thread)
+        // and this thread turns them into text.
+        let stop_ids = if request.ignore_stop {
+            Vec::new()
+        } else {
+            self.stop_ids
+                .iter()
+                .chain(&request.stop_token_ids)
+                .copied()
+                .collect()
+        };
+        let sampler = Sampler::new(params.sampling, params.repetition_penalty, params.seed);
+        let decode = Decode::new(sampler, prompt.ids.clone(), stop_ids, max_new);
         let prefill_started = Instant::now();
-        let mut logits =
-            self.batcher
-                .forward(&prompt.ids[cached..], &mut cache, Priority::Request)?;
-        member.decoding();
-        let prefill = prefill_started.elapsed();
+        let mut generation = self
+            .batcher
+            .generate(&prompt.ids[cached..], cache, decode)?;
 
-        let mut sampler = Sampler::new(params.sampling, params.repetition_penalty, params.seed);
-        let mut context = prompt.ids.clone();
+        let mut prefill = None;
         let mut completion = Vec::new();
         let mut decoder = self.tokenizer.decoder();
         let mut gate = StopGate::new(&request.stop);
@@ -571,16 +580,23 @@ impl Engine {
         let mut reply_gate = ReplyStream::new(self.format.reply_style(), !request.tools.is_empty());
         let mut delta = String::new();
         let mut ttft = None;
-        let decode_started = Instant::now();
-        let mut finish_reason = loop {
-            let token = sampler.next(&mut logits, &context);
-            ttft.get_or_insert_with(|| started.elapsed());
-            let is_stop = self.stop_ids.contains(&token) || request.stop_token_ids.contains(&token);
-            if is_stop && !request.ignore_stop {
-                break FinishReason::Stop;
+        let mut decode_started = Instant::now();
+        let (mut finish_reason, cache, context) = loop {
+            let token = match generation.next() {
+                Event::Token(token) => token,
+                Event::End {
+                    reason,
+                    cache,
+                    context,
+                } => break (reason, cache, context),
+                Event::Failed(error) => return Err(error),
+            };
+            if prefill.is_none() {
+                prefill = Some(prefill_started.elapsed());
+                decode_started = Instant::now();
             }
+            ttft.get_or_insert_with(|| started.elapsed());
             completion.push(token);
-            context.push(token);
             delta.clear();
             decoder.push(token, &mut delta);
             let (shown, hit) = gate.push(&delta);
@@ -588,20 +604,15 @@ impl Engine {
             // Called every token, with "" when nothing became visible, so that a caller can
             // cancel within one token whatever the model is writing.
             if on_delta(&visible).is_break() {
-                break FinishReason::Cancelled;
+                let (cache, context) = generation.stop()?;
+                break (FinishReason::Cancelled, cache, context);
             }
             if hit {
-                break FinishReason::Stop;
+                let (cache, context) = generation.stop()?;
+                break (FinishReason::Stop, cache, context);
             }
-            if completion.len() >= max_new {
-                break FinishReason::Length;
-            }
-            logits = self
-                .batcher
-                .forward(&[token], &mut cache, Priority::Request)?;
         };
-        // No more steps: the others' passes need not wait for this one.
-        drop(member);
+        let prefill = prefill.unwrap_or_else(|| prefill_started.elapsed());
         let (reply, tool_call_error, text) = if finish_reason == FinishReason::Cancelled {
             // The caller who cancelled gets no more callbacks.
             let parsed = parse_reply(
