@@ -10,6 +10,7 @@ pub(crate) mod dense_matmul;
 pub(crate) mod elementwise;
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::LazyLock;
 
 /// Runs `work` on one of rayon's worker threads, with every other worker kept awake to take
 /// its share of each parallel step, and returns its result.
@@ -40,6 +41,28 @@ pub(crate) fn on_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
         let _release = SetOnDrop(&done);
         work()
     })
+}
+
+/// Runs `work` on a pool of one thread, where every parallel step inside it runs inline, and
+/// returns its result (on [`on_pool`] if that pool cannot be started).
+///
+/// For passes too small to pay for sharing: the built-in demo model's decode step is a few
+/// hundred thousand multiply-adds, and rayon's hand-offs between its two workers (tasks per
+/// product, per attention head, the other worker spinning through the pass) cost more than the
+/// products; a 4-row step took 151-154 us across the pool and 95 us on one thread. Each output
+/// is computed whole by one task either way, so the bits are the same.
+pub(crate) fn on_one_thread<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+    static ONE: LazyLock<Option<rayon::ThreadPool>> = LazyLock::new(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .thread_name(|_| "chathub-small-pass".to_string())
+            .build()
+            .ok()
+    });
+    match &*ONE {
+        Some(pool) => pool.install(work),
+        None => on_pool(work),
+    }
 }
 
 struct SetOnDrop<'a>(&'a AtomicBool);
