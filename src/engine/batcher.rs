@@ -117,12 +117,12 @@ impl State {
     fn end(&mut self, mut job: Job, reason: FinishReason) {
         let decode = job.decode.take().expect("a generation's job");
         self.leave(&decode);
-        let event = Event::End {
+        let ended = Ended {
             reason,
             cache: job.cache,
             context: decode.context,
         };
-        self.deliver(job.id, event);
+        self.deliver(job.id, Event::End(ended));
     }
 
     /// Ends generation `job` with a failed pass.
@@ -192,16 +192,20 @@ impl Decode {
 pub(crate) enum Event {
     /// The reply's next token.
     Token(u32),
-    /// The generation is over: a stop token (not delivered), its length, or a cancellation.
-    /// `cache` holds the keys and values of `context[..cache.len()]`, where `context` is the
-    /// prompt and every token delivered.
-    End {
-        reason: FinishReason,
-        cache: KvCache,
-        context: Vec<u32>,
-    },
+    /// The generation is over.
+    End(Ended),
     /// A forward pass failed; the cache, possibly part-written, is dropped.
     Failed(Error),
+}
+
+/// How a generation ended: a stop token (not delivered), its length, or a cancellation.
+/// `cache` holds the keys and values of `context[..cache.len()]`, where `context` is the prompt
+/// and every token delivered.
+#[derive(Debug)]
+pub(crate) struct Ended {
+    pub(crate) reason: FinishReason,
+    pub(crate) cache: KvCache,
+    pub(crate) context: Vec<u32>,
 }
 
 /// How many forward passes an [`Engine`](crate::Engine) ran and how many sequences they
@@ -560,19 +564,19 @@ impl Generation<'_> {
         }
     }
 
-    /// Stops the generation before its next step and waits for its end: the reason given
-    /// (what the reader decided), the cache and the ids it holds a prefix of, as
-    /// [`Event::End`] says. Tokens sampled meanwhile are dropped.
+    /// Stops the generation before its next step and waits for its end: its cache and the ids
+    /// that cache holds a prefix of (the reason says [`FinishReason::Cancelled`], or why it had
+    /// ended already). Tokens sampled meanwhile are dropped.
     ///
     /// # Errors
     ///
     /// The error of a pass that failed meanwhile.
-    pub(crate) fn stop(mut self) -> Result<(KvCache, Vec<u32>)> {
+    pub(crate) fn stop(mut self) -> Result<Ended> {
         self.cancel();
         loop {
             match self.next() {
                 Event::Token(_) => {}
-                Event::End { cache, context, .. } => return Ok((cache, context)),
+                Event::End(ended) => return Ok(ended),
                 Event::Failed(error) => return Err(error),
             }
         }
@@ -734,14 +738,14 @@ mod tests {
                 .batcher
                 .generate(&prompt, engine.model.new_cache(16), greedy(&prompt, 5))?;
         let mut got = Vec::new();
-        let (reason, cache, context) = loop {
+        let Ended {
+            reason,
+            cache,
+            context,
+        } = loop {
             match generation.next() {
                 Event::Token(token) => got.push(token),
-                Event::End {
-                    reason,
-                    cache,
-                    context,
-                } => break (reason, cache, context),
+                Event::End(ended) => break ended,
                 Event::Failed(error) => return Err(error),
             }
         };
@@ -769,7 +773,7 @@ mod tests {
                 other => panic!("ended early: {other:?}"),
             }
         }
-        let (cache, context) = generation.stop()?;
+        let Ended { cache, context, .. } = generation.stop()?;
         assert!(context.starts_with(&prompt) && context[prompt.len()..].starts_with(&read));
         assert!(cache.len() <= context.len());
         assert!(cache.len() >= prompt.len() + read.len() - 1);

@@ -22,7 +22,7 @@ use crate::chat::request::{
     ChatOutcome, ChatRequest, FinishReason, ResolvedParams, SpecialText, Timings, Usage,
 };
 use crate::chat::tools::ToolCall;
-use crate::engine::batcher::{BatchCounts, Batcher, Decode, Event};
+use crate::engine::batcher::{BatchCounts, Batcher, Decode, Ended, Event};
 use crate::engine::next_turn::NextTurnWarmer;
 use crate::engine::prefix_cache::PrefixCache;
 use crate::engine::sampling::Sampler;
@@ -581,14 +581,14 @@ impl Engine {
         let mut delta = String::new();
         let mut ttft = None;
         let mut decode_started = Instant::now();
-        let (mut finish_reason, cache, context) = loop {
+        let Ended {
+            reason: mut finish_reason,
+            cache,
+            context,
+        } = loop {
             let token = match generation.next() {
                 Event::Token(token) => token,
-                Event::End {
-                    reason,
-                    cache,
-                    context,
-                } => break (reason, cache, context),
+                Event::End(ended) => break ended,
                 Event::Failed(error) => return Err(error),
             };
             if prefill.is_none() {
@@ -603,13 +603,17 @@ impl Engine {
             let visible = reply_gate.push(&gate.text()[shown]);
             // Called every token, with "" when nothing became visible, so that a caller can
             // cancel within one token whatever the model is writing.
-            if on_delta(&visible).is_break() {
-                let (cache, context) = generation.stop()?;
-                break (FinishReason::Cancelled, cache, context);
-            }
-            if hit {
-                let (cache, context) = generation.stop()?;
-                break (FinishReason::Stop, cache, context);
+            // The reader's reason, whether or not the generation had ended by itself already.
+            let stopped = if on_delta(&visible).is_break() {
+                Some(FinishReason::Cancelled)
+            } else {
+                hit.then_some(FinishReason::Stop)
+            };
+            if let Some(reason) = stopped {
+                break Ended {
+                    reason,
+                    ..generation.stop()?
+                };
             }
         };
         let prefill = prefill.unwrap_or_else(|| prefill_started.elapsed());
