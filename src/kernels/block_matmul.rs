@@ -1657,6 +1657,131 @@ mod x86 {
         }
     }
 
+    /// The loop every 256-bit kernel runs: a tile's 16 rows take two 8-lane registers, so for
+    /// each half of them `step(acc, base, half, b)` adds tile block `b` (starting at `base`,
+    /// `bytes` long) to the half's sums `acc`, block after block; the first half also asks for
+    /// the weights ahead. Returns each token's 16 sums.
+    ///
+    /// # Safety
+    /// `tile` is whole blocks of `bytes`; `step` reads only the block it is given.
+    #[inline(always)]
+    pub(super) unsafe fn by_halves<const T: usize>(
+        tile: &[u8],
+        bytes: usize,
+        mut step: impl FnMut(&mut [__m256; T], *const u8, usize, usize),
+    ) -> [[f32; TILE_ROWS]; T] {
+        let ahead = crate::kernels::block_prefetch_ahead(T);
+        let mut out = [[0f32; TILE_ROWS]; T];
+        for half in 0..2 {
+            // SAFETY: every caller is compiled for AVX2 (this is inlined into it).
+            let mut acc = [unsafe { _mm256_setzero_ps() }; T];
+            for b in 0..tile.len() / bytes {
+                // SAFETY: block `b` lies inside `tile`, whole blocks of `bytes`.
+                let base = unsafe { tile.as_ptr().add(b * bytes) };
+                if half == 0 {
+                    prefetch(base, ahead, bytes);
+                }
+                step(&mut acc, base, half, b);
+            }
+            // SAFETY: as `_mm256_setzero_ps` above.
+            unsafe { store_half(&mut out, half, acc) };
+        }
+        out
+    }
+
+    /// Four-column groups `j` and `j + 4` (`j < 4`) of a nibble tile block's `half`, widened to
+    /// bytes, with their fifth bits from `fifth` (the block's fifth run, this half's 32 bytes)
+    /// for 5-bit formats: what the 256-bit q4 kernels multiply.
+    ///
+    /// # Safety
+    /// The CPU has AVX2; `base` is a nibble tile block.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub(super) unsafe fn nibble_groups<const FIFTH: bool>(
+        base: *const u8,
+        half: usize,
+        j: usize,
+        fifth: __m256i,
+    ) -> (__m256i, __m256i) {
+        let (low, bit4) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x10));
+        // SAFETY: run `j` of the block holds this half's 32 bytes at `32 * half`.
+        let packed = unsafe { _mm256_loadu_si256(base.add(j * 64 + half * 32) as *const __m256i) };
+        let mut lo = _mm256_and_si256(packed, low);
+        let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(packed), low);
+        if FIFTH {
+            let (first, second) = fifth_bits!(j, fifth, (_mm256_srli_epi16, _mm256_slli_epi16));
+            lo = _mm256_or_si256(lo, _mm256_and_si256(first, bit4));
+            hi = _mm256_or_si256(hi, _mm256_and_si256(second, bit4));
+        }
+        (lo, hi)
+    }
+
+    /// A 5-bit nibble tile block's fifth run for `half` (zero for 4-bit formats).
+    ///
+    /// # Safety
+    /// The CPU has AVX2; `base` is a tile block of the format `FIFTH` says.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub(super) unsafe fn fifth_run<const FIFTH: bool>(base: *const u8, half: usize) -> __m256i {
+        if FIFTH {
+            // SAFETY: the fifth run follows the four nibble runs.
+            unsafe { _mm256_loadu_si256(base.add(4 * 64 + half * 32) as *const __m256i) }
+        } else {
+            _mm256_setzero_si256()
+        }
+    }
+
+    /// Where each token's two q6_K chains of block `b` start (see `q6k_vnni`).
+    ///
+    /// # Safety
+    /// The CPU has AVX2; every `acts[t]` holds block `b`.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub(super) unsafe fn q6k_chain_starts<const T: usize>(
+        acts: [&Activations; T],
+        b: usize,
+    ) -> [[__m256i; 2]; T] {
+        std::array::from_fn(|t| {
+            let offsets = &acts[t].q6_offsets;
+            // SAFETY: the caller guarantees block `b`'s two offsets.
+            unsafe {
+                [
+                    _mm256_set1_epi32(*offsets.get_unchecked(2 * b)),
+                    _mm256_set1_epi32(*offsets.get_unchecked(2 * b + 1)),
+                ]
+            }
+        })
+    }
+
+    /// Four-column groups `j` and `j + 4` of a q6_K tile block's `half`, widened to bytes.
+    ///
+    /// # Safety
+    /// The CPU has AVX2; `base` is a q6_K tile block.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub(super) unsafe fn q6k_groups_256(
+        base: *const u8,
+        half: usize,
+        j: usize,
+    ) -> (__m256i, __m256i) {
+        let (low, top) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
+        // SAFETY: nibble run `j` and bit-pair run `4 + j / 2` hold this half's 32 bytes each.
+        let (packed, high) = unsafe {
+            (
+                _mm256_loadu_si256(base.add(j * 64 + half * 32) as *const __m256i),
+                _mm256_loadu_si256(base.add((4 + j / 2) * 64 + half * 32) as *const __m256i),
+            )
+        };
+        q6k_groups!(
+            j,
+            packed,
+            high,
+            (_mm256_and_si256, _mm256_or_si256),
+            (_mm256_srli_epi16, _mm256_slli_epi16),
+            (low, top)
+        )
+    }
+
     /// Stores eight rows (`half` of the tile) of each token's sums into `out[t]`.
     #[target_feature(enable = "avx")]
     #[inline]
@@ -1717,38 +1842,29 @@ mod x86 {
         acts: [&Activations; T],
     ) -> [[f32; TILE_ROWS]; T] {
         let bytes = BlockFormat::Q8_0.tile_block_bytes();
-        let ahead = crate::kernels::block_prefetch_ahead(T);
         let ones = _mm256_set1_epi16(1);
-        let mut out = [[0f32; TILE_ROWS]; T];
-        for half in 0..2 {
-            let mut acc = [_mm256_setzero_ps(); T];
-            for b in 0..tile.len() / bytes {
-                // SAFETY: tile block `b` is `bytes` long: eight 64-byte runs of quants (this
-                // half's rows in bytes `32 * half..` of each), then 16 f16 scales; the
-                // activations hold block `b` (the caller's contract).
-                unsafe {
-                    let base = tile.as_ptr().add(b * bytes);
-                    if half == 0 {
-                        prefetch(base, ahead, bytes);
+        let step = |acc: &mut [__m256; T], base: *const u8, half: usize, b: usize| {
+            // SAFETY: `base` is tile block `b`: eight 64-byte runs of quants (this half's
+            // rows in bytes `32 * half..` of each), then 16 f16 scales; the activations
+            // hold block `b` (the caller's contract).
+            unsafe {
+                let mut dots = [_mm256_setzero_si256(); T];
+                for g in 0..BLOCK / GROUP {
+                    let w = _mm256_loadu_si256(base.add(g * 64 + half * 32) as *const __m256i);
+                    let magnitude = _mm256_sign_epi8(w, w);
+                    for t in 0..T {
+                        let x = _mm256_set1_epi32(broadcast_group(acts[t], b, g));
+                        let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x, w));
+                        dots[t] = _mm256_add_epi32(dots[t], _mm256_madd_epi16(pairs, ones));
                     }
-                    let mut dots = [_mm256_setzero_si256(); T];
-                    for g in 0..BLOCK / GROUP {
-                        let w = _mm256_loadu_si256(base.add(g * 64 + half * 32) as *const __m256i);
-                        let magnitude = _mm256_sign_epi8(w, w);
-                        for t in 0..T {
-                            let x = _mm256_set1_epi32(broadcast_group(acts[t], b, g));
-                            let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x, w));
-                            dots[t] = _mm256_add_epi32(dots[t], _mm256_madd_epi16(pairs, ones));
-                        }
-                    }
-                    let scales = base.add(16 * BLOCK + half * 16) as *const __m128i;
-                    let scales = _mm256_cvtph_ps(_mm_loadu_si128(scales));
-                    add_scaled_block(&mut acc, dots, scales, acts, b);
                 }
+                let scales = base.add(16 * BLOCK + half * 16) as *const __m128i;
+                let scales = _mm256_cvtph_ps(_mm_loadu_si128(scales));
+                add_scaled_block(acc, dots, scales, acts, b);
             }
-            store_half(&mut out, half, acc);
-        }
-        out
+        };
+        // SAFETY: `tile` is whole q8_0 tile blocks (the caller's contract).
+        unsafe { by_halves(tile, bytes, step) }
     }
 
     /// q4_0, q4_K (`MINIMUMS`), q5_0 (`FIFTH`) or q5_K (both) tile × `T` tokens, eight rows
@@ -1763,66 +1879,43 @@ mod x86 {
         acts: [&Activations; T],
     ) -> [[f32; TILE_ROWS]; T] {
         let format = BlockFormat::nibbles(MINIMUMS, FIFTH);
-        let bytes = format.tile_block_bytes();
-        let ahead = crate::kernels::block_prefetch_ahead(T);
-        let (low, bit4) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x10));
         let ones = _mm256_set1_epi16(1);
-        let mut out = [[0f32; TILE_ROWS]; T];
-        for half in 0..2 {
-            let mut acc = [_mm256_setzero_ps(); T];
-            for b in 0..tile.len() / bytes {
-                // SAFETY: tile block `b` is `bytes` long: four 64-byte runs of nibbles (this
-                // half's rows in bytes `32 * half..` of each), 16 f16 scales, and for q4_K 16
-                // f16 minimums; the activations hold block `b` (the caller's contract).
-                unsafe {
-                    let base = tile.as_ptr().add(b * bytes);
-                    if half == 0 {
-                        prefetch(base, ahead, bytes);
-                    }
-                    // Eight products of at most 15 * 127 * 2 fit 16 bits, four of 31 * 127 * 2:
-                    // one widening per block, two for 5-bit quants.
-                    let mut pairs = [_mm256_setzero_si256(); T];
-                    let mut dots: [__m256i; T] =
-                        std::array::from_fn(|t| _mm256_set1_epi32(format.chain_start(acts[t], b)));
-                    let fifth = if FIFTH {
-                        _mm256_loadu_si256(base.add(4 * 64 + half * 32) as *const __m256i)
-                    } else {
-                        _mm256_setzero_si256()
-                    };
-                    for j in 0..4 {
-                        let packed =
-                            _mm256_loadu_si256(base.add(j * 64 + half * 32) as *const __m256i);
-                        let mut lo = _mm256_and_si256(packed, low);
-                        let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(packed), low);
-                        if FIFTH {
-                            let (first, second) =
-                                fifth_bits!(j, fifth, (_mm256_srli_epi16, _mm256_slli_epi16));
-                            lo = _mm256_or_si256(lo, _mm256_and_si256(first, bit4));
-                            hi = _mm256_or_si256(hi, _mm256_and_si256(second, bit4));
+        let step = |acc: &mut [__m256; T], base: *const u8, half: usize, b: usize| {
+            // SAFETY: `base` is tile block `b`: four 64-byte runs of nibbles (this half's
+            // rows in bytes `32 * half..` of each), for 5-bit formats a run of fifth bits,
+            // 16 f16 scales, and with minimums 16 f16 minimums; the activations hold block
+            // `b` (the caller's contract).
+            unsafe {
+                // Eight products of at most 15 * 127 * 2 fit 16 bits, four of 31 * 127 * 2:
+                // one widening per block, two for 5-bit quants.
+                let mut pairs = [_mm256_setzero_si256(); T];
+                let mut dots: [__m256i; T] =
+                    std::array::from_fn(|t| _mm256_set1_epi32(format.chain_start(acts[t], b)));
+                let fifth = fifth_run::<FIFTH>(base, half);
+                for j in 0..4 {
+                    let (lo, hi) = nibble_groups::<FIFTH>(base, half, j, fifth);
+                    for t in 0..T {
+                        let x_lo = _mm256_set1_epi32(broadcast_group(acts[t], b, j));
+                        let x_hi = _mm256_set1_epi32(broadcast_group(acts[t], b, j + 4));
+                        pairs[t] = _mm256_add_epi16(pairs[t], _mm256_maddubs_epi16(lo, x_lo));
+                        pairs[t] = _mm256_add_epi16(pairs[t], _mm256_maddubs_epi16(hi, x_hi));
+                        if j == 3 || (FIFTH && j == 1) {
+                            let wide = _mm256_madd_epi16(pairs[t], ones);
+                            dots[t] = _mm256_add_epi32(dots[t], wide);
+                            pairs[t] = _mm256_setzero_si256();
                         }
-                        for t in 0..T {
-                            let x_lo = _mm256_set1_epi32(broadcast_group(acts[t], b, j));
-                            let x_hi = _mm256_set1_epi32(broadcast_group(acts[t], b, j + 4));
-                            pairs[t] = _mm256_add_epi16(pairs[t], _mm256_maddubs_epi16(lo, x_lo));
-                            pairs[t] = _mm256_add_epi16(pairs[t], _mm256_maddubs_epi16(hi, x_hi));
-                            if j == 3 || (FIFTH && j == 1) {
-                                let wide = _mm256_madd_epi16(pairs[t], ones);
-                                dots[t] = _mm256_add_epi32(dots[t], wide);
-                                pairs[t] = _mm256_setzero_si256();
-                            }
-                        }
-                    }
-                    let tail = base.add(TILE_ROWS * format.quant_bytes_per_block() + half * 16);
-                    let scales = _mm256_cvtph_ps(_mm_loadu_si128(tail as *const __m128i));
-                    add_scaled_block(&mut acc, dots, scales, acts, b);
-                    if MINIMUMS {
-                        add_minimums(&mut acc, tail, acts, b);
                     }
                 }
+                let tail = base.add(TILE_ROWS * format.quant_bytes_per_block() + half * 16);
+                let scales = _mm256_cvtph_ps(_mm_loadu_si128(tail as *const __m128i));
+                add_scaled_block(acc, dots, scales, acts, b);
+                if MINIMUMS {
+                    add_minimums(acc, tail, acts, b);
+                }
             }
-            store_half(&mut out, half, acc);
-        }
-        out
+        };
+        // SAFETY: `tile` is whole tile blocks of the format (the caller's contract).
+        unsafe { by_halves(tile, format.tile_block_bytes(), step) }
     }
 
     /// q6_K tile × `T` tokens, eight rows per 256-bit register: `vpmaddubsw` pairs of two
@@ -1836,71 +1929,39 @@ mod x86 {
         tile: &[u8],
         acts: [&Activations; T],
     ) -> [[f32; TILE_ROWS]; T] {
-        let bytes = BlockFormat::Q6K.tile_block_bytes();
-        let ahead = crate::kernels::block_prefetch_ahead(T);
-        let (low, top) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
         let ones = _mm256_set1_epi16(1);
-        let mut out = [[0f32; TILE_ROWS]; T];
-        for half in 0..2 {
-            let mut acc = [_mm256_setzero_ps(); T];
-            for b in 0..tile.len() / bytes {
-                // SAFETY: tile block `b` is `bytes` long: four 64-byte runs of nibbles and two
-                // of high bit pairs (this half's rows in bytes `32 * half..` of each), 16 f16
-                // scales and 32 signed sub-block scales; the activations hold block `b` (the
-                // caller's contract).
-                unsafe {
-                    let base = tile.as_ptr().add(b * bytes);
-                    if half == 0 {
-                        prefetch(base, ahead, bytes);
-                    }
-                    let mut dots: [[__m256i; 2]; T] = std::array::from_fn(|t| {
-                        let offsets = &acts[t].q6_offsets;
-                        [
-                            _mm256_set1_epi32(*offsets.get_unchecked(2 * b)),
-                            _mm256_set1_epi32(*offsets.get_unchecked(2 * b + 1)),
-                        ]
-                    });
-                    // Two groups' products of at most 63 * 127 * 2 each fit 16 bits.
-                    let mut pairs = [[_mm256_setzero_si256(); 2]; T];
-                    for j in 0..4 {
-                        let packed = base.add(j * 64 + half * 32) as *const __m256i;
-                        let high = base.add((4 + j / 2) * 64 + half * 32) as *const __m256i;
-                        let (lo, hi) = q6k_groups!(
-                            j,
-                            _mm256_loadu_si256(packed),
-                            _mm256_loadu_si256(high),
-                            (_mm256_and_si256, _mm256_or_si256),
-                            (_mm256_srli_epi16, _mm256_slli_epi16),
-                            (low, top)
-                        );
-                        for t in 0..T {
-                            let x_lo = _mm256_set1_epi32(broadcast_group(acts[t], b, j));
-                            let x_hi = _mm256_set1_epi32(broadcast_group(acts[t], b, j + 4));
-                            let p = &mut pairs[t];
-                            p[0] = _mm256_add_epi16(p[0], _mm256_maddubs_epi16(lo, x_lo));
-                            p[1] = _mm256_add_epi16(p[1], _mm256_maddubs_epi16(hi, x_hi));
-                            if j % 2 == 1 {
-                                for h in 0..2 {
-                                    let wide = _mm256_madd_epi16(p[h], ones);
-                                    dots[t][h] = _mm256_add_epi32(dots[t][h], wide);
-                                    p[h] = _mm256_setzero_si256();
-                                }
+        let step = |acc: &mut [__m256; T], base: *const u8, half: usize, b: usize| {
+            // SAFETY: `base` is tile block `b`: four 64-byte runs of nibbles and two of
+            // high bit pairs (this half's rows in bytes `32 * half..` of each), 16 f16
+            // scales and 32 signed sub-block scales; the activations hold block `b` (the
+            // caller's contract).
+            unsafe {
+                let mut dots = q6k_chain_starts(acts, b);
+                // Two groups' products of at most 63 * 127 * 2 each fit 16 bits.
+                let mut pairs = [[_mm256_setzero_si256(); 2]; T];
+                for j in 0..4 {
+                    let (lo, hi) = q6k_groups_256(base, half, j);
+                    for t in 0..T {
+                        let x_lo = _mm256_set1_epi32(broadcast_group(acts[t], b, j));
+                        let x_hi = _mm256_set1_epi32(broadcast_group(acts[t], b, j + 4));
+                        let p = &mut pairs[t];
+                        p[0] = _mm256_add_epi16(p[0], _mm256_maddubs_epi16(lo, x_lo));
+                        p[1] = _mm256_add_epi16(p[1], _mm256_maddubs_epi16(hi, x_hi));
+                        if j % 2 == 1 {
+                            for h in 0..2 {
+                                let wide = _mm256_madd_epi16(p[h], ones);
+                                dots[t][h] = _mm256_add_epi32(dots[t][h], wide);
+                                p[h] = _mm256_setzero_si256();
                             }
                         }
                     }
-                    add_q6k_block(
-                        &mut acc,
-                        dots,
-                        base.add(Q6K_TILE_QUANT_BYTES),
-                        half,
-                        acts,
-                        b,
-                    );
                 }
+                let tail = base.add(Q6K_TILE_QUANT_BYTES);
+                add_q6k_block(acc, dots, tail, half, acts, b);
             }
-            store_half(&mut out, half, acc);
-        }
-        out
+        };
+        // SAFETY: `tile` is whole q6_K tile blocks (the caller's contract).
+        unsafe { by_halves(tile, BlockFormat::Q6K.tile_block_bytes(), step) }
     }
 }
 

@@ -13,9 +13,11 @@
 
 use std::arch::x86_64::*;
 
-use super::x86::{add_minimums, add_q6k_block, add_scaled_block, broadcast_group, store_half};
+use super::x86::{
+    add_minimums, add_q6k_block, add_scaled_block, broadcast_group, by_halves, fifth_run,
+    nibble_groups, q6k_chain_starts, q6k_groups_256,
+};
 use super::{Activations, BlockFormat, BLOCK, GROUP, Q6K_TILE_QUANT_BYTES, TILE_ROWS};
-use crate::kernels::prefetch_ahead as prefetch;
 
 /// Rows one 256-bit register holds, one 32-bit lane each.
 const HALF: usize = TILE_ROWS / 2;
@@ -36,42 +38,32 @@ macro_rules! kernels {
             tile: &[u8],
             acts: [&Activations; T],
         ) -> [[f32; TILE_ROWS]; T] {
-            let bytes = BlockFormat::Q8_0.tile_block_bytes();
-            let ahead = crate::kernels::block_prefetch_ahead(T);
             let flip = _mm256_set1_epi8(-128);
-            let mut out = [[0f32; TILE_ROWS]; T];
-            for half in 0..2 {
-                let mut acc = [_mm256_setzero_ps(); T];
-                for b in 0..tile.len() / bytes {
-                    // SAFETY: tile block `b` is `bytes` long: eight 64-byte runs of quants
-                    // (this half's rows in bytes `32 * half..` of each), then 16 f16 scales;
-                    // the activations hold block `b` (the caller's contract).
-                    unsafe {
-                        let base = tile.as_ptr().add(b * bytes);
-                        if half == 0 {
-                            prefetch(base, ahead, bytes);
+            let step = |acc: &mut [__m256; T], base: *const u8, half: usize, b: usize| {
+                // SAFETY: `base` is tile block `b`: eight 64-byte runs of quants (this
+                // half's rows in bytes `32 * half..` of each), then 16 f16 scales; the
+                // activations hold block `b` (the caller's contract).
+                unsafe {
+                    // Each chain starts at what the flip to `w + 128` adds (-128 times the
+                    // activations' sum), so it ends at the signed dot product.
+                    let mut dots: [__m256i; T] = std::array::from_fn(|t| {
+                        _mm256_set1_epi32(*acts[t].q8_offsets.get_unchecked(b))
+                    });
+                    for g in 0..BLOCK / GROUP {
+                        let w = base.add(g * 64 + half * 32) as *const __m256i;
+                        let w = _mm256_xor_si256(_mm256_loadu_si256(w), flip);
+                        for t in 0..T {
+                            let x = _mm256_set1_epi32(broadcast_group(acts[t], b, g));
+                            dots[t] = $dpbusd(dots[t], w, x);
                         }
-                        // Each chain starts at what the flip to `w + 128` adds (-128 times the
-                        // activations' sum), so it ends at the signed dot product.
-                        let mut dots: [__m256i; T] = std::array::from_fn(|t| {
-                            _mm256_set1_epi32(*acts[t].q8_offsets.get_unchecked(b))
-                        });
-                        for g in 0..BLOCK / GROUP {
-                            let w = base.add(g * 64 + half * 32) as *const __m256i;
-                            let w = _mm256_xor_si256(_mm256_loadu_si256(w), flip);
-                            for t in 0..T {
-                                let x = _mm256_set1_epi32(broadcast_group(acts[t], b, g));
-                                dots[t] = $dpbusd(dots[t], w, x);
-                            }
-                        }
-                        let scales = base.add(16 * BLOCK + half * 2 * HALF) as *const __m128i;
-                        let scales = _mm256_cvtph_ps(_mm_loadu_si128(scales));
-                        add_scaled_block(&mut acc, dots, scales, acts, b);
                     }
+                    let scales = base.add(16 * BLOCK + half * 2 * HALF) as *const __m128i;
+                    let scales = _mm256_cvtph_ps(_mm_loadu_si128(scales));
+                    add_scaled_block(acc, dots, scales, acts, b);
                 }
-                store_half(&mut out, half, acc);
-            }
-            out
+            };
+            // SAFETY: `tile` is whole q8_0 tile blocks (the caller's contract).
+            unsafe { by_halves(tile, BlockFormat::Q8_0.tile_block_bytes(), step) }
         }
 
         /// q4_0, q4_K (`MINIMUMS`), q5_0 (`FIFTH`) or q5_K (both) tile × `T` tokens, eight
@@ -92,60 +84,35 @@ macro_rules! kernels {
             acts: [&Activations; T],
         ) -> [[f32; TILE_ROWS]; T] {
             let format = BlockFormat::nibbles(MINIMUMS, FIFTH);
-            let bytes = format.tile_block_bytes();
-            let ahead = crate::kernels::block_prefetch_ahead(T);
-            let (low, bit4) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x10));
-            let mut out = [[0f32; TILE_ROWS]; T];
-            for half in 0..2 {
-                let mut acc = [_mm256_setzero_ps(); T];
-                for b in 0..tile.len() / bytes {
-                    // SAFETY: tile block `b` is `bytes` long: four 64-byte runs of nibbles
-                    // (this half's rows in bytes `32 * half..` of each), 16 f16 scales, and
-                    // for q4_K 16 f16 minimums; the activations hold block `b` (the caller's
-                    // contract).
-                    unsafe {
-                        let base = tile.as_ptr().add(b * bytes);
-                        if half == 0 {
-                            prefetch(base, ahead, bytes);
-                        }
-                        let mut dots: [__m256i; T] = std::array::from_fn(|t| {
-                            _mm256_set1_epi32(format.chain_start(acts[t], b))
-                        });
-                        let fifth = if FIFTH {
-                            _mm256_loadu_si256(base.add(4 * 64 + half * 32) as *const __m256i)
-                        } else {
-                            _mm256_setzero_si256()
-                        };
-                        for j in 0..4 {
-                            let packed = base.add(j * 64 + half * 32) as *const __m256i;
-                            let packed = _mm256_loadu_si256(packed);
-                            let mut lo = _mm256_and_si256(packed, low);
-                            let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(packed), low);
-                            if FIFTH {
-                                let (first, second) =
-                                    fifth_bits!(j, fifth, (_mm256_srli_epi16, _mm256_slli_epi16));
-                                lo = _mm256_or_si256(lo, _mm256_and_si256(first, bit4));
-                                hi = _mm256_or_si256(hi, _mm256_and_si256(second, bit4));
-                            }
-                            for t in 0..T {
-                                let x_lo = _mm256_set1_epi32(broadcast_group(acts[t], b, j));
-                                let x_hi = _mm256_set1_epi32(broadcast_group(acts[t], b, j + 4));
-                                dots[t] = $dpbusd(dots[t], lo, x_lo);
-                                dots[t] = $dpbusd(dots[t], hi, x_hi);
-                            }
-                        }
-                        let tail = TILE_ROWS * format.quant_bytes_per_block() + half * 2 * HALF;
-                        let tail = base.add(tail);
-                        let scales = _mm256_cvtph_ps(_mm_loadu_si128(tail as *const __m128i));
-                        add_scaled_block(&mut acc, dots, scales, acts, b);
-                        if MINIMUMS {
-                            add_minimums(&mut acc, tail, acts, b);
+            let step = |acc: &mut [__m256; T], base: *const u8, half: usize, b: usize| {
+                // SAFETY: `base` is tile block `b`: four 64-byte runs of nibbles (this
+                // half's rows in bytes `32 * half..` of each), for 5-bit formats a run of
+                // fifth bits, 16 f16 scales, and with minimums 16 f16 minimums; the
+                // activations hold block `b` (the caller's contract).
+                unsafe {
+                    let mut dots: [__m256i; T] =
+                        std::array::from_fn(|t| _mm256_set1_epi32(format.chain_start(acts[t], b)));
+                    let fifth = fifth_run::<FIFTH>(base, half);
+                    for j in 0..4 {
+                        let (lo, hi) = nibble_groups::<FIFTH>(base, half, j, fifth);
+                        for t in 0..T {
+                            let x_lo = _mm256_set1_epi32(broadcast_group(acts[t], b, j));
+                            let x_hi = _mm256_set1_epi32(broadcast_group(acts[t], b, j + 4));
+                            dots[t] = $dpbusd(dots[t], lo, x_lo);
+                            dots[t] = $dpbusd(dots[t], hi, x_hi);
                         }
                     }
+                    let tail = TILE_ROWS * format.quant_bytes_per_block() + half * 2 * HALF;
+                    let tail = base.add(tail);
+                    let scales = _mm256_cvtph_ps(_mm_loadu_si128(tail as *const __m128i));
+                    add_scaled_block(acc, dots, scales, acts, b);
+                    if MINIMUMS {
+                        add_minimums(acc, tail, acts, b);
+                    }
                 }
-                store_half(&mut out, half, acc);
-            }
-            out
+            };
+            // SAFETY: `tile` is whole tile blocks of the format (the caller's contract).
+            unsafe { by_halves(tile, format.tile_block_bytes(), step) }
         }
 
         /// q6_K tile × `T` tokens, eight rows per register, two chains per sub-block pair, on
@@ -160,56 +127,30 @@ macro_rules! kernels {
             tile: &[u8],
             acts: [&Activations; T],
         ) -> [[f32; TILE_ROWS]; T] {
-            let bytes = BlockFormat::Q6K.tile_block_bytes();
-            let ahead = crate::kernels::block_prefetch_ahead(T);
-            let (low, top) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
-            let mut out = [[0f32; TILE_ROWS]; T];
-            for half in 0..2 {
-                let mut acc = [_mm256_setzero_ps(); T];
-                for b in 0..tile.len() / bytes {
-                    // SAFETY: tile block `b` is `bytes` long: four 64-byte runs of nibbles and
-                    // two of high bit pairs (this half's rows in bytes `32 * half..` of each),
-                    // 16 f16 scales and 32 signed sub-block scales; the activations hold block
-                    // `b` (the caller's contract).
-                    unsafe {
-                        let base = tile.as_ptr().add(b * bytes);
-                        if half == 0 {
-                            prefetch(base, ahead, bytes);
+            let step = |acc: &mut [__m256; T], base: *const u8, half: usize, b: usize| {
+                // SAFETY: `base` is tile block `b`: four 64-byte runs of nibbles and two
+                // of high bit pairs (this half's rows in bytes `32 * half..` of each), 16
+                // f16 scales and 32 signed sub-block scales; the activations hold block
+                // `b` (the caller's contract).
+                unsafe {
+                    // Each chain starts at what the quants' offset adds (-32 times the half
+                    // block's activation sum), so it ends at the signed dot product.
+                    let mut dots = q6k_chain_starts(acts, b);
+                    for j in 0..4 {
+                        let (lo, hi) = q6k_groups_256(base, half, j);
+                        for t in 0..T {
+                            let x_lo = _mm256_set1_epi32(broadcast_group(acts[t], b, j));
+                            let x_hi = _mm256_set1_epi32(broadcast_group(acts[t], b, j + 4));
+                            dots[t][0] = $dpbusd(dots[t][0], lo, x_lo);
+                            dots[t][1] = $dpbusd(dots[t][1], hi, x_hi);
                         }
-                        // Each chain starts at what the quants' offset adds (-32 times the half
-                        // block's activation sum), so it ends at the signed dot product.
-                        let mut dots: [[__m256i; 2]; T] = std::array::from_fn(|t| {
-                            let offsets = &acts[t].q6_offsets;
-                            [
-                                _mm256_set1_epi32(*offsets.get_unchecked(2 * b)),
-                                _mm256_set1_epi32(*offsets.get_unchecked(2 * b + 1)),
-                            ]
-                        });
-                        for j in 0..4 {
-                            let packed = base.add(j * 64 + half * 32) as *const __m256i;
-                            let high = base.add((4 + j / 2) * 64 + half * 32) as *const __m256i;
-                            let (lo, hi) = q6k_groups!(
-                                j,
-                                _mm256_loadu_si256(packed),
-                                _mm256_loadu_si256(high),
-                                (_mm256_and_si256, _mm256_or_si256),
-                                (_mm256_srli_epi16, _mm256_slli_epi16),
-                                (low, top)
-                            );
-                            for t in 0..T {
-                                let x_lo = _mm256_set1_epi32(broadcast_group(acts[t], b, j));
-                                let x_hi = _mm256_set1_epi32(broadcast_group(acts[t], b, j + 4));
-                                dots[t][0] = $dpbusd(dots[t][0], lo, x_lo);
-                                dots[t][1] = $dpbusd(dots[t][1], hi, x_hi);
-                            }
-                        }
-                        let tail = base.add(Q6K_TILE_QUANT_BYTES);
-                        add_q6k_block(&mut acc, dots, tail, half, acts, b);
                     }
+                    let tail = base.add(Q6K_TILE_QUANT_BYTES);
+                    add_q6k_block(acc, dots, tail, half, acts, b);
                 }
-                store_half(&mut out, half, acc);
-            }
-            out
+            };
+            // SAFETY: `tile` is whole q6_K tile blocks (the caller's contract).
+            unsafe { by_halves(tile, BlockFormat::Q6K.tile_block_bytes(), step) }
         }
     };
 }
