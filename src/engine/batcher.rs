@@ -8,9 +8,12 @@
 //! next token and queues that row's next step at once, so consecutive passes follow each other
 //! without waiting for the generations' threads to come back. Those threads read their tokens
 //! ([`Generation::next`]), turn them into text and stream it meanwhile, and run passes
-//! themselves whenever the model is idle: there is no engine thread. A generation runs at most
-//! [`MAX_AHEAD`] tokens ahead of its reader, and leaves the batch within one step once it is
-//! cancelled, has sampled a stop token or reached its length.
+//! themselves whenever the model is idle: there is no engine thread. Passes small enough for
+//! one core (a tiny model's decode steps) are the exception: they run one after another on the
+//! small-pass thread ([`kernels::small_pass_thread`]), which wakes a reader only once it has a
+//! few tokens to read, since for them a thread's wake-up costs as much as the pass. A
+//! generation runs at most [`MAX_AHEAD`] tokens ahead of its reader, and leaves the batch within
+//! one step once it is cancelled, has sampled a stop token or reached its length.
 //!
 //! Prompts are prefilled in chunks. While other conversations are decoding, a batch carries at
 //! most [`INTERLEAVED_PREFILL`] prompt tokens next to their rows, so a long prompt arriving
@@ -26,11 +29,12 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::chat::request::FinishReason;
 use crate::engine::sampling::Sampler;
 use crate::error::{Error, Result};
+use crate::kernels;
 use crate::nn::transformer::{KvCache, Segment, Transformer};
 
 /// Prompt tokens a batch carries while other sequences decode in it: small enough that their
@@ -45,7 +49,15 @@ pub(crate) const MAX_BATCH_ROWS: usize = 64;
 /// of the batch until the reader catches up, so a client that stops reading stops its
 /// generation (as it did when each generation stepped on its own thread) instead of having it
 /// run on to its length in the others' passes.
-pub(crate) const MAX_AHEAD: usize = 4;
+pub(crate) const MAX_AHEAD: usize = 6;
+
+/// Tokens a reader may have waiting before a run of small passes wakes it (see
+/// [`Batcher::run_small_passes`]); two short of [`MAX_AHEAD`], so that a reader woken late
+/// still catches up before its generation is parked.
+const WAKE_AT: usize = MAX_AHEAD - 2;
+
+/// Longest a run of small passes lets a reader with tokens waiting sleep on.
+const WAKE_EVERY: Duration = Duration::from_millis(1);
 
 /// Who is asking: requests first, background work when no request waits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,6 +109,11 @@ impl State {
         } else {
             job.priority
         }
+    }
+
+    /// Whether a caller may start a pass now: the model is idle and something may run.
+    fn may_start_pass(&self) -> bool {
+        !self.running && !self.queue.is_empty() && (self.requests_queued() > 0 || self.members == 0)
     }
 
     fn requests_queued(&self) -> usize {
@@ -296,7 +313,7 @@ impl Batcher {
     /// [`Error::InvalidArgument`] for an empty prompt, [`Error::PromptTooLong`] past the
     /// model's context.
     pub(crate) fn generate(
-        &self,
+        self: &Arc<Self>,
         prompt: &[u32],
         cache: KvCache,
         decode: Decode,
@@ -316,7 +333,7 @@ impl Batcher {
     /// queued, and returns the logits after the last one (as [`Transformer::forward`]).
     /// Blocks the calling thread until then; the thread may run batches for others meanwhile.
     pub(crate) fn forward(
-        &self,
+        self: &Arc<Self>,
         ids: &[u32],
         cache: &mut KvCache,
         priority: Priority,
@@ -333,23 +350,50 @@ impl Batcher {
     }
 
     /// Runs the next batch if the model is idle and something may run, else waits until the
-    /// state changes. Returns with the state locked again.
-    fn step<'a>(&'a self, mut state: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+    /// state changes. Returns with the state locked again. A small pass (the demo model's
+    /// steps) is instead handed to the small-pass thread, which goes on from pass to pass for
+    /// as long as small ones are queued ([`Batcher::run_small_passes`]); the caller then waits
+    /// for its tokens as every other reader does.
+    fn step<'a>(self: &'a Arc<Self>, mut state: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
         // Background work waits for every generation in progress to end, not only for their
         // queued steps: it would hold them back by a layer each time it started (see `run`),
         // for work that their end makes stale anyway (a warm-up of a conversation whose next
         // turn is already being asked).
-        if state.running
-            || state.queue.is_empty()
-            || (state.requests_queued() == 0 && state.members > 0)
-        {
+        if !state.may_start_pass() {
             return self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
         }
-        let (priority, batch) = self.take_batch(&mut state);
+        let (priority, batch) = self.start_batch(&mut state);
+        if self.is_small(&batch) {
+            if let Some(pool) = kernels::small_pass_thread() {
+                let run = Arc::clone(self);
+                pool.spawn(move || run.run_small_passes(priority, batch));
+                return self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+        drop(state);
+        let (outcome, yielded) = self.run_traced(batch, priority);
+        let mut state = self.lock();
+        self.finish_pass(&mut state, outcome, yielded);
+        self.changed.notify_all();
+        state
+    }
+
+    /// Takes the next batch off the queue and marks the model busy with it.
+    fn start_batch(&self, state: &mut State) -> (Priority, Vec<(Job, usize)>) {
+        let (priority, batch) = self.take_batch(state);
         state.running = true;
         state.counts.passes += 1;
         state.counts.sequences += batch.len() as u64;
-        drop(state);
+        (priority, batch)
+    }
+
+    fn is_small(&self, batch: &[(Job, usize)]) -> bool {
+        self.model
+            .is_small_pass(batch.iter().map(|(_, n)| n).sum::<usize>())
+    }
+
+    /// [`Batcher::run`], traced.
+    fn run_traced(&self, batch: Vec<(Job, usize)>, priority: Priority) -> (Vec<(Job, Ran)>, bool) {
         let started = Instant::now();
         let (sequences, tokens) = (batch.len(), batch.iter().map(|(_, n)| n).sum::<usize>());
         let (outcome, yielded) = self.run(batch, priority);
@@ -360,8 +404,56 @@ impl Batcher {
             ms = started.elapsed().as_secs_f64() * 1e3,
             "forward pass"
         );
-        let mut state = self.lock();
+        (outcome, yielded)
+    }
+
+    /// Runs `batch`, then every small batch queued after it, one after another on the
+    /// small-pass thread ([`kernels::small_pass_thread`]), until none is left to run: the
+    /// demo model's passes follow each other without waiting for a reader's thread to come
+    /// back and start the next one. A batch too big for one thread is left queued for a
+    /// caller to run (on every core).
+    fn run_small_passes(self: Arc<Self>, mut priority: Priority, mut batch: Vec<(Job, usize)>) {
+        // Should this thread unwind, the model must not stay marked busy for ever.
+        let idle_on_unwind = ResetOnUnwind(&self);
+        // Readers are woken only when they have something to do soon: each wake-up is a
+        // system call, and on a VM an interrupt to another core, in the way of the next pass
+        // (a 4-row demo pass spent a fifth of its time waking its four readers every time).
+        let mut last_wake = Instant::now();
+        loop {
+            let (outcome, yielded) = self.run_traced(batch, priority);
+            let mut state = self.lock();
+            let urgent = self.finish_pass(&mut state, outcome, yielded);
+            let go_on = state.may_start_pass();
+            if urgent || !go_on || last_wake.elapsed() >= WAKE_EVERY {
+                self.changed.notify_all();
+                last_wake = Instant::now();
+            }
+            if !go_on {
+                break;
+            }
+            (priority, batch) = self.start_batch(&mut state);
+            if !self.is_small(&batch) {
+                state.running = false;
+                state.counts.passes -= 1;
+                state.counts.sequences -= batch.len() as u64;
+                // Back in front, in order: the next caller takes the same batch.
+                for (job, _) in batch.into_iter().rev() {
+                    state.queue.push_front(job);
+                }
+                self.changed.notify_all();
+                break;
+            }
+        }
+        std::mem::forget(idle_on_unwind);
+    }
+
+    /// Files what a pass did: hands out logits and tokens, ends generations that are over,
+    /// requeues the others' next steps, and marks the model idle. Whoever waits is told by the
+    /// caller ([`Condvar::notify_all`]); true when someone should be told at once: a result, an
+    /// end, a first token, or a reader [`WAKE_AT`] tokens behind.
+    fn finish_pass(&self, state: &mut State, outcome: Vec<(Job, Ran)>, yielded: bool) -> bool {
         state.running = false;
+        let mut urgent = false;
         state.counts.background_yields += u64::from(yielded);
         // Jobs with chunks still to run keep their places at the front, in their order; the
         // generations going on queue up behind everything waiting.
@@ -371,17 +463,26 @@ impl Batcher {
             match ran {
                 Ran::Logits(logits) => {
                     state.finished.insert(job.id, (job.cache, Ok(logits)));
+                    urgent = true;
                 }
-                Ran::Failed(error) if job.decode.is_some() => state.fail(job, error),
+                Ran::Failed(error) if job.decode.is_some() => {
+                    state.fail(job, error);
+                    urgent = true;
+                }
                 Ran::Failed(error) => {
                     state.finished.insert(job.id, (job.cache, Err(error)));
+                    urgent = true;
                 }
-                _ if cancelled => state.end(job, FinishReason::Cancelled),
+                _ if cancelled => {
+                    state.end(job, FinishReason::Cancelled);
+                    urgent = true;
+                }
                 Ran::Pending => front.push(job),
                 Ran::Sampled(token) => {
                     let decode = job.decode.as_mut().expect("a generation's job");
                     if decode.stop_ids.contains(&token) {
                         state.end(job, FinishReason::Stop);
+                        urgent = true;
                         continue;
                     }
                     decode.context.push(token);
@@ -391,11 +492,14 @@ impl Batcher {
                     state.deliver(job.id, Event::Token(token));
                     if done {
                         state.end(job, FinishReason::Length);
+                        urgent = true;
                         continue;
                     }
                     job.ids = vec![token];
                     job.done = 0;
                     let unread = state.events.get(&job.id).map_or(0, VecDeque::len);
+                    // Not urgent yet: the reader has a token or two to read and will come back.
+                    urgent |= first || unread >= WAKE_AT;
                     if unread >= MAX_AHEAD {
                         state.parked.insert(job.id, job);
                     } else {
@@ -407,8 +511,7 @@ impl Batcher {
         for job in front.into_iter().rev() {
             state.queue.push_front(job);
         }
-        self.changed.notify_all();
-        state
+        urgent
     }
 
     /// Runs background work as requests for as long as the returned guard lives: for a
@@ -527,10 +630,21 @@ impl Batcher {
     }
 }
 
+/// Marks the model idle again if the small-pass thread unwinds mid-run (see
+/// [`Batcher::run_small_passes`]), so that callers do not wait for a pass that never ends.
+struct ResetOnUnwind<'a>(&'a Batcher);
+
+impl Drop for ResetOnUnwind<'_> {
+    fn drop(&mut self) {
+        self.0.lock().running = false;
+        self.0.changed.notify_all();
+    }
+}
+
 /// A generation under way (see [`Batcher::generate`]): its reader's end.
 #[derive(Debug)]
 pub(crate) struct Generation<'a> {
-    batcher: &'a Batcher,
+    batcher: &'a Arc<Batcher>,
     id: u64,
     /// Whether the end has been handed over.
     ended: bool,

@@ -136,7 +136,7 @@ impl NextTurnWarmer {
 }
 
 impl Shared {
-    fn run(&self, batcher: &Batcher, cache: &PrefixCache) {
+    fn run(&self, batcher: &Arc<Batcher>, cache: &PrefixCache) {
         loop {
             let mut state = self.lock();
             while state.pending.is_empty() && !state.closing {
@@ -180,7 +180,7 @@ fn worth_waiting(warming: &[u32], prompt: &[u32], cached: usize) -> bool {
 
 /// Extends the cached prefix of `ids` to all of `ids`. Without a cached prefix there is nothing
 /// to extend: a cold prefill in the background would only compete with requests.
-fn prefill(batcher: &Batcher, cache: &PrefixCache, warmup: &Warmup) -> crate::Result<()> {
+fn prefill(batcher: &Arc<Batcher>, cache: &PrefixCache, warmup: &Warmup) -> crate::Result<()> {
     let ids = &warmup.ids[..];
     // Several replies alike (the same question asked at once) queue the same warm-up.
     if cache.longest_prefix(ids) >= ids.len() {

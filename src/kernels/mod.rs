@@ -52,17 +52,35 @@ pub(crate) fn on_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
 /// products; a 4-row step took 151-154 us across the pool and 95 us on one thread. Each output
 /// is computed whole by one task either way, so the bits are the same.
 pub(crate) fn on_one_thread<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+    match one_thread_pool() {
+        Some(pool) => pool.install(work),
+        None => on_pool(work),
+    }
+}
+
+/// The pool [`on_one_thread`] runs on, for callers that start work there without waiting for
+/// it (`None` where it cannot be started).
+///
+/// For a run of small passes: handing each one to the pool and waiting for it cost two thread
+/// wake-ups a pass, 20-45 us on this project's two-core VM against a 60 us demo-model pass; a
+/// run spawned there goes from pass to pass on the pool's thread while its callers read their
+/// tokens on theirs.
+pub(crate) fn small_pass_thread() -> Option<&'static rayon::ThreadPool> {
+    one_thread_pool()
+}
+
+fn one_thread_pool() -> Option<&'static rayon::ThreadPool> {
     static ONE: LazyLock<Option<rayon::ThreadPool>> = LazyLock::new(|| {
         rayon::ThreadPoolBuilder::new()
             .num_threads(1)
             .thread_name(|_| "chathub-small-pass".to_string())
+            // A panic in spawned work is logged, not an abort of the whole process (rayon's
+            // default); whoever spawned it cleans up after it.
+            .panic_handler(|_| tracing::error!("work on the small-pass thread panicked"))
             .build()
             .ok()
     });
-    match &*ONE {
-        Some(pool) => pool.install(work),
-        None => on_pool(work),
-    }
+    ONE.as_ref()
 }
 
 struct SetOnDrop<'a>(&'a AtomicBool);

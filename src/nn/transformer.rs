@@ -911,12 +911,18 @@ impl Transformer {
         stop: &(dyn Fn() -> bool + Sync),
     ) -> Result<Option<Vec<Vec<f32>>>> {
         let tokens: usize = segments.iter().map(|s| s.ids.len()).sum();
-        let per_token = self.spec.parameter_count() - self.spec.vocab_size * self.spec.hidden_size;
-        if self.device.is_cpu() && per_token.saturating_mul(tokens) <= SMALL_PASS_WORK {
+        if self.is_small_pass(tokens) {
             kernels::on_one_thread(|| self.forward_batch_on_pool(segments, stop))
         } else {
             kernels::on_pool(|| self.forward_batch_on_pool(segments, stop))
         }
+    }
+
+    /// Whether a pass of `tokens` rows is small enough to run on one thread (see
+    /// [`SMALL_PASS_WORK`]): always false off the CPU.
+    pub(crate) fn is_small_pass(&self, tokens: usize) -> bool {
+        let per_token = self.spec.parameter_count() - self.spec.vocab_size * self.spec.hidden_size;
+        self.device.is_cpu() && per_token.saturating_mul(tokens) <= SMALL_PASS_WORK
     }
 
     fn forward_batch_on_pool(
