@@ -9,9 +9,10 @@
 //! without waiting for the generations' threads to come back. Those threads read their tokens
 //! ([`Generation::next`]), turn them into text and stream it meanwhile, and run passes
 //! themselves whenever the model is idle: there is no engine thread. Passes small enough for
-//! one core (a tiny model's decode steps) are the exception: they run one after another on the
-//! small-pass thread ([`kernels::small_pass_thread`]), which wakes a reader only once it has a
-//! few tokens to read, since for them a thread's wake-up costs as much as the pass. A
+//! one core (a tiny model's decode steps) are the exception: they run one after another in
+//! lanes ([`kernels::small_pass_lanes`], one per core, each with its share of the rows, side by
+//! side), which wake a reader only once it has a few tokens to read, since for them a thread's
+//! wake-up costs as much as the pass. A
 //! generation runs at most [`MAX_AHEAD`] tokens ahead of its reader, and leaves the batch within
 //! one step once it is cancelled, has sampled a stop token or reached its length.
 //!
@@ -79,8 +80,11 @@ pub(crate) struct Batcher {
 #[derive(Debug, Default)]
 struct State {
     queue: VecDeque<Job>,
-    /// Whether some caller is running a batch now.
+    /// Whether a caller is running a pass on every core now: nothing else runs meanwhile.
     running: bool,
+    /// Small-pass lanes running passes now, one bit per lane (see
+    /// [`Batcher::run_small_passes`]).
+    lanes_busy: u32,
     /// Generations in progress, from [`Batcher::generate`] until their end is handed over.
     members: usize,
     /// Of those, the ones past their prompt: a prompt runs in small chunks while there are
@@ -114,6 +118,19 @@ impl State {
     /// Whether a caller may start a pass now: the model is idle and something may run.
     fn may_start_pass(&self) -> bool {
         !self.running && !self.queue.is_empty() && (self.requests_queued() > 0 || self.members == 0)
+    }
+
+    /// Puts jobs taken for a batch back at the front of the queue, in their order: the next
+    /// [`Batcher::take_batch`] takes the same batch again.
+    fn put_back(&mut self, batch: Vec<(Job, usize)>) {
+        for (job, _) in batch.into_iter().rev() {
+            self.queue.push_front(job);
+        }
+    }
+
+    fn count(&mut self, batch: &[(Job, usize)]) {
+        self.counts.passes += 1;
+        self.counts.sequences += batch.len() as u64;
     }
 
     fn requests_queued(&self) -> usize {
@@ -350,10 +367,10 @@ impl Batcher {
     }
 
     /// Runs the next batch if the model is idle and something may run, else waits until the
-    /// state changes. Returns with the state locked again. A small pass (the demo model's
-    /// steps) is instead handed to the small-pass thread, which goes on from pass to pass for
-    /// as long as small ones are queued ([`Batcher::run_small_passes`]); the caller then waits
-    /// for its tokens as every other reader does.
+    /// state changes. Returns with the state locked again. Small passes (a tiny model's steps)
+    /// are instead started in lanes ([`Batcher::start_lane`]), which go on from pass to pass
+    /// for as long as small ones are queued; the caller then waits for its tokens as every
+    /// other reader does.
     fn step<'a>(self: &'a Arc<Self>, mut state: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
         // Background work waits for every generation in progress to end, not only for their
         // queued steps: it would hold them back by a layer each time it started (see `run`),
@@ -362,29 +379,54 @@ impl Batcher {
         if !state.may_start_pass() {
             return self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
         }
-        let (priority, batch) = self.start_batch(&mut state);
-        if self.is_small(&batch) {
-            if let Some(pool) = kernels::small_pass_thread() {
-                let run = Arc::clone(self);
-                pool.spawn(move || run.run_small_passes(priority, batch));
-                return self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
-            }
+        if self.start_lane(&mut state) {
+            while self.start_lane(&mut state) {}
+            return self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
         }
+        // A pass on every core: once the lanes have stopped (they stop at a batch too big for
+        // them, which is the one at the front now).
+        if state.lanes_busy != 0 {
+            return self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        let (priority, batch) = self.take_batch(&mut state, MAX_BATCH_ROWS);
+        state.running = true;
+        state.count(&batch);
         drop(state);
         let (outcome, yielded) = self.run_traced(batch, priority);
         let mut state = self.lock();
+        state.running = false;
         self.finish_pass(&mut state, outcome, yielded);
         self.changed.notify_all();
         state
     }
 
-    /// Takes the next batch off the queue and marks the model busy with it.
-    fn start_batch(&self, state: &mut State) -> (Priority, Vec<(Job, usize)>) {
-        let (priority, batch) = self.take_batch(state);
-        state.running = true;
-        state.counts.passes += 1;
-        state.counts.sequences += batch.len() as u64;
-        (priority, batch)
+    /// Starts the next batch in a free lane if it is small enough for one core; `false` (and
+    /// the queue as it was) if it is not, or no lane is free. A lane takes its share of the
+    /// rows: the generations in progress split evenly between the lanes.
+    fn start_lane(self: &Arc<Self>, state: &mut State) -> bool {
+        let lanes = kernels::small_pass_lanes();
+        let Some(lane) = (0..lanes.len()).find(|&i| state.lanes_busy & (1 << i) == 0) else {
+            return false;
+        };
+        if !state.may_start_pass() {
+            return false;
+        }
+        let (priority, batch) = self.take_batch(state, self.lane_share(state));
+        if batch.is_empty() || !self.is_small(&batch) {
+            state.put_back(batch);
+            return false;
+        }
+        state.lanes_busy |= 1 << lane;
+        state.count(&batch);
+        let run = Arc::clone(self);
+        lanes[lane].spawn(move || run.run_small_passes(lane, priority, batch));
+        true
+    }
+
+    /// Rows a lane takes at most: an even share of the generations in progress.
+    fn lane_share(&self, state: &State) -> usize {
+        let lanes = kernels::small_pass_lanes().len().max(1);
+        state.members.div_ceil(lanes).clamp(1, MAX_BATCH_ROWS)
     }
 
     fn is_small(&self, batch: &[(Job, usize)]) -> bool {
@@ -407,14 +449,19 @@ impl Batcher {
         (outcome, yielded)
     }
 
-    /// Runs `batch`, then every small batch queued after it, one after another on the
-    /// small-pass thread ([`kernels::small_pass_thread`]), until none is left to run: the
-    /// demo model's passes follow each other without waiting for a reader's thread to come
-    /// back and start the next one. A batch too big for one thread is left queued for a
-    /// caller to run (on every core).
-    fn run_small_passes(self: Arc<Self>, mut priority: Priority, mut batch: Vec<(Job, usize)>) {
-        // Should this thread unwind, the model must not stay marked busy for ever.
-        let idle_on_unwind = ResetOnUnwind(&self);
+    /// Runs `batch` on lane `lane`'s thread, then its share of every small batch queued after
+    /// it, one after another, until none is left to run: a tiny model's passes follow each
+    /// other without waiting for a reader's thread to come back and start the next one. Starts
+    /// other lanes for rows left queued. A batch too big for one core is left at the front of
+    /// the queue for a caller to run on every core.
+    fn run_small_passes(
+        self: Arc<Self>,
+        lane: usize,
+        mut priority: Priority,
+        mut batch: Vec<(Job, usize)>,
+    ) {
+        // Should this thread unwind, the lane must not stay marked busy for ever.
+        let free_on_unwind = FreeLaneOnUnwind(&self, lane);
         // Readers are woken only when they have something to do soon: each wake-up is a
         // system call, and on a VM an interrupt to another core, in the way of the next pass
         // (a 4-row demo pass spent a fifth of its time waking its four readers every time).
@@ -423,36 +470,41 @@ impl Batcher {
             let (outcome, yielded) = self.run_traced(batch, priority);
             let mut state = self.lock();
             let urgent = self.finish_pass(&mut state, outcome, yielded);
-            let go_on = state.may_start_pass();
-            if urgent || !go_on || last_wake.elapsed() >= WAKE_EVERY {
+            let next = if state.may_start_pass() {
+                let share = self.lane_share(&state);
+                let (priority, batch) = self.take_batch(&mut state, share);
+                if !batch.is_empty() && self.is_small(&batch) {
+                    state.count(&batch);
+                    Some((priority, batch))
+                } else {
+                    state.put_back(batch);
+                    None
+                }
+            } else {
+                None
+            };
+            if next.is_some() {
+                while self.start_lane(&mut state) {}
+            } else {
+                state.lanes_busy &= !(1 << lane);
+            }
+            if urgent || next.is_none() || last_wake.elapsed() >= WAKE_EVERY {
                 self.changed.notify_all();
                 last_wake = Instant::now();
             }
-            if !go_on {
-                break;
-            }
-            (priority, batch) = self.start_batch(&mut state);
-            if !self.is_small(&batch) {
-                state.running = false;
-                state.counts.passes -= 1;
-                state.counts.sequences -= batch.len() as u64;
-                // Back in front, in order: the next caller takes the same batch.
-                for (job, _) in batch.into_iter().rev() {
-                    state.queue.push_front(job);
-                }
-                self.changed.notify_all();
-                break;
+            match next {
+                Some(next) => (priority, batch) = next,
+                None => break,
             }
         }
-        std::mem::forget(idle_on_unwind);
+        std::mem::forget(free_on_unwind);
     }
 
-    /// Files what a pass did: hands out logits and tokens, ends generations that are over,
-    /// requeues the others' next steps, and marks the model idle. Whoever waits is told by the
+    /// Files what a pass did: hands out logits and tokens, ends generations that are over, and
+    /// requeues the others' next steps. Whoever waits is told by the
     /// caller ([`Condvar::notify_all`]); true when someone should be told at once: a result, an
     /// end, a first token, or a reader [`WAKE_AT`] tokens behind.
     fn finish_pass(&self, state: &mut State, outcome: Vec<(Job, Ran)>, yielded: bool) -> bool {
-        state.running = false;
         let mut urgent = false;
         state.counts.background_yields += u64::from(yielded);
         // Jobs with chunks still to run keep their places at the front, in their order; the
@@ -529,10 +581,10 @@ impl Batcher {
     }
 
     /// Takes the next batch off the queue, from requests if any wait, else from background
-    /// work: each waiting decode step (one token) up to [`MAX_BATCH_ROWS`], and prompt tokens
-    /// up to one chunk in all, oldest prompt first. Returns whose batch it is and each job with
+    /// work: each waiting decode step (one token) up to `max_rows` rows, and prompt tokens up
+    /// to one chunk in all, oldest prompt first. Returns whose batch it is and each job with
     /// the number of its ids to run now.
-    fn take_batch(&self, state: &mut State) -> (Priority, Vec<(Job, usize)>) {
+    fn take_batch(&self, state: &mut State, max_rows: usize) -> (Priority, Vec<(Job, usize)>) {
         let priority = if state.requests_queued() > 0 {
             Priority::Request
         } else {
@@ -558,7 +610,7 @@ impl Batcher {
         while let Some(job) = state.queue.pop_front() {
             let rows = batch.len();
             let eligible = state.priority_of(&job) == priority;
-            if eligible && job.remaining() == 1 && rows < MAX_BATCH_ROWS {
+            if eligible && job.remaining() == 1 && rows < max_rows {
                 batch.push((job, 1));
             } else if eligible && job.remaining() > 1 && budget > 0 {
                 // Prompts share the chunk's tokens, oldest first.
@@ -630,13 +682,13 @@ impl Batcher {
     }
 }
 
-/// Marks the model idle again if the small-pass thread unwinds mid-run (see
-/// [`Batcher::run_small_passes`]), so that callers do not wait for a pass that never ends.
-struct ResetOnUnwind<'a>(&'a Batcher);
+/// Frees a lane again if its thread unwinds mid-run (see [`Batcher::run_small_passes`]), so
+/// that callers do not wait for it for ever.
+struct FreeLaneOnUnwind<'a>(&'a Batcher, usize);
 
-impl Drop for ResetOnUnwind<'_> {
+impl Drop for FreeLaneOnUnwind<'_> {
     fn drop(&mut self) {
-        self.0.lock().running = false;
+        self.0.lock().lanes_busy &= !(1 << self.1);
         self.0.changed.notify_all();
     }
 }

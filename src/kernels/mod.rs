@@ -44,7 +44,8 @@ pub(crate) fn on_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
 }
 
 /// Runs `work` on a pool of one thread, where every parallel step inside it runs inline, and
-/// returns its result (on [`on_pool`] if that pool cannot be started).
+/// returns its result (on [`on_pool`] if that pool cannot be started). Already on such a
+/// thread (a [`small_pass_lanes`] lane), runs it right here.
 ///
 /// For passes too small to pay for sharing: the built-in demo model's decode step is a few
 /// hundred thousand multiply-adds, and rayon's hand-offs between its two workers (tasks per
@@ -52,36 +53,50 @@ pub(crate) fn on_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
 /// products; a 4-row step took 151-154 us across the pool and 95 us on one thread. Each output
 /// is computed whole by one task either way, so the bits are the same.
 pub(crate) fn on_one_thread<R: Send>(work: impl FnOnce() -> R + Send) -> R {
-    match one_thread_pool() {
+    if rayon::current_thread_index().is_some() && rayon::current_num_threads() == 1 {
+        return work();
+    }
+    match small_pass_lanes().first() {
         Some(pool) => pool.install(work),
         None => on_pool(work),
     }
 }
 
-/// The pool [`on_one_thread`] runs on, for callers that start work there without waiting for
-/// it (`None` where it cannot be started).
+/// Pools of one thread each, one per core of rayon's pool (at most [`MAX_LANES`]; none where
+/// they cannot be started): the lanes small passes run in, each pass on one core, several
+/// passes at once, started there without waiting for them.
 ///
-/// For a run of small passes: handing each one to the pool and waiting for it cost two thread
-/// wake-ups a pass, 20-45 us on this project's two-core VM against a 60 us demo-model pass; a
-/// run spawned there goes from pass to pass on the pool's thread while its callers read their
-/// tokens on theirs.
-pub(crate) fn small_pass_thread() -> Option<&'static rayon::ThreadPool> {
-    one_thread_pool()
+/// A tiny model's decode step is mostly the fixed cost of a hundred small steps on one core;
+/// two such passes side by side on two cores do nearly twice the work of one, where one pass
+/// of twice the rows does not. And handing each pass to a pool and waiting for it cost two
+/// thread wake-ups a pass, 20-45 us on this project's two-core VM against a 60 us demo-model
+/// pass: a lane goes from pass to pass on its own thread while the callers read their tokens
+/// on theirs.
+pub(crate) fn small_pass_lanes() -> &'static [rayon::ThreadPool] {
+    static LANES: LazyLock<Vec<rayon::ThreadPool>> = LazyLock::new(|| {
+        // The size of rayon's global pool, asked from outside any pool (the first caller may be
+        // on a lane's thread already, where the answer is 1).
+        let cores = std::thread::scope(|s| s.spawn(rayon::current_num_threads).join())
+            .unwrap_or(1)
+            .clamp(1, MAX_LANES);
+        (0..cores)
+            .map_while(|lane| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(1)
+                    .thread_name(move |_| format!("chathub-lane-{lane}"))
+                    // A panic in spawned work is logged, not an abort of the whole process
+                    // (rayon's default); whoever spawned it cleans up after it.
+                    .panic_handler(|_| tracing::error!("work on a small-pass lane panicked"))
+                    .build()
+                    .ok()
+            })
+            .collect()
+    });
+    &LANES
 }
 
-fn one_thread_pool() -> Option<&'static rayon::ThreadPool> {
-    static ONE: LazyLock<Option<rayon::ThreadPool>> = LazyLock::new(|| {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(1)
-            .thread_name(|_| "chathub-small-pass".to_string())
-            // A panic in spawned work is logged, not an abort of the whole process (rayon's
-            // default); whoever spawned it cleans up after it.
-            .panic_handler(|_| tracing::error!("work on the small-pass thread panicked"))
-            .build()
-            .ok()
-    });
-    ONE.as_ref()
-}
+/// Most [`small_pass_lanes`] (they are told apart by the bits of a `u32`).
+pub(crate) const MAX_LANES: usize = 16;
 
 struct SetOnDrop<'a>(&'a AtomicBool);
 
