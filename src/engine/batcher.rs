@@ -95,8 +95,8 @@ struct State {
     expedited: usize,
     /// Results of [`Batcher::forward`] jobs, by job id.
     finished: HashMap<u64, (KvCache, Result<Vec<f32>>)>,
-    /// What each generation's reader has yet to take, by job id; gone once its reader is.
-    events: HashMap<u64, VecDeque<Event>>,
+    /// Each generation's reader's side, by job id; gone once its reader is.
+    inboxes: HashMap<u64, Inbox>,
     /// Generations [`MAX_AHEAD`] tokens ahead of their readers, out of the queue until read.
     parked: HashMap<u64, Job>,
     /// Generations asked to stop while their job was in a pass: ended when it comes back.
@@ -104,6 +104,16 @@ struct State {
     next_id: u64,
     /// What [`BatchCounts`] reports.
     counts: BatchCounts,
+}
+
+/// What a generation's reader has yet to take, and how to wake it: readers wait each on their
+/// own condition variable, so that a pass wakes only the readers it has something for.
+#[derive(Debug, Default)]
+struct Inbox {
+    events: VecDeque<Event>,
+    wake: Arc<Condvar>,
+    /// Whether the reader is waiting now (waking one that is not costs a system call).
+    waiting: bool,
 }
 
 impl State {
@@ -142,8 +152,29 @@ impl State {
 
     /// Hands a generation's event to its reader, if it still has one.
     fn deliver(&mut self, id: u64, event: Event) {
-        if let Some(events) = self.events.get_mut(&id) {
-            events.push_back(event);
+        if let Some(inbox) = self.inboxes.get_mut(&id) {
+            inbox.events.push_back(event);
+        }
+    }
+
+    /// Tokens and ends generation `id`'s reader has yet to take.
+    fn unread(&self, id: u64) -> usize {
+        self.inboxes.get(&id).map_or(0, |inbox| inbox.events.len())
+    }
+
+    /// Wakes generation `id`'s reader if it waits.
+    fn wake(&self, id: u64) {
+        if let Some(inbox) = self.inboxes.get(&id).filter(|inbox| inbox.waiting) {
+            inbox.wake.notify_one();
+        }
+    }
+
+    /// Wakes every waiting reader that has something to read.
+    fn wake_readers_with_news(&self) {
+        for inbox in self.inboxes.values() {
+            if inbox.waiting && !inbox.events.is_empty() {
+                inbox.wake.notify_one();
+            }
         }
     }
 
@@ -157,6 +188,7 @@ impl State {
             context: decode.context,
         };
         self.deliver(job.id, Event::End(ended));
+        self.wake(job.id);
     }
 
     /// Ends generation `job` with a failed pass.
@@ -164,6 +196,7 @@ impl State {
         let decode = job.decode.take().expect("a generation's job");
         self.leave(&decode);
         self.deliver(job.id, Event::Failed(error));
+        self.wake(job.id);
     }
 
     fn leave(&mut self, decode: &Decode) {
@@ -338,7 +371,7 @@ impl Batcher {
         self.check(prompt, &cache)?;
         let (mut state, id) = self.queue(prompt, cache, Priority::Request, Some(decode));
         state.members += 1;
-        state.events.insert(id, VecDeque::new());
+        state.inboxes.insert(id, Inbox::default());
         Ok(Generation {
             batcher: self,
             id,
@@ -362,7 +395,7 @@ impl Batcher {
                 *cache = kv;
                 return result;
             }
-            state = self.step(state);
+            state = self.step(state, None);
         }
     }
 
@@ -370,23 +403,28 @@ impl Batcher {
     /// state changes. Returns with the state locked again. Small passes (a tiny model's steps)
     /// are instead started in lanes ([`Batcher::start_lane`]), which go on from pass to pass
     /// for as long as small ones are queued; the caller then waits for its tokens as every
-    /// other reader does.
-    fn step<'a>(self: &'a Arc<Self>, mut state: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+    /// other reader does. `reader`: the generation whose reader calls, which waits on its own
+    /// [`Inbox`]; `None` for a [`Batcher::forward`] caller.
+    fn step<'a>(
+        self: &'a Arc<Self>,
+        mut state: MutexGuard<'a, State>,
+        reader: Option<u64>,
+    ) -> MutexGuard<'a, State> {
         // Background work waits for every generation in progress to end, not only for their
         // queued steps: it would hold them back by a layer each time it started (see `run`),
         // for work that their end makes stale anyway (a warm-up of a conversation whose next
         // turn is already being asked).
         if !state.may_start_pass() {
-            return self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+            return self.wait(state, reader);
         }
         if self.start_lane(&mut state) {
             while self.start_lane(&mut state) {}
-            return self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+            return self.wait(state, reader);
         }
         // A pass on every core: once the lanes have stopped (they stop at a batch too big for
         // them, which is the one at the front now).
         if state.lanes_busy != 0 {
-            return self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+            return self.wait(state, reader);
         }
         let (priority, batch) = self.take_batch(&mut state, MAX_BATCH_ROWS);
         state.running = true;
@@ -396,8 +434,37 @@ impl Batcher {
         let mut state = self.lock();
         state.running = false;
         self.finish_pass(&mut state, outcome, yielded);
-        self.changed.notify_all();
+        self.wake_all(&state);
         state
+    }
+
+    /// Waits until woken: on `reader`'s own condition variable (see [`Inbox`]), else on the
+    /// one [`Batcher::forward`] callers share.
+    fn wait<'a>(
+        &'a self,
+        mut state: MutexGuard<'a, State>,
+        reader: Option<u64>,
+    ) -> MutexGuard<'a, State> {
+        let Some((id, inbox)) = reader.and_then(|id| Some((id, state.inboxes.get_mut(&id)?)))
+        else {
+            return self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+        };
+        inbox.waiting = true;
+        let wake = Arc::clone(&inbox.wake);
+        let mut state = wake.wait(state).unwrap_or_else(|e| e.into_inner());
+        if let Some(inbox) = state.inboxes.get_mut(&id) {
+            inbox.waiting = false;
+        }
+        state
+    }
+
+    /// Wakes everyone who waits: after a pass on every core, or when a lane stops (someone
+    /// may have to start the next pass).
+    fn wake_all(&self, state: &State) {
+        self.changed.notify_all();
+        for inbox in state.inboxes.values().filter(|inbox| inbox.waiting) {
+            inbox.wake.notify_one();
+        }
     }
 
     /// Starts the next batch in a free lane if it is small enough for one core; `false` (and
@@ -462,14 +529,15 @@ impl Batcher {
     ) {
         // Should this thread unwind, the lane must not stay marked busy for ever.
         let free_on_unwind = FreeLaneOnUnwind(&self, lane);
-        // Readers are woken only when they have something to do soon: each wake-up is a
-        // system call, and on a VM an interrupt to another core, in the way of the next pass
-        // (a 4-row demo pass spent a fifth of its time waking its four readers every time).
-        let mut last_wake = Instant::now();
+        // Readers are woken only when they have something to do soon (see `finish_pass`):
+        // each wake-up is a system call, and on a VM an interrupt to another core, in the way
+        // of the next pass (a 4-row demo pass spent a fifth of its time waking its four
+        // readers every time). Those with a token or two are woken at least this often.
+        let mut last_sweep = Instant::now();
         loop {
             let (outcome, yielded) = self.run_traced(batch, priority);
             let mut state = self.lock();
-            let urgent = self.finish_pass(&mut state, outcome, yielded);
+            let results = self.finish_pass(&mut state, outcome, yielded);
             let next = if state.may_start_pass() {
                 let share = self.lane_share(&state);
                 let (priority, batch) = self.take_batch(&mut state, share);
@@ -488,9 +556,16 @@ impl Batcher {
             } else {
                 state.lanes_busy &= !(1 << lane);
             }
-            if urgent || next.is_none() || last_wake.elapsed() >= WAKE_EVERY {
-                self.changed.notify_all();
-                last_wake = Instant::now();
+            if next.is_none() {
+                self.wake_all(&state);
+            } else {
+                if results {
+                    self.changed.notify_all();
+                }
+                if last_sweep.elapsed() >= WAKE_EVERY {
+                    state.wake_readers_with_news();
+                    last_sweep = Instant::now();
+                }
             }
             match next {
                 Some(next) => (priority, batch) = next,
@@ -501,11 +576,12 @@ impl Batcher {
     }
 
     /// Files what a pass did: hands out logits and tokens, ends generations that are over, and
-    /// requeues the others' next steps. Whoever waits is told by the
-    /// caller ([`Condvar::notify_all`]); true when someone should be told at once: a result, an
-    /// end, a first token, or a reader [`WAKE_AT`] tokens behind.
+    /// requeues the others' next steps. Wakes the readers with something urgent to read (an
+    /// end, a first token, or [`WAKE_AT`] tokens); the others read when they come back, or
+    /// when the caller wakes them. True when [`Batcher::forward`] callers should hear: a result
+    /// of theirs, or a generation gone (background work may start).
     fn finish_pass(&self, state: &mut State, outcome: Vec<(Job, Ran)>, yielded: bool) -> bool {
-        let mut urgent = false;
+        let mut results = false;
         state.counts.background_yields += u64::from(yielded);
         // Jobs with chunks still to run keep their places at the front, in their order; the
         // generations going on queue up behind everything waiting.
@@ -515,26 +591,26 @@ impl Batcher {
             match ran {
                 Ran::Logits(logits) => {
                     state.finished.insert(job.id, (job.cache, Ok(logits)));
-                    urgent = true;
+                    results = true;
                 }
                 Ran::Failed(error) if job.decode.is_some() => {
                     state.fail(job, error);
-                    urgent = true;
+                    results = true;
                 }
                 Ran::Failed(error) => {
                     state.finished.insert(job.id, (job.cache, Err(error)));
-                    urgent = true;
+                    results = true;
                 }
                 _ if cancelled => {
                     state.end(job, FinishReason::Cancelled);
-                    urgent = true;
+                    results = true;
                 }
                 Ran::Pending => front.push(job),
                 Ran::Sampled(token) => {
                     let decode = job.decode.as_mut().expect("a generation's job");
                     if decode.stop_ids.contains(&token) {
                         state.end(job, FinishReason::Stop);
-                        urgent = true;
+                        results = true;
                         continue;
                     }
                     decode.context.push(token);
@@ -544,14 +620,15 @@ impl Batcher {
                     state.deliver(job.id, Event::Token(token));
                     if done {
                         state.end(job, FinishReason::Length);
-                        urgent = true;
+                        results = true;
                         continue;
                     }
                     job.ids = vec![token];
                     job.done = 0;
-                    let unread = state.events.get(&job.id).map_or(0, VecDeque::len);
-                    // Not urgent yet: the reader has a token or two to read and will come back.
-                    urgent |= first || unread >= WAKE_AT;
+                    let unread = state.unread(job.id);
+                    if first || unread >= WAKE_AT {
+                        state.wake(job.id);
+                    }
                     if unread >= MAX_AHEAD {
                         state.parked.insert(job.id, job);
                     } else {
@@ -563,7 +640,7 @@ impl Batcher {
         for job in front.into_iter().rev() {
             state.queue.push_front(job);
         }
-        urgent
+        results
     }
 
     /// Runs background work as requests for as long as the returned guard lives: for a
@@ -688,8 +765,9 @@ struct FreeLaneOnUnwind<'a>(&'a Batcher, usize);
 
 impl Drop for FreeLaneOnUnwind<'_> {
     fn drop(&mut self) {
-        self.0.lock().lanes_busy &= !(1 << self.1);
-        self.0.changed.notify_all();
+        let mut state = self.0.lock();
+        state.lanes_busy &= !(1 << self.1);
+        self.0.wake_all(&state);
     }
 }
 
@@ -712,21 +790,24 @@ impl Generation<'_> {
         }
         let mut state = self.batcher.lock();
         loop {
-            let events = state.events.get_mut(&self.id);
-            if let Some(event) = events.and_then(VecDeque::pop_front) {
+            let inbox = state.inboxes.get_mut(&self.id);
+            if let Some(event) = inbox.and_then(|inbox| inbox.events.pop_front()) {
                 if matches!(event, Event::Token(_)) {
                     // Read: a generation parked ahead of its reader may go on.
                     if let Some(job) = state.parked.remove(&self.id) {
                         state.queue.push_back(job);
+                        // Small passes go on in a lane now, not once this reader has read all
+                        // it has (the other readers are not woken for it).
+                        self.batcher.start_lane(&mut state);
                         self.batcher.changed.notify_all();
                     }
                 } else {
                     self.ended = true;
-                    state.events.remove(&self.id);
+                    state.inboxes.remove(&self.id);
                 }
                 return event;
             }
-            state = self.batcher.step(state);
+            state = self.batcher.step(state, Some(self.id));
         }
     }
 
@@ -761,9 +842,9 @@ impl Generation<'_> {
             None => state.parked.remove(&self.id),
         };
         let ended = state
-            .events
+            .inboxes
             .get(&self.id)
-            .is_some_and(|events| events.iter().any(|e| !matches!(e, Event::Token(_))));
+            .is_some_and(|inbox| inbox.events.iter().any(|e| !matches!(e, Event::Token(_))));
         match job {
             Some(job) => state.end(job, FinishReason::Cancelled),
             None if !ended => {
@@ -780,7 +861,7 @@ impl Drop for Generation<'_> {
         if !self.ended {
             self.cancel();
             // Nobody reads its end: the cache is dropped when the job comes back.
-            self.batcher.lock().events.remove(&self.id);
+            self.batcher.lock().inboxes.remove(&self.id);
         }
     }
 }
