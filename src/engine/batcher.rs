@@ -1003,6 +1003,72 @@ mod tests {
         Ok(())
     }
 
+    /// Small passes split the generations in progress evenly between the lanes: with four
+    /// generations and two lanes, each decode step carries two rows, and every reader still
+    /// gets the tokens it gets alone.
+    #[test]
+    fn small_passes_share_the_rows_between_lanes() -> Result<()> {
+        let engine = demo();
+        let prompts: Vec<Vec<u32>> = (0..4u32).map(|i| vec![7 + i, 3, 11 + 2 * i]).collect();
+        let steps = 24;
+        let alone: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|prompt| {
+                let mut cache = engine.model.new_cache(64);
+                let mut logits = engine.model.forward(prompt, &mut cache)?;
+                let mut tokens = Vec::new();
+                for _ in 0..steps {
+                    let token = crate::engine::sampling::argmax(&logits);
+                    tokens.push(token);
+                    logits = engine.model.forward(&[token], &mut cache)?;
+                }
+                Ok(tokens)
+            })
+            .collect::<Result<_>>()?;
+        let before = engine.batcher.counts();
+        // Queued together, before any reader asks: the first pass takes every prompt.
+        let generations = prompts
+            .iter()
+            .map(|p| {
+                engine
+                    .batcher
+                    .generate(p, engine.model.new_cache(64), greedy(p, steps))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let read: Vec<Vec<u32>> = std::thread::scope(|scope| {
+            let readers: Vec<_> = generations
+                .into_iter()
+                .map(|mut generation| {
+                    scope.spawn(move || {
+                        let mut tokens = Vec::new();
+                        while let Event::Token(token) = generation.next() {
+                            tokens.push(token);
+                        }
+                        tokens
+                    })
+                })
+                .collect();
+            readers
+                .into_iter()
+                .map(|r| r.join().expect("reads"))
+                .collect()
+        });
+        assert_eq!(read, alone);
+        let after = engine.batcher.counts();
+        let (passes, rows) = (
+            after.passes - before.passes,
+            after.sequences - before.sequences,
+        );
+        let lanes = kernels::small_pass_lanes().len().max(1) as u64;
+        // Every pass but the prompts' carries at most its lane's share of the four.
+        let share = 4u64.div_ceil(lanes);
+        assert!(
+            rows <= 4 + (passes - 1) * share,
+            "{rows} rows in {passes} passes, {lanes} lanes"
+        );
+        Ok(())
+    }
+
     /// Stopping a generation hands its cache back; the ids it holds are the prompt and the
     /// tokens delivered, whatever was sampled after the stop.
     #[test]
