@@ -12,9 +12,9 @@
 //! one core (a tiny model's decode steps) are the exception: they run one after another in
 //! lanes ([`kernels::small_pass_lanes`], one per core, each with its share of the rows, side by
 //! side), which wake a reader only once it has a few tokens to read, since for them a thread's
-//! wake-up costs as much as the pass. A
-//! generation runs at most [`MAX_AHEAD`] tokens ahead of its reader, and leaves the batch within
-//! one step once it is cancelled, has sampled a stop token or reached its length.
+//! wake-up costs as much as the pass. A generation runs at most [`MAX_AHEAD`] tokens ahead of
+//! its reader, and leaves the batch within one step once it is cancelled, has sampled a stop
+//! token or reached its length.
 //!
 //! Prompts are prefilled in chunks. While other conversations are decoding, a batch carries at
 //! most [`INTERLEAVED_PREFILL`] prompt tokens next to their rows, so a long prompt arriving
@@ -531,8 +531,8 @@ impl Batcher {
         let free_on_unwind = FreeLaneOnUnwind(&self, lane);
         // Readers are woken only when they have something to do soon (see `finish_pass`):
         // each wake-up is a system call, and on a VM an interrupt to another core, in the way
-        // of the next pass (a 4-row demo pass spent a fifth of its time waking its four
-        // readers every time). Those with a token or two are woken at least this often.
+        // of the next pass (the demo model's pass thread spent a tenth of its time waking its
+        // four readers after every pass). Those with a token or two are swept up this often.
         let mut last_sweep = Instant::now();
         loop {
             let (outcome, yielded) = self.run_traced(batch, priority);
@@ -551,25 +551,23 @@ impl Batcher {
             } else {
                 None
             };
-            if next.is_some() {
-                while self.start_lane(&mut state) {}
-            } else {
-                state.lanes_busy &= !(1 << lane);
-            }
-            if next.is_none() {
-                self.wake_all(&state);
-            } else {
-                if results {
-                    self.changed.notify_all();
-                }
-                if last_sweep.elapsed() >= WAKE_EVERY {
-                    state.wake_readers_with_news();
-                    last_sweep = Instant::now();
-                }
-            }
             match next {
-                Some(next) => (priority, batch) = next,
-                None => break,
+                Some(next) => {
+                    while self.start_lane(&mut state) {}
+                    if results {
+                        self.changed.notify_all();
+                    }
+                    if last_sweep.elapsed() >= WAKE_EVERY {
+                        state.wake_readers_with_news();
+                        last_sweep = Instant::now();
+                    }
+                    (priority, batch) = next;
+                }
+                None => {
+                    state.lanes_busy &= !(1 << lane);
+                    self.wake_all(&state);
+                    break;
+                }
             }
         }
         std::mem::forget(free_on_unwind);
