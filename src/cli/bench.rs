@@ -120,7 +120,8 @@ struct BenchReport {
 #[derive(Debug, Clone, Serialize)]
 struct ConcurrentFigures {
     streams: usize,
-    /// Tokens of all streams per second while all of them were decoding.
+    /// Tokens of all streams per second while all of them were decoding (NaN, `null` in JSON,
+    /// when they never were at once: prompts longer than the replies).
     aggregate_decode_tokens_per_s: f64,
     /// `aggregate_decode_tokens_per_s` over one stream's `decode_tokens_per_s`.
     speedup_over_one_stream: f64,
@@ -347,13 +348,18 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             );
         }
         if let Some(c) = &r.concurrent {
+            // Streams whose prompts take longer than the others' replies never decode together.
+            let in_all = if c.aggregate_decode_tokens_per_s.is_nan() {
+                "no window with every stream decoding (more --gen-tokens)".to_string()
+            } else {
+                format!(
+                    "{:.2} tokens/s in all ({:.2}x one stream)",
+                    c.aggregate_decode_tokens_per_s, c.speedup_over_one_stream
+                )
+            };
             println!(
-                "{} streams       {:.2} tokens/s in all ({:.2}x one stream), {:.2} per stream, {:.2} sequences per pass",
-                c.streams,
-                c.aggregate_decode_tokens_per_s,
-                c.speedup_over_one_stream,
-                c.per_stream_decode_tokens_per_s,
-                c.sequences_per_pass
+                "{} streams       {in_all}, {:.2} per stream, {:.2} sequences per pass",
+                c.streams, c.per_stream_decode_tokens_per_s, c.sequences_per_pass
             );
             println!(
                 "  between tokens p50 {:.1} ms, p99 {:.1} ms ({:.2}x one stream's, all decoding), longest {:.1} ms; first token median {:.1} ms, max {:.1} ms",
