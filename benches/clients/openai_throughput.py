@@ -1,15 +1,16 @@
 """Throughput of N concurrent OpenAI-API streams against one, through a running
 `chathub serve --http` (or any OpenAI-compatible server).
 
-    python benches/clients/openai_throughput.py --base-url http://127.0.0.1:8000/v1 --streams 4 [--distinct]
+    python benches/clients/openai_throughput.py --base-url http://127.0.0.1:8000/v1 --streams 4 [--distinct] [--rounds 3]
 
 Each stream asks for the same number of tokens with `ignore_eos` (a vLLM/llama.cpp extension
 chathub accepts), so every reply is the same length, and counts them from the usage chunk
 (`stream_options.include_usage`): what a model holds back (ChatGLM's metadata line, a tool
 call) streams late or never, so chunks are not tokens. Reports, for 1 stream and then N: reply
 tokens per second in all, from the release of the streams to the last one's end (prompts
-included), and per stream, and the time to the first chunk with text. Needs the `openai`
-package.
+included), and per stream, and the time to the first chunk with text. With `--rounds R`, runs
+the pair R times (a VM's speed drifts: do not trust one round) and ends with the medians. Needs
+the `openai` package.
 """
 
 import argparse
@@ -74,19 +75,31 @@ def main():
         action="store_true",
         help="give each stream its own prompt (no prefix to share between them)",
     )
+    parser.add_argument("--rounds", type=int, default=1, help="pairs of runs (then medians)")
     args = parser.parse_args()
     client = OpenAI(base_url=args.base_url, api_key=args.api_key)
     model = client.models.list().data[0].id
     run(client, model, args.prompt, 4, 1)  # warm-up
-    one, _, one_ttft = run(client, model, args.prompt, args.tokens, 1)
-    many, per_stream, ttft = run(
-        client, model, args.prompt, args.tokens, args.streams, args.distinct
-    )
-    print(f"1 stream: {one:.2f} tokens/s, first text after {one_ttft:.0f} ms")
-    print(
-        f"{args.streams} streams: {many:.2f} tokens/s in all ({many / one:.2f}x), "
-        f"{per_stream:.2f} per stream, first text after {ttft:.0f} ms (median)"
-    )
+    rounds = []
+    for _ in range(args.rounds):
+        one, _, one_ttft = run(client, model, args.prompt, args.tokens, 1)
+        many, per_stream, ttft = run(
+            client, model, args.prompt, args.tokens, args.streams, args.distinct
+        )
+        rounds.append((one, many))
+        print(f"1 stream: {one:.2f} tokens/s, first text after {one_ttft:.0f} ms")
+        print(
+            f"{args.streams} streams: {many:.2f} tokens/s in all ({many / one:.2f}x), "
+            f"{per_stream:.2f} per stream, first text after {ttft:.0f} ms (median)"
+        )
+    if args.rounds > 1:
+        one = statistics.median(r[0] for r in rounds)
+        many = statistics.median(r[1] for r in rounds)
+        ratio = statistics.median(r[1] / r[0] for r in rounds)
+        print(
+            f"medians of {args.rounds} rounds: 1 stream {one:.2f}, {args.streams} streams "
+            f"{many:.2f} tokens/s in all, {ratio:.2f}x"
+        )
 
 
 if __name__ == "__main__":
