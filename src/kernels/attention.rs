@@ -244,8 +244,12 @@ mod x86 {
 
     /// `scores[i · seen + j] = (query_i · key_j) · scale` for `n <= 8` query rows of
     /// `head_dim` and `seen = scores.len() / n` keys, key `j` at `keys[j * head_dim..]`. Each
-    /// dot is summed in sixteen lanes in column order, then across; each key is read once for
-    /// all `n` queries.
+    /// dot is summed in sixteen lanes in column order, then across in `_mm512_reduce_add_ps`'s
+    /// order; each key is read once for all `n` queries. One or two queries go sixteen dots at
+    /// a time ([`scores_by_sixteen`], the same bits), more one key at a time: for eight heads
+    /// of 128 sixteen at a time was 1.6x as fast on keys in cache, but no faster (785M q4_0, 4
+    /// streams at 512-1536 tokens: 186.7-200.4 against 199.4-219.4 tokens/s in all, within
+    /// this VM's noise) on a cache that streams from memory.
     ///
     /// # Safety
     /// The CPU has AVX-512F; `keys` holds at least `seen * head_dim` values, where
@@ -271,17 +275,23 @@ mod x86 {
                 }
             };
         }
-        dispatch!(1, 2, 3, 4, 5, 6, 7, 8)
+        match n {
+            // SAFETY: as in `dispatch`, for `N = n`.
+            1 => unsafe { scores_by_sixteen::<1>(queries, keys, scale, scores) },
+            // SAFETY: as in `dispatch`, for `N = n`.
+            2 => unsafe { scores_by_sixteen::<2>(queries, keys, scale, scores) },
+            _ => dispatch!(3, 4, 5, 6, 7, 8),
+        }
     }
 
-    /// [`scores`] for `N` query rows.
+    /// [`scores`] for `N` query rows, one key at a time.
     ///
     /// # Safety
     /// The CPU has AVX-512F; `keys` holds at least `seen * head_dim` values, where
     /// `head_dim = queries.len() / N` and `seen = scores.len() / N` (`queries` and `scores`
     /// are then read and written unchecked, within their lengths).
     #[target_feature(enable = "avx512f")]
-    unsafe fn scores_of<const N: usize>(
+    pub(super) unsafe fn scores_of<const N: usize>(
         queries: &[f32],
         keys: &[f32],
         scale: f32,
@@ -315,6 +325,139 @@ mod x86 {
                     _mm512_reduce_add_ps(*acc) * scale;
             }
         }
+    }
+
+    /// [`scores`] for `N` (1, 2, 4 or 8; [`scores`] takes it for 1 and 2) query rows, sixteen
+    /// dots at a time: `G = min(N, 4)`
+    /// heads by `16 / G` keys in 16 registers, their sums across lanes in one
+    /// [`reduce_sixteen`]. One key at a time, each dot was reduced on its own (8 shuffles and
+    /// adds: for the demo model's 32-wide heads, more than its two multiply-adds, and half a
+    /// lane's time at 1024 tokens of context was this kernel) and every query reloaded per
+    /// key; here a query chunk serves several keys and a key chunk several queries. Each lane's
+    /// chain of multiply-adds, the reduction's order and the scaling are unchanged: the same
+    /// bits. Keys left over (`seen % (16 / G)`) go one at a time.
+    ///
+    /// # Safety
+    /// As [`scores_of`].
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn scores_by_sixteen<const N: usize>(
+        queries: &[f32],
+        keys: &[f32],
+        scale: f32,
+        scores: &mut [f32],
+    ) {
+        let (heads, block) = (N.min(4), 16 / N.min(4));
+        // Dot (head h, key t) of a block goes where `reduce_sixteen` leaves its sum in lane
+        // `block * h + t`: head h's `block` scores side by side.
+        let slot = |h: usize, t: usize| {
+            let lane = block * h + t;
+            4 * (lane % 4) + lane / 4
+        };
+        let head_dim = queries.len() / N;
+        let seen = scores.len() / N;
+        let blocked = seen / block * block;
+        let out = scores.as_mut_ptr();
+        // Keys outside, heads inside: a block's keys are read from memory once for all `N`.
+        for j in (0..blocked).step_by(block) {
+            for first in (0..N).step_by(heads) {
+                let mut acc = [_mm512_setzero_ps(); 16];
+                let mut d = 0;
+                while d < head_dim {
+                    let mask = lanes(d, head_dim);
+                    let qs: [__m512; 4] = std::array::from_fn(|h| {
+                        if h < heads {
+                            // SAFETY: `mask` keeps only the lanes of columns `d .. head_dim` of
+                            // query row `first + h < N`, inside `queries` (and below, of key
+                            // `j + t < seen`, inside `keys`); masked-off lanes are never read.
+                            unsafe {
+                                _mm512_maskz_loadu_ps(
+                                    mask,
+                                    queries.as_ptr().add((first + h) * head_dim + d),
+                                )
+                            }
+                        } else {
+                            _mm512_setzero_ps()
+                        }
+                    });
+                    for t in 0..block {
+                        // SAFETY: as just above.
+                        let k = unsafe {
+                            _mm512_maskz_loadu_ps(mask, keys.as_ptr().add((j + t) * head_dim + d))
+                        };
+                        for (h, q) in qs.iter().enumerate().take(heads) {
+                            acc[slot(h, t)] = _mm512_fmadd_ps(*q, k, acc[slot(h, t)]);
+                        }
+                    }
+                    d += 16;
+                }
+                let mut sums = [0f32; 16];
+                // SAFETY: `sums` holds 16 values.
+                unsafe {
+                    _mm512_storeu_ps(
+                        sums.as_mut_ptr(),
+                        _mm512_mul_ps(reduce_sixteen(&acc), _mm512_set1_ps(scale)),
+                    )
+                };
+                for (h, sums) in sums.chunks_exact(block).take(heads).enumerate() {
+                    // SAFETY: row `first + h < N`, keys `j..j + block <= seen`: inside
+                    // `scores`' `N * seen` values, which its exclusive borrow lets us write.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            sums.as_ptr(),
+                            out.add((first + h) * seen + j),
+                            block,
+                        )
+                    };
+                }
+            }
+        }
+        for j in blocked..seen {
+            let mut dots = [0f32; N];
+            // SAFETY: key `j < seen` is inside `keys`; one key for the `N` rows.
+            unsafe { scores_of::<N>(queries, &keys[j * head_dim..], scale, &mut dots) };
+            for (h, dot) in dots.iter().enumerate() {
+                // SAFETY: row `h < N`, key `j < seen`.
+                unsafe { *out.add(h * seen + j) = *dot };
+            }
+        }
+    }
+
+    /// The sums across lanes of 16 vectors at once, each in `_mm512_reduce_add_ps`'s order
+    /// (lane `i` plus `i + 8`, then `+ 4`, `+ 2`, `+ 1`), so bit for bit what it gives: lane
+    /// `4b + c` of the result is the sum of `acc[4c + b]`. Four rounds of shuffles and adds
+    /// instead of sixteen reductions of four.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn reduce_sixteen(acc: &[__m512; 16]) -> __m512 {
+        // Lanes 0..8 of pair p: acc[2p]'s i + (i + 8); lanes 8..16: acc[2p + 1]'s.
+        let halves: [__m512; 8] = std::array::from_fn(|p| {
+            let (a, b) = (acc[2 * p], acc[2 * p + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b01_00_01_00>(a, b),
+                _mm512_shuffle_f32x4::<0b11_10_11_10>(a, b),
+            )
+        });
+        // 128-bit lane b of quad p: acc[4p + b]'s four partial sums.
+        let quarters: [__m512; 4] = std::array::from_fn(|p| {
+            let (a, b) = (halves[2 * p], halves[2 * p + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b),
+                _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b),
+            )
+        });
+        // 128-bit lane b: two partial sums of acc[b] (acc[8 + b]), then two of acc[4 + b]
+        // (acc[12 + b]).
+        let pairs: [__m512; 2] = std::array::from_fn(|p| {
+            let (a, b) = (quarters[2 * p], quarters[2 * p + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_ps::<0b01_00_01_00>(a, b),
+                _mm512_shuffle_ps::<0b11_10_11_10>(a, b),
+            )
+        });
+        _mm512_add_ps(
+            _mm512_shuffle_ps::<0b10_00_10_00>(pairs[0], pairs[1]),
+            _mm512_shuffle_ps::<0b11_01_11_01>(pairs[0], pairs[1]),
+        )
     }
 
     /// `row = exp(row - max) / Σ exp(row - max)`, sixteen lanes at a time (the sum in lanes
@@ -710,6 +853,51 @@ mod tests {
                 .flat_map(|s| attend_on(path, std::slice::from_ref(s), 0.125))
                 .collect();
             assert_eq!(together, alone, "{path:?}");
+        }
+    }
+
+    /// Sixteen dots at a time give the bits of one key at a time: each dot's lanes, its sum
+    /// across them and the scaling are the same, whatever the head size (masked tails) and
+    /// the keys left over.
+    #[test]
+    fn scores_by_sixteen_are_the_bits_of_one_key_at_a_time() {
+        if cpu::avx512().is_none() {
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            // Magnitudes over six orders, so that another order of the sums would show.
+            let spread = |n: usize, seed: f32| -> Vec<f32> {
+                values(n, seed)
+                    .iter()
+                    .enumerate()
+                    .map(|(i, x)| x * 10f32.powi((i % 7) as i32 - 3))
+                    .collect()
+            };
+            fn both<const N: usize>(q: &[f32], keys: &[f32], seen: usize) -> [Vec<f32>; 2] {
+                let mut one = vec![0f32; N * seen];
+                let mut sixteen = vec![0f32; N * seen];
+                // SAFETY: AVX-512F was checked; `keys` holds `seen` keys of the queries' head
+                // size, and both outputs `N * seen` scores.
+                unsafe {
+                    x86::scores_of::<N>(q, keys, 0.17, &mut one);
+                    x86::scores_by_sixteen::<N>(q, keys, 0.17, &mut sixteen);
+                }
+                [one, sixteen]
+            }
+            for head_dim in [8, 32, 40, 128] {
+                for seen in [1, 3, 4, 5, 7, 8, 9, 15, 16, 17, 37, 512] {
+                    let keys = spread(seen * head_dim, 1.3);
+                    let q = spread(8 * head_dim, 0.7);
+                    let check = |[one, sixteen]: [Vec<f32>; 2], n: usize| {
+                        assert_eq!(one, sixteen, "{n} heads of {head_dim}, {seen} keys");
+                    };
+                    check(both::<1>(&q[..head_dim], &keys, seen), 1);
+                    check(both::<2>(&q[..2 * head_dim], &keys, seen), 2);
+                    check(both::<4>(&q[..4 * head_dim], &keys, seen), 4);
+                    check(both::<8>(&q, &keys, seen), 8);
+                }
+            }
         }
     }
 
