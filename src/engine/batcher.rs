@@ -150,16 +150,13 @@ impl State {
             .count()
     }
 
-    /// Hands a generation's event to its reader, if it still has one.
-    fn deliver(&mut self, id: u64, event: Event) {
-        if let Some(inbox) = self.inboxes.get_mut(&id) {
+    /// Hands a generation's event to its reader, if it still has one; returns what that
+    /// reader has yet to take (0 when it is gone).
+    fn deliver(&mut self, id: u64, event: Event) -> usize {
+        self.inboxes.get_mut(&id).map_or(0, |inbox| {
             inbox.events.push_back(event);
-        }
-    }
-
-    /// Tokens and ends generation `id`'s reader has yet to take.
-    fn unread(&self, id: u64) -> usize {
-        self.inboxes.get(&id).map_or(0, |inbox| inbox.events.len())
+            inbox.events.len()
+        })
     }
 
     /// Wakes generation `id`'s reader if it waits.
@@ -475,19 +472,29 @@ impl Batcher {
         let Some(lane) = (0..lanes.len()).find(|&i| state.lanes_busy & (1 << i) == 0) else {
             return false;
         };
-        if !state.may_start_pass() {
+        let Some((priority, batch)) = self.take_small_batch(state) else {
             return false;
+        };
+        state.lanes_busy |= 1 << lane;
+        let run = Arc::clone(self);
+        lanes[lane].spawn(move || run.run_small_passes(lane, priority, batch));
+        true
+    }
+
+    /// A lane's next batch, counted, if a pass may start and the batch is small enough for one
+    /// core; else `None` and the queue as it was. A model whose single-row pass is too big
+    /// never takes one (and the queue is not touched).
+    fn take_small_batch(&self, state: &mut State) -> Option<(Priority, Vec<(Job, usize)>)> {
+        if !self.model.is_small_pass(1) || !state.may_start_pass() {
+            return None;
         }
         let (priority, batch) = self.take_batch(state, self.lane_share(state));
         if batch.is_empty() || !self.is_small(&batch) {
             state.put_back(batch);
-            return false;
+            return None;
         }
-        state.lanes_busy |= 1 << lane;
         state.count(&batch);
-        let run = Arc::clone(self);
-        lanes[lane].spawn(move || run.run_small_passes(lane, priority, batch));
-        true
+        Some((priority, batch))
     }
 
     /// Rows a lane takes at most: an even share of the generations in progress.
@@ -538,20 +545,7 @@ impl Batcher {
             let (outcome, yielded) = self.run_traced(batch, priority);
             let mut state = self.lock();
             let results = self.finish_pass(&mut state, outcome, yielded);
-            let next = if state.may_start_pass() {
-                let share = self.lane_share(&state);
-                let (priority, batch) = self.take_batch(&mut state, share);
-                if !batch.is_empty() && self.is_small(&batch) {
-                    state.count(&batch);
-                    Some((priority, batch))
-                } else {
-                    state.put_back(batch);
-                    None
-                }
-            } else {
-                None
-            };
-            match next {
+            match self.take_small_batch(&mut state) {
                 Some(next) => {
                     while self.start_lane(&mut state) {}
                     if results {
@@ -615,7 +609,7 @@ impl Batcher {
                     decode.produced += 1;
                     let (first, done) = (decode.produced == 1, decode.produced >= decode.max_new);
                     state.decoding += usize::from(first);
-                    state.deliver(job.id, Event::Token(token));
+                    let unread = state.deliver(job.id, Event::Token(token));
                     if done {
                         state.end(job, FinishReason::Length);
                         results = true;
@@ -623,7 +617,6 @@ impl Batcher {
                     }
                     job.ids = vec![token];
                     job.done = 0;
-                    let unread = state.unread(job.id);
                     if first || unread >= WAKE_AT {
                         state.wake(job.id);
                     }
