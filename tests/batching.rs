@@ -37,14 +37,23 @@ fn requests() -> Vec<ChatRequest> {
 }
 
 fn load(name: &str, dtype: Option<DType>, quantization: Option<Quantization>) -> Engine {
+    load_with(
+        name,
+        ModelOptions {
+            dtype,
+            quantization,
+            ..ModelOptions::default()
+        },
+    )
+}
+
+fn load_with(name: &str, options: ModelOptions) -> Engine {
     Engine::load_with(
         common::model_dir(name),
         &ModelOptions {
-            dtype,
-            quantization,
             // Every request pays its whole prompt, so prefills meet decode steps.
             prefix_cache_bytes: 0,
-            ..ModelOptions::default()
+            ..options
         },
     )
     .expect("loads")
@@ -77,18 +86,22 @@ fn batched_replies_equal_solo_ones(
     quantization: Option<Quantization>,
 ) {
     let engine = load(name, dtype, quantization);
+    engine_replies_equal_solo_ones(&engine, &format!("{name} {dtype:?} {quantization:?}"));
+}
+
+fn engine_replies_equal_solo_ones(engine: &Engine, name: &str) {
     let requests = requests();
     let solo: Vec<ChatOutcome> = requests
         .iter()
         .map(|r| engine.chat(r).expect("chat"))
         .collect();
     let before = engine.batch_counts();
-    let batched = together(&engine, &requests);
+    let batched = together(engine, &requests);
     let after = engine.batch_counts();
     for (i, (alone, with_others)) in solo.iter().zip(&batched).enumerate() {
         assert_eq!(
             alone.completion_token_ids, with_others.completion_token_ids,
-            "{name} {dtype:?} {quantization:?}: request {i} changed when batched"
+            "{name}: request {i} changed when batched"
         );
         assert_eq!(alone.finish_reason, with_others.finish_reason);
     }
@@ -131,6 +144,38 @@ fn quantized_replies_are_the_same_batched() {
         batched_replies_equal_solo_ones("chatglm3-tiny", None, Some(quantization));
     }
     batched_replies_equal_solo_ones("glm4/glm4-0414-tiny", None, Some(Quantization::Q4_0));
+}
+
+/// Over f16 caches (half the memory per token) each reply is still the same batched as alone,
+/// and a request's reservation under `--kv-cache-bytes` is half the f32 cache's.
+#[test]
+fn replies_over_half_caches_are_the_same_batched() {
+    for name in ["chatglm3-tiny", "glm4/glm4-chat-tiny"] {
+        let half = load_with(name, ModelOptions::default().kv_cache_dtype(DType::F16));
+        engine_replies_equal_solo_ones(&half, &format!("{name} with an f16 cache"));
+        let full = load(name, None, None);
+        let request = &requests()[1];
+        assert_eq!(
+            half.kv_cache_bytes_for(request).expect("valid") * 2,
+            full.kv_cache_bytes_for(request).expect("valid"),
+            "{name}"
+        );
+    }
+}
+
+/// A cache dtype the kernels cannot store is refused before any weight is read.
+#[test]
+fn a_bf16_cache_is_refused() {
+    let err = Engine::load_with(
+        common::model_dir("chatglm3-tiny"),
+        &ModelOptions::default().kv_cache_dtype(DType::BF16),
+    )
+    .expect_err("bf16 caches are not supported");
+    let message = err.to_string();
+    assert!(
+        message.contains("kv_cache_dtype") && message.contains("f32 or f16"),
+        "{message}"
+    );
 }
 
 /// A generation cancelled in the middle of a batch leaves it at once; the others go on and

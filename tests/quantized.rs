@@ -79,6 +79,22 @@ fn half_precision_weights_pick_the_reference_token() {
 }
 
 #[test]
+fn a_half_cache_picks_the_reference_token() {
+    use chathub::candle_core::DType;
+    let a = teacher_forced_with(ModelOptions::default().kv_cache_dtype(DType::F16));
+    println!(
+        "f16 cache: top-1 {}/{}, top-5 {}/{}",
+        a.top1, a.steps, a.top5, a.steps
+    );
+    assert!(
+        a.top1 * 10 >= a.steps * 9,
+        "f16 cache top-1 {}/{}",
+        a.top1,
+        a.steps
+    );
+}
+
+#[test]
 fn q8_0_picks_the_reference_token() {
     let a = teacher_forced(Some(Quantization::Q8_0));
     println!(

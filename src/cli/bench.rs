@@ -200,6 +200,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         dtype: args.model.dtype,
         quant: args.model.quant,
         cuda: args.model.cuda,
+        kv_cache_dtype: args.model.kv_cache_dtype,
     };
     let started = Instant::now();
     let engine = model_args.load()?;

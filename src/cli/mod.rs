@@ -40,6 +40,12 @@ pub struct ModelArgs {
     /// Run on the first CUDA GPU (needs a build with `--features cuda`).
     #[arg(long, env = "CHATHUB_CUDA")]
     pub cuda: bool,
+
+    /// Store conversations' keys and values in f32 or f16 (half the memory per token, and
+    /// faster attention over long contexts; rounded, so replies can differ slightly). Default:
+    /// the compute dtype.
+    #[arg(long, env = "CHATHUB_KV_CACHE_DTYPE", value_parser = parse_dtype)]
+    pub kv_cache_dtype: Option<DType>,
 }
 
 fn parse_dtype(s: &str) -> Result<DType, String> {
@@ -91,6 +97,9 @@ impl ModelArgs {
         }
         if let Some(quantization) = self.quant {
             options = options.quantization(quantization);
+        }
+        if let Some(dtype) = self.kv_cache_dtype {
+            options = options.kv_cache_dtype(dtype);
         }
         Engine::load_with(&dir, &options)
     }

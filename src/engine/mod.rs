@@ -89,6 +89,14 @@ pub struct ModelOptions {
     /// After a reply, pre-fill it on a background thread as the next turn's prompt will encode
     /// it, so that turn only runs its new question (default on; needs the prefix cache).
     pub warm_next_turn: bool,
+    /// What conversations' key/value caches store: f32 or f16; the compute dtype when `None`
+    /// (f32 on the CPU). f16 halves each conversation's memory per token (so
+    /// `--kv-cache-bytes` admits twice the tokens) and the bytes a decode step's attention
+    /// reads, as llama.cpp's default cache does; the keys and values are rounded to f16, so
+    /// replies can differ slightly from an f32 cache's (each is still the same alone or
+    /// batched). Without AVX-512 the CPU widens the cache for every step's attention: keep
+    /// f32 there.
+    pub kv_cache_dtype: Option<DType>,
 }
 
 impl Default for ModelOptions {
@@ -100,6 +108,7 @@ impl Default for ModelOptions {
             quantization: None,
             prefix_cache_bytes: 512 << 20,
             warm_next_turn: true,
+            kv_cache_dtype: None,
         }
     }
 }
@@ -150,6 +159,19 @@ impl ModelOptions {
     #[must_use]
     pub fn dtype(mut self, dtype: DType) -> Self {
         self.dtype = Some(dtype);
+        self
+    }
+
+    /// Stores conversations' keys and values in `dtype` (f32 or f16; see
+    /// [`ModelOptions::kv_cache_dtype`]).
+    ///
+    /// ```
+    /// let o = chathub::ModelOptions::default().kv_cache_dtype(chathub::candle_core::DType::F16);
+    /// assert_eq!(o.kv_cache_dtype, Some(chathub::candle_core::DType::F16));
+    /// ```
+    #[must_use]
+    pub fn kv_cache_dtype(mut self, dtype: DType) -> Self {
+        self.kv_cache_dtype = Some(dtype);
         self
     }
 }
@@ -225,6 +247,9 @@ impl Engine {
     pub fn load_with(dir: impl AsRef<Path>, options: &ModelOptions) -> Result<Self> {
         let path = dir.as_ref();
         let started = Instant::now();
+        if let Some(cache_dtype) = options.kv_cache_dtype {
+            Transformer::check_cache_dtype(cache_dtype)?;
+        }
         let source = ModelSource::open(path)?;
         let opened = crate::families::open(&source, options.family)?;
         let stored_quantization = source.quantization;
@@ -247,7 +272,7 @@ impl Engine {
             file_bytes = weights.file_bytes(),
             "loading model"
         );
-        let model = Transformer::load(
+        let mut model = Transformer::load(
             &opened.spec,
             opened.names,
             &weights,
@@ -256,6 +281,9 @@ impl Engine {
             quantization,
         )?;
         drop(weights);
+        if let Some(cache_dtype) = options.kv_cache_dtype {
+            model.set_cache_dtype(cache_dtype)?;
+        }
         tracing::info!(seconds = started.elapsed().as_secs_f64(), "model loaded");
         let model = Arc::new(model);
         let prefix_cache = Arc::new(PrefixCache::new(options.prefix_cache_bytes));
@@ -482,7 +510,7 @@ impl Engine {
         let (params, prompt, limit) = self.prepare(request)?;
         let room = limit - prompt.ids.len();
         let max_new = params.max_new_tokens.map_or(room, |n| n.min(room));
-        Ok((prompt.ids.len() + max_new).saturating_mul(self.arch().kv_bytes_per_token()))
+        Ok((prompt.ids.len() + max_new).saturating_mul(self.model.kv_bytes_per_token()))
     }
 
     fn prepare(&self, request: &ChatRequest) -> Result<(ResolvedParams, Prompt, usize)> {

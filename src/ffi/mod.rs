@@ -443,6 +443,7 @@ fn model_options(o: &ChathubLoadOptions) -> Result<ModelOptions, FfiError> {
         device,
         prefix_cache_bytes,
         warm_next_turn: o.disable_next_turn_warmup == 0,
+        kv_cache_dtype: defaults.kv_cache_dtype,
     })
 }
 

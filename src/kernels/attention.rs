@@ -19,6 +19,41 @@ use rayon::prelude::*;
 
 use super::cpu;
 
+/// What a conversation's cache stores keys and values in: f32, or f16 for half the memory per
+/// token and half the bytes a decode step's attention reads. The kernels widen each value to
+/// f32 on load, which is exact, so attending over an f16 cache gives the bits attending over
+/// the same values in an f32 cache gives.
+pub(crate) trait Cached: Copy + Send + Sync + sealed::Sealed {
+    /// Whether a value is an IEEE half (16 bits a lane to load) rather than an f32.
+    const HALF: bool;
+
+    /// The value as an f32.
+    fn widen(self) -> f32;
+}
+
+impl Cached for f32 {
+    const HALF: bool = false;
+
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl Cached for half::f16 {
+    const HALF: bool = true;
+
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+mod sealed {
+    /// Only the element types the vector kernel knows how to load.
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::f16 {}
+}
+
 /// Whether the attention kernel runs here: on AVX-512, or its portable twin off x86 (or when
 /// tests force it). x86 CPUs without AVX-512 use candle's matmul-based attention, which
 /// vectorizes for them.
@@ -65,13 +100,13 @@ pub(crate) struct Shape {
 
 /// One sequence's part of an attention call: its new queries and its cache.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Sequence<'a> {
+pub(crate) struct Sequence<'a, T: Cached> {
     /// `[tokens, heads, head_dim]`.
     pub(crate) q: &'a [f32],
     /// The cache's keys and values, `[kv_heads, capacity, head_dim]` (groups
     /// `shape.group_stride` apart), holding at least `start + tokens` positions.
-    pub(crate) k: &'a [f32],
-    pub(crate) v: &'a [f32],
+    pub(crate) k: &'a [T],
+    pub(crate) v: &'a [T],
     pub(crate) shape: Shape,
 }
 
@@ -83,12 +118,12 @@ pub(crate) struct Sequence<'a> {
 /// # Panics
 /// When [`available`] is false, the sequences' head shapes differ, or a slice is shorter than
 /// its shape says.
-pub(crate) fn attend(sequences: &[Sequence<'_>], scale: f32) -> Vec<f32> {
+pub(crate) fn attend<T: Cached>(sequences: &[Sequence<'_, T>], scale: f32) -> Vec<f32> {
     let path = Path::detect().expect("the attention kernel runs here");
     attend_on(path, sequences, scale)
 }
 
-fn attend_on(path: Path, sequences: &[Sequence<'_>], scale: f32) -> Vec<f32> {
+fn attend_on<T: Cached>(path: Path, sequences: &[Sequence<'_, T>], scale: f32) -> Vec<f32> {
     let Some(first) = sequences.first() else {
         return Vec::new();
     };
@@ -153,7 +188,8 @@ fn attend_on(path: Path, sequences: &[Sequence<'_>], scale: f32) -> Vec<f32> {
                 scores.resize(n * seen, 0.0);
                 let out = &mut out[pass * head_dim..][..n * head_dim];
                 match path {
-                    // SAFETY: the Avx512 token is made only once detection found AVX-512F.
+                    // SAFETY: the Avx512 token is made only once detection found AVX-512F, BW
+                    // and VL.
                     // `1 <= n <= 8` (HEADS_PER_PASS); `keys` and `values` hold `seen` rows of
                     // `head_dim` values, `queries` and `out` `n` rows of `head_dim`, and
                     // `scores` `n` rows of `seen` (all sized just above), which is what the
@@ -181,11 +217,19 @@ fn attend_on(path: Path, sequences: &[Sequence<'_>], scale: f32) -> Vec<f32> {
 /// The portable twin of the AVX-512 kernel: the same sums in the same order where it is cheap
 /// to keep (weighted sums, dots in sixteen lanes), `f32::exp` in softmax.
 mod portable {
+    use super::Cached;
+
     /// Lanes the dots are summed in, as the vector kernel does.
     const LANES: usize = 16;
 
     /// As `x86::scores`.
-    pub(super) fn scores(queries: &[f32], n: usize, keys: &[f32], scale: f32, scores: &mut [f32]) {
+    pub(super) fn scores<T: Cached>(
+        queries: &[f32],
+        n: usize,
+        keys: &[T],
+        scale: f32,
+        scores: &mut [f32],
+    ) {
         let head_dim = queries.len() / n;
         let seen = scores.len() / n;
         for j in 0..seen {
@@ -194,7 +238,7 @@ mod portable {
                 let query = &queries[i * head_dim..][..head_dim];
                 let mut lanes = [0f32; LANES];
                 for (d, (q, k)) in query.iter().zip(key).enumerate() {
-                    lanes[d % LANES] = q.mul_add(*k, lanes[d % LANES]);
+                    lanes[d % LANES] = q.mul_add(k.widen(), lanes[d % LANES]);
                 }
                 scores[i * seen + j] = lanes.iter().sum::<f32>() * scale;
             }
@@ -216,7 +260,12 @@ mod portable {
     }
 
     /// As `x86::weighted_sum`: each output a chain of fused multiply-adds in order of `j`.
-    pub(super) fn weighted_sum(weights: &[f32], n: usize, values: &[f32], out: &mut [f32]) {
+    pub(super) fn weighted_sum<T: Cached>(
+        weights: &[f32],
+        n: usize,
+        values: &[T],
+        out: &mut [f32],
+    ) {
         let head_dim = out.len() / n;
         let seen = weights.len() / n;
         out.fill(0.0);
@@ -225,7 +274,7 @@ mod portable {
             for i in 0..n {
                 let w = weights[i * seen + j];
                 for (o, v) in out[i * head_dim..][..head_dim].iter_mut().zip(value) {
-                    *o = v.mul_add(w, *o);
+                    *o = v.widen().mul_add(w, *o);
                 }
             }
         }
@@ -236,7 +285,24 @@ mod portable {
 mod x86 {
     use std::arch::x86_64::*;
 
+    use super::Cached;
     use crate::kernels::dense_matmul::lane_mask as lanes;
+
+    /// The lanes `mask` keeps of the sixteen values at `p`, widened to f32 (the others 0).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F, BW and VL; the kept lanes' values lie inside one allocation.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[inline]
+    unsafe fn load<T: Cached>(mask: u16, p: *const T) -> __m512 {
+        if T::HALF {
+            // SAFETY: the caller's contract; masked-off lanes are never read.
+            unsafe { _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p.cast())) }
+        } else {
+            // SAFETY: as above.
+            unsafe { _mm512_maskz_loadu_ps(mask, p.cast()) }
+        }
+    }
 
     /// Query heads one pass of [`scores`] and [`weighted_sum`] takes: 16 of the 32 vector
     /// registers hold their sums.
@@ -252,14 +318,14 @@ mod x86 {
     /// this VM's noise) on a cache that streams from memory.
     ///
     /// # Safety
-    /// The CPU has AVX-512F; `keys` holds at least `seen * head_dim` values, where
+    /// The CPU has AVX-512F, BW and VL; `keys` holds at least `seen * head_dim` values, where
     /// `head_dim = queries.len() / n` and `seen = scores.len() / n` (an `n` outside `1..=8`
     /// panics).
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn scores(
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn scores<T: Cached>(
         queries: &[f32],
         n: usize,
-        keys: &[f32],
+        keys: &[T],
         scale: f32,
         scores: &mut [f32],
     ) {
@@ -267,9 +333,9 @@ mod x86 {
             ($($n:literal),*) => {
                 match n {
                     $($n => {
-                        // SAFETY: `N = n`, so this is the caller's contract: AVX-512F, and
+                        // SAFETY: `N = n`, so this is the caller's contract: AVX-512, and
                         // `keys` as long as `scores_of` asks.
-                        unsafe { scores_of::<$n>(queries, keys, scale, scores) }
+                        unsafe { scores_of::<$n, T>(queries, keys, scale, scores) }
                     })*
                     _ => unreachable!("{n} heads in a pass"),
                 }
@@ -277,9 +343,9 @@ mod x86 {
         }
         match n {
             // SAFETY: as in `dispatch`, for `N = n`.
-            1 => unsafe { scores_by_sixteen::<1>(queries, keys, scale, scores) },
+            1 => unsafe { scores_by_sixteen::<1, T>(queries, keys, scale, scores) },
             // SAFETY: as in `dispatch`, for `N = n`.
-            2 => unsafe { scores_by_sixteen::<2>(queries, keys, scale, scores) },
+            2 => unsafe { scores_by_sixteen::<2, T>(queries, keys, scale, scores) },
             _ => dispatch!(3, 4, 5, 6, 7, 8),
         }
     }
@@ -287,13 +353,13 @@ mod x86 {
     /// [`scores`] for `N` query rows, one key at a time.
     ///
     /// # Safety
-    /// The CPU has AVX-512F; `keys` holds at least `seen * head_dim` values, where
+    /// The CPU has AVX-512F, BW and VL; `keys` holds at least `seen * head_dim` values, where
     /// `head_dim = queries.len() / N` and `seen = scores.len() / N` (`queries` and `scores`
     /// are then read and written unchecked, within their lengths).
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn scores_of<const N: usize>(
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn scores_of<const N: usize, T: Cached>(
         queries: &[f32],
-        keys: &[f32],
+        keys: &[T],
         scale: f32,
         scores: &mut [f32],
     ) {
@@ -308,7 +374,7 @@ mod x86 {
                 let mask = lanes(d, head_dim);
                 // SAFETY: `d < head_dim`, and `mask` keeps only the lanes of columns `d ..
                 // head_dim`, all inside key `j`; masked-off lanes are never read.
-                let k = unsafe { _mm512_maskz_loadu_ps(mask, key.add(d)) };
+                let k = unsafe { load(mask, key.add(d)) };
                 for (i, acc) in acc.iter_mut().enumerate() {
                     // SAFETY: as for the key: `i < N`, so the kept lanes are columns `d ..
                     // head_dim` of query row `i`, inside `queries`' `N * head_dim` values.
@@ -339,10 +405,10 @@ mod x86 {
     ///
     /// # Safety
     /// As [`scores_of`].
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn scores_by_sixteen<const N: usize>(
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn scores_by_sixteen<const N: usize, T: Cached>(
         queries: &[f32],
-        keys: &[f32],
+        keys: &[T],
         scale: f32,
         scores: &mut [f32],
     ) {
@@ -381,9 +447,7 @@ mod x86 {
                     });
                     for t in 0..block {
                         // SAFETY: as just above.
-                        let k = unsafe {
-                            _mm512_maskz_loadu_ps(mask, keys.as_ptr().add((j + t) * head_dim + d))
-                        };
+                        let k = unsafe { load(mask, keys.as_ptr().add((j + t) * head_dim + d)) };
                         for (h, q) in qs.iter().enumerate().take(heads) {
                             acc[slot(h, t)] = _mm512_fmadd_ps(*q, k, acc[slot(h, t)]);
                         }
@@ -414,7 +478,7 @@ mod x86 {
         for j in blocked..seen {
             let mut dots = [0f32; N];
             // SAFETY: key `j < seen` is inside `keys`; one key for the `N` rows.
-            unsafe { scores_of::<N>(queries, &keys[j * head_dim..], scale, &mut dots) };
+            unsafe { scores_of::<N, T>(queries, &keys[j * head_dim..], scale, &mut dots) };
             for (h, dot) in dots.iter().enumerate() {
                 // SAFETY: row `h < N`, key `j < seen`.
                 unsafe { *out.add(h * seen + j) = *dot };
@@ -554,18 +618,23 @@ mod x86 {
     /// `n`.
     ///
     /// # Safety
-    /// The CPU has AVX-512F; `values` holds at least `seen * head_dim` values, where
+    /// The CPU has AVX-512F, BW and VL; `values` holds at least `seen * head_dim` values, where
     /// `head_dim = out.len() / n` and `seen = weights.len() / n` (an `n` outside `1..=8`
     /// panics).
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn weighted_sum(weights: &[f32], n: usize, values: &[f32], out: &mut [f32]) {
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn weighted_sum<T: Cached>(
+        weights: &[f32],
+        n: usize,
+        values: &[T],
+        out: &mut [f32],
+    ) {
         macro_rules! dispatch {
             ($($n:literal),*) => {
                 match n {
                     $($n => {
-                        // SAFETY: `N = n`, so this is the caller's contract: AVX-512F, and
+                        // SAFETY: `N = n`, so this is the caller's contract: AVX-512, and
                         // `values` as long as `weighted_sum_of` asks.
-                        unsafe { weighted_sum_of::<$n>(weights, values, out) }
+                        unsafe { weighted_sum_of::<$n, T>(weights, values, out) }
                     })*
                     _ => unreachable!("{n} heads in a pass"),
                 }
@@ -577,11 +646,15 @@ mod x86 {
     /// [`weighted_sum`] for `N` rows.
     ///
     /// # Safety
-    /// The CPU has AVX-512F; `values` holds at least `seen * head_dim` values, where
+    /// The CPU has AVX-512F, BW and VL; `values` holds at least `seen * head_dim` values, where
     /// `head_dim = out.len() / N` and `seen = weights.len() / N` (`weights` and `out` are then
     /// read and written unchecked, within their lengths).
-    #[target_feature(enable = "avx512f")]
-    unsafe fn weighted_sum_of<const N: usize>(weights: &[f32], values: &[f32], out: &mut [f32]) {
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn weighted_sum_of<const N: usize, T: Cached>(
+        weights: &[f32],
+        values: &[T],
+        out: &mut [f32],
+    ) {
         // 32 columns of up to 8 heads: 16 accumulators.
         const VECTORS: usize = 2;
         let head_dim = out.len() / N;
@@ -607,9 +680,8 @@ mod x86 {
                 // vector's address lies past the end of `values` with a mask of 0: computed
                 // with `wrapping_add`, which (unlike `add`) may leave the allocation, and
                 // never dereferenced.
-                let x: [__m512; VECTORS] = std::array::from_fn(|c| unsafe {
-                    _mm512_maskz_loadu_ps(masks[c], row.wrapping_add(16 * c))
-                });
+                let x: [__m512; VECTORS] =
+                    std::array::from_fn(|c| unsafe { load(masks[c], row.wrapping_add(16 * c)) });
                 for (i, acc) in acc.iter_mut().enumerate() {
                     // SAFETY: `i < N` and `j < seen`: `i * seen + j < N * seen <=
                     // weights.len()`.
@@ -645,7 +717,7 @@ mod x86 {
     ///
     /// # Safety
     /// None needed (it only panics); `unsafe` to match the x86-64 kernel's signature.
-    pub(super) unsafe fn scores(_q: &[f32], _n: usize, _k: &[f32], _x: f32, _o: &mut [f32]) {
+    pub(super) unsafe fn scores<T>(_q: &[f32], _n: usize, _k: &[T], _x: f32, _o: &mut [f32]) {
         unreachable!("the attention kernel runs on x86-64 only")
     }
 
@@ -661,7 +733,7 @@ mod x86 {
     ///
     /// # Safety
     /// None needed (it only panics); `unsafe` to match the x86-64 kernel's signature.
-    pub(super) unsafe fn weighted_sum(_w: &[f32], _n: usize, _v: &[f32], _o: &mut [f32]) {
+    pub(super) unsafe fn weighted_sum<T>(_w: &[f32], _n: usize, _v: &[T], _o: &mut [f32]) {
         unreachable!("the attention kernel runs on x86-64 only")
     }
 }
@@ -856,6 +928,65 @@ mod tests {
         }
     }
 
+    /// An f16 cache gives the bits of its values widened into an f32 cache, on every path: one
+    /// and several heads a pass (sixteen dots at a time and one key at a time), head sizes
+    /// that leave partial vectors, prompt chunks and single tokens.
+    #[test]
+    fn a_half_cache_attends_as_its_values_widened() {
+        use half::f16;
+        // (tokens, start, heads, kv_heads, head_dim)
+        for (tokens, start, heads, kv_heads, head_dim) in [
+            (1, 40, 8, 2, 128),
+            (1, 70, 2, 2, 32),
+            (1, 17, 1, 1, 8),
+            (3, 9, 4, 2, 20),
+            (2, 5, 16, 2, 40),
+            (6, 300, 8, 1, 128),
+        ] {
+            let context = start + tokens;
+            let shape = Shape {
+                tokens,
+                start,
+                heads,
+                kv_heads,
+                head_dim,
+                group_stride: (context + 3) * head_dim,
+            };
+            let q = values(tokens * heads * head_dim, 1.1);
+            let narrow = |x: Vec<f32>| -> Vec<f16> { x.into_iter().map(f16::from_f32).collect() };
+            let k16 = narrow(values(kv_heads * shape.group_stride, 0.7));
+            let v16 = narrow(values(kv_heads * shape.group_stride, 1.9));
+            let widen = |x: &[f16]| -> Vec<f32> { x.iter().map(|h| h.to_f32()).collect() };
+            let (k32, v32) = (widen(&k16), widen(&v16));
+            for path in paths() {
+                let half = attend_on(
+                    path,
+                    &[Sequence {
+                        q: &q,
+                        k: &k16,
+                        v: &v16,
+                        shape,
+                    }],
+                    0.125,
+                );
+                let full = attend_on(
+                    path,
+                    &[Sequence {
+                        q: &q,
+                        k: &k32,
+                        v: &v32,
+                        shape,
+                    }],
+                    0.125,
+                );
+                assert_eq!(
+                    half, full,
+                    "{path:?}: {heads} heads of {head_dim}, {tokens} tokens"
+                );
+            }
+        }
+    }
+
     /// Sixteen dots at a time give the bits of one key at a time: each dot's lanes, its sum
     /// across them and the scaling are the same, whatever the head size (masked tails) and
     /// the keys left over.
@@ -877,11 +1008,11 @@ mod tests {
             fn both<const N: usize>(q: &[f32], keys: &[f32], seen: usize) -> [Vec<f32>; 2] {
                 let mut one = vec![0f32; N * seen];
                 let mut sixteen = vec![0f32; N * seen];
-                // SAFETY: AVX-512F was checked; `keys` holds `seen` keys of the queries' head
-                // size, and both outputs `N * seen` scores.
+                // SAFETY: AVX-512 (F, BW, VL) was checked; `keys` holds `seen` keys of the
+                // queries' head size, and both outputs `N * seen` scores.
                 unsafe {
-                    x86::scores_of::<N>(q, keys, 0.17, &mut one);
-                    x86::scores_by_sixteen::<N>(q, keys, 0.17, &mut sixteen);
+                    x86::scores_of::<N, f32>(q, keys, 0.17, &mut one);
+                    x86::scores_by_sixteen::<N, f32>(q, keys, 0.17, &mut sixteen);
                 }
                 [one, sixteen]
             }

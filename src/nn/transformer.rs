@@ -416,7 +416,10 @@ impl SelfAttention {
         // `k`, `v`: [groups, context, hd], a view of the cache whose groups are `capacity` rows
         // apart. candle's CUDA matmul takes only tightly packed batches; the CPU one reads the
         // cache where it lies.
-        let (k, v) = if q.device().is_cpu() {
+        let (k, v) = if k.dtype() != q.dtype() {
+            // An f16 cache under f32 queries: widened for candle's matmul.
+            (k.to_dtype(q.dtype())?, v.to_dtype(q.dtype())?)
+        } else if q.device().is_cpu() {
             (k.clone(), v.clone())
         } else {
             (k.contiguous()?, v.contiguous()?)
@@ -440,19 +443,30 @@ impl SelfAttention {
     }
 
     /// Every sequence's attention by [`attention::attend`], in one parallel step, where it
-    /// runs (f32 on an AVX-512 CPU). Returns the sequences' `[tokens, heads * head_dim]` one
-    /// after another, or `None` for candle's path.
+    /// runs (f32 queries over an f32 or f16 cache on an AVX-512 CPU). Returns the sequences'
+    /// `[tokens, heads * head_dim]` one after another, or `None` for candle's path.
     fn attend_on_cpu(&self, sequences: &[Attending]) -> Result<Option<Tensor>> {
-        let on_cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+        match sequences.first().map(|s| s.k.dtype()) {
+            Some(DType::F16) => self.attend_cached::<half::f16>(sequences),
+            _ => self.attend_cached::<f32>(sequences),
+        }
+    }
+
+    /// [`Transformer::attend_on_cpu`] over caches of `T`.
+    fn attend_cached<T>(&self, sequences: &[Attending]) -> Result<Option<Tensor>>
+    where
+        T: attention::Cached + candle_core::WithDType,
+    {
+        let on_cpu = |t: &Tensor, dtype| t.device().is_cpu() && t.dtype() == dtype;
         // Each group's rows packed, groups equally far apart in both.
         let rows_packed = |t: &Tensor, k: &Tensor| {
             t.stride()[1..] == [self.head_dim, 1] && t.stride()[0] == k.stride()[0]
         };
         let runs_here = attention::available()
             && sequences.iter().all(|s| {
-                on_cpu_f32(&s.q)
-                    && on_cpu_f32(&s.k)
-                    && on_cpu_f32(&s.v)
+                on_cpu(&s.q, DType::F32)
+                    && on_cpu(&s.k, T::DTYPE)
+                    && on_cpu(&s.v, T::DTYPE)
                     && rows_packed(&s.k, &s.k)
                     && rows_packed(&s.v, &s.k)
             });
@@ -482,8 +496,8 @@ impl SelfAttention {
             };
             parts.push(attention::Sequence {
                 q: &qs.as_slice::<f32>()?[ql.start_offset()..],
-                k: &ks.as_slice::<f32>()?[kl.start_offset()..],
-                v: &vs.as_slice::<f32>()?[vl.start_offset()..],
+                k: &ks.as_slice::<T>()?[kl.start_offset()..],
+                v: &vs.as_slice::<T>()?[vl.start_offset()..],
                 shape: attention::Shape {
                     tokens: s.span.tokens,
                     start: s.span.start,
@@ -697,6 +711,8 @@ pub(crate) struct Transformer {
     spec: ArchSpec,
     device: Device,
     dtype: DType,
+    /// What conversations' caches store keys and values in ([`Transformer::set_cache_dtype`]).
+    cache_dtype: DType,
 }
 
 /// Multiply-adds (weights read times rows) below which a CPU pass runs on one thread
@@ -768,7 +784,41 @@ impl Transformer {
             spec: spec.clone(),
             device: device.clone(),
             dtype,
+            cache_dtype: dtype,
         })
+    }
+
+    /// Makes conversations' caches store keys and values in `dtype`: the compute dtype by
+    /// default; f16 on the CPU halves a conversation's memory per token and the bytes a decode
+    /// step's attention reads, at the price of rounding them.
+    ///
+    /// # Errors
+    /// A dtype other than f32 or f16.
+    pub(crate) fn set_cache_dtype(&mut self, dtype: DType) -> Result<()> {
+        Self::check_cache_dtype(dtype)?;
+        self.cache_dtype = dtype;
+        Ok(())
+    }
+
+    /// Whether caches can store `dtype` (f32 or f16), so a loader can refuse before it reads
+    /// gigabytes of weights.
+    pub(crate) fn check_cache_dtype(dtype: DType) -> Result<()> {
+        if matches!(dtype, DType::F32 | DType::F16) {
+            return Ok(());
+        }
+        Err(crate::Error::invalid(
+            "kv_cache_dtype",
+            format!("{dtype:?}").to_lowercase(),
+            "must be f32 or f16",
+        ))
+    }
+
+    /// Bytes of key/value cache one token of a conversation takes.
+    pub(crate) fn kv_bytes_per_token(&self) -> usize {
+        2 * self.spec.num_layers
+            * self.spec.num_kv_heads
+            * self.spec.head_dim
+            * self.cache_dtype.size_in_bytes()
     }
 
     /// Every tensor under its name in `names`' layout, as a GGUF file stores it.
@@ -966,7 +1016,7 @@ impl Transformer {
             for (segment, span) in segments.iter_mut().zip(&spans) {
                 let layer_cache = &mut segment.cache.layers[i];
                 let wanted = (span.start + span.tokens).max(segment.cache.capacity_hint);
-                layer_cache.reserve(wanted, &self.spec, self.dtype, &self.device)?;
+                layer_cache.reserve(wanted, &self.spec, self.cache_dtype, &self.device)?;
                 caches.push(layer_cache);
             }
             x = block.forward(&x, &mut caches, &spans, &angles)?;
@@ -1123,8 +1173,9 @@ impl LayerCache {
                 "reserve before append",
             ));
         };
-        cache_k.slice_set(&k.transpose(0, 1)?.contiguous()?, 1, start)?;
-        cache_v.slice_set(&v.transpose(0, 1)?.contiguous()?, 1, start)?;
+        let stored = |t: &Tensor| t.transpose(0, 1)?.to_dtype(cache_k.dtype())?.contiguous();
+        cache_k.slice_set(&stored(k)?, 1, start)?;
+        cache_v.slice_set(&stored(v)?, 1, start)?;
         let end = start + k.dim(0)?;
         Ok((cache_k.narrow(1, 0, end)?, cache_v.narrow(1, 0, end)?))
     }
