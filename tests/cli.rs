@@ -84,6 +84,53 @@ fn generate_json_reproduces_every_reference_case() {
     }
 }
 
+/// `--kv-cache-dtype f16` reaches the engine (the fixtures' greedy replies survive the
+/// rounding), and a dtype the cache cannot hold is refused with its name.
+#[test]
+fn generate_takes_the_kv_cache_dtype() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let case = &common::all_cases()[0];
+    let request = tmp.path().join("r.json");
+    std::fs::write(
+        &request,
+        serde_json::json!({
+            "prompt": case.request.prompt,
+            "history": case.request.history,
+            "max_new_tokens": case.max_new_tokens,
+            "greedy": true,
+        })
+        .to_string(),
+    )
+    .expect("write");
+    let run = |dtype: &str| {
+        chathub()
+            .args(["generate", "--json", "--kv-cache-dtype", dtype, "--model"])
+            .arg(common::model_dir(&case.model))
+            .arg("--request")
+            .arg(&request)
+            .output()
+            .expect("runs")
+    };
+    let out = run("f16");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let ids: Vec<u32> =
+        serde_json::from_value(report["completion_token_ids"].clone()).expect("ids");
+    assert_eq!(ids, case.greedy_token_ids_until_stop, "{}", case.id);
+
+    let out = run("bf16");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("kv_cache_dtype") && stderr.contains("f32 or f16"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn generate_reports_a_bad_model_path_clearly() {
     let tmp = tempfile::tempdir().expect("tempdir");
