@@ -12,7 +12,7 @@
  * Version of this C ABI. It changes whenever a function or struct changes incompatibly;
  * bindings check it at start-up.
  */
-#define CHATHUB_ABI_VERSION 4
+#define CHATHUB_ABI_VERSION 5
 
 /**
  * Success.
@@ -240,7 +240,8 @@ typedef struct ChathubParams {
 
 /**
  * How to load a model. Zeros (from `chathub_load_options_default`) mean: detect the family,
- * dense f32 weights on the CPU, the default prefix cache, next-turn pre-fill on.
+ * dense f32 weights on the CPU, the default prefix cache, next-turn pre-fill on, key/value
+ * caches in the compute dtype.
  */
 typedef struct ChathubLoadOptions {
   /**
@@ -276,6 +277,12 @@ typedef struct ChathubLoadOptions {
    * turns, and only helps chats whose next turn extends this one).
    */
   uint8_t disable_next_turn_warmup;
+  /**
+   * What conversations' key/value caches store: `CHATHUB_DTYPE_DEFAULT` (the compute
+   * dtype: f32 on the CPU), `CHATHUB_DTYPE_F32` or `CHATHUB_DTYPE_F16` (half the memory per
+   * token; keys and values rounded, so replies can differ slightly from f32's).
+   */
+  int32_t kv_cache_dtype;
 } ChathubLoadOptions;
 
 /**

@@ -64,6 +64,7 @@ namespace ChatHub
                 device_ordinal = (uint)options.DeviceOrdinal,
                 prefix_cache_bytes = options.PrefixCacheBytes,
                 disable_next_turn_warmup = (byte)(options.WarmNextTurn ? 0 : 1),
+                kv_cache_dtype = (int)options.KvCacheType,
             };
             fixed (byte* d = dir)
             {

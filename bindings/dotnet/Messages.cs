@@ -277,6 +277,9 @@ namespace ChatHub
         /// <summary>After a reply, run it in the background as the next turn's prompt will hold it,
         /// so the next turn starts at once (default true).</summary>
         public bool WarmNextTurn { get; private set; } = true;
+        /// <summary>What conversations' key/value caches store (Default: the compute type, f32 on
+        /// a CPU).</summary>
+        public KvCacheType KvCacheType { get; private set; }
 
         /// <summary>The defaults.</summary>
         public static readonly LoadOptions Default = new LoadOptions();
@@ -299,6 +302,20 @@ namespace ChatHub
         public LoadOptions WithPrefixCacheBytes(long bytes) { var o = Copy(); o.PrefixCacheBytes = bytes; return o; }
         /// <summary>A copy with the next-turn pre-fill on or off.</summary>
         public LoadOptions WithWarmNextTurn(bool warm) { var o = Copy(); o.WarmNextTurn = warm; return o; }
+        /// <summary>A copy whose conversations cache their keys and values as <paramref name="type"/>.</summary>
+        public LoadOptions WithKvCacheType(KvCacheType type) { var o = Copy(); o.KvCacheType = type; return o; }
+    }
+
+    /// <summary>What conversations' key/value caches store.</summary>
+    public enum KvCacheType
+    {
+        /// <summary>The compute type (f32 on a CPU).</summary>
+        Default = 0,
+        /// <summary>32-bit floats: exact.</summary>
+        F32 = 1,
+        /// <summary>16-bit floats: half the memory per token of a conversation; keys and values
+        /// rounded, so replies can differ slightly from F32's.</summary>
+        F16 = 2,
     }
 
     /// <summary>What dense weight matrices are stored in.</summary>

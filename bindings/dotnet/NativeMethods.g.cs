@@ -18,7 +18,7 @@ namespace ChatHub.Native
         ///  Version of this C ABI. It changes whenever a function or struct changes incompatibly;
         ///  bindings check it at start-up.
         /// </summary>
-        internal const uint CHATHUB_ABI_VERSION = 4;
+        internal const uint CHATHUB_ABI_VERSION = 5;
         /// <summary>
         ///  Success.
         /// </summary>
@@ -411,7 +411,8 @@ namespace ChatHub.Native
 
     /// <summary>
     ///  How to load a model. Zeros (from `chathub_load_options_default`) mean: detect the family,
-    ///  dense f32 weights on the CPU, the default prefix cache, next-turn pre-fill on.
+    ///  dense f32 weights on the CPU, the default prefix cache, next-turn pre-fill on, key/value
+    ///  caches in the compute dtype.
     /// </summary>
     [StructLayout(LayoutKind.Sequential)]
     internal unsafe partial struct ChathubLoadOptions
@@ -449,6 +450,12 @@ namespace ChatHub.Native
         ///  turns, and only helps chats whose next turn extends this one).
         /// </summary>
         public byte disable_next_turn_warmup;
+        /// <summary>
+        ///  What conversations' key/value caches store: `CHATHUB_DTYPE_DEFAULT` (the compute
+        ///  dtype: f32 on the CPU), `CHATHUB_DTYPE_F32` or `CHATHUB_DTYPE_F16` (half the memory per
+        ///  token; keys and values rounded, so replies can differ slightly from f32's).
+        /// </summary>
+        public int kv_cache_dtype;
     }
 
     /// <summary>

@@ -26,7 +26,7 @@ use crate::{Engine, ModelFamily, ModelOptions, Quantization};
 
 /// Version of this C ABI. It changes whenever a function or struct changes incompatibly;
 /// bindings check it at start-up.
-pub const CHATHUB_ABI_VERSION: u32 = 4;
+pub const CHATHUB_ABI_VERSION: u32 = 5;
 
 /// Success.
 pub const CHATHUB_OK: i32 = 0;
@@ -115,7 +115,8 @@ pub struct ChathubReply {
 }
 
 /// How to load a model. Zeros (from `chathub_load_options_default`) mean: detect the family,
-/// dense f32 weights on the CPU, the default prefix cache, next-turn pre-fill on.
+/// dense f32 weights on the CPU, the default prefix cache, next-turn pre-fill on, key/value
+/// caches in the compute dtype.
 #[repr(C)]
 pub struct ChathubLoadOptions {
     /// `CHATHUB_FAMILY_AUTO`, `CHATHUB_FAMILY_CHATGLM2`, `CHATHUB_FAMILY_CHATGLM3` or
@@ -137,6 +138,10 @@ pub struct ChathubLoadOptions {
     /// the next prompt will encode it, so the next turn starts at once (it costs CPU time between
     /// turns, and only helps chats whose next turn extends this one).
     pub disable_next_turn_warmup: u8,
+    /// What conversations' key/value caches store: `CHATHUB_DTYPE_DEFAULT` (the compute
+    /// dtype: f32 on the CPU), `CHATHUB_DTYPE_F32` or `CHATHUB_DTYPE_F16` (half the memory per
+    /// token; keys and values rounded, so replies can differ slightly from f32's).
+    pub kv_cache_dtype: i32,
 }
 
 /// One history message. Strings are NUL-terminated UTF-8, borrowed for the call.
@@ -380,6 +385,7 @@ const LOAD_DEFAULTS: ChathubLoadOptions = ChathubLoadOptions {
     device_ordinal: 0,
     prefix_cache_bytes: 0,
     disable_next_turn_warmup: 0,
+    kv_cache_dtype: CHATHUB_DTYPE_DEFAULT,
 };
 
 /// The Rust options for C's, each field checked.
@@ -417,6 +423,16 @@ fn model_options(o: &ChathubLoadOptions) -> Result<ModelOptions, FfiError> {
             )))
         }
     };
+    let kv_cache_dtype = match o.kv_cache_dtype {
+        CHATHUB_DTYPE_DEFAULT => None,
+        CHATHUB_DTYPE_F32 => Some(candle_core::DType::F32),
+        CHATHUB_DTYPE_F16 => Some(candle_core::DType::F16),
+        other => {
+            return Err(FfiError::invalid(format!(
+                "invalid kv_cache_dtype {other}: expected 0 (default), 1 (f32) or 2 (f16)"
+            )))
+        }
+    };
     let device = match o.device {
         CHATHUB_DEVICE_CPU => candle_core::Device::Cpu,
         CHATHUB_DEVICE_CUDA => {
@@ -443,7 +459,7 @@ fn model_options(o: &ChathubLoadOptions) -> Result<ModelOptions, FfiError> {
         device,
         prefix_cache_bytes,
         warm_next_turn: o.disable_next_turn_warmup == 0,
-        kv_cache_dtype: defaults.kv_cache_dtype,
+        kv_cache_dtype,
     })
 }
 

@@ -204,6 +204,28 @@ int main(int argc, char **argv) {
   chathub_string_free(half_reply);
   chathub_model_free(half);
 
+  /* So does an f16 key/value cache; bf16 is not a cache dtype, and says so. */
+  ChathubModel *half_cache = NULL;
+  chathub_load_options_default(&load_options);
+  CHECK(load_options.kv_cache_dtype == CHATHUB_DTYPE_DEFAULT, "default cache dtype");
+  load_options.kv_cache_dtype = CHATHUB_DTYPE_F16;
+  CHECK(chathub_model_load_with(dir, &load_options, &half_cache) == CHATHUB_OK, "%s",
+        last_message());
+  char *half_cache_reply = NULL;
+  CHECK(half_cache && chathub_chat(half_cache, PROMPT, HISTORY, 3, &params, &half_cache_reply,
+                                   NULL, NULL) == CHATHUB_OK,
+        "%s", last_message());
+  CHECK(half_cache_reply && strcmp(half_cache_reply, expected) == 0, "f16 cache reply %s",
+        half_cache_reply ? half_cache_reply : "(null)");
+  chathub_string_free(half_cache_reply);
+  chathub_model_free(half_cache);
+  load_options.kv_cache_dtype = CHATHUB_DTYPE_BF16;
+  half_cache = NULL;
+  CHECK(chathub_model_load_with(dir, &load_options, &half_cache) == CHATHUB_ERR_INVALID_ARGUMENT,
+        "bf16 cache");
+  CHECK(half_cache == NULL && strstr(last_message(), "kv_cache_dtype") != NULL, "%s",
+        last_message());
+
   /* The same prompt again reuses the cache; with reuse turned off it never does. */
   char *again = NULL;
   CHECK(chathub_chat(model, PROMPT, HISTORY, 3, &params, &again, NULL, &stats) == CHATHUB_OK, "%s",

@@ -233,6 +233,13 @@ static class ChatHubTests
                 Equal(0, result.Stats.CachedPromptTokens, "cached tokens without reuse");
             }
         }
+        using (var halfCache = ChatModel.Load(dir, LoadOptions.Default.WithKvCacheType(KvCacheType.F16)))
+        {
+            Equal(conv1Text, halfCache.Chat(Conv1Prompt, Conv1History, Greedy(20)), "f16 cache greedy reply");
+        }
+        var badCache = Throws<ChatHubException>(() => ChatModel.Load(dir, LoadOptions.Default.WithKvCacheType((KvCacheType)3)), "bad cache type");
+        Equal(ChatHubStatus.InvalidArgument, badCache.Status, "status");
+        Assert(badCache.Message.Contains("kv_cache_dtype"), "message names the option: " + badCache.Message);
         var bad = Throws<ChatHubException>(() => ChatModel.Load(dir, LoadOptions.Default.WithWeightType((WeightType)9)), "bad weight type");
         Equal(ChatHubStatus.InvalidArgument, bad.Status, "status");
         Assert(bad.Message.Contains("dtype"), "message names the option: " + bad.Message);
