@@ -85,6 +85,8 @@ struct BenchReport {
     device: String,
     dtype: String,
     quant: Option<String>,
+    /// What the conversations' key/value caches store (`--kv-cache-dtype`).
+    kv_cache_dtype: String,
     threads: usize,
     parameters: usize,
     load_s: f64,
@@ -275,6 +277,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         device: if args.model.cuda { "cuda" } else { "cpu" }.into(),
         dtype: format!("{:?}", args.model.dtype).to_lowercase(),
         quant: engine.quantization().map(|q| q.to_string()),
+        kv_cache_dtype: format!("{:?}", engine.kv_cache_dtype()).to_lowercase(),
         threads: rayon::current_num_threads(),
         parameters: engine.arch().parameter_count(),
         load_s,
@@ -304,8 +307,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     } else {
         let r = &report;
         println!(
-            "model            {} ({} parameters, {} threads)",
-            r.model, r.parameters, r.threads
+            "model            {} ({} parameters, {} threads, {} key/value cache)",
+            r.model, r.parameters, r.threads, r.kv_cache_dtype
         );
         println!(
             "load             {:.2} s, peak RSS {:.2} GB, {:.2} GB once loaded",

@@ -378,6 +378,12 @@ impl Engine {
         self.quantization
     }
 
+    /// What conversations' key/value caches store ([`ModelOptions::kv_cache_dtype`], or the
+    /// compute dtype), and so the bytes each token of a conversation takes.
+    pub fn kv_cache_dtype(&self) -> DType {
+        self.model.cache_dtype()
+    }
+
     /// The directory the model was loaded from.
     pub fn dir(&self) -> &Path {
         &self.dir

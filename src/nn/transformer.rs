@@ -813,6 +813,11 @@ impl Transformer {
         ))
     }
 
+    /// What conversations' caches store keys and values in.
+    pub(crate) fn cache_dtype(&self) -> DType {
+        self.cache_dtype
+    }
+
     /// Bytes of key/value cache one token of a conversation takes.
     pub(crate) fn kv_bytes_per_token(&self) -> usize {
         2 * self.spec.num_layers
