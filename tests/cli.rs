@@ -126,9 +126,33 @@ fn generate_takes_the_kv_cache_dtype() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("kv_cache_dtype") && stderr.contains("f32 or f16"),
+        stderr.contains("--kv-cache-dtype") && stderr.contains("f32 or f16"),
         "{stderr}"
     );
+
+    // The engine stores what was asked for: `bench` reports the loaded model's cache.
+    let out = chathub()
+        .args([
+            "bench",
+            "--json",
+            "--runs",
+            "1",
+            "--turns",
+            "0",
+            "--gen-tokens",
+            "2",
+        ])
+        .args(["--prompt-tokens", "4", "--kv-cache-dtype", "f16", "--model"])
+        .arg(common::model_dir(&case.model))
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(report["kv_cache_dtype"], "f16");
 }
 
 #[test]

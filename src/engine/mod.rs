@@ -43,8 +43,9 @@ use candle_core::quantized::gguf_file::Value as GgufValue;
 const PREFILL_CHUNK: usize = 256;
 
 /// The compute dtype and the weight-matrix dtype. On the CPU, a 16-bit dtype narrows only the
-/// weight matrices (half the bytes read per token); activations, norms and caches stay f32,
-/// where candle's CPU kernels are fast and exact. On a GPU the whole model runs in it.
+/// weight matrices (half the bytes read per token); activations and norms stay f32, where
+/// candle's CPU kernels are fast and exact, and so do caches unless
+/// [`ModelOptions::kv_cache_dtype`] says otherwise. On a GPU the whole model runs in it.
 fn dtypes(options: &ModelOptions) -> (DType, DType) {
     // Matrices that are quantized at load are read in 16 bits (what checkpoints store) and
     // widened a band at a time: a whole f32 copy of the largest matrix would be the peak.
@@ -384,6 +385,12 @@ impl Engine {
         self.model.cache_dtype()
     }
 
+    /// Bytes of key/value cache each token of a conversation takes on this model, in its
+    /// [`Engine::kv_cache_dtype`]: what `serve --kv-cache-bytes` is counted in.
+    pub fn kv_cache_bytes_per_token(&self) -> usize {
+        self.model.kv_bytes_per_token()
+    }
+
     /// The directory the model was loaded from.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -516,7 +523,7 @@ impl Engine {
         let (params, prompt, limit) = self.prepare(request)?;
         let room = limit - prompt.ids.len();
         let max_new = params.max_new_tokens.map_or(room, |n| n.min(room));
-        Ok((prompt.ids.len() + max_new).saturating_mul(self.model.kv_bytes_per_token()))
+        Ok((prompt.ids.len() + max_new).saturating_mul(self.kv_cache_bytes_per_token()))
     }
 
     fn prepare(&self, request: &ChatRequest) -> Result<(ResolvedParams, Prompt, usize)> {

@@ -817,3 +817,30 @@ unsafe fn read_call<'a>(
     // call.
     Ok((engine, unsafe { request_from(prompt, history, params) }?))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each C value of `kv_cache_dtype` reaches the engine as the dtype it names.
+    #[test]
+    fn load_options_map_the_cache_dtype() {
+        let with = |kv_cache_dtype| {
+            model_options(&ChathubLoadOptions {
+                kv_cache_dtype,
+                ..LOAD_DEFAULTS
+            })
+        };
+        let dtype = |c| with(c).map(|o| o.kv_cache_dtype).ok();
+        assert_eq!(dtype(CHATHUB_DTYPE_DEFAULT), Some(None));
+        assert_eq!(
+            dtype(CHATHUB_DTYPE_F32),
+            Some(Some(candle_core::DType::F32))
+        );
+        assert_eq!(
+            dtype(CHATHUB_DTYPE_F16),
+            Some(Some(candle_core::DType::F16))
+        );
+        assert!(with(CHATHUB_DTYPE_BF16).is_err());
+    }
+}

@@ -25,6 +25,7 @@ use super::cpu;
 /// the same values in an f32 cache gives.
 pub(crate) trait Cached: Copy + Send + Sync + sealed::Sealed {
     /// Whether a value is an IEEE half (16 bits a lane to load) rather than an f32.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     const HALF: bool;
 
     /// The value as an f32.
@@ -312,10 +313,13 @@ mod x86 {
     /// `head_dim` and `seen = scores.len() / n` keys, key `j` at `keys[j * head_dim..]`. Each
     /// dot is summed in sixteen lanes in column order, then across in `_mm512_reduce_add_ps`'s
     /// order; each key is read once for all `n` queries. One or two queries go sixteen dots at
-    /// a time ([`scores_by_sixteen`], the same bits), more one key at a time: for eight heads
-    /// of 128 sixteen at a time was 1.6x as fast on keys in cache, but no faster (785M q4_0, 4
-    /// streams at 512-1536 tokens: 186.7-200.4 against 199.4-219.4 tokens/s in all, within
-    /// this VM's noise) on a cache that streams from memory.
+    /// a time ([`scores_by_sixteen`], the same bits), and so do four or eight over an f16
+    /// cache; more over an f32 cache go one key at a time. For eight heads of 128 sixteen at a
+    /// time was 1.6x as fast on keys in cache, but no faster (785M q4_0, 4 streams at 512-1536
+    /// tokens: 186.7-200.4 against 199.4-219.4 tokens/s in all, within this VM's noise) on an
+    /// f32 cache that streams from memory; over an f16 cache, which streams half the bytes,
+    /// a decode step's attention at 4096 tokens of context (16 heads of 128 in 2 groups, 12
+    /// layers) took 2.8-2.9 ms against 3.7-3.9 one key at a time (5.1-5.3 over f32).
     ///
     /// # Safety
     /// The CPU has AVX-512F, BW and VL; `keys` holds at least `seen * head_dim` values, where
@@ -346,6 +350,10 @@ mod x86 {
             1 => unsafe { scores_by_sixteen::<1, T>(queries, keys, scale, scores) },
             // SAFETY: as in `dispatch`, for `N = n`.
             2 => unsafe { scores_by_sixteen::<2, T>(queries, keys, scale, scores) },
+            // SAFETY: as in `dispatch`, for `N = n`.
+            4 if T::HALF => unsafe { scores_by_sixteen::<4, T>(queries, keys, scale, scores) },
+            // SAFETY: as in `dispatch`, for `N = n`.
+            8 if T::HALF => unsafe { scores_by_sixteen::<8, T>(queries, keys, scale, scores) },
             _ => dispatch!(3, 4, 5, 6, 7, 8),
         }
     }

@@ -69,7 +69,8 @@ impl ArchSpec {
         2 * self.vocab_size * h + self.num_layers * per_layer + h
     }
 
-    /// Bytes of f32 key/value cache one token takes.
+    /// Bytes of f32 key/value cache one token takes (a loaded model's own figure, in the dtype
+    /// its caches store, is `Engine::kv_cache_bytes_per_token`).
     pub fn kv_bytes_per_token(&self) -> usize {
         2 * self.num_layers * self.num_kv_heads * self.head_dim * 4
     }

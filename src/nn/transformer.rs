@@ -399,7 +399,8 @@ impl SelfAttention {
     }
 
     /// One sequence's attention by candle's ops, where the CPU kernel does not run (GPUs,
-    /// 16-bit caches, x86 without AVX-512). Returns `[tokens, heads * head_dim]`.
+    /// x86 without AVX-512; an f16 cache is widened for it). Returns `[tokens, heads *
+    /// head_dim]`.
     fn attend(&self, sequence: &Attending) -> Result<Tensor> {
         let Attending { q, k, v, span } = sequence;
         let Span { start, tokens } = *span;
