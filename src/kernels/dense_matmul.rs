@@ -856,7 +856,12 @@ mod avx2 {
     }
 
     /// `M` activation rows against a full panel, 16 of its rows at a time (2 × `M` sums and two
-    /// weight vectors fill the 16 registers).
+    /// weight vectors fill the 16 registers), a block of [`TILE_BLOCK`] columns at a time: the
+    /// four runs of 16 rows go over each block while it is in L1, and carry their sums from
+    /// block to block. Each output is still one chain of multiply-adds in column order.
+    ///
+    /// Run over the whole panel for each 16 rows, a matrix streaming from memory was read four
+    /// times: 4 rows of an 11008x2048 f16 matrix took 3.39 ms against 0.91 for one row.
     ///
     /// # Safety
     /// As [`column()`]'s, with `cols > 0`, `M` rows of `cols` in `x` (at least `M * cols`
@@ -869,29 +874,47 @@ mod avx2 {
         out: *mut f32,
         out_stride: usize,
     ) {
+        const RUNS: usize = PANEL_ROWS / 16;
         let xp = x.as_ptr();
-        for sub in 0..PANEL_ROWS / 16 {
-            let mut acc = [[_mm256_setzero_ps(); 2]; M];
-            // SAFETY: `16 * sub < 64 <= 64 * cols`, the length of `panel` (`cols > 0`).
-            let mut wp = unsafe { panel.as_ptr().add(16 * sub) };
-            for k in 0..cols {
-                // SAFETY: `wp` is rows `16 * sub .. 16 * sub + 16` of column `k`'s group of 64
-                // inside `panel`, so both runs of eight are readable; AVX2 and F16C as the
-                // caller guarantees.
-                let (w0, w1) = unsafe { (W::load8(wp), W::load8(wp.add(8))) };
-                for (j, acc) in acc.iter_mut().enumerate() {
-                    // SAFETY: `j < M` and `k < cols`: inside `x`'s `M * cols` elements.
-                    let xb = _mm256_set1_ps(unsafe { *xp.add(j * cols + k) });
-                    acc[0] = _mm256_fmadd_ps(w0, xb, acc[0]);
-                    acc[1] = _mm256_fmadd_ps(w1, xb, acc[1]);
+        let mut sums = [[[_mm256_setzero_ps(); 2]; M]; RUNS];
+        for start in (0..cols).step_by(TILE_BLOCK) {
+            let end = (start + TILE_BLOCK).min(cols);
+            for (sub, sums) in sums.iter_mut().enumerate() {
+                let mut acc = *sums;
+                // SAFETY: `start < cols`, so column `start`'s group of 64 lies inside `panel`
+                // (`64 * cols` elements), and `16 * sub < 64` stays in it.
+                let mut wp = unsafe { panel.as_ptr().add(start * PANEL_ROWS + 16 * sub) };
+                for k in start..end {
+                    // SAFETY: `wp` is rows `16 * sub .. 16 * sub + 16` of column `k`'s group of
+                    // 64 inside `panel`, so both runs of eight are readable; AVX2 and F16C as
+                    // the caller guarantees.
+                    let (w0, w1) = unsafe { (W::load8(wp), W::load8(wp.add(8))) };
+                    if sub == 0 {
+                        // The next block's group of this column, both of its lines: the first
+                        // run reads only every other line of a block, and left to the
+                        // hardware the rest arrived late. A prefetch never faults, so the
+                        // address may lie past the panel.
+                        let next = wp.wrapping_add(TILE_BLOCK * PANEL_ROWS).cast::<i8>();
+                        _mm_prefetch::<_MM_HINT_T0>(next);
+                        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(64));
+                    }
+                    for (j, acc) in acc.iter_mut().enumerate() {
+                        // SAFETY: `j < M` and `k < cols`: inside `x`'s `M * cols` elements.
+                        let xb = _mm256_set1_ps(unsafe { *xp.add(j * cols + k) });
+                        acc[0] = _mm256_fmadd_ps(w0, xb, acc[0]);
+                        acc[1] = _mm256_fmadd_ps(w1, xb, acc[1]);
+                    }
+                    // The same rows of the next column's group, inside `panel` while
+                    // `k + 1 < cols`. After the last column this is `16 * sub` elements past
+                    // the end of `panel` (never read), possibly outside its allocation:
+                    // `wrapping_add` allows that where `add` does not.
+                    wp = wp.wrapping_add(PANEL_ROWS);
                 }
-                // The same rows of the next column's group, inside `panel` while
-                // `k + 1 < cols`. After the last column this is `16 * sub` elements past the
-                // end of `panel` (never read), possibly outside its allocation:
-                // `wrapping_add` allows that where `add` does not.
-                wp = wp.wrapping_add(PANEL_ROWS);
+                *sums = acc;
             }
-            for (j, acc) in acc.iter().enumerate() {
+        }
+        for (sub, sums) in sums.iter().enumerate() {
+            for (j, acc) in sums.iter().enumerate() {
                 // SAFETY: `j < M` and `16 * sub + 16 <= 64`: values `16 * sub .. 16 * sub + 16`
                 // of run `j`, for which the caller gives room; `storeu` needs no alignment.
                 unsafe {
@@ -902,6 +925,10 @@ mod avx2 {
             }
         }
     }
+
+    /// Columns [`tile`] takes at a time: 16 KiB of a 16-bit panel (32 KiB of an f32 one), what
+    /// L1 holds beside the activations.
+    const TILE_BLOCK: usize = 128;
 }
 
 #[cfg(not(target_arch = "x86_64"))]
