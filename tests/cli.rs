@@ -9,22 +9,29 @@ fn chathub() -> Command {
     Command::new(env!("CARGO_BIN_EXE_chathub"))
 }
 
+/// Writes `case`'s request, greedy and as long as the fixture's reply, as a `generate
+/// --request` file in `dir`.
+fn greedy_request_file(dir: &std::path::Path, case: &common::Case) -> std::path::PathBuf {
+    let request = dir.join(format!("{}.json", case.id));
+    std::fs::write(
+        &request,
+        serde_json::json!({
+            "prompt": case.request.prompt,
+            "history": case.request.history,
+            "max_new_tokens": case.max_new_tokens,
+            "greedy": true,
+        })
+        .to_string(),
+    )
+    .expect("write");
+    request
+}
+
 #[test]
 fn generate_json_reproduces_every_reference_case() {
     let tmp = tempfile::tempdir().expect("tempdir");
     for case in common::all_cases() {
-        let request = tmp.path().join(format!("{}.json", case.id));
-        std::fs::write(
-            &request,
-            serde_json::json!({
-                "prompt": case.request.prompt,
-                "history": case.request.history,
-                "max_new_tokens": case.max_new_tokens,
-                "greedy": true,
-            })
-            .to_string(),
-        )
-        .expect("write");
+        let request = greedy_request_file(tmp.path(), &case);
         let out = chathub()
             .args(["generate", "--json", "--model"])
             .arg(common::model_dir(&case.model))
@@ -90,18 +97,7 @@ fn generate_json_reproduces_every_reference_case() {
 fn generate_takes_the_kv_cache_dtype() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let case = &common::all_cases()[0];
-    let request = tmp.path().join("r.json");
-    std::fs::write(
-        &request,
-        serde_json::json!({
-            "prompt": case.request.prompt,
-            "history": case.request.history,
-            "max_new_tokens": case.max_new_tokens,
-            "greedy": true,
-        })
-        .to_string(),
-    )
-    .expect("write");
+    let request = greedy_request_file(tmp.path(), case);
     let run = |dtype: &str| {
         chathub()
             .args(["generate", "--json", "--kv-cache-dtype", dtype, "--model"])

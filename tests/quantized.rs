@@ -54,6 +54,21 @@ fn teacher_forced_with(options: ModelOptions) -> Agreement {
     result
 }
 
+/// Prints `what`'s agreement and asserts its top-1 token is the reference's at 9 steps in 10
+/// or more.
+fn picks_the_reference_nine_times_in_ten(what: &str, a: &Agreement) {
+    println!(
+        "{what}: top-1 {}/{}, top-5 {}/{}",
+        a.top1, a.steps, a.top5, a.steps
+    );
+    assert!(
+        a.top1 * 10 >= a.steps * 9,
+        "{what} top-1 {}/{}",
+        a.top1,
+        a.steps
+    );
+}
+
 #[test]
 fn dense_f32_is_exact_under_teacher_forcing() {
     let a = teacher_forced(None);
@@ -65,16 +80,7 @@ fn half_precision_weights_pick_the_reference_token() {
     use chathub::candle_core::DType;
     for dtype in [DType::F16, DType::BF16] {
         let a = teacher_forced_with(ModelOptions::default().dtype(dtype));
-        println!(
-            "{dtype:?}: top-1 {}/{}, top-5 {}/{}",
-            a.top1, a.steps, a.top5, a.steps
-        );
-        assert!(
-            a.top1 * 10 >= a.steps * 9,
-            "{dtype:?} top-1 {}/{}",
-            a.top1,
-            a.steps
-        );
+        picks_the_reference_nine_times_in_ten(&format!("{dtype:?}"), &a);
     }
 }
 
@@ -82,31 +88,13 @@ fn half_precision_weights_pick_the_reference_token() {
 fn a_half_cache_picks_the_reference_token() {
     use chathub::candle_core::DType;
     let a = teacher_forced_with(ModelOptions::default().kv_cache_dtype(DType::F16));
-    println!(
-        "f16 cache: top-1 {}/{}, top-5 {}/{}",
-        a.top1, a.steps, a.top5, a.steps
-    );
-    assert!(
-        a.top1 * 10 >= a.steps * 9,
-        "f16 cache top-1 {}/{}",
-        a.top1,
-        a.steps
-    );
+    picks_the_reference_nine_times_in_ten("f16 cache", &a);
 }
 
 #[test]
 fn q8_0_picks_the_reference_token() {
     let a = teacher_forced(Some(Quantization::Q8_0));
-    println!(
-        "q8_0: top-1 {}/{}, top-5 {}/{}",
-        a.top1, a.steps, a.top5, a.steps
-    );
-    assert!(
-        a.top1 * 10 >= a.steps * 9,
-        "q8_0 top-1 {}/{}",
-        a.top1,
-        a.steps
-    );
+    picks_the_reference_nine_times_in_ten("q8_0", &a);
 }
 
 #[test]
